@@ -1,0 +1,60 @@
+"""Where an array lives, and whether a usable CUDA GPU is present.
+
+Host arrays (NumPy, or anything ``np.asarray`` accepts) run the ``@njit`` kernels; arrays that
+expose ``__cuda_array_interface__`` (Numba device arrays, CuPy, PyTorch CUDA tensors) run the
+``@cuda.jit`` kernels. Nothing here imports numba-cuda unless a device array is actually seen, so
+the CPU path never pays for it.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+HOST = "cpu"
+DEVICE = "cuda"
+
+
+def is_device_array(obj) -> bool:
+    """True for objects that expose ``__cuda_array_interface__`` (they live on a GPU)."""
+    return obj is not None and hasattr(obj, "__cuda_array_interface__")
+
+
+def array_location(**arrays) -> str:
+    """Return ``"cpu"`` or ``"cuda"`` for a call's array arguments (``None`` ones are skipped).
+
+    Raises ``TypeError`` naming the arguments when host and device arrays are mixed.
+    """
+    on_device = {name: is_device_array(a) for name, a in arrays.items() if a is not None}
+    if not on_device:
+        return HOST
+    if all(on_device.values()):
+        return DEVICE
+    if not any(on_device.values()):
+        return HOST
+    host = sorted(n for n, d in on_device.items() if not d)
+    dev = sorted(n for n, d in on_device.items() if d)
+    raise TypeError(
+        f"arguments {', '.join(dev)} are GPU (device) arrays but {', '.join(host)} "
+        f"{'is a host array' if len(host) == 1 else 'are host arrays'}; "
+        "pass all arrays on the same device")
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_available() -> bool:
+    """Whether a usable CUDA GPU is present (the simulator counts when NUMBA_ENABLE_CUDASIM=1).
+
+    Returns False, without raising, when numba-cuda is not installed or no driver is found.
+    """
+    try:
+        from numba import cuda
+    except Exception:  # numba-cuda missing or broken: the CPU path still works
+        return False
+    try:
+        return bool(cuda.is_available())
+    except Exception:
+        return False
+
+
+def simulator_enabled() -> bool:
+    """Whether Numba's CUDA simulator is switched on for this process."""
+    return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")

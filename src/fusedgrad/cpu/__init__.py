@@ -1,0 +1,1 @@
+"""CPU backend: ``@njit(parallel=True, cache=True)`` kernels, compiled on first call."""

@@ -1,0 +1,1 @@
+"""CUDA backend: ``@cuda.jit`` kernels (NVIDIA's numba-cuda), imported only for device arrays."""
