@@ -1,0 +1,349 @@
+"""PyTorch drop-ins backed by fusedgrad's fused kernels.
+
+::
+
+    import fusedgrad.torch as fgt
+    loss = fgt.softmax_cross_entropy(logits, target)    # as torch.nn.functional.cross_entropy
+    criterion = fgt.CrossEntropyLoss(label_smoothing=0.1)
+    model = fgt.convert_model(model)                     # nn.BatchNorm*d -> fgt.BatchNorm*d
+
+How it works
+------------
+Each operation is a ``torch.autograd.Function`` whose ``forward`` calls fusedgrad's fused forward
+kernel and whose ``backward`` calls the fused backward kernel. Tensors reach the kernels without a
+copy: a CPU tensor as a NumPy view of its memory (``Tensor.numpy()``), a CUDA tensor as itself,
+through ``__cuda_array_interface__`` (the API then runs the ``@cuda.jit`` kernels). Results come
+back as NumPy or device arrays and are wrapped with ``torch.as_tensor``, again without a copy.
+
+What is saved for backward is what the backward kernels need and nothing else:
+
+- cross-entropy: the logits and target (the inputs, kept by reference, not copied) and the
+  log-sum-exp of each row, so the backward pass rebuilds ``p = exp(z - lse)`` on the fly;
+- batch norm: the input and ``weight`` (by reference) and ``mean`` / ``invstd`` per channel.
+
+A channels-last tensor (``memory_format=torch.channels_last`` or ``channels_last_3d``) goes to the
+batch-norm kernels as its NHWC / NDHWC permutation, which is a contiguous zero-copy view, with
+``channel_axis=-1``; outputs and gradients come back in the same memory format.
+
+The module classes subclass PyTorch's (``fgt.BatchNorm2d`` is an ``nn.BatchNorm2d``), so
+constructor arguments, ``state_dict`` keys (including ``num_batches_tracked``), checkpoint
+loading in both directions, ``repr`` and ``isinstance`` checks are PyTorch's own; only
+``forward`` differs.
+
+This module is the only part of fusedgrad that imports torch: ``import fusedgrad`` does not.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+import fusedgrad as fg
+from fusedgrad._validate import REDUCTIONS, check_real
+
+__all__ = ["softmax_cross_entropy", "CrossEntropyLoss", "batch_norm",
+           "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_model"]
+
+
+# --------------------------------------------------------------------------------------------
+# Tensors <-> kernel arrays
+# --------------------------------------------------------------------------------------------
+def _kernel_array(name: str, tensor):
+    """The array the kernels read for ``tensor``, sharing its memory; ``None`` stays ``None``.
+
+    CPU tensors become NumPy views; CUDA tensors are passed as they are (the API reads their
+    ``__cuda_array_interface__``). ``detach()`` is needed because NumPy views and the CUDA array
+    interface are refused for tensors that require grad; it does not copy.
+    """
+    if tensor is None:
+        return None
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    tensor = tensor.detach()
+    if tensor.device.type == "cuda":
+        return tensor
+    if tensor.device.type != "cpu":
+        raise TypeError(f"{name} must be a CPU or CUDA tensor, got device {tensor.device}")
+    if tensor.dtype == torch.bfloat16:
+        raise TypeError(f"{name} has dtype torch.bfloat16, which the CPU kernels do not take; "
+                        "use float32 or float64 on the CPU")
+    return tensor.numpy()
+
+
+def _as_tensor(array, device: torch.device) -> torch.Tensor:
+    """Wrap a kernel result (NumPy array, or device array on ``device``) without a copy."""
+    return torch.as_tensor(array, device=device)
+
+
+def _channel_shape(tensor: torch.Tensor, ndim: int) -> tuple:
+    """Shape ``(C, 1, ..., 1)`` that broadcasts a per-class vector over axis 1 of an ndim tensor."""
+    return (tensor.shape[0],) + (1,) * (ndim - 2)
+
+
+# --------------------------------------------------------------------------------------------
+# Softmax cross-entropy
+# --------------------------------------------------------------------------------------------
+class _SoftmaxCrossEntropy(torch.autograd.Function):
+    """Fused softmax cross-entropy; saves the logits, the target and lse per row."""
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, z_loss):
+        options = dict(ignore_index=ignore_index, reduction=reduction,
+                       label_smoothing=label_smoothing, z_loss=z_loss)
+        loss, lse = fg.softmax_cross_entropy_forward(
+            _kernel_array("input", logits), _kernel_array("target", target),
+            weight=_kernel_array("weight", weight), **options)
+        ctx.options = options
+        ctx.save_for_backward(logits, target, weight, _as_tensor(lse, logits.device))
+        # The kernels return float32 losses for half-precision logits; F.cross_entropy returns
+        # the input's dtype (a no-op cast for float32 and float64).
+        return _as_tensor(loss, logits.device).to(logits.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        logits, target, weight, lse = ctx.saved_tensors
+        options = ctx.options
+        grad_logits = grad_target = None
+        if ctx.needs_input_grad[0]:
+            if options["reduction"] == "none":
+                # Autograd may hand over an expanded (stride-0) or half-precision gradient.
+                upstream = _kernel_array("grad_output", grad_loss.to(lse.dtype).contiguous())
+            else:
+                upstream = float(grad_loss)
+            grad = fg.softmax_cross_entropy_backward(
+                upstream, _kernel_array("input", logits), _kernel_array("target", target),
+                _kernel_array("lse", lse), weight=_kernel_array("weight", weight), **options)
+            grad_logits = _as_tensor(grad, logits.device)
+        if ctx.needs_input_grad[1]:
+            grad_target = _probability_target_grad(grad_loss, logits, weight, lse, options)
+        return grad_logits, grad_target, None, None, None, None, None
+
+
+def _probability_target_grad(grad_loss, logits, weight, lse, options):
+    """d(loss)/d(target) for probability targets (PyTorch differentiates these too).
+
+    Each sample's loss is sum_c w_c q_c (lse - z_c) with q = (1 - s) y + s / C, so
+    d loss / d y_c = (1 - s) w_c (lse - z_c) = -(1 - s) w_c log p_c; the z_loss term does not
+    depend on y. The reduction scales it by the upstream gradient, divided by the number of
+    samples for "mean".
+    """
+    neg_log_p = lse.unsqueeze(1).to(logits.dtype) - logits
+    grad = (1.0 - options["label_smoothing"]) * neg_log_p
+    if weight is not None:
+        grad = grad * weight.reshape(_channel_shape(weight, logits.dim()))
+    if options["reduction"] == "none":
+        return grad * grad_loss.unsqueeze(1)
+    scale = grad_loss / lse.numel() if options["reduction"] == "mean" else grad_loss
+    return grad * scale
+
+
+def softmax_cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
+                          label_smoothing=0.0, *, z_loss=0.0):
+    """Softmax cross-entropy with fused forward and backward kernels; autograd-aware.
+
+    Same arguments and semantics as ``torch.nn.functional.cross_entropy`` (without its
+    deprecated ``size_average`` / ``reduce``): ``input`` (N, C), (N, C, d1, ..., dk) or
+    unbatched (C,); ``target`` class indices (N, d1, ..., dk) (int64 or int32) or class
+    probabilities shaped like ``input``; ``weight`` (C,); ``reduction`` "mean" | "sum" |
+    "none"; ``label_smoothing`` in [0, 1]. ``z_loss`` adds PaLM's ``z_loss * lse**2`` per
+    sample (see ``fusedgrad.softmax_cross_entropy``). Returns the loss in ``input``'s dtype:
+    0-d for "mean"/"sum", shaped like the per-sample target for "none".
+
+    The gradient with respect to ``input`` is ``dL/dz = p - y`` (seed, question 1b) with
+    weights, smoothing and the reduction folded in, computed by the fused backward kernel from
+    the saved log-sum-exp; probability targets also receive their gradient.
+    """
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, "
+                         f"got {reduction!r}")
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError("weight must not require grad: gradients with respect to the class "
+                         "weights are not computed (pass weight.detach())")
+    label_smoothing = check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    z_loss = check_real("z_loss", z_loss, low=0.0)
+    if target.is_floating_point():
+        # Probability targets: F.cross_entropy needs them in the input's dtype as well.
+        target = target.to(input.dtype)
+    unbatched = input.dim() == 1
+    if unbatched:
+        input, target = input.unsqueeze(0), target.unsqueeze(0)
+    loss = _SoftmaxCrossEntropy.apply(input, target, weight, int(ignore_index), reduction,
+                                      label_smoothing, z_loss)
+    return loss.squeeze(0) if unbatched and reduction == "none" else loss
+
+
+class CrossEntropyLoss(nn.CrossEntropyLoss):
+    """``torch.nn.CrossEntropyLoss`` computed by :func:`softmax_cross_entropy`.
+
+    Same constructor (plus the keyword ``z_loss``), same ``weight`` buffer and ``state_dict``.
+    """
+
+    def __init__(self, weight=None, size_average=None, ignore_index=-100, reduce=None,
+                 reduction="mean", label_smoothing=0.0, *, z_loss=0.0):
+        super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+        self.z_loss = check_real("z_loss", z_loss, low=0.0)
+
+    def forward(self, input, target):
+        return softmax_cross_entropy(input, target, self.weight, self.ignore_index,
+                                     self.reduction, self.label_smoothing, z_loss=self.z_loss)
+
+    def extra_repr(self) -> str:
+        return f"z_loss={self.z_loss}" if self.z_loss else ""
+
+
+# --------------------------------------------------------------------------------------------
+# Batch normalization
+# --------------------------------------------------------------------------------------------
+class _ChannelLayout:
+    """How a batch-norm input is handed to the kernels: channels first, or channels last.
+
+    A 4-D / 5-D tensor stored channels-last is passed as its NHWC / NDHWC permutation, a
+    contiguous view of the same memory, with ``channel_axis=-1``; anything else as a
+    contiguous NC... tensor with ``channel_axis=1``. The same layout is applied to the upstream
+    gradient, and undone on the outputs.
+    """
+
+    def __init__(self, x: torch.Tensor):
+        self.ndim = x.dim()
+        self.channels_last = (not x.is_contiguous() and self.ndim in (4, 5) and x.is_contiguous(
+            memory_format=torch.channels_last if self.ndim == 4 else torch.channels_last_3d))
+        self.channel_axis = -1 if self.channels_last else 1
+
+    def to_kernel(self, t: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            t = t.permute(0, *range(2, self.ndim), 1)
+        return t.contiguous()
+
+    def from_kernel(self, t: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            return t.permute(0, self.ndim - 1, *range(1, self.ndim - 1))
+        return t
+
+
+class _BatchNorm(torch.autograd.Function):
+    """Fused batch norm; saves the input, ``weight`` and mean / invstd per channel."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps):
+        layout = _ChannelLayout(x)
+        x_kernel = layout.to_kernel(x)
+        y, mean, invstd = fg.batch_norm_forward(
+            _kernel_array("input", x_kernel), _kernel_array("weight", weight),
+            _kernel_array("bias", bias), _kernel_array("running_mean", running_mean),
+            _kernel_array("running_var", running_var),
+            training=training, momentum=momentum, eps=eps, channel_axis=layout.channel_axis)
+        ctx.layout = layout
+        ctx.training = training
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(x_kernel, weight, _as_tensor(mean, x.device),
+                              _as_tensor(invstd, x.device))
+        return layout.from_kernel(_as_tensor(y, x.device))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        x_kernel, weight, mean, invstd = ctx.saved_tensors
+        layout = ctx.layout
+        dx, dweight, dbias = fg.batch_norm_backward(
+            _kernel_array("grad_output", layout.to_kernel(grad_output)),
+            _kernel_array("input", x_kernel), _kernel_array("mean", mean),
+            _kernel_array("invstd", invstd), _kernel_array("weight", weight),
+            training=ctx.training, channel_axis=layout.channel_axis)
+        device = grad_output.device
+        grad_input = layout.from_kernel(_as_tensor(dx, device)) if ctx.needs_input_grad[0] else None
+        grad_weight = _as_tensor(dweight, device).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_bias = _as_tensor(dbias, device).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5):
+    """Batch normalization with fused kernels; same arguments as ``F.batch_norm``.
+
+    ``input`` (N, C, *) with channels on axis 1 (any memory format; channels-last tensors are
+    normalised in place of memory, see the module docstring); ``weight``, ``bias``,
+    ``running_mean``, ``running_var`` (C,) or ``None``. In training the batch statistics
+    normalise ``input`` and update the running buffers in place, if given (momentum, unbiased
+    variance); otherwise the running statistics are used. Gradients flow to ``input``,
+    ``weight`` and ``bias``.
+    """
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    return _BatchNorm.apply(input, weight, bias, running_mean, running_var, bool(training),
+                            momentum, eps)
+
+
+class _FusedBatchNorm:
+    """``forward`` shared by the BatchNorm classes: PyTorch's module logic, fused kernels.
+
+    Mixed in before ``nn.BatchNormXd``, which supplies everything else (parameters, buffers,
+    ``_check_input_dim``, ``state_dict`` handling).
+    """
+
+    def forward(self, input):
+        self._check_input_dim(input)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average over all batches so far
+                momentum = 1.0 / float(self.num_batches_tracked)
+        # Batch statistics in training, and in eval when there are no running buffers.
+        use_batch_stats = self.training or (self.running_mean is None
+                                            and self.running_var is None)
+        # Buffers are updated only when tracked; in eval they are read, if present.
+        pass_buffers = not self.training or self.track_running_stats
+        return batch_norm(input, self.running_mean if pass_buffers else None,
+                          self.running_var if pass_buffers else None,
+                          self.weight, self.bias, use_batch_stats, momentum, self.eps)
+
+
+class BatchNorm1d(_FusedBatchNorm, nn.BatchNorm1d):
+    """``torch.nn.BatchNorm1d`` on (N, C) or (N, C, L), computed by fusedgrad's kernels."""
+
+
+class BatchNorm2d(_FusedBatchNorm, nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` on (N, C, H, W) (NCHW or channels-last), fusedgrad's kernels."""
+
+
+class BatchNorm3d(_FusedBatchNorm, nn.BatchNorm3d):
+    """``torch.nn.BatchNorm3d`` on (N, C, D, H, W) (or channels-last-3d), fusedgrad's kernels."""
+
+
+_FUSED_CLASS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d,
+                nn.BatchNorm3d: BatchNorm3d}
+
+
+def convert_model(module: nn.Module) -> nn.Module:
+    """Replace every ``nn.BatchNorm1d/2d/3d`` in ``module`` with fusedgrad's, in place.
+
+    The replacements take over the very same parameter and buffer tensors (so device, dtype,
+    values and any optimizer holding the parameters stay valid) and the train/eval flag.
+    Subclasses of PyTorch's batch norm are left alone (they may change ``forward``), as are
+    hooks registered on the replaced layers. Returns ``module``, or its replacement when
+    ``module`` itself is a batch-norm layer.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    fused_class = _FUSED_CLASS.get(type(module))
+    if fused_class is not None:
+        return _fused_copy(module, fused_class)
+    for name, child in module.named_children():
+        converted = convert_model(child)
+        if converted is not child:
+            module.add_module(name, converted)
+    return module
+
+
+def _fused_copy(bn: nn.Module, fused_class) -> nn.Module:
+    # Built on the meta device so that no throwaway parameters are allocated, then handed the
+    # original tensors (Module.__setattr__ registers them as parameters / buffers).
+    fused = fused_class(bn.num_features, bn.eps, bn.momentum, bn.affine,
+                        bn.track_running_stats, device="meta", bias=bn.bias is not None)
+    for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        setattr(fused, name, getattr(bn, name))
+    return fused.train(bn.training)
