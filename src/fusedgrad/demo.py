@@ -124,8 +124,12 @@ def progress_bar(done: int, total: int, width: int = 30) -> str:
     return "[" + "#" * filled + "." * (width - filled) + f"] {done:>{len(str(total))}}/{total}"
 
 
-def train(args, out=sys.stdout) -> tuple[MLP, History, float]:
-    """Train as ``args`` says; prints a progress bar per epoch. Returns model, curves, seconds."""
+def train(args, out=None) -> tuple[MLP, History, float]:
+    """Train as ``args`` says; prints a progress bar per epoch to ``out`` (default: stdout).
+
+    Returns the model, the curves and the training time in seconds.
+    """
+    out = sys.stdout if out is None else out
     rng = np.random.default_rng(args.seed)
     x_train, x_test, t_train, t_test = load_digits_split(args.seed)
     model = MLP(x_train.shape[1], args.hidden, rng)
