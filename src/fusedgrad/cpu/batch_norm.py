@@ -1,0 +1,524 @@
+"""Batch normalization on the CPU: fused, cache-blocked, deterministic ``@njit`` kernels.
+
+Kernel layout
+-------------
+Every backend function takes its big arrays already viewed in the *kernel layout*: a
+C-contiguous 3-D array ``(P, C, S)`` whose axis 1 holds the channels, P being the product of the
+axes before the channel axis and S of those after it. The API builds it with a reshape, never a
+copy: NCHW -> ``(N, C, H*W)``; channels-last NHWC (``channel_axis=-1``) -> ``(N*H*W, C, 1)``;
+``(N, C)`` -> ``(N, C, 1)``. ``S == 1`` is the rows layout (channels contiguous).
+
+Backend interface (``fusedgrad.cuda.batch_norm`` has the same names and signatures)
+------------------------------------------------------------------------------------
+Notation: x3, dy3, out3 are ``(P, C, S)`` arrays of one float dtype (float32 or float64);
+"stat dtype" is float64 for float64 x and float32 otherwise; ``(C,)`` parameters (weight, bias,
+mean, invstd, running buffers) may be float32 or float64, ``None`` for weight/bias means 1/0.
+
+Fused single-process entry points (what ``fusedgrad.batch_norm`` calls):
+
+``forward(x3, weight, bias, running_mean, running_var, out3, *, training, momentum, eps)``
+    Writes y = (x - mean) * invstd * weight + bias into out3 and returns ``(mean, invstd)``, new
+    ``(C,)`` arrays of the stat dtype. Training: batch mean and biased variance, and running
+    buffers (if given) updated in place, ``r = (1 - momentum) r + momentum stat`` with the
+    unbiased variance. Eval: ``running_mean`` / ``running_var`` normalise (both required).
+``backward(dy3, x3, mean, invstd, weight, out3, *, training)``
+    Writes dx into out3 and returns ``(dweight, dbias)``, new ``(C,)`` arrays of the stat dtype.
+``empty(shape, dtype)``
+    An uninitialised array on this backend's device (here ``np.empty``).
+
+Split building blocks (for SyncBatchNorm: reduce locally, merge across processes, apply):
+
+``channel_stats(x3) -> (count, mean, m2)``
+    count: int, values per channel (P*S); mean, m2: ``(C,)`` float64, the channel means and sums
+    of squared deviations from them. Merge several with ``fusedgrad.cpu._reduce.merge_moments``.
+``normalize(x3, mean, invstd, weight, bias, out3) -> out3``
+    y = (x - mean) * invstd * weight + bias; pass float64 mean/invstd for full accuracy.
+``backward_reduce(dy3, x3, mean, invstd) -> (sum_dy, sum_dy_xhat)``
+    ``(C,)`` float64: sum dy and sum dy * xhat over P and S, xhat = (x - mean) * invstd.
+``backward_elementwise(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, count, out3, *,
+training=True) -> out3``
+    Training: dx = weight invstd (dy - sum_dy / count - xhat sum_dy_xhat / count), with count
+    the GLOBAL number of values per channel and the sums global. Eval: dx = weight invstd dy.
+
+``forward`` equals channel_stats + normalize(mean, 1 / sqrt(m2 / count + eps)) and ``backward``
+equals backward_reduce + backward_elementwise(count = P*S), bit for bit.
+
+Work decomposition ("tiles")
+----------------------------
+Each (p, c) holds S contiguous values. When S is long it is cut into q sub-rows of W values
+(W the largest divisor of S <= MAX_TILE_WIDTH); otherwise q = 1 and W = S. The data is then a
+matrix of P*q rows; a tile is a block of R consecutive rows times a block of cb consecutive
+channels (cb * W contiguous values per row; cb > 1 only when q == 1). The tile sizes depend on the
+shape alone, never on the thread count, and every tile writes its own partial results, merged
+afterwards in tile order (``_reduce``): the results are bitwise identical for any number of
+threads. The shape regimes all fall out of this one scheme:
+
+* many channels, small spatial size (32 x 2048 x 7 x 7): R = all rows, cb = 41 channels per tile,
+  50 tiles in parallel; each channel lies in one tile.
+* medium channels (64 x 256 x 28 x 28): R = all rows, cb = 1..2 channels (about 200 KB).
+* channels too big for the cache (few channels, large spatial size): row blocks of one channel,
+  partial moments / sums per block merged in fixed order.
+* rows layout ``(N, C)`` and channels-last: row blocks of R rows x all channels, vectorised over
+  the contiguous channels, per-block per-channel partials merged in fixed order.
+
+When a tile holds whole channels (one row block, at most FUSE_BYTES of data per channel block)
+the phases are fused: the forward computes the tile's statistics and normalises it while it is
+still in the L2 cache, and the backward reduces and writes dx the same way, so x and dy are read
+from memory once per direction. Otherwise a second parallel sweep applies the merged statistics.
+
+Numerics
+--------
+Statistics use two passes per tile over cache-resident data (sum -> tile mean, then the sum of
+squared deviations from it), accumulated in float64 for both dtypes, and Chan's merge across
+tiles: a float32 channel with mean 1e4 and spread 1 keeps its variance to float32 precision and
+a constant channel gets exactly zero variance. The elementwise passes run in the input dtype
+(8 float32 lanes per AVX2 instruction) but subtract the float64 mean as a float32 pair
+(hi + lo), so x - mean is as accurate as in float64:
+
+    y  = ((x - mean_hi) - mean_lo) * (weight invstd) + bias
+    dx = a dy + b ((x - mean_hi) - mean_lo) + c,   a = weight invstd,
+         b = -a invstd sum_dy_xhat / m,  c = -a sum_dy / m                  (training)
+
+which is the seed's dx = gamma invstd / m (m dy - sum dy - xhat sum dy xhat) with xhat
+recomputed from x, so no temporary of x's size is ever allocated.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ._reduce import chunk_bounds, chunk_count, merge_moments, sum_partials
+
+#: Widest tile row, in values: the float64 column accumulators (2 x 8 bytes per column) and the
+#: per-column coefficient vectors of a tile stay inside the 48 KB L1 / 2 MB L2 data caches.
+MAX_TILE_WIDTH = 2048
+#: Narrowest useful sub-row when a long S is cut into q pieces.
+MIN_TILE_WIDTH = 256
+#: A channel block up to this size is processed fused: x, dy and dx of it fit in the L2 cache.
+FUSE_BYTES = 512 * 1024
+#: Data per tile when a channel is too big to fuse (row blocks): comfortably inside L2.
+ROW_BLOCK_BYTES = 128 * 1024
+#: Fused channel blocks are capped at C / MIN_TILES channels so there are tiles to share out...
+MIN_TILES = 8
+#: ...but keep at least this many contiguous values per tile row (vector loops, cache lines).
+MIN_ROW_VALUES = 64
+
+# reassoc lets LLVM vectorise the float64 accumulations (their order is then fixed at compile
+# time, so results stay deterministic); contract allows FMAs. No nnan/ninf: NaN and inf inputs
+# must propagate as they do in PyTorch.
+_FASTMATH = {"reassoc", "contract", "nsz"}
+
+
+def plan_tiles(shape3, itemsize):
+    """Tile sizes for an ``(P, C, S)`` array: ``(q, W, cb, R)`` (see the module docstring).
+
+    Depends only on the shape and the item size, so every thread count cuts the work the same way.
+    """
+    n_outer, n_channels, n_inner = (int(v) for v in shape3)
+    if n_inner <= MAX_TILE_WIDTH:
+        q, width = 1, n_inner
+    else:
+        width = max((d for d in range(MIN_TILE_WIDTH, MAX_TILE_WIDTH + 1) if n_inner % d == 0),
+                    default=n_inner)
+        q = n_inner // width
+    rows = n_outer * q
+    channel_bytes = n_outer * n_inner * itemsize
+    if channel_bytes <= FUSE_BYTES:
+        per_tile = FUSE_BYTES // channel_bytes if q == 1 else 1
+        share = max(chunk_count(n_channels, MIN_TILES), chunk_count(MIN_ROW_VALUES, width))
+        cb = max(1, min(per_tile, MAX_TILE_WIDTH // width, share))
+        return q, width, cb, rows
+    cb = max(1, min(n_channels, MAX_TILE_WIDTH // width)) if q == 1 else 1
+    return q, width, cb, max(1, ROW_BLOCK_BYTES // (cb * width * itemsize))
+
+
+# --------------------------------------------------------------------------------------------
+# Inner loops over one tile. A tile row r starts at flat offset
+#   (r // q) * C*S + c0*S + (r % q) * W
+# and holds `width` = (c1 - c0) * W contiguous values; column j belongs to channel c0 + j // W.
+# Per-column vectors (accumulators, coefficients) make every inner loop a flat, vectorisable
+# loop over the row, however short S is (7 x 7 = 49) - no horizontal reduction per segment.
+# --------------------------------------------------------------------------------------------
+@njit(cache=True, inline="always")
+def _row_start(r, q, row_stride, j0, width_per_channel):
+    return (r // q) * row_stride + j0 + (r % q) * width_per_channel
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _accumulate_sum(x, r0, r1, q, row_stride, j0, sub, acc):
+    """acc[j] += x[row, j] over the tile rows (float64 accumulation)."""
+    width = acc.shape[0]
+    for r in range(r0, r1):
+        start = _row_start(r, q, row_stride, j0, sub)
+        row = x[start:start + width]
+        for j in range(width):
+            acc[j] += row[j]
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _accumulate_squares(x, r0, r1, q, row_stride, j0, sub, center, acc):
+    """acc[j] += (x[row, j] - center[j])^2 over the tile rows, in float64."""
+    width = acc.shape[0]
+    for r in range(r0, r1):
+        start = _row_start(r, q, row_stride, j0, sub)
+        row = x[start:start + width]
+        for j in range(width):
+            d = row[j] - center[j]
+            acc[j] += d * d
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _accumulate_grad(dy, x, r0, r1, q, row_stride, j0, sub, mean_hi, mean_lo, acc_dy, acc_dyd):
+    """acc_dy[j] += dy;  acc_dyd[j] += dy * (x - mean), over the tile rows, in float64."""
+    width = acc_dy.shape[0]
+    for r in range(r0, r1):
+        start = _row_start(r, q, row_stride, j0, sub)
+        g_row = dy[start:start + width]
+        x_row = x[start:start + width]
+        for j in range(width):
+            g = np.float64(g_row[j])
+            acc_dy[j] += g
+            acc_dyd[j] += g * ((x_row[j] - mean_hi[j]) - mean_lo[j])
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _apply_affine(x, out, r0, r1, q, row_stride, j0, sub, mean_hi, mean_lo, scale, shift):
+    """out = ((x - mean_hi) - mean_lo) * scale + shift, in x's dtype."""
+    width = scale.shape[0]
+    for r in range(r0, r1):
+        start = _row_start(r, q, row_stride, j0, sub)
+        x_row = x[start:start + width]
+        o_row = out[start:start + width]
+        for j in range(width):
+            o_row[j] = ((x_row[j] - mean_hi[j]) - mean_lo[j]) * scale[j] + shift[j]
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _apply_dx(dy, x, out, r0, r1, q, row_stride, j0, sub, mean_hi, mean_lo, a, b, c):
+    """out = a * dy + b * ((x - mean_hi) - mean_lo) + c, in x's dtype."""
+    width = a.shape[0]
+    for r in range(r0, r1):
+        start = _row_start(r, q, row_stride, j0, sub)
+        g_row = dy[start:start + width]
+        x_row = x[start:start + width]
+        o_row = out[start:start + width]
+        for j in range(width):
+            o_row[j] = a[j] * g_row[j] + b[j] * ((x_row[j] - mean_hi[j]) - mean_lo[j]) + c[j]
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _fold(acc, k, sub):
+    """Sum of the `sub` columns of local channel k: one channel's float64 total."""
+    total = 0.0
+    for j in range(k * sub, (k + 1) * sub):
+        total += acc[j]
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# Per-channel coefficients, expanded to per-column vectors of a tile (channels c0 .. c0+nch).
+# --------------------------------------------------------------------------------------------
+@njit(cache=True)
+def _expand_center(mean, c0, nch, sub, mean_hi, mean_lo):
+    """mean_hi[j] = mean rounded to x's dtype, mean_lo[j] = the rounding error (0 in float64)."""
+    for k in range(nch):
+        m = np.float64(mean[c0 + k])
+        for j in range(k * sub, (k + 1) * sub):
+            mean_hi[j] = m
+            mean_lo[j] = m - np.float64(mean_hi[j])
+
+
+@njit(cache=True)
+def _expand_affine(mean, invstd, gamma, beta, c0, nch, sub, mean_hi, mean_lo, scale, shift):
+    """Vectors for y = (x - mean) * (gamma * invstd) + beta."""
+    _expand_center(mean, c0, nch, sub, mean_hi, mean_lo)
+    for k in range(nch):
+        c = c0 + k
+        s = gamma[c] * np.float64(invstd[c])
+        for j in range(k * sub, (k + 1) * sub):
+            scale[j] = s
+            shift[j] = beta[c]
+
+
+@njit(cache=True)
+def _expand_dx(invstd, gamma, sum_dy, sum_dy_xhat, count, training, c0, nch, sub, a, b, c):
+    """Vectors for dx = a dy + b (x - mean) + c (module docstring); b = c = 0 in eval."""
+    for k in range(nch):
+        ch = c0 + k
+        inv = np.float64(invstd[ch])
+        ak = gamma[ch] * inv
+        bk = -ak * inv * sum_dy_xhat[ch] / count if training else 0.0
+        ck = -ak * sum_dy[ch] / count if training else 0.0
+        for j in range(k * sub, (k + 1) * sub):
+            a[j] = ak
+            b[j] = bk
+            c[j] = ck
+
+
+@njit(cache=True, inline="always")
+def _tile(t, n_outer, n_channels, q, sub, cb, block_rows):
+    """Row range, channel range and (row block index) of tile t."""
+    n_cb = (n_channels + cb - 1) // cb
+    rb = t // n_cb
+    r0, r1 = chunk_bounds(rb, n_outer * q, block_rows)
+    c0, c1 = chunk_bounds(t % n_cb, n_channels, cb)
+    return rb, r0, r1, c0, c1 - c0
+
+
+@njit(cache=True, inline="always")
+def _n_tiles(n_outer, n_channels, q, cb, block_rows):
+    return ((n_outer * q + block_rows - 1) // block_rows) * ((n_channels + cb - 1) // cb)
+
+
+# --------------------------------------------------------------------------------------------
+# Parallel sweeps over the tiles. x, dy, out are flat (P*C*S,) views; n_outer, n_channels,
+# n_inner = P, C, S. Per-row-block partials go to (n_row_blocks, C) float64 arrays.
+# --------------------------------------------------------------------------------------------
+@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+def _stats_sweep(x, n_outer, n_channels, n_inner, q, sub, cb, block_rows,
+                 part_mean, part_m2, fuse, gamma, beta, eps, invstd_out, out):
+    """Per-tile mean and M2 (two passes over the cache-resident tile) into the partials.
+
+    fuse (only when each tile holds whole channels): also normalise the tile with its final
+    statistics, y = (x - mean) * invstd * gamma + beta, writing invstd_out for its channels.
+    """
+    row_stride = n_channels * n_inner
+    for t in prange(_n_tiles(n_outer, n_channels, q, cb, block_rows)):
+        rb, r0, r1, c0, nch = _tile(t, n_outer, n_channels, q, sub, cb, block_rows)
+        j0 = c0 * n_inner
+        count = (r1 - r0) * sub
+        width = nch * sub
+        acc = np.zeros(width)
+        _accumulate_sum(x, r0, r1, q, row_stride, j0, sub, acc)
+        center = np.empty(width)
+        for k in range(nch):
+            m = _fold(acc, k, sub) / count
+            part_mean[rb, c0 + k] = m
+            center[k * sub:(k + 1) * sub] = m
+        acc[:] = 0.0
+        _accumulate_squares(x, r0, r1, q, row_stride, j0, sub, center, acc)
+        for k in range(nch):
+            part_m2[rb, c0 + k] = _fold(acc, k, sub)
+        if fuse:
+            for k in range(nch):
+                invstd_out[c0 + k] = 1.0 / np.sqrt(part_m2[rb, c0 + k] / count + eps)
+            mean_hi = np.empty(width, x.dtype)
+            mean_lo = np.empty(width, x.dtype)
+            scale = np.empty(width, x.dtype)
+            shift = np.empty(width, x.dtype)
+            _expand_affine(part_mean[rb], invstd_out, gamma, beta, c0, nch, sub,
+                           mean_hi, mean_lo, scale, shift)
+            _apply_affine(x, out, r0, r1, q, row_stride, j0, sub, mean_hi, mean_lo, scale, shift)
+
+
+@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+def _normalize_sweep(x, out, n_outer, n_channels, n_inner, q, sub, cb, block_rows,
+                     mean, invstd, gamma, beta):
+    """out = (x - mean) * invstd * gamma + beta, tile by tile."""
+    row_stride = n_channels * n_inner
+    for t in prange(_n_tiles(n_outer, n_channels, q, cb, block_rows)):
+        rb, r0, r1, c0, nch = _tile(t, n_outer, n_channels, q, sub, cb, block_rows)
+        width = nch * sub
+        mean_hi = np.empty(width, x.dtype)
+        mean_lo = np.empty(width, x.dtype)
+        scale = np.empty(width, x.dtype)
+        shift = np.empty(width, x.dtype)
+        _expand_affine(mean, invstd, gamma, beta, c0, nch, sub, mean_hi, mean_lo, scale, shift)
+        _apply_affine(x, out, r0, r1, q, row_stride, c0 * n_inner, sub,
+                      mean_hi, mean_lo, scale, shift)
+
+
+@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+def _grad_sweep(dy, x, n_outer, n_channels, n_inner, q, sub, cb, block_rows, mean, invstd,
+                part_dy, part_dy_xhat, fuse, gamma, training, out):
+    """Per-tile sum dy and sum dy * xhat into the partials (one pass over x and dy).
+
+    fuse (only when each tile holds whole channels): also write the tile's dx, whose
+    coefficients need just these (then complete) sums, while x and dy are still in cache.
+    """
+    row_stride = n_channels * n_inner
+    for t in prange(_n_tiles(n_outer, n_channels, q, cb, block_rows)):
+        rb, r0, r1, c0, nch = _tile(t, n_outer, n_channels, q, sub, cb, block_rows)
+        j0 = c0 * n_inner
+        width = nch * sub
+        mean_hi = np.empty(width, x.dtype)
+        mean_lo = np.empty(width, x.dtype)
+        _expand_center(mean, c0, nch, sub, mean_hi, mean_lo)
+        acc_dy = np.zeros(width)
+        acc_dyd = np.zeros(width)
+        _accumulate_grad(dy, x, r0, r1, q, row_stride, j0, sub, mean_hi, mean_lo, acc_dy, acc_dyd)
+        for k in range(nch):
+            part_dy[rb, c0 + k] = _fold(acc_dy, k, sub)
+            part_dy_xhat[rb, c0 + k] = _fold(acc_dyd, k, sub) * np.float64(invstd[c0 + k])
+        if fuse:
+            a = np.empty(width, x.dtype)
+            b = np.empty(width, x.dtype)
+            c = np.empty(width, x.dtype)
+            _expand_dx(invstd, gamma, part_dy[rb], part_dy_xhat[rb], n_outer * n_inner,
+                       training, c0, nch, sub, a, b, c)
+            _apply_dx(dy, x, out, r0, r1, q, row_stride, j0, sub, mean_hi, mean_lo, a, b, c)
+
+
+@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+def _dx_sweep(dy, x, out, n_outer, n_channels, n_inner, q, sub, cb, block_rows,
+              mean, invstd, gamma, sum_dy, sum_dy_xhat, count, training):
+    """dx from complete sums, tile by tile."""
+    row_stride = n_channels * n_inner
+    for t in prange(_n_tiles(n_outer, n_channels, q, cb, block_rows)):
+        rb, r0, r1, c0, nch = _tile(t, n_outer, n_channels, q, sub, cb, block_rows)
+        width = nch * sub
+        mean_hi = np.empty(width, x.dtype)
+        mean_lo = np.empty(width, x.dtype)
+        _expand_center(mean, c0, nch, sub, mean_hi, mean_lo)
+        a = np.empty(width, x.dtype)
+        b = np.empty(width, x.dtype)
+        c = np.empty(width, x.dtype)
+        _expand_dx(invstd, gamma, sum_dy, sum_dy_xhat, count, training, c0, nch, sub, a, b, c)
+        _apply_dx(dy, x, out, r0, r1, q, row_stride, c0 * n_inner, sub, mean_hi, mean_lo, a, b, c)
+
+
+# --------------------------------------------------------------------------------------------
+# Python-level backend functions (the interface in the module docstring).
+# --------------------------------------------------------------------------------------------
+def _stat_dtype(dtype):
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def _as_f64(vec, n_channels, default):
+    """A (C,) float64 copy of weight/bias/statistics, or the constant `default` when None."""
+    if vec is None:
+        return np.full(n_channels, default)
+    return np.ascontiguousarray(vec, dtype=np.float64)
+
+
+class _Geometry:
+    """Shape, tile plan and row-block count of a kernel-layout array."""
+
+    def __init__(self, x3):
+        self.n_outer, self.n_channels, self.n_inner = x3.shape
+        self.q, self.sub, self.cb, self.block_rows = plan_tiles(x3.shape, x3.dtype.itemsize)
+        self.n_row_blocks = chunk_count(self.n_outer * self.q, self.block_rows)
+        self.fusable = self.n_row_blocks == 1
+        self.count = self.n_outer * self.n_inner
+
+    @property
+    def args(self):
+        return (self.n_outer, self.n_channels, self.n_inner, self.q, self.sub, self.cb,
+                self.block_rows)
+
+    def partials(self):
+        return np.empty((self.n_row_blocks, self.n_channels)), \
+            np.empty((self.n_row_blocks, self.n_channels))
+
+    def block_counts(self):
+        """Values per channel in each row block (the last block may be shorter)."""
+        rows = np.full(self.n_row_blocks, self.block_rows, dtype=np.int64)
+        rows[-1] = self.n_outer * self.q - self.block_rows * (self.n_row_blocks - 1)
+        return rows * self.sub
+
+
+def _flat(a):
+    return a.reshape(-1)
+
+
+def _unused_out(x3):
+    """Placeholder output for a sweep that only reduces (its fused write is switched off)."""
+    return np.empty(1, x3.dtype)
+
+
+def _moments(x3, gamma, beta, eps, out3):
+    """(count, mean, m2, invstd or None): statistics, normalising into out3 when fusable."""
+    geo = _Geometry(x3)
+    part_mean, part_m2 = geo.partials()
+    fuse = out3 is not None and geo.fusable
+    invstd = np.empty(geo.n_channels)
+    _stats_sweep(_flat(x3), *geo.args, part_mean, part_m2, fuse,
+                 gamma, beta, eps, invstd, _flat(out3) if fuse else _unused_out(x3))
+    count, mean, m2 = merge_moments(geo.block_counts(), part_mean, part_m2)
+    return int(count), mean, m2, (invstd if fuse else None)
+
+
+def channel_stats(x3):
+    """(count, mean, m2) per channel of a (P, C, S) array; mean and m2 (C,) float64."""
+    c = x3.shape[1]
+    count, mean, m2, _ = _moments(x3, _as_f64(None, c, 1.0), _as_f64(None, c, 0.0), 0.0, None)
+    return count, mean, m2
+
+
+def normalize(x3, mean, invstd, weight, bias, out3):
+    """out3 = (x - mean) * invstd * weight + bias per channel; returns out3."""
+    geo = _Geometry(x3)
+    c = geo.n_channels
+    _normalize_sweep(_flat(x3), _flat(out3), *geo.args, _as_f64(mean, c, 0.0),
+                     _as_f64(invstd, c, 1.0), _as_f64(weight, c, 1.0), _as_f64(bias, c, 0.0))
+    return out3
+
+
+def _grad_sums(dy3, x3, mean, invstd, gamma, training, out3):
+    """(sum_dy, sum_dy_xhat, fused): the sums, writing dx into out3 when fusable."""
+    geo = _Geometry(x3)
+    part_dy, part_dy_xhat = geo.partials()
+    fuse = out3 is not None and geo.fusable
+    _grad_sweep(_flat(dy3), _flat(x3), *geo.args, mean, invstd, part_dy, part_dy_xhat,
+                fuse, gamma, training, _flat(out3) if fuse else _unused_out(x3))
+    return sum_partials(part_dy), sum_partials(part_dy_xhat), fuse
+
+
+def backward_reduce(dy3, x3, mean, invstd):
+    """(sum_dy, sum_dy_xhat) per channel, (C,) float64 each."""
+    c = x3.shape[1]
+    sum_dy, sum_dy_xhat, _ = _grad_sums(dy3, x3, _as_f64(mean, c, 0.0), _as_f64(invstd, c, 1.0),
+                                        _as_f64(None, c, 1.0), True, None)
+    return sum_dy, sum_dy_xhat
+
+
+def backward_elementwise(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, count, out3, *,
+                         training=True):
+    """dx into out3 from (global) sums and count; returns out3."""
+    geo = _Geometry(x3)
+    c = geo.n_channels
+    _dx_sweep(_flat(dy3), _flat(x3), _flat(out3), *geo.args, _as_f64(mean, c, 0.0),
+              _as_f64(invstd, c, 1.0), _as_f64(weight, c, 1.0), _as_f64(sum_dy, c, 0.0),
+              _as_f64(sum_dy_xhat, c, 0.0), float(count), bool(training))
+    return out3
+
+
+def forward(x3, weight, bias, running_mean, running_var, out3, *, training, momentum, eps):
+    """Fused forward; see the module docstring. Returns (mean, invstd) in the stat dtype."""
+    c = x3.shape[1]
+    stat = _stat_dtype(x3.dtype)
+    gamma, beta = _as_f64(weight, c, 1.0), _as_f64(bias, c, 0.0)
+    if training:
+        count, mean, m2, invstd = _moments(x3, gamma, beta, eps, out3)
+        var = m2 / count
+        if invstd is None:
+            invstd = 1.0 / np.sqrt(var + eps)
+            normalize(x3, mean, invstd, gamma, beta, out3)
+        if running_mean is not None:
+            running_mean[...] = (1.0 - momentum) * running_mean.astype(np.float64) \
+                + momentum * mean
+        if running_var is not None:
+            running_var[...] = (1.0 - momentum) * running_var.astype(np.float64) \
+                + momentum * (var * (count / (count - 1)))
+    else:
+        mean = _as_f64(running_mean, c, 0.0)
+        invstd = 1.0 / np.sqrt(_as_f64(running_var, c, 1.0) + eps)
+        normalize(x3, mean, invstd, gamma, beta, out3)
+    return mean.astype(stat), invstd.astype(stat)
+
+
+def backward(dy3, x3, mean, invstd, weight, out3, *, training):
+    """Fused backward; see the module docstring. Returns (dweight, dbias) in the stat dtype."""
+    c = x3.shape[1]
+    stat = _stat_dtype(x3.dtype)
+    mean, invstd, gamma = _as_f64(mean, c, 0.0), _as_f64(invstd, c, 1.0), _as_f64(weight, c, 1.0)
+    sum_dy, sum_dy_xhat, fused = _grad_sums(dy3, x3, mean, invstd, gamma, training, out3)
+    if not fused:
+        backward_elementwise(dy3, x3, mean, invstd, gamma, sum_dy, sum_dy_xhat,
+                             x3.shape[0] * x3.shape[2], out3, training=training)
+    return sum_dy_xhat.astype(stat), sum_dy.astype(stat)
+
+
+def empty(shape, dtype):
+    """Uninitialised host array (the CUDA backend returns a device array)."""
+    return np.empty(shape, dtype)
