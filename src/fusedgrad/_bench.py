@@ -1,0 +1,810 @@
+"""The benchmark engine behind ``python -m fusedgrad bench`` and the ``bench/`` pytest suite.
+
+Every case times one operation, forward + backward unless said otherwise, three ways on
+identical inputs:
+
+- ``fusedgrad``: the public API (``fg.softmax_cross_entropy``, ``fg.batch_norm_forward`` +
+  ``fg.batch_norm_backward``), host arrays on the CPU, Numba device arrays on the GPU;
+- ``torch``: ``F.cross_entropy(...).backward()`` / ``nn.BatchNorm*d`` forward + ``.backward()``
+  (PyTorch CPU with as many threads as Numba uses, or PyTorch CUDA), when torch is installed;
+- ``reference``: the float64 NumPy oracle ``fusedgrad.reference`` (CPU only). Where the full input
+  would take too long (more than ``REFERENCE_ELEMENT_BUDGET`` elements) it runs on the leading
+  rows (samples) only and its time is scaled linearly to the full size; the printed table and the
+  JSON record say so.
+
+Timing: one warm-up call (compilation, allocator, caches), then at least ``repeats`` timed calls
+and more until ``min_seconds`` have been spent (at most ``max_repeats``), each between two
+device synchronisations on the GPU; the minimum and the median are reported.
+
+Memory roofline: the bytes an operation must move at least, divided by the copy bandwidth
+measured in the same run (a parallel copy of a buffer far larger than the last-level cache,
+counting the bytes read and the bytes written; a device-to-device copy on the GPU):
+
+- cross-entropy forward + backward: logits read once + gradient written once, 2 * N * C * itemsize;
+- batch norm training forward + backward: five passes over x's size (forward reads x and writes
+  y; backward reads x and dy and writes dx); eval forward: two (read x, write y).
+
+The model-level case trains-steps (forward + backward, no optimiser) a small CNN with
+``BatchNorm2d`` and a cross-entropy loss, once with PyTorch's modules and once converted with
+``fusedgrad.torch.convert_model`` plus ``fusedgrad.torch.CrossEntropyLoss``; see
+:func:`_fused_op_share` for how the share of time in the fused operations is measured.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import gc
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+import fusedgrad
+from fusedgrad import reference
+
+#: above this many input elements the float64 NumPy reference runs on the leading rows only.
+REFERENCE_ELEMENT_BUDGET = 1 << 22
+#: copy-bandwidth buffers: far larger than the last-level cache of the machines we target.
+HOST_COPY_BYTES = 256 << 20
+DEVICE_COPY_BYTES = 2 << 30
+#: elements per parallel chunk of the copy kernel (fixed, so the work split is the same for
+#: any thread count; 256 KiB of float32, enough to amortise the scheduling).
+_COPY_CHUNK = 1 << 16
+
+IMPLEMENTATIONS = ("fusedgrad", "torch", "reference")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+# --------------------------------------------------------------------------------------------
+# Cases
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One benchmark case. ``shapes`` maps a size level ("full" or "quick") to the input shape.
+
+    ``op`` is "cross_entropy", "batch_norm_train", "batch_norm_eval" or "model"; ``layout`` names
+    where the channels are ("NC", "NCHW", "NHWC") or, for the model case, its input layout;
+    ``default`` cases run when no ``--cases`` are named (the others are small smoke cases);
+    ``dtype`` is the floating dtype of the input.
+    """
+
+    name: str
+    op: str
+    layout: str
+    shapes: dict
+    dtype: str = "float32"
+    default: bool = True
+
+    def shape(self, quick: bool) -> tuple:
+        return tuple(self.shapes["quick" if quick else "full"])
+
+    @property
+    def channel_axis(self) -> int:
+        return -1 if self.layout == "NHWC" else 1
+
+
+def _shapes(full, quick=None):
+    return {"full": full, "quick": quick if quick is not None else full}
+
+
+CPU_CASES = (
+    Case("ce_vocab128k", "cross_entropy", "NC", _shapes((1024, 128256), (256, 128256))),
+    Case("ce_vocab32k", "cross_entropy", "NC", _shapes((4096, 32000), (1024, 32000))),
+    Case("ce_classes1k", "cross_entropy", "NC", _shapes((8192, 1000), (4096, 1000))),
+    Case("ce_classes10", "cross_entropy", "NC", _shapes((65536, 10), (16384, 10))),
+    Case("bn_nchw", "batch_norm_train", "NCHW", _shapes((64, 256, 28, 28), (16, 256, 28, 28))),
+    Case("bn_many_channels", "batch_norm_train", "NCHW",
+         _shapes((32, 2048, 7, 7), (8, 2048, 7, 7))),
+    Case("bn_nc", "batch_norm_train", "NC", _shapes((4096, 1024), (1024, 1024))),
+    Case("bn_nhwc", "batch_norm_train", "NHWC", _shapes((64, 28, 28, 256), (16, 28, 28, 256))),
+    Case("bn_eval_nchw", "batch_norm_eval", "NCHW",
+         _shapes((64, 256, 28, 28), (16, 256, 28, 28))),
+    Case("model_cnn", "model", "NCHW", _shapes((64, 3, 32, 32), (16, 3, 32, 32))),
+    # Smoke cases: only when named with --cases (tests, the CUDA simulator).
+    Case("ce_small", "cross_entropy", "NC", _shapes((64, 100)), default=False),
+    Case("bn_small", "batch_norm_train", "NCHW", _shapes((4, 8, 5, 5)), default=False),
+    Case("model_small", "model", "NCHW", _shapes((4, 3, 8, 8)), default=False),
+)
+
+# The GPU cases are large enough to saturate an H100/H200-class device (issue 4 asks for
+# N x C >= 256M elements for cross-entropy).
+CUDA_CASES = (
+    Case("ce_vocab64k", "cross_entropy", "NC", _shapes((4096, 65536), (1024, 65536))),
+    Case("ce_vocab64k_f16", "cross_entropy", "NC", _shapes((4096, 65536), (1024, 65536)),
+         dtype="float16"),
+    Case("ce_vocab128k", "cross_entropy", "NC", _shapes((2048, 128256), (512, 128256))),
+    Case("ce_classes1k", "cross_entropy", "NC", _shapes((262144, 1000), (65536, 1000))),
+    Case("bn_nchw", "batch_norm_train", "NCHW",
+         _shapes((256, 256, 56, 56), (64, 256, 56, 56))),
+    Case("bn_many_channels", "batch_norm_train", "NCHW",
+         _shapes((256, 2048, 14, 14), (64, 2048, 14, 14))),
+    Case("bn_nc", "batch_norm_train", "NC", _shapes((262144, 1024), (65536, 1024))),
+    Case("bn_nhwc", "batch_norm_train", "NHWC",
+         _shapes((256, 56, 56, 256), (64, 56, 56, 256))),
+    Case("bn_eval_nchw", "batch_norm_eval", "NCHW",
+         _shapes((256, 256, 56, 56), (64, 256, 56, 56))),
+    Case("model_cnn", "model", "NCHW", _shapes((256, 3, 64, 64), (64, 3, 64, 64))),
+) + CPU_CASES[-3:]
+
+
+def cases_for(device: str) -> tuple:
+    """The case table for ``device`` ("cpu" or "cuda")."""
+    return CUDA_CASES if device == "cuda" else CPU_CASES
+
+
+def standard_cases(device: str, *ops: str) -> list:
+    """The device's standard (non-smoke) cases of the given operations."""
+    return [c for c in cases_for(device) if c.default and c.op in ops]
+
+
+def select_cases(device: str, names=None) -> list:
+    """The default cases of ``device``, or exactly the ``names`` given (ValueError if unknown)."""
+    table = cases_for(device)
+    if not names:
+        return [c for c in table if c.default]
+    by_name = {c.name: c for c in table}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ValueError(f"unknown case(s) {', '.join(unknown)} for device {device!r}; "
+                         f"expected some of: {', '.join(by_name)}")
+    return [by_name[n] for n in names]
+
+
+def roofline_bytes(case: Case, shape: tuple) -> int | None:
+    """Bytes the operation must move at least (see the module docstring); None for the model."""
+    size = math.prod(shape) * np.dtype(case.dtype).itemsize
+    passes = {"cross_entropy": 2, "batch_norm_train": 5, "batch_norm_eval": 2}.get(case.op)
+    return None if passes is None else passes * size
+
+
+# --------------------------------------------------------------------------------------------
+# Optional dependencies and devices
+# --------------------------------------------------------------------------------------------
+def import_torch():
+    """``torch``, or None when it is not installed (the comparison is then skipped)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def match_torch_threads(torch) -> None:
+    """Give PyTorch as many intra-op threads as Numba uses, so the comparison is like for like."""
+    if torch is not None:
+        torch.set_num_threads(numba.get_num_threads())
+
+
+def resolve_device(device: str) -> str:
+    """"auto" -> "cuda" when a real GPU is usable (not the simulator), else "cpu"."""
+    if device != "auto":
+        return device
+    from fusedgrad._device import cuda_available, simulator_enabled
+    return "cuda" if cuda_available() and not simulator_enabled() else "cpu"
+
+
+class Device:
+    """Moves host arrays to where a case runs and synchronises before and after a timing."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.torch = import_torch()
+        self._cuda = None
+        if name == "cuda":
+            from numba import cuda
+            self._cuda = cuda
+
+    def put(self, array: np.ndarray):
+        """The array where fusedgrad runs: itself on the CPU, a Numba device array on the GPU."""
+        return array if self._cuda is None else self._cuda.to_device(array)
+
+    def synchronize(self) -> None:
+        # numba's synchronize waits for the whole (primary) context, PyTorch's streams included.
+        if self._cuda is not None:
+            self._cuda.synchronize()
+
+    @property
+    def torch_device(self) -> str | None:
+        """Where the torch comparison runs, or None when torch cannot run on this device."""
+        if self.torch is None:
+            return None
+        if self.name == "cuda" and not self.torch.cuda.is_available():
+            return None
+        return self.name
+
+    def torch_tensor(self, array: np.ndarray):
+        tensor = self.torch.from_numpy(array)
+        return tensor if self.name == "cpu" else tensor.to(self.torch_device)
+
+
+# --------------------------------------------------------------------------------------------
+# Timing and bandwidth
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Timing:
+    min_s: float
+    median_s: float
+    repeats: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    repeats: int
+    min_seconds: float
+    max_repeats: int
+
+
+FULL_SETTINGS = Settings(repeats=7, min_seconds=1.0, max_repeats=100)
+QUICK_SETTINGS = Settings(repeats=3, min_seconds=0.2, max_repeats=30)
+
+
+def time_callable(fn: Callable[[], object], settings: Settings,
+                  synchronize: Callable[[], None] = lambda: None) -> Timing:
+    """Warm up once, then time ``fn`` (see the module docstring); returns min and median."""
+    fn()
+    synchronize()
+    times = []
+    while (len(times) < settings.repeats
+           or (sum(times) < settings.min_seconds and len(times) < settings.max_repeats)):
+        start = time.perf_counter()
+        fn()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return Timing(min(times), statistics.median(times), len(times))
+
+
+@njit(cache=True, parallel=True)
+def _parallel_copy(src, dst, chunk):
+    """dst[:] = src[:] in fixed chunks, one chunk per parallel iteration (1-D float32)."""
+    n = src.size
+    for c in prange((n + chunk - 1) // chunk):
+        for i in range(c * chunk, min((c + 1) * chunk, n)):
+            dst[i] = src[i]
+
+
+def host_copy_bandwidth(nbytes: int = HOST_COPY_BYTES, settings: Settings = FULL_SETTINGS) -> float:
+    """Copy bandwidth of the host in bytes/s: (bytes read + bytes written) / best copy time."""
+    src = np.ones(nbytes // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    timing = time_callable(lambda: _parallel_copy(src, dst, _COPY_CHUNK), settings)
+    return 2 * src.nbytes / timing.min_s
+
+
+def device_copy_bandwidth(nbytes: int = DEVICE_COPY_BYTES,
+                          settings: Settings = FULL_SETTINGS) -> float:
+    """Device-to-device copy bandwidth of the current GPU in bytes/s (read + write bytes)."""
+    from numba import cuda
+    src = cuda.device_array(nbytes // 4, dtype=np.float32)
+    dst = cuda.device_array_like(src)
+    timing = time_callable(lambda: dst.copy_to_device(src), settings, cuda.synchronize)
+    return 2 * nbytes / timing.min_s
+
+
+def run_tiny_parallel_kernel() -> None:
+    """Run one small parallel Numba kernel, so that ``numba.threading_layer()`` is decided."""
+    src = np.arange(4 * _COPY_CHUNK, dtype=np.float32)
+    _parallel_copy(src, np.empty_like(src), _COPY_CHUNK)
+
+
+def kernel_cache_dir() -> str:
+    """Where fusedgrad's compiled kernels are cached (``NUMBA_CACHE_DIR`` or beside the code)."""
+    return _parallel_copy._cache.cache_path
+
+
+# --------------------------------------------------------------------------------------------
+# Machine description (shared with ``python -m fusedgrad info``)
+# --------------------------------------------------------------------------------------------
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def package_versions() -> dict:
+    """Versions of fusedgrad, Python and the libraries it runs on (None when not installed)."""
+    import llvmlite
+    versions = {"fusedgrad": fusedgrad.__version__, "python": platform.python_version(),
+                "numpy": np.__version__, "numba": numba.__version__,
+                "llvmlite": llvmlite.__version__}
+    from importlib import metadata
+    for dist in ("numba-cuda", "torch"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    return versions
+
+
+def gpu_description() -> dict:
+    """Whether a usable GPU is present, and its name (the simulator is reported as such)."""
+    from fusedgrad._device import cuda_available, simulator_enabled
+    available = cuda_available()
+    name = None
+    if available:
+        if simulator_enabled():
+            name = "Numba CUDA simulator (NUMBA_ENABLE_CUDASIM=1)"
+        else:
+            from numba import cuda
+            name = cuda.get_current_device().name
+            name = name.decode() if isinstance(name, bytes) else str(name)
+    return {"available": available, "name": name}
+
+
+def machine_info(device: str = "cpu") -> dict:
+    """Everything needed to interpret a benchmark: CPU, threads, versions, GPU, cache, date."""
+    run_tiny_parallel_kernel()
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "numba_threads": numba.get_num_threads(),
+        "NUMBA_NUM_THREADS": os.environ.get("NUMBA_NUM_THREADS"),
+        "threading_layer": numba.threading_layer(),
+        "versions": package_versions(),
+        "gpu": gpu_description(),
+        "cache_dir": kernel_cache_dir(),
+        "NUMBA_CACHE_DIR": os.environ.get("NUMBA_CACHE_DIR"),
+        "device": device,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Runners: what each implementation calls, on identical inputs
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Runner:
+    """One implementation of a case: ``fn`` runs it once; its time is multiplied by ``scale``
+    (the reference on a row subset) and ``note`` says why when ``scale != 1``."""
+
+    impl: str
+    fn: Callable[[], object]
+    scale: float = 1.0
+    note: str = ""
+
+
+def _reference_rows(shape: tuple) -> int:
+    """How many leading rows (samples) the NumPy reference runs on, within the element budget."""
+    per_row = math.prod(shape[1:])
+    return max(2, min(shape[0], REFERENCE_ELEMENT_BUDGET // per_row))
+
+
+def _reference_runner(shape: tuple, run_rows: Callable[[int], object]) -> Runner:
+    rows = _reference_rows(shape)
+    if rows == shape[0]:
+        return Runner("reference", lambda: run_rows(rows))
+    return Runner("reference", lambda: run_rows(rows), scale=shape[0] / rows,
+                  note=f"NumPy reference timed on {rows} of {shape[0]} rows, "
+                       "scaled linearly to the full size")
+
+
+def _cross_entropy_runners(case: Case, shape: tuple, device: Device, rng) -> list:
+    n, classes = shape
+    logits = rng.standard_normal(shape, dtype=np.float32).astype(case.dtype, copy=False)
+    target = rng.integers(0, classes, size=n, dtype=np.int64)
+    logits_dev, target_dev = device.put(logits), device.put(target)
+    runners = [Runner("fusedgrad", lambda: fusedgrad.softmax_cross_entropy(logits_dev, target_dev))]
+    if device.torch_device is not None:
+        torch = device.torch
+        logits_t = device.torch_tensor(logits).requires_grad_()
+        target_t = device.torch_tensor(target)
+
+        def torch_step():
+            logits_t.grad = None
+            torch.nn.functional.cross_entropy(logits_t, target_t).backward()
+
+        runners.append(Runner("torch", torch_step))
+    if device.name == "cpu":
+        runners.append(_reference_runner(
+            shape, lambda rows: reference.softmax_cross_entropy(logits[:rows], target[:rows])))
+    return runners
+
+
+def _torch_batch_norm(torch, case: Case, channels: int, weight, bias, ndim: int, on: str):
+    """A torch ``BatchNorm1d``/``2d`` with the case's affine parameters, on device ``on``."""
+    cls = torch.nn.BatchNorm1d if ndim in (2, 3) else torch.nn.BatchNorm2d
+    module = cls(channels).to(on)
+    with torch.no_grad():
+        module.weight.copy_(torch.from_numpy(weight))
+        module.bias.copy_(torch.from_numpy(bias))
+    return module.train(case.op == "batch_norm_train")
+
+
+def _as_torch_layout(tensor, case: Case):
+    """NHWC storage seen as a logical NCHW tensor in PyTorch's ``channels_last`` format."""
+    return tensor.permute(0, 3, 1, 2) if case.layout == "NHWC" else tensor
+
+
+def _batch_norm_runners(case: Case, shape: tuple, device: Device, rng) -> list:
+    axis = case.channel_axis
+    channels = shape[axis]
+    dtype = np.dtype(case.dtype)
+    x = rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False)
+    dy = rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False)
+    weight = rng.uniform(0.5, 1.5, channels).astype(dtype)
+    bias = rng.uniform(-0.5, 0.5, channels).astype(dtype)
+    running_mean = np.zeros(channels, dtype=dtype)
+    running_var = np.ones(channels, dtype=dtype)
+    x_d, dy_d, w_d, b_d, rm_d, rv_d = map(device.put, (x, dy, weight, bias, running_mean,
+                                                       running_var))
+    training = case.op == "batch_norm_train"
+
+    if training:
+        def fused():
+            _, mean, invstd = fusedgrad.batch_norm_forward(
+                x_d, w_d, b_d, rm_d, rv_d, training=True, channel_axis=axis)
+            return fusedgrad.batch_norm_backward(dy_d, x_d, mean, invstd, w_d, training=True,
+                                                 channel_axis=axis)
+    else:
+        def fused():
+            return fusedgrad.batch_norm_forward(x_d, w_d, b_d, rm_d, rv_d, training=False,
+                                                channel_axis=axis)
+    runners = [Runner("fusedgrad", fused)]
+
+    if device.torch_device is not None:
+        torch = device.torch
+        module = _torch_batch_norm(torch, case, channels, weight, bias, len(shape),
+                                   device.torch_device)
+        x_t = _as_torch_layout(device.torch_tensor(x), case).detach().requires_grad_(training)
+        dy_t = _as_torch_layout(device.torch_tensor(dy), case)
+
+        if training:
+            def torch_step():
+                x_t.grad = module.weight.grad = module.bias.grad = None
+                module(x_t).backward(dy_t)
+        else:
+            def torch_step():
+                with torch.no_grad():
+                    return module(x_t)
+        runners.append(Runner("torch", torch_step))
+
+    if device.name == "cpu":
+        def run_reference(rows):
+            ref_rm, ref_rv = running_mean.copy(), running_var.copy()
+            y, mean, invstd, _ = reference.batch_norm_forward(
+                x[:rows], weight, bias, ref_rm, ref_rv, training=training, channel_axis=axis)
+            if training:
+                reference.batch_norm_backward(dy[:rows], x[:rows], mean, invstd, weight,
+                                              training=True, channel_axis=axis)
+            return y
+        runners.append(_reference_runner(shape, run_reference))
+    return runners
+
+
+def small_cnn(torch, in_channels: int = 3, classes: int = 10):
+    """conv-BN-ReLU x 3 (32, 64, 128 channels, the last two with stride 2), average pool, linear.
+
+    A CIFAR-style network whose batch-norm layers see NCHW activations of the usual sizes.
+    """
+    nn = torch.nn
+
+    def block(cin, cout, stride):
+        return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+                nn.BatchNorm2d(cout), nn.ReLU()]
+
+    return nn.Sequential(*block(in_channels, 32, 1), *block(32, 64, 2), *block(64, 128, 2),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, classes))
+
+
+def _training_step(model, loss_fn, x, y):
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+    return step
+
+
+def _model_pair(torch, shape: tuple, on: str, rng):
+    """(baseline model + loss, converted model + loss, input, target), same initial weights."""
+    import fusedgrad.torch as fgt
+    torch.manual_seed(0)
+    baseline = small_cnn(torch, in_channels=shape[1]).to(on)
+    converted = fgt.convert_model(copy.deepcopy(baseline))
+    x = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)).to(on)
+    y = torch.from_numpy(rng.integers(0, 10, size=shape[0], dtype=np.int64)).to(on)
+    return ((baseline, torch.nn.CrossEntropyLoss()), (converted, fgt.CrossEntropyLoss()), x, y)
+
+
+def _model_runners(case: Case, shape: tuple, device: Device, rng) -> list:
+    if device.torch_device is None:
+        raise RuntimeError("the model-level case needs PyTorch"
+                           + (" with CUDA" if device.name == "cuda" else ""))
+    (baseline, base_loss), (converted, fused_loss), x, y = _model_pair(
+        device.torch, shape, device.torch_device, rng)
+    return [Runner("fusedgrad", _training_step(converted, fused_loss, x, y)),
+            Runner("torch", _training_step(baseline, base_loss, x, y))]
+
+
+class _ModuleTimer:
+    """Accumulates the wall time spent inside some modules' forward and backward.
+
+    Forward: between a forward pre-hook and a forward hook. Backward: between a full backward
+    pre-hook (the gradient of the module's output is ready) and a full backward hook (the
+    gradients of its inputs are computed). In a sequential model the autograd engine runs only
+    that module's nodes in between, so the interval is the module's own backward time.
+    """
+
+    def __init__(self, modules, synchronize):
+        self.seconds = 0.0
+        self._synchronize = synchronize
+        self._started = {}
+        self._handles = []
+        for module in modules:
+            self._handles += [module.register_forward_pre_hook(self._start),
+                              module.register_forward_hook(self._stop),
+                              module.register_full_backward_pre_hook(self._start),
+                              module.register_full_backward_hook(self._stop)]
+
+    def _start(self, module, *_):
+        self._synchronize()
+        self._started[id(module)] = time.perf_counter()
+
+    def _stop(self, module, *_):
+        self._synchronize()
+        self.seconds += time.perf_counter() - self._started.pop(id(module))
+
+    def remove(self):
+        for handle in self._handles:
+            handle.remove()
+
+
+def _fused_op_share(model, loss_fn, x, y, device: Device, settings: Settings) -> float:
+    """Fraction of a forward + backward step spent in batch norm and the loss.
+
+    Measured in separate, instrumented steps (hooks add a little overhead, so the step times
+    reported elsewhere come from uninstrumented runs): the time inside the batch-norm modules
+    and the loss module (see :class:`_ModuleTimer`) over the whole step's time, both summed
+    over the same steps.
+    """
+    # fusedgrad.torch's batch-norm modules subclass PyTorch's, so this finds both kinds.
+    norms = [m for m in model.modules()
+             if isinstance(m, device.torch.nn.modules.batchnorm._BatchNorm)]
+    timer = _ModuleTimer(norms + [loss_fn], device.synchronize)
+    step = _training_step(model, loss_fn, x, y)
+    try:
+        step()
+        timer.seconds = 0.0
+        total = 0.0
+        for _ in range(settings.repeats):
+            device.synchronize()
+            start = time.perf_counter()
+            step()
+            device.synchronize()
+            total += time.perf_counter() - start
+    finally:
+        timer.remove()
+    return timer.seconds / total
+
+
+# --------------------------------------------------------------------------------------------
+# Running cases
+# --------------------------------------------------------------------------------------------
+_RUNNER_BUILDERS = {"cross_entropy": _cross_entropy_runners,
+                    "batch_norm_train": _batch_norm_runners,
+                    "batch_norm_eval": _batch_norm_runners,
+                    "model": _model_runners}
+
+
+def build_runners(case: Case, device: Device, quick: bool, seed: int = 0) -> list:
+    """The runners of ``case`` at its full or quick size, on identical seeded inputs."""
+    rng = np.random.default_rng(seed)
+    return _RUNNER_BUILDERS[case.op](case, case.shape(quick), device, rng)
+
+
+def run_case(case: Case, device: Device, quick: bool, copy_bandwidth: float,
+             settings: Settings) -> dict:
+    """Time every implementation of ``case``; returns the result record (see ``run``)."""
+    shape = case.shape(quick)
+    record = {"case": case.name, "op": case.op, "layout": case.layout, "shape": list(shape),
+              "dtype": case.dtype, "device": device.name, "timings": {}, "notes": []}
+    try:
+        runners = build_runners(case, device, quick)
+        for runner in runners:
+            timing = time_callable(runner.fn, settings, device.synchronize)
+            record["timings"][runner.impl] = {
+                "min_s": timing.min_s * runner.scale, "median_s": timing.median_s * runner.scale,
+                "repeats": timing.repeats, "scale": runner.scale}
+            if runner.note:
+                record["notes"].append(runner.note)
+        if case.op == "model":
+            record["fused_op_share"] = _model_shares(case, shape, device, settings)
+        record["notes"] += _missing_comparisons(case, device, record["timings"])
+    except Exception as exc:  # one failing case must not hide the others' results
+        record["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        gc.collect()
+    _add_ratios(record, roofline_bytes(case, shape), copy_bandwidth)
+    return record
+
+
+def _missing_comparisons(case: Case, device: Device, timings: dict) -> list:
+    """Notes that say why an implementation was not timed."""
+    notes = []
+    if "torch" not in timings:
+        notes.append("PyTorch not compared: " + ("not installed" if device.torch is None
+                                                 else "this PyTorch build has no CUDA"))
+    if "reference" not in timings and case.op != "model":
+        notes.append("NumPy reference not timed: it runs on the CPU only")
+    return notes
+
+
+def _model_shares(case: Case, shape: tuple, device: Device, settings: Settings) -> dict:
+    """Share of step time in batch norm + loss, for the converted and the PyTorch model."""
+    (baseline, base_loss), (converted, fused_loss), x, y = _model_pair(
+        device.torch, shape, device.torch_device, np.random.default_rng(0))
+    return {"fusedgrad": _fused_op_share(converted, fused_loss, x, y, device, settings),
+            "torch": _fused_op_share(baseline, base_loss, x, y, device, settings)}
+
+
+def _add_ratios(record: dict, nbytes: int | None, copy_bandwidth: float) -> None:
+    """Speed-ups of fusedgrad over the others, its GB/s and its % of the memory roofline."""
+    timings = record["timings"]
+    fused = timings.get("fusedgrad")
+    for other in ("torch", "reference"):
+        record[f"speedup_vs_{other}"] = (timings[other]["min_s"] / fused["min_s"]
+                                         if fused and other in timings else None)
+    record["bytes"] = nbytes
+    record["roofline_s"] = nbytes / copy_bandwidth if nbytes else None
+    if fused and nbytes:
+        record["GBps"] = nbytes / fused["min_s"] / 1e9
+        record["roofline_pct"] = 100.0 * record["roofline_s"] / fused["min_s"]
+    else:
+        record["GBps"] = record["roofline_pct"] = None
+
+
+def run(device_name: str, *, quick: bool = False, case_names=None, out=sys.stdout) -> dict:
+    """Run the benchmark and print its table to ``out``.
+
+    Returns ``{"machine": {...}, "copy_bandwidth_GBps": float, "results": [record, ...]}``;
+    each record has ``case, op, layout, shape, dtype, device, timings`` (per implementation:
+    ``min_s, median_s, repeats, scale``), ``speedup_vs_torch, speedup_vs_reference, bytes,
+    roofline_s, GBps, roofline_pct, notes`` and, when the case failed, ``error``; the model case
+    adds ``fused_op_share`` (``{"fusedgrad": f, "torch": f}``).
+    """
+    cases = select_cases(device_name, case_names)
+    settings = QUICK_SETTINGS if quick else FULL_SETTINGS
+    device = Device(device_name)
+    match_torch_threads(device.torch)
+    machine = machine_info(device_name)
+    print(_machine_header(machine), file=out)
+    if device_name == "cuda":
+        bandwidth = device_copy_bandwidth(DEVICE_COPY_BYTES // (8 if quick else 1), settings)
+        what = "device-to-device copy"
+    else:
+        bandwidth = host_copy_bandwidth(HOST_COPY_BYTES // (2 if quick else 1), settings)
+        what = f"parallel copy, {numba.get_num_threads()} threads"
+    print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s ({what}, read + write bytes)\n", file=out)
+    table = Table(out)
+    table.header()
+    results = []
+    for case in cases:
+        record = run_case(case, device, quick, bandwidth, settings)
+        results.append(record)
+        table.row(record)
+    table.footer(results)
+    return {"machine": machine, "copy_bandwidth_GBps": bandwidth / 1e9, "results": results}
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+def _machine_header(machine: dict) -> str:
+    versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v)
+    gpu = machine["gpu"]["name"] or "none"
+    return (f"fusedgrad benchmark, {machine['date']}\n"
+            f"device: {machine['device']}; cpu: {machine['cpu']} ({machine['cpu_count']} cores); "
+            f"numba threads: {machine['numba_threads']} ({machine['threading_layer']}); "
+            f"gpu: {gpu}\n{versions}")
+
+
+def _ms(seconds) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.2f}"
+
+
+def _ratio(value) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _number(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+class Table:
+    """The printed result table: one aligned row per case, printed as soon as it is measured.
+
+    Times are the minimum over the repeats (median in parentheses), in milliseconds; speed-ups
+    are ratios of minima; GB/s and % roofline are fusedgrad's.
+    """
+
+    COLUMNS = (("case", "<", 16), ("shape", "<", 18), ("fusedgrad ms", ">", 19),
+               ("torch ms", ">", 19), ("numpy ms", ">", 19), ("vs torch", ">", 9),
+               ("vs numpy", ">", 9), ("GB/s", ">", 7), ("% roof", ">", 7))
+
+    def __init__(self, out):
+        self.out = out
+
+    def _line(self, cells) -> str:
+        return "  ".join(format(cell, f"{align}{width}")
+                         for cell, (_, align, width) in zip(cells, self.COLUMNS)).rstrip()
+
+    def header(self) -> None:
+        print(self._line([name for name, _, _ in self.COLUMNS]), file=self.out)
+        print(self._line(["-" * width for _, _, width in self.COLUMNS]), file=self.out)
+
+    @staticmethod
+    def _time_cell(timings: dict, impl: str, marker: str = "") -> str:
+        if impl not in timings:
+            return "-"
+        t = timings[impl]
+        return f"{_ms(t['min_s'])} ({_ms(t['median_s'])}){marker}"
+
+    def row(self, record: dict) -> None:
+        shape = "x".join(map(str, record["shape"]))
+        if record["dtype"] != "float32":
+            shape += f" {record['dtype']}"
+        timings = record["timings"]
+        scaled = timings.get("reference", {}).get("scale", 1.0) != 1.0
+        cells = [record["case"], shape, self._time_cell(timings, "fusedgrad"),
+                 self._time_cell(timings, "torch"),
+                 self._time_cell(timings, "reference", "*" if scaled else ""),
+                 _ratio(record["speedup_vs_torch"]), _ratio(record["speedup_vs_reference"]),
+                 _number(record["GBps"], ".1f"), _number(record["roofline_pct"], ".0f")]
+        print(self._line(cells), file=self.out, flush=True)
+        if "error" in record:
+            print(f"  ! {record['case']} failed: {record['error']}", file=self.out, flush=True)
+        share = record.get("fused_op_share")
+        if share:
+            print(f"  {record['case']}: share of step time in batch norm + loss: "
+                  f"fusedgrad {100 * share['fusedgrad']:.0f}%, torch {100 * share['torch']:.0f}%",
+                  file=self.out, flush=True)
+
+    def footer(self, results) -> None:
+        notes = sorted({f"{r['case']}: {n}" for r in results for n in r["notes"]})
+        print("\ntimes: best of the repeats, median in parentheses; speed-ups compare best times; "
+              "GB/s and % roof: fusedgrad's bytes moved / time, and the roofline time / its time",
+              file=self.out)
+        if notes:
+            print("* " + "\n* ".join(notes), file=self.out)
+        if any(r["op"] == "model" for r in results):
+            print("model: forward + backward step of a small CNN; fusedgrad = the same model "
+                  "converted with fusedgrad.torch.convert_model + fusedgrad.torch.CrossEntropyLoss;"
+                  " share measured with module hooks in separate instrumented steps",
+                  file=self.out)
+
+
+def write_plot(report: dict, path: str) -> None:
+    """A PNG bar chart of fusedgrad's speed-up over PyTorch and over NumPy, per case (log scale)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = [r for r in report["results"] if r["timings"].get("fusedgrad")]
+    names = [r["case"] for r in results]
+    positions = np.arange(len(results))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(results) + 2), 4.5))
+    for offset, other, label in ((-0.2, "torch", "vs PyTorch"), (0.2, "reference", "vs NumPy")):
+        values = [r[f"speedup_vs_{other}"] or np.nan for r in results]
+        ax.bar(positions + offset, values, width=0.4, label=label)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks(positions, names, rotation=30, ha="right")
+    ax.set_ylabel("speed-up of fusedgrad (x, best times)")
+    machine = report["machine"]
+    ax.set_title(f"fusedgrad on {machine['device']}, {machine['numba_threads']} threads, "
+                 f"copy bandwidth {report['copy_bandwidth_GBps']:.1f} GB/s")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
