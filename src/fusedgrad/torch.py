@@ -239,7 +239,6 @@ class _BatchNorm(torch.autograd.Function):
             training=training, momentum=momentum, eps=eps, channel_axis=layout.channel_axis)
         ctx.layout = layout
         ctx.training = training
-        ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(x_kernel, weight, _as_tensor(mean, x.device),
                               _as_tensor(invstd, x.device))
         return layout.from_kernel(_as_tensor(y, x.device))
@@ -255,10 +254,11 @@ class _BatchNorm(torch.autograd.Function):
             _kernel_array("invstd", invstd), _kernel_array("weight", weight),
             training=ctx.training, channel_axis=layout.channel_axis)
         device = grad_output.device
-        grad_input = layout.from_kernel(_as_tensor(dx, device)) if ctx.needs_input_grad[0] else None
-        grad_weight = _as_tensor(dweight, device).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        grad_bias = _as_tensor(dbias, device).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+        # Autograd casts each gradient to its input's dtype (float32 weight, half input on CUDA).
+        grads = (layout.from_kernel(_as_tensor(dx, device)), _as_tensor(dweight, device),
+                 _as_tensor(dbias, device))
+        grads = [g if needed else None for g, needed in zip(grads, ctx.needs_input_grad)]
+        return (*grads, None, None, None, None, None)
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
