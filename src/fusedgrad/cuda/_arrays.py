@@ -1,0 +1,101 @@
+"""Device-array plumbing for the CUDA backend: wrapping, strided views, allocation, streams.
+
+Inputs are any objects exposing ``__cuda_array_interface__`` (Numba device arrays, CuPy arrays,
+PyTorch CUDA tensors); they are wrapped zero-copy as Numba ``DeviceNDArray`` objects, and every
+output is a ``DeviceNDArray`` (CuPy / PyTorch wrap it zero-copy through the same interface).
+Under Numba's CUDA simulator the simulator's fake device arrays are used as they are.
+
+Streams: every launcher takes ``stream=None``. ``None`` means: the current PyTorch stream when an
+input is a PyTorch tensor (so kernels order correctly with the surrounding PyTorch work), else
+the default stream. A Numba stream is used as given; an integer is taken as a raw ``cudaStream_t``
+handle (e.g. ``cupy.cuda.get_current_stream().ptr``) and wrapped with ``cuda.external_stream``.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import cuda
+
+from ._reduce import SIMULATED
+
+
+def as_device(name: str, arr):
+    """Zero-copy ``DeviceNDArray`` (or simulator array) for a CUDA-array-interface object."""
+    if SIMULATED:
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+        if isinstance(arr, FakeCUDAArray):
+            return arr
+        raise TypeError(f"{name} must be a (simulated) CUDA device array, got {type(arr).__name__}")
+    if cuda.devicearray.is_cuda_ndarray(arr):
+        return arr
+    if not cuda.is_cuda_array(arr):
+        raise TypeError(f"{name} must expose __cuda_array_interface__, got {type(arr).__name__}")
+    return cuda.as_cuda_array(arr)
+
+
+def strided_view(arr, shape, strides):
+    """A view of ``arr``'s memory with the given shape and byte strides (no copy)."""
+    shape = tuple(int(s) for s in shape)
+    strides = tuple(int(s) for s in strides)
+    if SIMULATED:
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+        host = np.lib.stride_tricks.as_strided(arr._ary, shape=shape, strides=strides)
+        return FakeCUDAArray(host)
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+    return DeviceNDArray(shape, strides, arr.dtype, stream=arr.stream, gpu_data=arr.gpu_data)
+
+
+def _merge_axes(name: str, shape, strides, itemsize: int):
+    """``(size, stride)`` addressing the given axes, in order, as one strided axis.
+
+    Raises ``ValueError`` when no single stride does (a copy would be needed; the GPU path never
+    copies inputs behind the caller's back).
+    """
+    size = int(np.prod(shape, dtype=np.int64))
+    kept = [(int(n), int(st)) for n, st in zip(shape, strides) if n != 1]
+    if not kept:
+        return size, int(itemsize)
+    for (_, st_outer), (n_inner, st_inner) in zip(kept, kept[1:]):
+        if st_outer != st_inner * n_inner:
+            raise ValueError(
+                f"{name}: device arrays whose axes cannot be merged into one strided axis are "
+                f"not supported (shape {tuple(shape)}, strides {tuple(strides)}); pass a "
+                "contiguous array")
+    return size, kept[-1][1]
+
+
+def view3(name: str, arr, axis: int):
+    """View ``arr`` as 3-D ``(outer, shape[axis], inner)`` without copying.
+
+    ``axis=1``: ``(N, C, d1..dk) -> (N, C, S)``; ``axis=ndim-1`` (channels last):
+    ``(N, d1.., C) -> (M, C, 1)``. The merged axes must share one stride pattern.
+    """
+    shape, strides = tuple(arr.shape), tuple(arr.strides)
+    itemsize = arr.dtype.itemsize
+    outer, outer_stride = _merge_axes(name, shape[:axis], strides[:axis], itemsize)
+    inner, inner_stride = _merge_axes(name, shape[axis + 1:], strides[axis + 1:], itemsize)
+    return strided_view(arr, (outer, shape[axis], inner),
+                        (outer_stride, strides[axis], inner_stride))
+
+
+def empty(shape, dtype, stream):
+    return cuda.device_array(tuple(int(s) for s in shape), dtype=np.dtype(dtype), stream=stream)
+
+
+def resolve_stream(stream, *arrays):
+    """The stream kernels of one call run on (see the module docstring)."""
+    if SIMULATED:
+        return 0
+    if stream is None:
+        for arr in arrays:
+            if type(arr).__module__.startswith("torch"):
+                import torch
+                return cuda.external_stream(torch.cuda.current_stream(arr.device).cuda_stream)
+        return 0
+    if isinstance(stream, (int, np.integer)):
+        return cuda.external_stream(int(stream)) if stream else 0
+    return stream
+
+
+def launch_blocks(n_items: int, per_block: int) -> int:
+    """Number of blocks covering ``n_items`` at ``per_block`` items each (at least one)."""
+    return max(1, -(-int(n_items) // int(per_block)))

@@ -1,0 +1,269 @@
+"""Reduction building blocks shared by every ``@cuda.jit`` kernel of fusedgrad.
+
+Determinism is part of the contract: no floating-point atomics anywhere. Every reduction combines
+values in an order fixed by the launch shape (threads per block, number of blocks), which the
+launchers derive from the array shapes only, so a result is bitwise identical from run to run.
+
+Two implementations of the in-block reduction, chosen once at import time:
+
+* real GPU: a warp reduces with ``cuda.shfl_down_sync`` (tree 16, 8, 4, 2, 1 lanes), lane 0 of
+  each warp stores its value in shared memory, thread 0 of the group folds the per-warp values
+  in warp order;
+* Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``, detected through
+  ``numba.cuda.core.config.ENABLE_CUDASIM``): the simulator has no warp shuffles, so a
+  shared-memory tree (halving strides with ``syncthreads``) does the same job.
+
+Both are selected under the single name :func:`group_reduce`, so kernels are written once. The
+PTX compilation test (``fusedgrad.cuda._compile``) runs without the simulator and therefore
+compiles the shuffle path; the simulator tests run the tree path.
+
+A "group" is the ``blockDim.x`` threads sharing one ``threadIdx.y``: a block may process
+``blockDim.y`` rows at once (one group per row). ``blockDim.x`` must be a power of two and, on a
+GPU, a multiple of 32 (whole warps, all lanes active in the shuffles). Every thread of the block
+must call a group reduction the same number of times (they contain ``syncthreads``).
+
+Besides, this module holds the scalar building blocks of the kernels: the online-softmax update
+(running maximum and rescaled sum of exponentials, one read of the logits), shifted-data moments and
+Chan's merge of ``(count, mean, m2)`` triples, and :func:`segment_chan_reduce` /
+:func:`segment_sum_reduce`: shared-memory trees that reduce threads with the same
+``threadIdx.x % segment`` (one channel per segment, used by batch norm).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import cuda, float64
+from numba.cuda.core import config
+
+SIMULATED = bool(config.ENABLE_CUDASIM)
+
+#: Operation codes for :func:`group_reduce` (literal arguments: the branch folds at compile time).
+OP_SUM = 0
+OP_MAX = 1
+
+#: Shared-memory scratch entries a kernel must provide per block (the largest block size).
+SCRATCH_SIZE = 1024
+WARP_SIZE = 32
+_FULL_MASK = 0xFFFFFFFF
+
+
+@cuda.jit(device=True, inline=True)
+def combine(a, b, op):
+    """``a + b`` or ``max(a, b)``; a NaN operand propagates through the maximum."""
+    if op == OP_SUM:
+        return a + b
+    if a != a or a > b:
+        return a
+    return b
+
+
+@cuda.jit(device=True, inline=True)
+def _group_reduce_tree(value, scratch, op):
+    """Shared-memory tree over the group's ``blockDim.x`` entries of ``scratch`` (simulator path).
+
+    The group of ``threadIdx.y`` owns ``scratch[y * blockDim.x : (y + 1) * blockDim.x]``. After
+    the halving loop entry 0 holds the combination, in an order fixed by the group size.
+    """
+    width = cuda.blockDim.x
+    lane = cuda.threadIdx.x
+    base = cuda.threadIdx.y * width
+    scratch[base + lane] = value
+    cuda.syncthreads()
+    stride = width // 2
+    while stride > 0:
+        if lane < stride:
+            scratch[base + lane] = combine(scratch[base + lane], scratch[base + lane + stride], op)
+        cuda.syncthreads()
+        stride //= 2
+    total = scratch[base]
+    cuda.syncthreads()  # everyone has read the result before the scratch is reused
+    return total
+
+
+@cuda.jit(device=True, inline=True)
+def _group_reduce_shuffle(value, scratch, op):
+    """Warp shuffles, then thread 0 of the group folds the per-warp results in warp order."""
+    if cuda.blockDim.x == 1:
+        return value
+    lane = cuda.threadIdx.x % WARP_SIZE
+    warp = cuda.threadIdx.x // WARP_SIZE
+    n_warps = cuda.blockDim.x // WARP_SIZE
+    base = cuda.threadIdx.y * n_warps
+    offset = WARP_SIZE // 2
+    while offset > 0:
+        value = combine(value, cuda.shfl_down_sync(_FULL_MASK, value, offset), op)
+        offset //= 2
+    if lane == 0:
+        scratch[base + warp] = value
+    cuda.syncthreads()
+    if cuda.threadIdx.x == 0:
+        total = scratch[base]
+        for w in range(1, n_warps):
+            total = combine(total, scratch[base + w], op)
+        scratch[base] = total
+    cuda.syncthreads()
+    total = scratch[base]
+    cuda.syncthreads()  # everyone has read the result before the scratch is reused
+    return total
+
+
+#: Reduce ``value`` over the ``blockDim.x`` threads of this ``threadIdx.y`` group; every thread
+#: of the group gets the result. ``scratch``: shared array of at least ``SCRATCH_SIZE`` entries
+#: of the accumulation dtype; ``op``: ``OP_SUM`` or ``OP_MAX``.
+group_reduce = _group_reduce_tree if SIMULATED else _group_reduce_shuffle
+
+
+@cuda.jit(device=True, inline=True)
+def online_lse_update(running_max, running_sum, z, neg_inf):
+    """One step of the online softmax: fold logit ``z`` into ``(m, s = sum exp(z_j - m))``.
+
+        m' = max(m, z),   s' = s exp(m - m') + exp(z - m')
+
+    One ``exp`` per logit except when ``z`` raises the maximum. ``-inf`` logits (masks) add
+    nothing and never form ``inf - inf``. ``neg_inf`` is ``-inf`` in the accumulation dtype (typed
+    constants keep float32 kernels free of float64 arithmetic).
+    """
+    if z > running_max:
+        running_sum = running_sum * math.exp(running_max - z)
+        running_max = z
+    if z != neg_inf:
+        running_sum += math.exp(z - running_max)
+    return running_max, running_sum
+
+
+@cuda.jit(device=True, inline=True)
+def rescale_sum(running_max, running_sum, new_max, neg_inf):
+    """``s exp(m - M)``: a thread's partial sum of exponentials re-based on the group max ``M``."""
+    if running_max == neg_inf:
+        return running_sum
+    return running_sum * math.exp(running_max - new_max)
+
+
+@cuda.jit(device=True, inline=True)
+def finish_lse(row_max, row_sum, neg_inf):
+    """``lse = m + log(sum exp(z - m))``; ``-inf`` for a row whose logits are all ``-inf``."""
+    if row_max == neg_inf:
+        return row_max
+    return row_max + math.log(row_sum)
+
+
+@cuda.jit(device=True, inline=True)
+def shifted_moments(count, sum_shifted, sum_sq_shifted, shift):
+    """``(count, mean, m2)`` in float64 from sums of ``x - shift`` and ``(x - shift)^2``.
+
+    The shifted-data algorithm: with ``shift`` one of the values themselves, the cancellation in
+    ``m2 = S2 - S1^2 / n`` is harmless even when the mean is far from zero.
+    """
+    n = float64(count)
+    if count == 0:
+        return n, n, n
+    s1 = float64(sum_shifted)
+    mean_shift = s1 / n
+    return n, float64(shift) + mean_shift, max(float64(sum_sq_shifted) - s1 * mean_shift, 0.0)
+
+
+@cuda.jit(device=True, inline=True)
+def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
+    """Chan et al.'s pairwise merge of two float64 ``(count, mean, m2)`` summaries.
+
+        n = na + nb,  d = mb - ma,  mean = ma + d nb / n,  m2 = m2a + m2b + d^2 na nb / n
+    """
+    if count_b == 0.0:
+        return count_a, mean_a, m2_a
+    if count_a == 0.0:
+        return count_b, mean_b, m2_b
+    count = count_a + count_b
+    delta = mean_b - mean_a
+    frac_b = count_b / count
+    return count, mean_a + delta * frac_b, m2_a + m2_b + delta * delta * count_a * frac_b
+
+
+@cuda.jit(device=True, inline=True)
+def segment_chan_reduce(count, mean, m2, s_count, s_mean, s_m2, segment):
+    """Chan-merge the triples of threads with equal ``threadIdx.x % segment`` (1-D blocks).
+
+    Shared-memory tree with halving strides down to ``segment`` (both powers of two): a fixed
+    order. Afterwards entry ``threadIdx.x % segment`` of ``s_count``/``s_mean``/``s_m2`` holds the
+    segment's summary; the caller reads it, then ``syncthreads`` before reusing the arrays.
+    """
+    tid = cuda.threadIdx.x
+    s_count[tid] = count
+    s_mean[tid] = mean
+    s_m2[tid] = m2
+    cuda.syncthreads()
+    stride = cuda.blockDim.x // 2
+    while stride >= segment:
+        if tid < stride:
+            c, mu, m = chan_merge(s_count[tid], s_mean[tid], s_m2[tid], s_count[tid + stride],
+                                  s_mean[tid + stride], s_m2[tid + stride])
+            s_count[tid] = c
+            s_mean[tid] = mu
+            s_m2[tid] = m
+        cuda.syncthreads()
+        stride //= 2
+
+
+@cuda.jit(device=True, inline=True)
+def segment_sum_reduce(a, b, s_a, s_b, segment):
+    """Sum two values over threads with equal ``threadIdx.x % segment`` (as the Chan version)."""
+    tid = cuda.threadIdx.x
+    s_a[tid] = a
+    s_b[tid] = b
+    cuda.syncthreads()
+    stride = cuda.blockDim.x // 2
+    while stride >= segment:
+        if tid < stride:
+            s_a[tid] += s_a[tid + stride]
+            s_b[tid] += s_b[tid + stride]
+        cuda.syncthreads()
+        stride //= 2
+
+
+# --------------------------------------------------------------------------------------------
+# Deterministic sum of a 1-D array on the device (grid level, no atomics)
+# --------------------------------------------------------------------------------------------
+@cuda.jit
+def _sum_chunks(values, partials, chunk, divisor, divide):
+    """``partials[b] = sum(values[b*chunk:(b+1)*chunk])`` (float64), one block per chunk.
+
+    Each thread adds its strided elements in order, then :func:`group_reduce` folds the block's
+    threads in a fixed tree: the result does not depend on scheduling. With ``divide`` set the
+    sum is divided by ``divisor[0]`` (the weighted-mean denominator); ``0 / 0`` gives NaN.
+    """
+    scratch = cuda.shared.array(SCRATCH_SIZE, float64)
+    start = cuda.blockIdx.x * chunk
+    stop = min(start + chunk, values.shape[0])
+    total = 0.0
+    for i in range(start + cuda.threadIdx.x, stop, cuda.blockDim.x):
+        total += float64(values[i])
+    total = group_reduce(total, scratch, OP_SUM)
+    if cuda.threadIdx.x == 0:
+        if divide:
+            den = divisor[0]
+            total = total / den if den != 0.0 else math.nan
+        partials[cuda.blockIdx.x] = total
+
+
+SUM_THREADS = 32 if SIMULATED else 256
+_SUM_CHUNK = 1 << 15
+
+
+def device_sum(values, out, stream, divisor=None):
+    """``out[0] = sum(values)`` (``/ divisor[0]`` if given), float64, in a fixed order.
+
+    ``values``: 1-D device array (any float dtype); ``out``: device array of >= 1 float64 entry.
+    Two launches: fixed chunks of ``2**15`` values -> float64 partials -> one block.
+    """
+    from . import _arrays
+
+    n = values.shape[0]
+    n_chunks = _arrays.launch_blocks(n, _SUM_CHUNK)
+    divide = divisor is not None
+    den = divisor if divide else out
+    if n_chunks == 1:
+        _sum_chunks[1, SUM_THREADS, stream](values, out, _SUM_CHUNK, den, divide)
+        return
+    partials = _arrays.empty((n_chunks,), np.float64, stream)
+    _sum_chunks[n_chunks, SUM_THREADS, stream](values, partials, _SUM_CHUNK, den, False)
+    _sum_chunks[1, SUM_THREADS, stream](partials, out, n_chunks, den, divide)

@@ -1,0 +1,468 @@
+"""Batch normalization on NVIDIA GPUs: ``@cuda.jit`` kernels and their host launchers.
+
+Backend interface: the same functions, arguments and semantics as ``fusedgrad.cpu.batch_norm``
+(see its docstring), on device arrays, each with an extra keyword ``stream=None`` (see
+``_arrays``): ``forward``, ``backward``, ``empty``, and the split building blocks
+``channel_stats``, ``normalize``, ``backward_reduce``, ``backward_elementwise``. Big arrays come
+in the kernel layout ``(P, C, S)`` (any strides; NCHW -> ``(N, C, H*W)``, channels-last ->
+``(N*H*W, C, 1)``); ``(C,)`` parameters may be float32 or float64 device arrays or ``None``.
+Results are new device arrays (``channel_stats``' count is a Python int).
+
+Math (seed, question 2), per channel over its m = P*S values:
+
+    mean = sum x / m,  var = sum (x - mean)^2 / m,  invstd = 1 / sqrt(var + eps)
+    y    = (x - mean) invstd w + b
+    dx   = w invstd (dy - sum dy / m - xhat sum(dy xhat) / m),  xhat = (x - mean) invstd
+
+Work decomposition (fixed by the shape only, so results are bitwise reproducible):
+
+* Reductions (statistics; backward sums) run on a grid ``(channel blocks, parts)``. The m
+  positions ``j = p * S + s`` of a channel are cut into ``parts`` contiguous ranges. A block of
+  ``_THREADS`` threads serves ``seg`` channels: ``seg = 1`` when ``S > 1`` (consecutive threads
+  read consecutive ``s``: coalesced) and ``seg = 32`` for the rows / channels-last layout
+  ``(P, C, 1)`` (consecutive threads read consecutive channels of one row: coalesced).
+  Each thread accumulates in the accumulation dtype (float32 for float16/32 input), then the
+  block merges its threads in float64 with a fixed shared-memory tree
+  (:func:`~fusedgrad.cuda._reduce.segment_chan_reduce` for the statistics: shifted sums ->
+  ``(count, mean, m2)`` -> Chan merge; plain sums for the backward), and writes one partial per
+  (part, channel). A second kernel, one thread per channel, merges the partials in part order.
+  No floating-point atomics anywhere.
+* Elementwise passes (normalise, dx) are one kernel over all elements with per-channel
+  coefficients precomputed by a tiny kernel: ``out = alpha dy + beta ((x - mean_hi) - mean_lo)
+  + gamma``. The float64 mean is split into two floats ``mean_hi + mean_lo`` so that ``x - mean``
+  keeps full accuracy in float32 arithmetic when the mean is large compared with the spread.
+* Running statistics are updated on the device by the per-channel kernel, in float64.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import cuda, float64
+
+from . import _arrays
+from ._reduce import (SIMULATED, chan_merge, segment_chan_reduce, segment_sum_reduce,
+                      shifted_moments)
+
+#: Threads per block of the reduction and elementwise kernels (small under the simulator, which
+#: runs one Python thread per GPU thread).
+_THREADS = 32 if SIMULATED else 256
+#: Values a thread accumulates per part, on average: sets the number of parts per channel.
+_ITEMS_PER_THREAD = 4 if SIMULATED else 16
+#: Upper bound on the parts of one channel (the merge kernel walks them sequentially).
+_MAX_PARTS = 1024
+#: Channels per block in the rows / channels-last layout (a warp reads 32 adjacent channels).
+_ROW_SEGMENT = 8 if SIMULATED else 32
+
+# Rows of the per-channel coefficient array consumed by the elementwise kernel.
+_MEAN_HI, _MEAN_LO, _ALPHA, _BETA, _GAMMA, _N_COEF = range(6)
+
+
+def _stat_dtype(dtype) -> np.dtype:
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Device functions
+# --------------------------------------------------------------------------------------------
+@cuda.jit(device=True, inline=True)
+def _part_positions(n_positions, n_parts, part):
+    """``[start, stop)`` of the positions of one part: equal contiguous ranges, fixed by shape."""
+    per_part = (n_positions + n_parts - 1) // n_parts
+    start = part * per_part
+    return start, min(start + per_part, n_positions)
+
+
+@cuda.jit(device=True, inline=True)
+def _block_channel(seg, n_channels):
+    """This thread's channel, its lane among the threads of that channel, and the lane count."""
+    tid = cuda.threadIdx.x
+    channel = cuda.blockIdx.x * seg + tid % seg
+    return channel, tid // seg, cuda.blockDim.x // seg, channel < n_channels
+
+
+@cuda.jit(device=True, inline=True)
+def _accumulate_pair(x3, dy3, with_grad, c, start, stop, step, n_inner, shift, mean_hi, mean_lo,
+                     invstd, acc_zero):
+    """A thread's sums over positions ``start, start+step, .. < stop`` of channel ``c``.
+
+    Statistics (``with_grad`` false): ``sum (x - shift)``, ``sum (x - shift)^2`` (shifted data).
+    Backward: ``sum dy``, ``sum dy * xhat`` with ``xhat = ((x - mean_hi) - mean_lo) invstd``.
+    Returns ``(count, u, v)``.
+    """
+    u = acc_zero
+    v = acc_zero
+    count = 0
+    for j in range(start, stop, step):
+        p = j // n_inner
+        s = j - p * n_inner
+        x = x3[p, c, s] + acc_zero
+        if with_grad:
+            g = dy3[p, c, s] + acc_zero
+            u += g
+            v += g * (((x - mean_hi) - mean_lo) * invstd)
+        else:
+            d = x - shift
+            u += d
+            v += d * d
+        count += 1
+    return count, u, v
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+@cuda.jit
+def _stat_partials(x3, seg, n_parts, part_count, part_mean, part_m2, acc_like):
+    """Per (part, channel) ``(count, mean, m2)`` float64 of ``x3`` (P, C, S); ``acc_like`` is
+    any array of the accumulation dtype (only its dtype is used)."""
+    acc = acc_like.dtype.type
+    s_count = cuda.shared.array(1024, float64)
+    s_mean = cuda.shared.array(1024, float64)
+    s_m2 = cuda.shared.array(1024, float64)
+    n_channels = x3.shape[1]
+    n_inner = x3.shape[2]
+    c, lane, lanes, valid = _block_channel(seg, n_channels)
+    start, stop = _part_positions(x3.shape[0] * n_inner, n_parts, cuda.blockIdx.y)
+    count = 0
+    u = acc(0.0)
+    v = acc(0.0)
+    shift = acc(0.0)
+    if valid:
+        shift = x3[0, c, 0] + acc(0.0)  # one of the channel's values: see shifted_moments
+        count, u, v = _accumulate_pair(x3, x3, False, c, start + lane, stop, lanes, n_inner,
+                                       shift, shift, shift, shift, acc(0.0))
+    n, mean, m2 = shifted_moments(count, u, v, shift)
+    segment_chan_reduce(n, mean, m2, s_count, s_mean, s_m2, seg)
+    if lane == 0 and valid:
+        part_count[cuda.blockIdx.y, c] = s_count[cuda.threadIdx.x]
+        part_mean[cuda.blockIdx.y, c] = s_mean[cuda.threadIdx.x]
+        part_m2[cuda.blockIdx.y, c] = s_m2[cuda.threadIdx.x]
+
+
+@cuda.jit
+def _grad_partials(dy3, x3, coef, seg, n_parts, part_dy, part_dy_xhat, invstd):
+    """Per (part, channel) float64 ``sum dy`` and ``sum dy xhat``."""
+    acc = coef.dtype.type
+    s_a = cuda.shared.array(1024, float64)
+    s_b = cuda.shared.array(1024, float64)
+    n_channels = x3.shape[1]
+    n_inner = x3.shape[2]
+    c, lane, lanes, valid = _block_channel(seg, n_channels)
+    start, stop = _part_positions(x3.shape[0] * n_inner, n_parts, cuda.blockIdx.y)
+    u = acc(0.0)
+    v = acc(0.0)
+    if valid:
+        _, u, v = _accumulate_pair(x3, dy3, True, c, start + lane, stop, lanes, n_inner, acc(0.0),
+                                   coef[_MEAN_HI, c], coef[_MEAN_LO, c], acc(invstd[c]),
+                                   acc(0.0))
+    segment_sum_reduce(float64(u), float64(v), s_a, s_b, seg)
+    if lane == 0 and valid:
+        part_dy[cuda.blockIdx.y, c] = s_a[cuda.threadIdx.x]
+        part_dy_xhat[cuda.blockIdx.y, c] = s_b[cuda.threadIdx.x]
+
+
+@cuda.jit
+def _merge_stat_parts(part_count, part_mean, part_m2, mean, m2):
+    """Chan-merge the partials of each channel in part order (one thread per channel)."""
+    c = cuda.grid(1)
+    if c >= mean.shape[0]:
+        return
+    n = part_count[0, c]
+    mu = part_mean[0, c]
+    sq = part_m2[0, c]
+    for k in range(1, part_count.shape[0]):
+        n, mu, sq = chan_merge(n, mu, sq, part_count[k, c], part_mean[k, c], part_m2[k, c])
+    mean[c] = mu
+    m2[c] = sq
+
+
+@cuda.jit
+def _sum_grad_parts(part_dy, part_dy_xhat, sum_dy, sum_dy_xhat):
+    """Sum the partials of each channel in part order (one thread per channel)."""
+    c = cuda.grid(1)
+    if c >= sum_dy.shape[0]:
+        return
+    a = part_dy[0, c]
+    b = part_dy_xhat[0, c]
+    for k in range(1, part_dy.shape[0]):
+        a += part_dy[k, c]
+        b += part_dy_xhat[k, c]
+    sum_dy[c] = a
+    sum_dy_xhat[c] = b
+
+
+@cuda.jit(device=True, inline=True)
+def _optional(vec, has, c, default):
+    return float64(vec[c]) if has else default
+
+
+@cuda.jit(device=True, inline=True)
+def _store_center(coef, c, mean):
+    """``mean`` split into ``hi + lo`` in the accumulation dtype of ``coef``."""
+    acc = coef.dtype.type
+    hi = acc(mean)
+    coef[_MEAN_HI, c] = hi
+    coef[_MEAN_LO, c] = acc(mean - float64(hi))
+
+
+@cuda.jit
+def _finish_stats(mean64, m2_64, count, training, eps, running_mean, running_var, has_running,
+                  momentum, invstd64, mean_out, invstd_out):
+    """Per channel: the statistics that normalise (batch ones in training, running ones in eval),
+    ``invstd = 1 / sqrt(var + eps)`` and, in training, the running-buffer update
+    ``r = (1 - momentum) r + momentum stat`` with the unbiased variance ``m2 / (count - 1)``.
+    ``mean64`` holds the batch mean on entry (training) and the normalising mean on exit."""
+    c = cuda.grid(1)
+    if c >= mean64.shape[0]:
+        return
+    if training:
+        mean = mean64[c]
+        var = m2_64[c] / count
+        if has_running:
+            running_mean[c] = (1.0 - momentum) * float64(running_mean[c]) + momentum * mean
+            running_var[c] = ((1.0 - momentum) * float64(running_var[c])
+                              + momentum * (m2_64[c] / (count - 1.0)))
+    else:
+        mean = float64(running_mean[c])
+        var = float64(running_var[c])
+    invstd = 1.0 / math.sqrt(var + eps)
+    mean64[c] = mean
+    invstd64[c] = invstd
+    mean_out[c] = mean
+    invstd_out[c] = invstd
+
+
+@cuda.jit
+def _normalize_coefficients(mean, invstd, weight, has_weight, bias, has_bias, coef):
+    """Per channel: ``y = beta ((x - mean_hi) - mean_lo) + gamma``, ``beta = invstd w``,
+    ``gamma = b`` (``alpha = 0``: no dy term)."""
+    c = cuda.grid(1)
+    if c >= coef.shape[1]:
+        return
+    _store_center(coef, c, float64(mean[c]))
+    coef[_ALPHA, c] = 0.0
+    coef[_BETA, c] = float64(invstd[c]) * _optional(weight, has_weight, c, 1.0)
+    coef[_GAMMA, c] = _optional(bias, has_bias, c, 0.0)
+
+
+@cuda.jit
+def _dx_coefficients(mean, invstd, weight, has_weight, sum_dy, sum_dy_xhat, count, training,
+                     coef):
+    """Per channel: ``dx = a dy + b (x - mean) + c`` with (training)
+    ``a = w invstd``, ``b = -a invstd sum(dy xhat) / m``, ``c = -a sum(dy) / m``; eval: b = c = 0.
+    """
+    ch = cuda.grid(1)
+    if ch >= coef.shape[1]:
+        return
+    inv = float64(invstd[ch])
+    alpha = _optional(weight, has_weight, ch, 1.0) * inv
+    _store_center(coef, ch, float64(mean[ch]))
+    coef[_ALPHA, ch] = alpha
+    if training:
+        coef[_BETA, ch] = -alpha * inv * sum_dy_xhat[ch] / count
+        coef[_GAMMA, ch] = -alpha * sum_dy[ch] / count
+    else:
+        coef[_BETA, ch] = 0.0
+        coef[_GAMMA, ch] = 0.0
+
+
+@cuda.jit
+def _cast_pair(a, b, a_out, b_out):
+    """``a_out[:] = a``, ``b_out[:] = b`` with dtype conversion (float64 sums -> stat dtype)."""
+    i = cuda.grid(1)
+    if i < a.shape[0]:
+        a_out[i] = a[i]
+        b_out[i] = b[i]
+
+
+@cuda.jit
+def _apply(x3, dy3, has_dy, coef, out3):
+    """``out = alpha dy + beta ((x - mean_hi) - mean_lo) + gamma`` per channel, over all elements
+    (grid-stride loop over the logical C-order index of the (P, C, S) view)."""
+    acc_zero = coef.dtype.type(0.0)
+    n_channels = x3.shape[1]
+    n_inner = x3.shape[2]
+    total = x3.shape[0] * n_channels * n_inner
+    for i in range(cuda.grid(1), total, cuda.gridsize(1)):
+        r = i // n_inner
+        s = i - r * n_inner
+        p = r // n_channels
+        c = r - p * n_channels
+        centered = (x3[p, c, s] + acc_zero - coef[_MEAN_HI, c]) - coef[_MEAN_LO, c]
+        value = coef[_BETA, c] * centered + coef[_GAMMA, c]
+        if has_dy:
+            value += coef[_ALPHA, c] * (dy3[p, c, s] + acc_zero)
+        out3[p, c, s] = value
+
+
+# --------------------------------------------------------------------------------------------
+# Host launchers (the backend interface)
+# --------------------------------------------------------------------------------------------
+class _Plan:
+    """Launch geometry of the reductions over a (P, C, S) array (a function of the shape)."""
+
+    def __init__(self, x3):
+        n_outer, self.n_channels, n_inner = (int(v) for v in x3.shape)
+        self.count = n_outer * n_inner
+        seg = _ROW_SEGMENT if n_inner == 1 else 1
+        while seg > 1 and seg // 2 >= self.n_channels:
+            seg //= 2
+        self.seg = seg
+        lanes = _THREADS // seg
+        self.n_parts = int(min(_MAX_PARTS, max(1, -(-self.count // (lanes * _ITEMS_PER_THREAD)))))
+        self.grid = (_arrays.launch_blocks(self.n_channels, seg), self.n_parts)
+        self.channel_blocks = _arrays.launch_blocks(self.n_channels, _THREADS)
+        total = self.count * self.n_channels
+        self.apply_blocks = int(min(_arrays.launch_blocks(total, _THREADS), 65536))
+
+
+def _optional_vector(name, vec, stream):
+    """``(device array, present)``; a 1-element dummy stands in for ``None``."""
+    if vec is None:
+        return _arrays.empty((1,), np.float64, stream), False
+    return _arrays.as_device(name, vec), True
+
+
+def _device3(name, arr):
+    arr = _arrays.as_device(name, arr)
+    if arr.ndim != 3:
+        raise ValueError(f"{name} must be a 3-D (P, C, S) kernel-layout array, got shape "
+                         f"{tuple(arr.shape)}")
+    return arr
+
+
+def empty(shape, dtype, *, stream=None):
+    """Uninitialised device array."""
+    return _arrays.empty(shape, dtype, _arrays.resolve_stream(stream))
+
+
+def _moments(x3, plan, stream):
+    """``(mean, m2)`` (C,) float64 device arrays: partials per (part, channel), then merged."""
+    acc_like = _arrays.empty((1,), _stat_dtype(x3.dtype), stream)
+    parts = [_arrays.empty((plan.n_parts, plan.n_channels), np.float64, stream)
+             for _ in range(3)]
+    _stat_partials[plan.grid, _THREADS, stream](x3, plan.seg, plan.n_parts, *parts, acc_like)
+    mean = _arrays.empty((plan.n_channels,), np.float64, stream)
+    m2 = _arrays.empty((plan.n_channels,), np.float64, stream)
+    _merge_stat_parts[plan.channel_blocks, _THREADS, stream](*parts, mean, m2)
+    return mean, m2
+
+
+def channel_stats(x3, *, stream=None):
+    """``(count, mean, m2)``: values per channel (int) and (C,) float64 device arrays."""
+    x3 = _device3("x3", x3)
+    stream = _arrays.resolve_stream(stream, x3)
+    plan = _Plan(x3)
+    mean, m2 = _moments(x3, plan, stream)
+    return plan.count, mean, m2
+
+
+def _apply_normalize(x3, plan, mean, invstd, weight, bias, out3, stream):
+    weight, has_weight = _optional_vector("weight", weight, stream)
+    bias, has_bias = _optional_vector("bias", bias, stream)
+    coef = _arrays.empty((_N_COEF, plan.n_channels), _stat_dtype(x3.dtype), stream)
+    _normalize_coefficients[plan.channel_blocks, _THREADS, stream](
+        mean, invstd, weight, has_weight, bias, has_bias, coef)
+    _apply[plan.apply_blocks, _THREADS, stream](x3, x3, False, coef, out3)
+
+
+def normalize(x3, mean, invstd, weight, bias, out3, *, stream=None):
+    """``out3 = (x - mean) * invstd * weight + bias`` per channel; returns ``out3``."""
+    x3, out3 = _device3("x3", x3), _device3("out3", out3)
+    stream = _arrays.resolve_stream(stream, x3)
+    _apply_normalize(x3, _Plan(x3), _arrays.as_device("mean", mean),
+                     _arrays.as_device("invstd", invstd), weight, bias, out3, stream)
+    return out3
+
+
+def forward(x3, weight, bias, running_mean, running_var, out3, *, training, momentum, eps,
+            stream=None):
+    """Fused forward: statistics (training) or running statistics (eval), running-buffer update,
+    ``y`` into ``out3``. Returns ``(mean, invstd)``, new (C,) device arrays of the stat dtype."""
+    x3, out3 = _device3("x3", x3), _device3("out3", out3)
+    stream = _arrays.resolve_stream(stream, x3)
+    plan = _Plan(x3)
+    stat = _stat_dtype(x3.dtype)
+    has_running = running_mean is not None and running_var is not None
+    if training:
+        mean64, m2_64 = _moments(x3, plan, stream)
+    else:
+        if not has_running:
+            raise ValueError("running_mean and running_var are required when training=False")
+        mean64 = _arrays.empty((plan.n_channels,), np.float64, stream)
+        m2_64 = mean64
+    running_mean_d, _ = _optional_vector("running_mean", running_mean if has_running else None,
+                                         stream)
+    running_var_d, _ = _optional_vector("running_var", running_var if has_running else None,
+                                        stream)
+    invstd64 = _arrays.empty((plan.n_channels,), np.float64, stream)
+    mean_out = _arrays.empty((plan.n_channels,), stat, stream)
+    invstd_out = _arrays.empty((plan.n_channels,), stat, stream)
+    _finish_stats[plan.channel_blocks, _THREADS, stream](
+        mean64, m2_64, float(plan.count), bool(training), float(eps), running_mean_d,
+        running_var_d, has_running, float(momentum), invstd64, mean_out, invstd_out)
+    _apply_normalize(x3, plan, mean64, invstd64, weight, bias, out3, stream)
+    return mean_out, invstd_out
+
+
+def _grad_sums(dy3, x3, plan, mean, invstd, stream):
+    coef = _arrays.empty((_N_COEF, plan.n_channels), _stat_dtype(x3.dtype), stream)
+    ones, _ = _optional_vector("weight", None, stream)
+    _normalize_coefficients[plan.channel_blocks, _THREADS, stream](
+        mean, invstd, ones, False, ones, False, coef)
+    part_dy = _arrays.empty((plan.n_parts, plan.n_channels), np.float64, stream)
+    part_dy_xhat = _arrays.empty((plan.n_parts, plan.n_channels), np.float64, stream)
+    _grad_partials[plan.grid, _THREADS, stream](dy3, x3, coef, plan.seg, plan.n_parts, part_dy,
+                                                part_dy_xhat, invstd)
+    sum_dy = _arrays.empty((plan.n_channels,), np.float64, stream)
+    sum_dy_xhat = _arrays.empty((plan.n_channels,), np.float64, stream)
+    _sum_grad_parts[plan.channel_blocks, _THREADS, stream](part_dy, part_dy_xhat, sum_dy,
+                                                           sum_dy_xhat)
+    return sum_dy, sum_dy_xhat
+
+
+def backward_reduce(dy3, x3, mean, invstd, *, stream=None):
+    """``(sum_dy, sum_dy_xhat)``: (C,) float64 device arrays."""
+    dy3, x3 = _device3("dy3", dy3), _device3("x3", x3)
+    stream = _arrays.resolve_stream(stream, x3)
+    return _grad_sums(dy3, x3, _Plan(x3), _arrays.as_device("mean", mean),
+                      _arrays.as_device("invstd", invstd), stream)
+
+
+def _apply_dx(dy3, x3, plan, mean, invstd, weight, sum_dy, sum_dy_xhat, count, out3, training,
+              stream):
+    weight, has_weight = _optional_vector("weight", weight, stream)
+    coef = _arrays.empty((_N_COEF, plan.n_channels), _stat_dtype(x3.dtype), stream)
+    _dx_coefficients[plan.channel_blocks, _THREADS, stream](
+        mean, invstd, weight, has_weight, sum_dy, sum_dy_xhat, float(count), bool(training),
+        coef)
+    _apply[plan.apply_blocks, _THREADS, stream](x3, dy3, True, coef, out3)
+
+
+def backward_elementwise(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, count, out3, *,
+                         training=True, stream=None):
+    """``dx`` into ``out3`` from the (global) sums and ``count``; returns ``out3``."""
+    dy3, x3, out3 = _device3("dy3", dy3), _device3("x3", x3), _device3("out3", out3)
+    stream = _arrays.resolve_stream(stream, x3)
+    _apply_dx(dy3, x3, _Plan(x3), _arrays.as_device("mean", mean),
+              _arrays.as_device("invstd", invstd), weight, _arrays.as_device("sum_dy", sum_dy),
+              _arrays.as_device("sum_dy_xhat", sum_dy_xhat), count, out3, training, stream)
+    return out3
+
+
+def backward(dy3, x3, mean, invstd, weight, out3, *, training, stream=None):
+    """Fused backward (reduce + elementwise). Returns ``(dweight, dbias)``, new (C,) device
+    arrays of the stat dtype."""
+    dy3, x3, out3 = _device3("dy3", dy3), _device3("x3", x3), _device3("out3", out3)
+    stream = _arrays.resolve_stream(stream, x3)
+    plan = _Plan(x3)
+    mean, invstd = _arrays.as_device("mean", mean), _arrays.as_device("invstd", invstd)
+    sum_dy, sum_dy_xhat = _grad_sums(dy3, x3, plan, mean, invstd, stream)
+    _apply_dx(dy3, x3, plan, mean, invstd, weight, sum_dy, sum_dy_xhat, plan.count, out3,
+              training, stream)
+    stat = _stat_dtype(x3.dtype)
+    dweight = _arrays.empty((plan.n_channels,), stat, stream)
+    dbias = _arrays.empty((plan.n_channels,), stat, stream)
+    _cast_pair[plan.channel_blocks, _THREADS, stream](sum_dy_xhat, sum_dy, dweight, dbias)
+    return dweight, dbias
