@@ -22,7 +22,8 @@ mini-batch of B rows x [B, 64] with class indices t [B]:
 Parameters are updated by SGD with momentum and a cosine learning-rate decay; evaluation uses
 batch norm in eval mode (running statistics). Every epoch prints a progress bar with the loss
 and accuracies; the last line is ``test accuracy: 0.xxx``. ``--plot PATH`` writes the loss and
-accuracy curves as a PNG. Everything is seeded and fusedgrad's kernels are deterministic, so a run is reproducible.
+accuracy curves as a PNG. Everything is seeded and fusedgrad's kernels are deterministic, so a
+run is reproducible.
 """
 from __future__ import annotations
 
