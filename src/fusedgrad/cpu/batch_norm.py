@@ -87,7 +87,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .._validate import FLOAT_DTYPES_CPU
 from ._reduce import chunk_bounds, chunk_count, merge_moments, sum_partials
+
+#: Input dtypes the kernels are compiled for.
+DTYPES = FLOAT_DTYPES_CPU
 
 #: Widest tile row, in values: the float64 column accumulators (2 x 8 bytes per column) and the
 #: per-column coefficient vectors of a tile stay inside the 48 KB L1 / 2 MB L2 data caches.
@@ -122,10 +126,11 @@ def plan_tiles(shape3, itemsize):
                     default=n_inner)
         q = n_inner // width
     rows = n_outer * q
-    channel_bytes = n_outer * n_inner * itemsize
-    if channel_bytes <= FUSE_BYTES:
+    channel_bytes = max(1, n_outer * n_inner * itemsize)
+    min_cb = min(n_channels, chunk_count(MIN_ROW_VALUES, width)) if q == 1 else 1
+    if min_cb * channel_bytes <= FUSE_BYTES:
         per_tile = FUSE_BYTES // channel_bytes if q == 1 else 1
-        share = max(chunk_count(n_channels, MIN_TILES), chunk_count(MIN_ROW_VALUES, width))
+        share = max(chunk_count(n_channels, MIN_TILES), min_cb)
         cb = max(1, min(per_tile, MAX_TILE_WIDTH // width, share))
         return q, width, cb, rows
     cb = max(1, min(n_channels, MAX_TILE_WIDTH // width)) if q == 1 else 1
