@@ -44,7 +44,7 @@ def strided_view(arr, shape, strides):
     return DeviceNDArray(shape, strides, arr.dtype, stream=arr.stream, gpu_data=arr.gpu_data)
 
 
-def _merge_axes(name: str, shape, strides, itemsize: int):
+def merge_axes(name: str, shape, strides, itemsize: int):
     """``(size, stride)`` addressing the given axes, in order, as one strided axis.
 
     Raises ``ValueError`` when no single stride does (a copy would be needed; the GPU path never
@@ -71,8 +71,8 @@ def view3(name: str, arr, axis: int):
     """
     shape, strides = tuple(arr.shape), tuple(arr.strides)
     itemsize = arr.dtype.itemsize
-    outer, outer_stride = _merge_axes(name, shape[:axis], strides[:axis], itemsize)
-    inner, inner_stride = _merge_axes(name, shape[axis + 1:], strides[axis + 1:], itemsize)
+    outer, outer_stride = merge_axes(name, shape[:axis], strides[:axis], itemsize)
+    inner, inner_stride = merge_axes(name, shape[axis + 1:], strides[axis + 1:], itemsize)
     return strided_view(arr, (outer, shape[axis], inner),
                         (outer_stride, strides[axis], inner_stride))
 

@@ -1,0 +1,464 @@
+"""Softmax cross-entropy on NVIDIA GPUs: ``@cuda.jit`` kernels and their host launchers.
+
+Backend interface: the same functions, arguments and results as ``fusedgrad.cpu.cross_entropy``
+(see its docstring), on device arrays: ``as_array``, ``shares_memory``, ``is_writeable``,
+``empty_like``, ``index_target``, ``check_index_target``, ``class_weights``,
+``target_weight_sum``, ``sample_scale``, ``per_sample``, ``sum_samples``, ``scalar_result``,
+``sample_result`` and the kernels ``fused``, ``forward``, ``backward``. Arrays are objects with
+``__cuda_array_interface__`` (wrapped zero-copy as Numba device arrays); results are Numba
+``DeviceNDArray`` objects. Per-sample arrays are flat float64 device arrays of length ``N * S``.
+The kernel entry points take two extra keywords: ``stream=None`` (see ``_arrays``) and
+``threads_per_row=None`` (override the launch shape chosen from C and S; tests use it to run
+every path on tiny inputs). ``target_weight_sum`` and ``sum_samples`` return Python floats, as
+the interface asks, so they synchronise with the device.
+
+Math (per sample; the same as ``fusedgrad.reference`` and the CPU kernels). With logits ``z``
+(C classes), ``lse = log sum_j exp(z_j)``, ``p = exp(z - lse)``, the smoothed target
+``q_c = (1 - s) y_c + s / C`` (``y`` one-hot for class indices, the given probabilities
+otherwise) and class weights ``w``:
+
+    loss    = sum_c w_c q_c (lse - z_c) + z_loss * w_t * lse^2
+            = A (lse - K) - B + z_loss * w_t * lse^2,
+              A = sum_c w_c q_c,  B = sum_c w_c q_c (z_c - K)
+    dloss/dz_j = p_j (A + 2 z_loss w_t lse) - w_j q_j
+
+``w_t`` is the target class's weight (1 for probability targets) and ``K`` any constant: we take
+the sample's first logit, so that ``A (lse - K) - B`` does not cancel catastrophically when the
+logits are large (1e4) and the accumulation is float32. Ignored samples (index targets equal to
+``ignore_index``) get loss 0 and gradient 0 but still a log-sum-exp.
+
+Kernel layout: logits are viewed without copying as ``(N, C, S)`` (``S`` = product of the spatial
+axes, 1 for ``(N, C)``), sample ``r = n * S + s``. One kernel, :func:`_ce_rows`, serves every
+launch shape: a "group" of ``blockDim.x`` threads handles one sample and ``blockDim.y`` samples
+share a block.
+
+* ``blockDim.x = 256 or 1024`` (large C): a block per sample; each thread runs the online softmax
+  over classes ``tx, tx + 256, ...`` (logits read once for the statistics), the group reduces
+  ``max``, the rescaled sums, ``A`` and ``B``; the second read of the row writes the gradient.
+* ``blockDim.x = 32`` (moderate C): a warp per sample, 8 samples per block.
+* ``blockDim.x = 1`` (small C, or ``S > 1`` where the class axis is strided): a thread per sample,
+  256 samples per block; with ``S > 1`` neighbouring threads read neighbouring spatial positions,
+  so every class step is a coalesced load.
+
+Accumulation is float32 for float16/float32 logits and float64 for float64 (``acc`` below, always
+the dtype of the per-sample ``lse`` array); per-sample losses are summed in float64 with the
+fixed-order device reduction of ``_reduce``. Nothing uses floating-point atomics: results are
+bitwise reproducible. bfloat16: not supported (see ``_compile``'s docstring).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import cuda, float64
+
+from . import _arrays
+from ._reduce import (OP_MAX, OP_SUM, SCRATCH_SIZE, SIMULATED, device_sum, finish_lse,
+                      group_reduce, online_lse_update, rescale_sum)
+
+#: Floating dtypes the GPU kernels take for logits / probability targets, and the accumulation
+#: (and ``lse`` / loss) dtype of each.
+LOGIT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+TARGET_INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
+
+
+def accumulation_dtype(dtype) -> np.dtype:
+    """float64 for float64 logits, float32 otherwise (float16 is accumulated in float32)."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Device functions
+# --------------------------------------------------------------------------------------------
+@cuda.jit(device=True, inline=True)
+def _class_coefficient(c, n, s, target_class, target_prob, is_prob, weight, keep,
+                       smooth_per_class, acc_zero):
+    """``w_c q_c`` with ``q_c = (1 - s) y_c + s / C`` (``keep = 1 - s``)."""
+    if is_prob:
+        q = keep * (target_prob[n, c, s] + acc_zero) + smooth_per_class
+    elif c == target_class:
+        q = keep + smooth_per_class
+    else:
+        q = smooth_per_class
+    return q * (weight[c] + acc_zero)
+
+
+@cuda.jit(device=True, inline=True)
+def _row_statistics(logits, n, s, c_begin, c_step, shift, read_logits, target_class, target_prob,
+                    is_prob, weight, keep, smooth_per_class, acc_zero, neg_inf):
+    """One thread's share of a sample: online ``(max, sum exp)``, ``A`` and ``B`` (see top).
+
+    With ``read_logits`` false (backward from a saved lse) only ``A`` is accumulated and the
+    logits are not touched.
+    """
+    running_max = neg_inf
+    running_sum = acc_zero
+    a = acc_zero
+    b = acc_zero
+    for c in range(c_begin, logits.shape[1], c_step):
+        coef = _class_coefficient(c, n, s, target_class, target_prob, is_prob, weight, keep,
+                                  smooth_per_class, acc_zero)
+        a += coef
+        if read_logits:
+            z = logits[n, c, s] + acc_zero
+            running_max, running_sum = online_lse_update(running_max, running_sum, z, neg_inf)
+            if coef != acc_zero:  # q_c = 0 must not meet a -inf mask logit (0 * inf = nan)
+                b += coef * (z - shift)
+    return running_max, running_sum, a, b
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+@cuda.jit
+def _ce_rows(logits, target_index, target_prob, is_prob, weight, ignore_index, smoothing, z_loss,
+             acc_like, lse, loss, compute_lse, grad, grad_scale, write_grad):
+    """Statistics, loss and/or gradient of ``blockDim.y`` samples per block (module docstring).
+
+    logits (N, C, S) float; target_index (N*S,) int64 (a dummy with ``is_prob``); target_prob
+    (N, C, S) float (a dummy without ``is_prob``); weight (C,) float64; acc_like: any array of
+    the accumulation dtype; lse, loss (N*S,) float64; grad (N, C, S) of logits' dtype, may alias
+    logits (in-place: every element is read by the thread that then overwrites it);
+    grad_scale (1,) or (N*S,) float64.
+
+    ``compute_lse``: the forward statistics are computed and ``lse`` / ``loss`` stored;
+    otherwise ``lse`` is read. ``write_grad``: the gradient pass runs, times the sample's scale.
+    """
+    acc = acc_like.dtype.type
+    acc_zero = acc(0.0)
+    neg_inf = acc(-math.inf)
+    scratch = cuda.shared.array(SCRATCH_SIZE, acc_like.dtype)
+
+    n_classes = logits.shape[1]
+    n_spatial = logits.shape[2]
+    n_rows = logits.shape[0] * n_spatial
+    row = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
+    active = row < n_rows
+    if not active:
+        row = 0  # idle groups still take part in the block's reductions, on a valid row
+    n = row // n_spatial
+    s = row - n * n_spatial
+
+    smooth = acc(smoothing)
+    keep = acc(1.0) - smooth
+    smooth_per_class = smooth / acc(n_classes)
+    target_class = -1
+    valid = active
+    w_target = acc(1.0)
+    if not is_prob:
+        target_class = target_index[row]
+        valid = active and target_class != ignore_index
+        if valid:
+            w_target = acc(weight[target_class])
+    c_begin = cuda.threadIdx.x if valid or compute_lse and active else n_classes
+    shift = logits[n, 0, s] + acc_zero
+
+    running_max, running_sum, a, b = _row_statistics(
+        logits, n, s, c_begin, cuda.blockDim.x, shift, compute_lse, target_class, target_prob,
+        is_prob, weight, keep, smooth_per_class, acc_zero, neg_inf)
+    a = group_reduce(a, scratch, OP_SUM)
+    if compute_lse:
+        row_max = group_reduce(running_max, scratch, OP_MAX)
+        row_sum = group_reduce(rescale_sum(running_max, running_sum, row_max, neg_inf), scratch,
+                               OP_SUM)
+        b = group_reduce(b, scratch, OP_SUM)
+        row_lse = finish_lse(row_max, row_sum, neg_inf)
+        if active and cuda.threadIdx.x == 0:
+            lse[row] = row_lse
+            row_loss = acc_zero
+            if valid:
+                row_loss = a * (row_lse - shift) - b + acc(z_loss) * w_target * row_lse * row_lse
+            loss[row] = row_loss
+    else:
+        row_lse = acc(lse[row])
+
+    if write_grad and active:
+        scale = acc_zero
+        if valid:
+            scale = acc(grad_scale[row if grad_scale.shape[0] > 1 else 0])
+        coef = a + acc(2.0) * acc(z_loss) * w_target * row_lse
+        for c in range(cuda.threadIdx.x, n_classes, cuda.blockDim.x):
+            g = acc_zero
+            if scale != acc_zero:
+                z = logits[n, c, s] + acc_zero
+                wq = _class_coefficient(c, n, s, target_class, target_prob, is_prob, weight,
+                                        keep, smooth_per_class, acc_zero)
+                g = scale * (math.exp(z - row_lse) * coef - wq)
+            grad[n, c, s] = g
+
+
+@cuda.jit
+def _first_bad_target(target, n_classes, ignore_index, first_bad):
+    """``first_bad[0] = min`` flat position of a target outside ``[0, C)`` and not ignored
+    (integer atomics: the result does not depend on the order)."""
+    i = cuda.grid(1)
+    if i < target.shape[0]:
+        t = target[i]
+        if (t < 0 or t >= n_classes) and t != ignore_index:
+            cuda.atomic.min(first_bad, 0, i)
+
+
+@cuda.jit
+def _target_weights(target, weights, ignore_index, sample_weight):
+    """Per-sample ``w_t`` (0 for ignored samples): summed, the weighted-mean denominator."""
+    i = cuda.grid(1)
+    if i < target.shape[0]:
+        t = target[i]
+        sample_weight[i] = weights[t] if t != ignore_index else 0.0
+
+
+@cuda.jit
+def _scaled_copy(src, dst, factor):
+    """``dst[i] = factor * src[i]`` with dtype conversion (1-D)."""
+    i = cuda.grid(1)
+    if i < dst.shape[0]:
+        dst[i] = factor * float64(src[i])
+
+
+@cuda.jit
+def _convert(src, dst):
+    """``dst[i] = src[i]`` with dtype conversion (1-D)."""
+    i = cuda.grid(1)
+    if i < dst.shape[0]:
+        dst[i] = src[i]
+
+
+@cuda.jit
+def _fill(dst, value):
+    i = cuda.grid(1)
+    if i < dst.shape[0]:
+        dst[i] = value
+
+
+#: Threads per block; the simulator runs one Python thread per GPU thread, so it gets fewer.
+_THREADS = 32 if SIMULATED else 256
+_MAX_THREADS_PER_ROW = 1024
+
+
+def _threads_per_row(n_classes: int, n_spatial: int) -> int:
+    """Threads cooperating on one sample (see the module docstring)."""
+    if n_spatial > 1 or n_classes <= 32:
+        return 1
+    if n_classes <= 2048:
+        return 32
+    return 1024 if n_classes >= 32768 and not SIMULATED else 256
+
+
+# --------------------------------------------------------------------------------------------
+# Array handling (backend interface)
+# --------------------------------------------------------------------------------------------
+def as_array(name, value):
+    return _arrays.as_device(name, value)
+
+
+def _byte_range(a):
+    """``[first, last]`` byte addresses an array can touch (its extent, strides considered)."""
+    if SIMULATED:
+        start = a._ary.__array_interface__["data"][0]
+    else:
+        start = a.__cuda_array_interface__["data"][0]
+    low = start + sum(min(0, (n - 1) * st) for n, st in zip(a.shape, a.strides))
+    high = start + sum(max(0, (n - 1) * st) for n, st in zip(a.shape, a.strides))
+    return low, high + a.dtype.itemsize - 1
+
+
+def shares_memory(a, b) -> bool:
+    """Whether the memory extents of two device arrays overlap (conservative for strides)."""
+    if a.size == 0 or b.size == 0:
+        return False
+    a_low, a_high = _byte_range(a)
+    b_low, b_high = _byte_range(b)
+    return a_low <= b_high and b_low <= a_high
+
+
+def is_writeable(a) -> bool:
+    if SIMULATED:
+        return bool(a._ary.flags.writeable)
+    return not a.__cuda_array_interface__["data"][1]
+
+
+def empty_like(logits):
+    return _arrays.empty(logits.shape, logits.dtype, _arrays.resolve_stream(None, logits))
+
+
+def _flat(name, a):
+    """1-D view of a device array whose axes merge into one stride (see ``_arrays``)."""
+    if a.ndim == 1:
+        return a
+    size, stride = _arrays.merge_axes(name, a.shape, a.strides, a.dtype.itemsize)
+    return _arrays.strided_view(a, (size,), (stride,))
+
+
+def _blocks(n):
+    return _arrays.launch_blocks(n, _THREADS)
+
+
+def index_target(target, *, stream=None):
+    """Flat contiguous int64 class indices (int32 or strided input is converted on device)."""
+    stream = _arrays.resolve_stream(stream, target)
+    flat = _flat("target", _arrays.as_device("target", target))
+    if flat.dtype == np.int64 and flat.strides[0] == 8:
+        return flat
+    out = _arrays.empty((flat.shape[0],), np.int64, stream)
+    _convert[_blocks(out.shape[0]), _THREADS, stream](flat, out)
+    return out
+
+
+def check_index_target(target, n_classes, ignore_index, *, stream=None) -> None:
+    stream = _arrays.resolve_stream(stream, target)
+    n = target.shape[0]
+    first_bad = cuda.to_device(np.array([n], dtype=np.int64), stream=stream)
+    _first_bad_target[_blocks(n), _THREADS, stream](target, n_classes, ignore_index, first_bad)
+    bad = int(first_bad.copy_to_host(stream=stream)[0])
+    if bad < n:
+        value = int(target[bad:bad + 1].copy_to_host(stream=stream)[0])
+        raise ValueError(
+            f"target values must be class indices in [0, {n_classes}) or ignore_index="
+            f"{ignore_index}; got {value} at flat position {bad}")
+
+
+def class_weights(weight, n_classes, *, stream=None):
+    """float64 (C,) contiguous device array: ``weight`` converted, or ones."""
+    stream = _arrays.resolve_stream(stream, weight)
+    out = _arrays.empty((n_classes,), np.float64, stream)
+    if weight is None:
+        _fill[_blocks(n_classes), _THREADS, stream](out, 1.0)
+    else:
+        _convert[_blocks(n_classes), _THREADS, stream](
+            _flat("weight", _arrays.as_device("weight", weight)), out)
+    return out
+
+
+def _to_host_float(device_scalar, stream) -> float:
+    return float(device_scalar.copy_to_host(stream=stream)[0])
+
+
+def target_weight_sum(target, weights, ignore_index, *, stream=None) -> float:
+    stream = _arrays.resolve_stream(stream, target)
+    n = target.shape[0]
+    sample_weight = _arrays.empty((n,), np.float64, stream)
+    _target_weights[_blocks(n), _THREADS, stream](target, weights, ignore_index, sample_weight)
+    total = _arrays.empty((1,), np.float64, stream)
+    device_sum(sample_weight, total, stream)
+    return _to_host_float(total, stream)
+
+
+def sample_scale(grad_loss, factor, n_samples, *, stream=None):
+    """float64 per-sample gradient scale: length 1 (scalar ``grad_loss``, ``None`` = 1) or
+    ``N * S`` (``factor * grad_loss`` flattened), as a device array."""
+    stream = _arrays.resolve_stream(stream, grad_loss)
+    if grad_loss is None or np.ndim(grad_loss) == 0 and not _is_device(grad_loss):
+        value = 1.0 if grad_loss is None else float(grad_loss)
+        return cuda.to_device(np.array([factor * value], dtype=np.float64), stream=stream)
+    values = _flat("grad_loss", _arrays.as_device("grad_loss", grad_loss))
+    if values.shape[0] != 1 and values.shape[0] != n_samples:
+        raise ValueError(f"grad_loss must hold 1 or {n_samples} values, got {values.shape[0]}")
+    out = _arrays.empty((values.shape[0],), np.float64, stream)
+    _scaled_copy[_blocks(out.shape[0]), _THREADS, stream](values, out, float(factor))
+    return out
+
+
+def _is_device(value) -> bool:
+    if SIMULATED:
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+        return isinstance(value, FakeCUDAArray)
+    return cuda.is_cuda_array(value)
+
+
+def per_sample(values, n_samples, *, stream=None):
+    """A per-sample device array (e.g. the saved ``lse``) as flat float64, length ``N * S``."""
+    stream = _arrays.resolve_stream(stream, values)
+    flat = _flat("lse", _arrays.as_device("lse", values))
+    if flat.dtype == np.float64 and flat.strides[0] == 8:
+        return flat
+    out = _arrays.empty((n_samples,), np.float64, stream)
+    _convert[_blocks(n_samples), _THREADS, stream](flat, out)
+    return out
+
+
+def sum_samples(values, *, stream=None) -> float:
+    """Sum of a per-sample float64 device array in a fixed order (``_reduce.device_sum``)."""
+    stream = _arrays.resolve_stream(stream, values)
+    total = _arrays.empty((1,), np.float64, stream)
+    device_sum(values, total, stream)
+    return _to_host_float(total, stream)
+
+
+def scalar_result(value, dtype, *, stream=None):
+    """A 0-d device array of ``dtype`` holding ``value``."""
+    return cuda.to_device(np.array(value, dtype=dtype), stream=_arrays.resolve_stream(stream))
+
+
+def sample_result(values, sample_shape, dtype, *, stream=None):
+    """A per-sample float64 device array reshaped to ``sample_shape``, cast to ``dtype``."""
+    stream = _arrays.resolve_stream(stream, values)
+    if np.dtype(dtype) == values.dtype:
+        return values.reshape(tuple(sample_shape))
+    out = _arrays.empty((values.shape[0],), dtype, stream)
+    _convert[_blocks(values.shape[0]), _THREADS, stream](values, out)
+    return out.reshape(tuple(sample_shape))
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels (backend interface)
+# --------------------------------------------------------------------------------------------
+def fused(logits, target, weights, grad, grad_scale, options, *, stream=None,
+          threads_per_row=None):
+    """Per-sample losses (float64 device array, N * S); writes ``grad`` in the same kernel."""
+    n = _n_samples(logits)
+    stream = _arrays.resolve_stream(stream, logits)
+    loss = _arrays.empty((n,), np.float64, stream)
+    lse = _arrays.empty((n,), np.float64, stream)
+    _run(logits, target, weights, options, lse, loss, True, grad, grad_scale, stream,
+         threads_per_row)
+    return loss
+
+
+def forward(logits, target, weights, options, *, stream=None, threads_per_row=None):
+    """``(loss, lse)`` per sample (float64 device arrays, N * S); writes nothing else."""
+    n = _n_samples(logits)
+    stream = _arrays.resolve_stream(stream, logits)
+    loss = _arrays.empty((n,), np.float64, stream)
+    lse = _arrays.empty((n,), np.float64, stream)
+    _run(logits, target, weights, options, lse, loss, True, None, None, stream, threads_per_row)
+    return loss, lse
+
+
+def backward(logits, target, weights, lse, grad, grad_scale, options, *, stream=None,
+             threads_per_row=None):
+    """Writes ``grad`` from the saved per-sample ``lse`` (float64 device array, N * S)."""
+    stream = _arrays.resolve_stream(stream, logits)
+    _run(logits, target, weights, options, lse, lse, False, grad, grad_scale, stream,
+         threads_per_row)
+
+
+def _n_samples(logits) -> int:
+    return int(logits.shape[0]) * int(np.prod(logits.shape[2:], dtype=np.int64))
+
+
+def _run(logits, target, weights, options, lse, loss, compute_lse, grad, grad_scale, stream,
+         threads_per_row):
+    """Views the arrays as (N, C, S) and launches :func:`_ce_rows` (see module docstring)."""
+    logits3 = _arrays.view3("logits", _arrays.as_device("logits", logits), 1)
+    n_classes, n_spatial = int(logits3.shape[1]), int(logits3.shape[2])
+    is_prob = target.dtype.kind == "f"
+    if is_prob:
+        target_prob = _arrays.view3("target", _arrays.as_device("target", target), 1)
+        target_index = _arrays.empty((1,), np.int64, stream)
+    else:
+        target_prob = logits3
+        target_index = target
+    write_grad = grad is not None
+    grad3 = _arrays.view3("grad", _arrays.as_device("grad", grad), 1) if write_grad else logits3
+    if not write_grad:
+        grad_scale = lse
+    acc_like = _arrays.empty((1,), accumulation_dtype(logits3.dtype), stream)
+
+    per_row = threads_per_row or _threads_per_row(n_classes, n_spatial)
+    threads = max(_THREADS, per_row)
+    rows_per_block = threads // per_row
+    blocks = _arrays.launch_blocks(_n_samples(logits), rows_per_block)
+    _ce_rows[blocks, (per_row, rows_per_block), stream](
+        logits3, target_index, target_prob, is_prob, weights, int(options.ignore_index),
+        float(options.label_smoothing), float(options.z_loss), acc_like, lse, loss,
+        bool(compute_lse), grad3, grad_scale, write_grad)
