@@ -1,0 +1,691 @@
+"""CPU backend of softmax cross-entropy: fused ``@njit(parallel=True)`` kernels.
+
+Backend interface
+=================
+``fusedgrad.cross_entropy`` (the public API) validates arguments, then calls only the functions
+below, so a backend for another device (``fusedgrad.cuda.cross_entropy``) provides the same
+names, arguments and results. Shapes: ``N`` samples, ``C`` classes, ``S = d1 * ... * dk``
+spatial positions (1 for 2-D logits); a "sample" is one (n, d1, ..., dk) position, and
+"per-sample arrays" are flat, length ``N * S``, in C order of ``(N, d1, ..., dk)``.
+
+Constants: ``LOGITS_DTYPES`` (tuple of NumPy dtypes the kernels accept for ``logits``) and
+``CrossEntropyOptions`` (frozen dataclass: ``ignore_index``, ``label_smoothing``, ``z_loss``).
+
+Array handling (no kernel runs, nothing is written):
+
+``as_array(name, value) -> array``
+    The backend's array type for an argument (here ``np.ndarray``); raises ``TypeError`` naming
+    ``name`` for non-arrays. The result has ``.shape``, ``.ndim`` and a NumPy ``.dtype``.
+``shares_memory(a, b) -> bool``
+    Whether two arrays overlap (used to reject ``out=`` aliasing an input).
+``is_writeable(a) -> bool``
+``empty_like(logits) -> array``
+    Uninitialised array with the shape and dtype of ``logits`` (the gradient).
+``index_target(target) -> array``
+    Class indices as a flat contiguous int64 array of length ``N * S`` (int32 or strided input
+    is converted; this is a per-sample array, never N x C).
+``check_index_target(target, n_classes, ignore_index) -> None``
+    Raises ``ValueError`` naming ``target`` unless every value is in ``[0, n_classes)`` or equal
+    to ``ignore_index``. Called before anything is written.
+``class_weights(weight, n_classes) -> array``
+    float64 ``(C,)`` contiguous: ``weight`` converted, or ones when ``weight is None``.
+``target_weight_sum(target, weights, ignore_index) -> float``
+    ``sum_i w[target_i]`` over non-ignored samples: the "mean" denominator for index targets.
+``sample_scale(grad_loss, factor, n_samples) -> array``
+    float64 gradient scale per sample: length 1 holding ``factor * grad_loss`` for a scalar
+    ``grad_loss`` (``None`` means 1), or length ``N * S`` (``factor * grad_loss`` flattened) for
+    an array ``grad_loss`` shaped like the samples ("none" reduction).
+``per_sample(values, n_samples) -> array``
+    An array shaped like the samples (``lse`` given to backward) as flat float64, length N * S.
+``sum_samples(values) -> float``
+    Sum of a per-sample float64 array in a fixed order (deterministic).
+``scalar_result(value, dtype) -> array``
+    A 0-d array of ``dtype`` holding the Python float ``value`` (the reduced loss).
+``sample_result(values, sample_shape, dtype) -> array``
+    A per-sample float64 array reshaped to ``sample_shape`` and cast to ``dtype``.
+
+Kernels (``options`` is :class:`CrossEntropyOptions`; ``target`` is either the int64 array from
+``index_target`` or a probability array with the shape and dtype of ``logits``; ``weights`` is
+from ``class_weights``; ``grad_scale`` from ``sample_scale``):
+
+``fused(logits, target, weights, grad, grad_scale, options) -> loss``
+    Writes ``grad`` (shape and dtype of ``logits``; may be ``logits`` itself for inplace, or any
+    strided array) with ``grad_scale * d(loss_i)/d(logits)`` per sample, zeros for ignored
+    samples and wherever the scale is 0; returns the per-sample losses (float64, length N * S,
+    0 for ignored samples). One trip over each row: logits are read once from memory.
+``forward(logits, target, weights, options) -> (loss, lse)``
+    Per-sample losses and log-sum-exp (float64, length N * S); writes nothing else.
+``backward(logits, target, weights, lse, grad, grad_scale, options) -> None``
+    Writes ``grad`` from the saved per-sample ``lse`` (float64, length N * S).
+
+Math (per sample, logits z over C classes, derived next to the kernels below): with
+q_c = (1 - s) y_c + s / C (y one-hot for index targets, s = label_smoothing), class weights w,
+w_t the target-class weight (1 for probability targets), lse = log sum_c exp(z_c),
+p_c = exp(z_c - lse):
+
+    loss = sum_c w_c q_c (lse - z_c) + z_loss * w_t * lse^2
+    dloss/dz_j = p_j * (sum_c w_c q_c + 2 z_loss w_t lse) - w_j q_j
+
+Determinism: every sample is computed by one thread in a fixed order of blocks, and the only
+cross-sample reductions (``sum_samples``, ``target_weight_sum``) run in a fixed order, so results
+are bitwise identical for any number of threads.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit, prange
+
+from .._validate import FLOAT_DTYPES_CPU, as_host_array
+from ._math import FASTMATH, cast_like, fast_exp, fmax
+
+LOGITS_DTYPES = FLOAT_DTYPES_CPU
+
+MODE_FUSED = 0
+MODE_FORWARD = 1
+MODE_BACKWARD = 2
+
+#: Elements of one row processed together: the block of logits and of the gradient it writes
+#: (2 x 16 KiB in float64) stays in L1 between the max, exp and scale steps.
+BLOCK = 2048
+#: Rows are distributed to threads in chunks of about this many elements. The chunking depends
+#: only on the shape, never on the thread count.
+CHUNK_ELEMENTS = 1 << 15
+#: Spatial positions handled together (the vector lanes) by the (N, C, S) kernels.
+TILE = 64
+
+
+@dataclass(frozen=True)
+class CrossEntropyOptions:
+    """Scalar options of one call, already validated by the API."""
+
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Array handling
+# --------------------------------------------------------------------------------------------
+def as_array(name, value):
+    return as_host_array(name, value)
+
+
+def shares_memory(a, b) -> bool:
+    return np.shares_memory(a, b)
+
+
+def is_writeable(a) -> bool:
+    return bool(a.flags.writeable)
+
+
+def empty_like(logits):
+    return np.empty(logits.shape, dtype=logits.dtype)
+
+
+def index_target(target):
+    return np.ascontiguousarray(target, dtype=np.int64).reshape(-1)
+
+
+def check_index_target(target, n_classes, ignore_index) -> None:
+    bad = _first_bad_index(target, n_classes, ignore_index)
+    if bad >= 0:
+        raise ValueError(
+            f"target values must be class indices in [0, {n_classes}) or ignore_index="
+            f"{ignore_index}; got {int(target[bad])} at flat position {bad}")
+
+
+def class_weights(weight, n_classes):
+    if weight is None:
+        return np.ones(n_classes, dtype=np.float64)
+    return np.ascontiguousarray(weight, dtype=np.float64)
+
+
+def target_weight_sum(target, weights, ignore_index) -> float:
+    return float(_target_weight_sum(target, weights, ignore_index))
+
+
+def sample_scale(grad_loss, factor, n_samples):
+    if grad_loss is None:
+        return np.array([factor], dtype=np.float64)
+    values = np.asarray(grad_loss, dtype=np.float64)
+    if values.ndim == 0:
+        return np.array([factor * float(values)], dtype=np.float64)
+    return factor * values.reshape(n_samples)
+
+
+def per_sample(values, n_samples):
+    return np.ascontiguousarray(values, dtype=np.float64).reshape(n_samples)
+
+
+def sum_samples(values) -> float:
+    return float(_sum_in_order(values))
+
+
+def scalar_result(value, dtype):
+    return np.array(value, dtype=dtype)
+
+
+def sample_result(values, sample_shape, dtype):
+    return values.reshape(sample_shape).astype(dtype, copy=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels: public entry points
+# --------------------------------------------------------------------------------------------
+def fused(logits, target, weights, grad, grad_scale, options):
+    loss = np.empty(_n_samples(logits), dtype=np.float64)
+    lse = np.empty_like(loss)
+    _run(MODE_FUSED, logits, target, weights, grad, grad_scale, lse, loss, options)
+    return loss
+
+
+def forward(logits, target, weights, options):
+    loss = np.empty(_n_samples(logits), dtype=np.float64)
+    lse = np.empty_like(loss)
+    unit_scale = np.ones(1, dtype=np.float64)
+    _run(MODE_FORWARD, logits, target, weights, None, unit_scale, lse, loss, options)
+    return loss, lse
+
+
+def backward(logits, target, weights, lse, grad, grad_scale, options):
+    unused_loss = np.empty(0, dtype=np.float64)
+    _run(MODE_BACKWARD, logits, target, weights, grad, grad_scale, lse, unused_loss, options)
+
+
+def _n_samples(logits) -> int:
+    return logits.shape[0] * math.prod(logits.shape[2:])
+
+
+def _spatial_view(a):
+    """(N, C, d1..dk) -> (N, C, S) as a view, or None when the strides do not allow one."""
+    try:
+        return np.reshape(a, (a.shape[0], a.shape[1], -1), copy=False)
+    except ValueError:
+        return None
+
+
+def _run(mode, logits, target, weights, grad, grad_scale, lse, loss, options):
+    """Choose the row kernel (2-D logits, index targets) or the (N, C, S) tile kernel.
+
+    ``grad=None`` (forward) passes ``logits`` in its place: the kernels never write it in that
+    mode, and one argument type less means one compiled specialisation less. When the strides
+    of a k-D array cannot be merged into (N, C, S), the kernel works on a contiguous copy
+    (and the gradient is copied back), the only case with an N x C temporary.
+    """
+    args = (options.ignore_index, options.label_smoothing, options.z_loss)
+    index = target.dtype == np.int64
+    if index and logits.ndim == 2:
+        kernel_grad = logits if grad is None else grad
+        _rows_index_kernel(mode, logits, target, weights, kernel_grad, grad_scale, lse, loss,
+                           *args)
+        return
+    logits3 = _spatial_view(logits)
+    if logits3 is None:
+        logits3 = np.ascontiguousarray(logits).reshape(logits.shape[0], logits.shape[1], -1)
+    grad3 = None if grad is None else _spatial_view(grad)
+    copy_back = grad is not None and grad3 is None
+    if copy_back:
+        grad3 = np.empty(logits3.shape, dtype=logits3.dtype)
+    kernel_grad = logits3 if grad3 is None else grad3
+    if index:
+        _tiles_index_kernel(mode, logits3, target, weights, kernel_grad, grad_scale, lse, loss,
+                            *args)
+    else:
+        target3 = _spatial_view(target)
+        if target3 is None:
+            target3 = np.ascontiguousarray(target).reshape(logits3.shape)
+        _tiles_prob_kernel(mode, logits3, target3, weights, kernel_grad, grad_scale, lse, loss,
+                           *args)
+    if copy_back:
+        np.copyto(grad, grad3.reshape(grad.shape))
+
+
+# --------------------------------------------------------------------------------------------
+# Small jitted helpers
+# --------------------------------------------------------------------------------------------
+@njit(cache=True)
+def _first_bad_index(target, n_classes, ignore_index):
+    for i in range(target.shape[0]):
+        t = target[i]
+        if (t < 0 or t >= n_classes) and t != ignore_index:
+            return i
+    return -1
+
+
+@njit(cache=True)
+def _target_weight_sum(target, weights, ignore_index):
+    total = 0.0
+    for i in range(target.shape[0]):
+        t = target[i]
+        if t != ignore_index:
+            total += weights[t]
+    return total
+
+
+@njit(cache=True)
+def _sum_in_order(values):
+    """Plain left-to-right float64 sum: the same bits whatever the thread count."""
+    total = 0.0
+    for i in range(values.shape[0]):
+        total += values[i]
+    return total
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _max_of(z):
+    """max_j z_j (NaN if any z_j is NaN); vectorised through ``fmax``."""
+    m = z[0]
+    for j in range(z.shape[0]):
+        m = fmax(m, z[j])
+    return m
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _sum_exp_shifted(z, g, shift, store):
+    """sum_j exp(z_j - shift), accumulated in the dtype of z over one block.
+
+    With ``store`` the exponentials are also written to ``g`` (the gradient buffer, later
+    scaled in place), so each element costs exactly one exp. ``z`` and ``g`` may be the same
+    memory (inplace): element j is read before it is written.
+    """
+    total = cast_like(0.0, z)
+    if store:
+        for j in range(z.shape[0]):
+            e = fast_exp(z[j] - shift)
+            g[j] = e
+            total += e
+    else:
+        for j in range(z.shape[0]):
+            total += fast_exp(z[j] - shift)
+    return total
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _weighted_sum(z, w):
+    """sum_j w_j z_j in float64 (the label-smoothing term of the loss)."""
+    total = 0.0
+    for j in range(z.shape[0]):
+        total += w[j] * z[j]
+    return total
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _fill_zero(g):
+    zero = cast_like(0.0, g)
+    for j in range(g.shape[0]):
+        g[j] = zero
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _scale_minus_weighted(g, factor, smooth, w):
+    """g_j = factor * g_j - smooth * w_j (smooth = 0 skips the weights)."""
+    f = cast_like(factor, g)
+    if smooth == 0.0:
+        for j in range(g.shape[0]):
+            g[j] = g[j] * f
+    else:
+        sm = cast_like(smooth, g)
+        for j in range(g.shape[0]):
+            g[j] = g[j] * f - sm * cast_like(w[j], g)
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _exp_scale_minus_weighted(z, g, shift, factor, smooth, w):
+    """g_j = factor * exp(z_j - shift) - smooth * w_j: the gradient from a saved lse."""
+    f = cast_like(factor, g)
+    sh = cast_like(shift, z)
+    if smooth == 0.0:
+        for j in range(z.shape[0]):
+            g[j] = fast_exp(z[j] - sh) * f
+    else:
+        sm = cast_like(smooth, g)
+        for j in range(z.shape[0]):
+            g[j] = fast_exp(z[j] - sh) * f - sm * cast_like(w[j], g)
+
+
+# --------------------------------------------------------------------------------------------
+# Row kernel: (N, C) logits, class-index targets; vectorised along the row
+# --------------------------------------------------------------------------------------------
+@njit(inline="always", fastmath=FASTMATH)
+def _row_exp_blocks(z, g, store, w, with_weighted, block_shift, block_sum):
+    """One trip over a row in L1-sized blocks; returns (M, S, sum_j w_j z_j).
+
+    Online softmax at block granularity: block b has maximum m_b and partial sum
+    s_b = sum_{j in b} exp(z_j - m_b) (the exponentials go to ``g`` when ``store``). The row
+    maximum is M = max_b m_b and the row sum S = sum_b s_b exp(m_b - M), so
+    lse = M + log S and the softmax is p_j = exp(z_j - m_b) * exp(m_b - M) / S: the logits are
+    read from memory once, the second read of each block (for the exp) hits L1.
+    Blocks made only of -inf have s_b = 0 and are skipped (shift 0 avoids -inf - -inf).
+    """
+    c = z.shape[0]
+    n_blocks = (c + BLOCK - 1) // BLOCK
+    row_max = -np.inf
+    weighted = 0.0
+    for b in range(n_blocks):
+        lo = b * BLOCK
+        hi = min(c, lo + BLOCK)
+        zb = z[lo:hi]
+        m = _max_of(zb)
+        shift = m if m > -np.inf else cast_like(0.0, z)
+        if with_weighted:
+            weighted += _weighted_sum(zb, w[lo:hi])
+        block_sum[b] = _sum_exp_shifted(zb, g[lo:hi], shift, store)
+        block_shift[b] = shift
+        row_max = fmax(row_max, np.float64(m))
+    top = row_max if row_max > -np.inf else 0.0
+    total = 0.0
+    for b in range(n_blocks):
+        if block_sum[b] != 0.0:
+            total += block_sum[b] * math.exp(block_shift[b] - top)
+    return top, total, weighted
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _row_scale_blocks(g, top, total, factor, smooth, w, block_shift, block_sum):
+    """g_j = factor * p_j - smooth * w_j over the blocks written by :func:`_row_exp_blocks`."""
+    c = g.shape[0]
+    for b in range(block_sum.shape[0]):
+        lo = b * BLOCK
+        hi = min(c, lo + BLOCK)
+        block_factor = 0.0
+        if block_sum[b] != 0.0:
+            block_factor = factor * math.exp(block_shift[b] - top) / total
+        _scale_minus_weighted(g[lo:hi], block_factor, smooth, w[lo:hi])
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def _rows_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out, loss_out,
+                       ignore_index, smoothing, z_loss):
+    """Softmax cross-entropy of (N, C) logits against class indices, one row per sample.
+
+    For a row with target t (one-hot y), smoothing s and q_c = (1 - s) y_c + s / C:
+
+        sum_c w_c q_c = (1 - s) w_t + (s / C) W,                 W = sum_c w_c
+        loss = (1 - s) w_t (lse - z_t) + (s / C)(lse W - sum_c w_c z_c) + z_loss w_t lse^2
+
+    and differentiating (d lse / d z_j = p_j):
+
+        dloss/dz_j = p_j [(1 - s) w_t + (s / C) W + 2 z_loss w_t lse] - (s / C) w_j
+                     - (1 - s) w_t [j == t]
+
+    The gradient written is ``grad_scale * dloss/dz``: in the fused mode p_j is built from the
+    exponentials stored during the exp pass (scaled in place, block still in L1/L2), in the
+    backward mode from the saved lse with one exp per element.
+    """
+    n, c = logits.shape
+    weight_total = 0.0
+    for k in range(c):
+        weight_total += weights[k]
+    smooth_per_class = smoothing / c
+    rows_per_chunk = max(1, CHUNK_ELEMENTS // c)
+    n_chunks = (n + rows_per_chunk - 1) // rows_per_chunk
+    n_blocks = (c + BLOCK - 1) // BLOCK
+    block_shift = np.empty((n_chunks, n_blocks), dtype=np.float64)
+    block_sum = np.empty((n_chunks, n_blocks), dtype=np.float64)
+    per_sample_scale = grad_scale.shape[0] > 1
+    for chunk in prange(n_chunks):
+        shifts = block_shift[chunk]
+        sums = block_sum[chunk]
+        for i in range(chunk * rows_per_chunk, min(n, (chunk + 1) * rows_per_chunk)):
+            z = logits[i]
+            g = grad[i]
+            t = target[i]
+            ignored = t == ignore_index
+            scale = grad_scale[i] if per_sample_scale else grad_scale[0]
+            if mode != MODE_FORWARD and (ignored or scale == 0.0):
+                _fill_zero(g)
+                if mode == MODE_FUSED:
+                    loss_out[i] = 0.0
+                continue
+            w_t = 0.0 if ignored else weights[t]
+            if mode == MODE_BACKWARD:
+                lse = lse_out[i]
+            else:
+                z_t = 0.0 if ignored else np.float64(z[t])  # read before g overwrites z
+                top, total, weighted = _row_exp_blocks(
+                    z, g, mode == MODE_FUSED, weights, smoothing > 0.0, shifts, sums)
+                lse = top + math.log(total)
+                lse_out[i] = lse
+                if ignored:
+                    loss_out[i] = 0.0
+                    continue
+                loss_out[i] = ((1.0 - smoothing) * w_t * (lse - z_t)
+                               + smooth_per_class * (lse * weight_total - weighted)
+                               + z_loss * w_t * lse * lse)
+                if mode == MODE_FORWARD:
+                    continue
+            coef = scale * ((1.0 - smoothing) * w_t + smooth_per_class * weight_total
+                            + 2.0 * z_loss * w_t * lse)
+            if mode == MODE_FUSED:
+                _row_scale_blocks(g, top, total, coef, scale * smooth_per_class, weights,
+                                  shifts, sums)
+            else:
+                _exp_scale_minus_weighted(z, g, lse, coef, scale * smooth_per_class, weights)
+            g[t] -= cast_like(scale * (1.0 - smoothing) * w_t, g)
+
+
+# --------------------------------------------------------------------------------------------
+# Tile kernels: (N, C, S) logits; vectorised across TILE spatial positions (the lanes)
+# --------------------------------------------------------------------------------------------
+@njit(inline="always", fastmath=FASTMATH)
+def _lanes_max(z, shift):
+    """shift_k = max_c z[c, k] per lane (0 for a lane whose logits are all -inf)."""
+    for k in range(shift.shape[0]):
+        shift[k] = z[0, k]
+    for c in range(1, z.shape[0]):
+        zc = z[c]
+        for k in range(shift.shape[0]):
+            shift[k] = fmax(shift[k], np.float64(zc[k]))
+    for k in range(shift.shape[0]):
+        if shift[k] == -np.inf:
+            shift[k] = 0.0
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _lanes_sum_exp(z, g, shift, total, store):
+    """total_k = sum_c exp(z[c, k] - shift_k); the exponentials go to g when ``store``."""
+    for k in range(total.shape[0]):
+        total[k] = 0.0
+    for c in range(z.shape[0]):
+        zc = z[c]
+        gc = g[c]
+        for k in range(total.shape[0]):
+            e = fast_exp(zc[k] - cast_like(shift[k], zc))
+            if store:
+                gc[k] = e
+            total[k] += e
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _lanes_weighted_sum(z, w, out):
+    """out_k = sum_c w_c z[c, k] (float64)."""
+    for k in range(out.shape[0]):
+        out[k] = 0.0
+    for c in range(z.shape[0]):
+        zc = z[c]
+        wc = w[c]
+        for k in range(out.shape[0]):
+            out[k] += wc * zc[k]
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _lanes_gradient(z, g, shift, factor, smooth, w, fused):
+    """g[c, k] = factor_k * e[c, k] - smooth_k * w_c, with e = g (fused: the stored
+    exponentials) or e = exp(z[c, k] - shift_k) (backward: shift is the saved lse)."""
+    for c in range(z.shape[0]):
+        zc = z[c]
+        gc = g[c]
+        wc = w[c]
+        for k in range(factor.shape[0]):
+            if fused:
+                e = gc[k]
+            else:
+                e = fast_exp(zc[k] - cast_like(shift[k], zc))
+            gc[k] = e * cast_like(factor[k], gc) - cast_like(smooth[k] * wc, gc)
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def _tiles_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out, loss_out,
+                        ignore_index, smoothing, z_loss):
+    """Class-index targets for (N, C, S) logits: the math of :func:`_rows_index_kernel`,
+    evaluated for TILE positions at once (for fixed n, c the positions are contiguous).
+
+    Lane rows of the scratch: 0 = shift (lane max, then lse in backward), 1 = sum of
+    exponentials, 2 = sum_c w_c z_c then the smoothing coefficient, 3 = target logit then the
+    gradient factor.
+    """
+    n, c, n_pos = logits.shape
+    weight_total = 0.0
+    for k in range(c):
+        weight_total += weights[k]
+    smooth_per_class = smoothing / c
+    tiles_per_sample = (n_pos + TILE - 1) // TILE
+    n_tiles = n * tiles_per_sample
+    lanes = np.empty((n_tiles, 4, TILE), dtype=np.float64)
+    per_sample_scale = grad_scale.shape[0] > 1
+    for tile in prange(n_tiles):
+        i = tile // tiles_per_sample
+        p0 = (tile % tiles_per_sample) * TILE
+        width = min(TILE, n_pos - p0)
+        first = i * n_pos + p0
+        shift = lanes[tile, 0, :width]
+        total = lanes[tile, 1, :width]
+        smooth = lanes[tile, 2, :width]
+        factor = lanes[tile, 3, :width]
+        z = logits[i, :, p0:p0 + width]
+        g = grad[i, :, p0:p0 + width]
+        if mode == MODE_BACKWARD:
+            for k in range(width):
+                shift[k] = lse_out[first + k]
+        else:
+            for k in range(width):
+                t = target[first + k]
+                factor[k] = 0.0 if t == ignore_index else np.float64(z[t, k])
+            _lanes_max(z, shift)
+            if smoothing > 0.0:
+                _lanes_weighted_sum(z, weights, smooth)
+            _lanes_sum_exp(z, g, shift, total, mode == MODE_FUSED)
+            for k in range(width):
+                t = target[first + k]
+                lse = shift[k] + math.log(total[k])
+                lse_out[first + k] = lse
+                if t == ignore_index:
+                    loss_out[first + k] = 0.0
+                    continue
+                w_t = weights[t]
+                weighted = smooth[k] if smoothing > 0.0 else 0.0
+                loss_out[first + k] = ((1.0 - smoothing) * w_t * (lse - factor[k])
+                                       + smooth_per_class * (lse * weight_total - weighted)
+                                       + z_loss * w_t * lse * lse)
+            if mode == MODE_FORWARD:
+                continue
+        for k in range(width):
+            t = target[first + k]
+            scale = grad_scale[first + k] if per_sample_scale else grad_scale[0]
+            if t == ignore_index:
+                factor[k] = 0.0
+                smooth[k] = 0.0
+                continue
+            w_t = weights[t]
+            lse = shift[k] if mode == MODE_BACKWARD else shift[k] + math.log(total[k])
+            coef = scale * ((1.0 - smoothing) * w_t + smooth_per_class * weight_total
+                            + 2.0 * z_loss * w_t * lse)
+            factor[k] = coef / total[k] if mode == MODE_FUSED else coef
+            smooth[k] = scale * smooth_per_class
+        _lanes_gradient(z, g, shift, factor, smooth, weights, mode == MODE_FUSED)
+        for k in range(width):
+            t = target[first + k]
+            if t != ignore_index:
+                scale = grad_scale[first + k] if per_sample_scale else grad_scale[0]
+                g[t, k] -= cast_like(scale * (1.0 - smoothing) * weights[t], g)
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def _tiles_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out, loss_out,
+                       ignore_index, smoothing, z_loss):
+    """Probability targets y (N, C, S), same dtype as the logits (``ignore_index`` unused).
+
+    With q_c = (1 - s) y_c + s / C, Y = sum_c w_c y_c, W = sum_c w_c:
+
+        sum_c w_c q_c = (1 - s) Y + (s / C) W
+        loss = (1 - s)(lse Y - sum_c w_c y_c z_c) + (s / C)(lse W - sum_c w_c z_c)
+               + z_loss lse^2
+        dloss/dz_j = p_j [(1 - s) Y + (s / C) W + 2 z_loss lse] - w_j q_j
+
+    Terms with y_c = 0 are skipped so that a -inf (masked) logit with zero probability
+    contributes 0 rather than 0 * inf. Lane rows: 0 shift/lse, 1 sum of exponentials,
+    2 Y, 3 sum w y z, 4 sum w z, 5 gradient factor, 6 per-sample gradient scale.
+    """
+    n, c, n_pos = logits.shape
+    weight_total = 0.0
+    for k in range(c):
+        weight_total += weights[k]
+    smooth_per_class = smoothing / c
+    tiles_per_sample = (n_pos + TILE - 1) // TILE
+    n_tiles = n * tiles_per_sample
+    lanes = np.empty((n_tiles, 7, TILE), dtype=np.float64)
+    per_sample_scale = grad_scale.shape[0] > 1
+    for tile in prange(n_tiles):
+        i = tile // tiles_per_sample
+        p0 = (tile % tiles_per_sample) * TILE
+        width = min(TILE, n_pos - p0)
+        first = i * n_pos + p0
+        shift = lanes[tile, 0, :width]
+        total = lanes[tile, 1, :width]
+        wy = lanes[tile, 2, :width]
+        wyz = lanes[tile, 3, :width]
+        wz = lanes[tile, 4, :width]
+        factor = lanes[tile, 5, :width]
+        scale = lanes[tile, 6, :width]
+        z = logits[i, :, p0:p0 + width]
+        y = target[i, :, p0:p0 + width]
+        g = grad[i, :, p0:p0 + width]
+        for k in range(width):
+            wy[k] = 0.0
+            wyz[k] = 0.0
+        for cls in range(c):
+            zc = z[cls]
+            yc = y[cls]
+            wc = weights[cls]
+            for k in range(width):
+                wyk = wc * np.float64(yc[k])
+                wy[k] += wyk
+                if mode != MODE_BACKWARD and wyk != 0.0:
+                    wyz[k] += wyk * zc[k]
+        if mode == MODE_BACKWARD:
+            for k in range(width):
+                shift[k] = lse_out[first + k]
+        else:
+            _lanes_max(z, shift)
+            if smoothing > 0.0:
+                _lanes_weighted_sum(z, weights, wz)
+            _lanes_sum_exp(z, g, shift, total, mode == MODE_FUSED)
+            for k in range(width):
+                lse = shift[k] + math.log(total[k])
+                lse_out[first + k] = lse
+                smooth_term = lse * weight_total - wz[k] if smoothing > 0.0 else 0.0
+                loss_out[first + k] = ((1.0 - smoothing) * (lse * wy[k] - wyz[k])
+                                       + smooth_per_class * smooth_term + z_loss * lse * lse)
+            if mode == MODE_FORWARD:
+                continue
+        for k in range(width):
+            scale[k] = grad_scale[first + k] if per_sample_scale else grad_scale[0]
+            lse = shift[k] if mode == MODE_BACKWARD else shift[k] + math.log(total[k])
+            coef = scale[k] * ((1.0 - smoothing) * wy[k] + smooth_per_class * weight_total
+                               + 2.0 * z_loss * lse)
+            factor[k] = coef / total[k] if mode == MODE_FUSED else coef
+        for cls in range(c):
+            zc = z[cls]
+            yc = y[cls]
+            gc = g[cls]
+            wc = weights[cls]
+            for k in range(width):
+                if mode == MODE_FUSED:
+                    e = gc[k]
+                else:
+                    e = fast_exp(zc[k] - cast_like(shift[k], zc))
+                q = (1.0 - smoothing) * np.float64(yc[k]) + smooth_per_class
+                gc[k] = e * cast_like(factor[k], gc) - cast_like(scale[k] * wc * q, gc)

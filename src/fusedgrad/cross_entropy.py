@@ -1,0 +1,224 @@
+"""Softmax cross-entropy, forward and backward, fused (the public API of ``shared/API.md``).
+
+This module validates arguments, then dispatches by device to the backend with the same
+function names (``fusedgrad.cpu.cross_entropy`` for host arrays, ``fusedgrad.cuda.cross_entropy``
+for arrays exposing ``__cuda_array_interface__``; see the CPU module's docstring for the backend
+interface). Every check runs before any backend kernel writes anything.
+
+Per sample, with q = (1 - s) y + s / C the smoothed target distribution and w the class
+weights (w_t: the target-class weight, 1 for probability targets)::
+
+    loss = sum_c w_c q_c (lse - z_c) + z_loss * w_t * lse^2,      lse = log sum_c exp(z_c)
+    dloss/dz_j = p_j (sum_c w_c q_c + 2 z_loss w_t lse) - w_j q_j,  p = softmax(z)
+
+"mean" divides by the summed target-class weights of non-ignored samples (index targets) or by
+the number of samples (probability targets), as ``torch.nn.functional.cross_entropy`` does.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _device
+from ._validate import (FLOAT_DTYPES_CPU, INT_DTYPES, check_dtype, check_int, check_ndim,
+                        check_real, check_reduction, check_shape)
+
+__all__ = ["softmax_cross_entropy", "softmax_cross_entropy_forward",
+           "softmax_cross_entropy_backward"]
+
+_BACKENDS = {_device.HOST: "fusedgrad.cpu.cross_entropy",
+             _device.DEVICE: "fusedgrad.cuda.cross_entropy"}
+
+
+@dataclass(frozen=True)
+class _Call:
+    """A validated call: backend, kernel-ready arrays and the reduction's constants."""
+
+    backend: object
+    logits: object
+    target: object            # int64 flat indices, or probabilities shaped like logits
+    weights: object           # float64 (C,)
+    sample_shape: tuple
+    n_samples: int
+    denominator: float        # "mean" divides by this
+    reduction: str
+    options: object           # backend.CrossEntropyOptions
+    result_dtype: np.dtype    # dtype of loss and lse
+
+    def grad_factor(self) -> float:
+        """d(reduced loss) / d(sum of per-sample losses): 1/denominator for "mean" (0 if
+        every target is ignored, so the gradient is zeros), else 1."""
+        if self.reduction != "mean":
+            return 1.0
+        return 0.0 if self.denominator == 0.0 else 1.0 / self.denominator
+
+    def reduce(self, per_sample):
+        """The reduced loss from the backend's per-sample float64 losses."""
+        be = self.backend
+        if self.reduction == "none":
+            return be.sample_result(per_sample, self.sample_shape, self.result_dtype)
+        total = be.sum_samples(per_sample)
+        if self.reduction == "mean":
+            total = math.nan if self.denominator == 0.0 else total / self.denominator
+        return be.scalar_result(total, self.result_dtype)
+
+
+def _prepare(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+             **other_arrays) -> _Call:
+    location = _device.array_location(logits=logits, target=target, weight=weight,
+                                      **other_arrays)
+    backend = importlib.import_module(_BACKENDS[location])
+    logits = backend.as_array("logits", logits)
+    check_dtype("logits", logits, backend.LOGITS_DTYPES)
+    check_ndim("logits", logits, 2, "shaped (N, C) or (N, C, d1, ..., dk)")
+    n_classes = logits.shape[1]
+    if n_classes < 1:
+        raise ValueError(f"logits must have at least one class on axis 1, "
+                         f"got shape {tuple(logits.shape)}")
+    sample_shape = (logits.shape[0],) + tuple(logits.shape[2:])
+    n_samples = math.prod(sample_shape)
+
+    reduction = check_reduction(reduction)
+    ignore_index = check_int("ignore_index", ignore_index)
+    label_smoothing = check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    z_loss = check_real("z_loss", z_loss, low=0.0)
+
+    target = backend.as_array("target", target)
+    if target.dtype.kind in "iu":
+        check_dtype("target", target, INT_DTYPES)
+        check_shape("target", target, sample_shape)
+    elif target.dtype.kind == "f":
+        if target.dtype != logits.dtype:
+            raise TypeError(f"target holds class probabilities, so it must have the dtype of "
+                            f"logits ({logits.dtype}), got {target.dtype}")
+        check_shape("target", target, tuple(logits.shape))
+    else:
+        raise TypeError(f"target must be integer class indices ({' or '.join(map(str, INT_DTYPES))}) "
+                        f"or floating class probabilities, got dtype {target.dtype}")
+    if weight is not None:
+        weight = backend.as_array("weight", weight)
+        check_dtype("weight", weight, FLOAT_DTYPES_CPU + tuple(backend.LOGITS_DTYPES))
+        check_shape("weight", weight, (n_classes,))
+    weights = backend.class_weights(weight, n_classes)
+
+    if target.dtype.kind == "f":
+        denominator = float(n_samples)
+    else:
+        target = backend.index_target(target)
+        backend.check_index_target(target, n_classes, ignore_index)
+        denominator = backend.target_weight_sum(target, weights, ignore_index)
+    options = backend.CrossEntropyOptions(ignore_index=ignore_index,
+                                          label_smoothing=label_smoothing, z_loss=z_loss)
+    result_dtype = np.dtype(np.float64 if logits.dtype == np.float64 else np.float32)
+    return _Call(backend, logits, target, weights, sample_shape, n_samples, denominator,
+                 reduction, options, result_dtype)
+
+
+def _gradient_buffer(call: _Call, original_logits, out, inplace, *, forbid_alias=()):
+    """The array the gradient goes to: ``out``, the logits themselves, or a new one."""
+    be = call.backend
+    if out is not None and inplace:
+        raise ValueError("out and inplace=True are mutually exclusive: give one of them")
+    if inplace:
+        if call.logits is not original_logits:
+            raise TypeError("inplace=True needs logits to be an array of the backend "
+                            f"(got {type(original_logits).__name__}), so the gradient can be "
+                            "written over it")
+        if not be.is_writeable(call.logits):
+            raise ValueError("inplace=True needs logits to be writeable")
+        return call.logits
+    if out is None:
+        return be.empty_like(call.logits)
+    out_array = be.as_array("out", out)
+    if out_array is not out:
+        raise TypeError(f"out must be an array of the backend, got {type(out).__name__}")
+    check_shape("out", out_array, tuple(call.logits.shape))
+    if out_array.dtype != call.logits.dtype:
+        raise TypeError(f"out must have dtype {call.logits.dtype} (that of logits), "
+                        f"got {out_array.dtype}")
+    if not be.is_writeable(out_array):
+        raise ValueError("out must be writeable")
+    for name, other in (("logits", call.logits),) + tuple(forbid_alias):
+        if other is not None and be.shares_memory(out_array, other):
+            raise ValueError(f"out must not share memory with {name}"
+                             + (" (use inplace=True to overwrite logits)"
+                                if name == "logits" else ""))
+    return out_array
+
+
+def softmax_cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="mean",
+                          label_smoothing=0.0, z_loss=0.0, out=None, inplace=False):
+    """Loss and its gradient in one fused pass: ``(loss, grad)``.
+
+    ``logits`` (N, C) or (N, C, d1, ..., dk), float32/float64 on the CPU; ``target`` class
+    indices (N, d1, ..., dk) int32/int64 (or ``ignore_index``) or probabilities shaped like
+    ``logits``; ``weight`` (C,). ``loss`` is a 0-d array for "mean"/"sum" (float64 for float64
+    logits, else float32), per-sample for "none". ``grad`` = d(loss)/d(logits) (of the summed
+    per-sample losses for "none"), shaped like ``logits``; written into ``out`` or, with
+    ``inplace=True``, over ``logits`` (no allocation of that size).
+    """
+    call = _prepare(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                    out=out)
+    forbid = (("target", call.target), ("weight", weight))
+    grad = _gradient_buffer(call, logits, out, bool(inplace), forbid_alias=forbid)
+    be = call.backend
+    scale = be.sample_scale(None, call.grad_factor(), call.n_samples)
+    per_sample = be.fused(call.logits, call.target, call.weights, grad, scale, call.options)
+    return call.reduce(per_sample), grad
+
+
+def softmax_cross_entropy_forward(logits, target, *, weight=None, ignore_index=-100,
+                                  reduction="mean", label_smoothing=0.0, z_loss=0.0):
+    """``(loss, lse)``: the loss as in :func:`softmax_cross_entropy` and the per-sample
+    log-sum-exp (shaped like the "none" loss), the only thing backward needs saved."""
+    call = _prepare(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss)
+    per_sample, lse = call.backend.forward(call.logits, call.target, call.weights,
+                                           call.options)
+    lse = call.backend.sample_result(lse, call.sample_shape, call.result_dtype)
+    return call.reduce(per_sample), lse
+
+
+def softmax_cross_entropy_backward(grad_loss, logits, target, lse, *, weight=None,
+                                   ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                                   z_loss=0.0, out=None, inplace=False):
+    """``grad_loss * d(loss)/d(logits)`` from the saved ``lse`` (one exp per element).
+
+    ``grad_loss``: a scalar for "mean"/"sum", an array shaped like the loss for "none".
+    """
+    call = _prepare(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                    lse=lse, grad_loss=None if _is_scalar(grad_loss) else grad_loss, out=out)
+    be = call.backend
+    lse_array = be.as_array("lse", lse)
+    check_shape("lse", lse_array, call.sample_shape)
+    if lse_array.dtype.kind != "f":
+        raise TypeError(f"lse must be a floating array, got dtype {lse_array.dtype}")
+    if call.reduction == "none":
+        if _is_scalar(grad_loss):
+            raise ValueError(f"grad_loss must be an array of shape {call.sample_shape} for "
+                             "reduction='none', got a scalar")
+        grad_loss = be.as_array("grad_loss", grad_loss)
+        check_shape("grad_loss", grad_loss, call.sample_shape)
+        if grad_loss.dtype.kind != "f":
+            raise TypeError(f"grad_loss must be floating, got dtype {grad_loss.dtype}")
+    elif not _is_scalar(grad_loss):
+        raise ValueError(f"grad_loss must be a scalar (or 0-d array) for reduction="
+                         f"{call.reduction!r}, got shape {tuple(np.shape(grad_loss))}")
+    forbid = (("target", call.target), ("weight", weight), ("lse", lse_array))
+    if not _is_scalar(grad_loss):
+        forbid += (("grad_loss", grad_loss),)
+    grad = _gradient_buffer(call, logits, out, bool(inplace), forbid_alias=forbid)
+    scale = be.sample_scale(grad_loss, call.grad_factor(), call.n_samples)
+    lse_rows = be.per_sample(lse_array, call.n_samples)
+    be.backward(call.logits, call.target, call.weights, lse_rows, grad, scale, call.options)
+    return grad
+
+
+def _is_scalar(value) -> bool:
+    """A Python/NumPy real number or a 0-d array (host or device)."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return True
+    return getattr(value, "ndim", None) == 0 or getattr(value, "shape", None) == ()
