@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _device
+from .cpu.cross_entropy import CrossEntropyOptions
 from ._validate import (FLOAT_DTYPES_CPU, INT_DTYPES, check_dtype, check_int, check_ndim,
                         check_real, check_reduction, check_shape)
 
@@ -46,7 +47,7 @@ class _Call:
     n_samples: int
     denominator: float        # "mean" divides by this
     reduction: str
-    options: object           # backend.CrossEntropyOptions
+    options: CrossEntropyOptions
     result_dtype: np.dtype    # dtype of loss and lse
 
     def grad_factor(self) -> float:
@@ -73,7 +74,7 @@ def _prepare(logits, target, weight, ignore_index, reduction, label_smoothing, z
                                       **other_arrays)
     backend = importlib.import_module(_BACKENDS[location])
     logits = backend.as_array("logits", logits)
-    check_dtype("logits", logits, backend.LOGITS_DTYPES)
+    check_dtype("logits", logits, backend.DTYPES)
     check_ndim("logits", logits, 2, "shaped (N, C) or (N, C, d1, ..., dk)")
     n_classes = logits.shape[1]
     if n_classes < 1:
@@ -101,7 +102,7 @@ def _prepare(logits, target, weight, ignore_index, reduction, label_smoothing, z
                         f"or floating class probabilities, got dtype {target.dtype}")
     if weight is not None:
         weight = backend.as_array("weight", weight)
-        check_dtype("weight", weight, FLOAT_DTYPES_CPU + tuple(backend.LOGITS_DTYPES))
+        check_dtype("weight", weight, FLOAT_DTYPES_CPU + tuple(backend.DTYPES))
         check_shape("weight", weight, (n_classes,))
     weights = backend.class_weights(weight, n_classes)
 
@@ -111,8 +112,8 @@ def _prepare(logits, target, weight, ignore_index, reduction, label_smoothing, z
         target = backend.index_target(target)
         backend.check_index_target(target, n_classes, ignore_index)
         denominator = backend.target_weight_sum(target, weights, ignore_index)
-    options = backend.CrossEntropyOptions(ignore_index=ignore_index,
-                                          label_smoothing=label_smoothing, z_loss=z_loss)
+    options = CrossEntropyOptions(ignore_index=ignore_index, label_smoothing=label_smoothing,
+                                  z_loss=z_loss)
     result_dtype = np.dtype(np.float64 if logits.dtype == np.float64 else np.float32)
     return _Call(backend, logits, target, weights, sample_shape, n_samples, denominator,
                  reduction, options, result_dtype)

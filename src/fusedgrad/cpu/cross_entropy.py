@@ -8,8 +8,9 @@ names, arguments and results. Shapes: ``N`` samples, ``C`` classes, ``S = d1 * .
 spatial positions (1 for 2-D logits); a "sample" is one (n, d1, ..., dk) position, and
 "per-sample arrays" are flat, length ``N * S``, in C order of ``(N, d1, ..., dk)``.
 
-Constants: ``LOGITS_DTYPES`` (tuple of NumPy dtypes the kernels accept for ``logits``) and
-``CrossEntropyOptions`` (frozen dataclass: ``ignore_index``, ``label_smoothing``, ``z_loss``).
+Constants: ``DTYPES`` (tuple of NumPy dtypes the kernels accept for ``logits``) and
+``CrossEntropyOptions`` (frozen dataclass: ``ignore_index``, ``label_smoothing``, ``z_loss``;
+the API builds it from this module for every backend, so other backends import it from here).
 
 Array handling (no kernel runs, nothing is written):
 
@@ -81,7 +82,7 @@ from numba import njit, prange
 from .._validate import FLOAT_DTYPES_CPU, as_host_array
 from ._math import FASTMATH, cast_like, fast_exp, fmax
 
-LOGITS_DTYPES = FLOAT_DTYPES_CPU
+DTYPES = FLOAT_DTYPES_CPU
 
 MODE_FUSED = 0
 MODE_FORWARD = 1
