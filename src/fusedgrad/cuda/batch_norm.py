@@ -44,6 +44,9 @@ from . import _arrays
 from ._reduce import (SIMULATED, chan_merge, segment_chan_reduce, segment_sum_reduce,
                       shifted_moments)
 
+#: Floating dtypes the GPU kernels take for x / dy / out (float16 is accumulated in float32).
+DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
 #: Threads per block of the reduction and elementwise kernels (small under the simulator, which
 #: runs one Python thread per GPU thread).
 _THREADS = 32 if SIMULATED else 256

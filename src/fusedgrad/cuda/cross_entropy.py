@@ -56,9 +56,9 @@ from . import _arrays
 from ._reduce import (OP_MAX, OP_SUM, SCRATCH_SIZE, SIMULATED, device_sum, finish_lse,
                       group_reduce, online_lse_update, rescale_sum)
 
-#: Floating dtypes the GPU kernels take for logits / probability targets, and the accumulation
-#: (and ``lse`` / loss) dtype of each.
-LOGIT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+#: Floating dtypes the GPU kernels take for logits / probability targets (float16 is accumulated
+#: in float32), and the integer dtypes of class-index targets.
+DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 TARGET_INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 
 
@@ -72,32 +72,35 @@ def accumulation_dtype(dtype) -> np.dtype:
 # --------------------------------------------------------------------------------------------
 @cuda.jit(device=True, inline=True)
 def _class_coefficient(c, n, s, target_class, target_prob, is_prob, weight, keep,
-                       smooth_per_class, acc_zero):
-    """``w_c q_c`` with ``q_c = (1 - s) y_c + s / C`` (``keep = 1 - s``)."""
+                       smooth_per_class, acc_like):
+    """``w_c q_c`` with ``q_c = (1 - s) y_c + s / C`` (``keep = 1 - s``), in the accumulation
+    dtype (that of ``acc_like``; explicit conversions keep float64 out of float32 kernels)."""
+    acc = acc_like.dtype.type
     if is_prob:
-        q = keep * (target_prob[n, c, s] + acc_zero) + smooth_per_class
+        q = keep * acc(target_prob[n, c, s]) + smooth_per_class
     elif c == target_class:
         q = keep + smooth_per_class
     else:
         q = smooth_per_class
-    return q * (weight[c] + acc_zero)
+    return q * acc(weight[c])
 
 
 @cuda.jit(device=True, inline=True)
 def _row_statistics(logits, n, s, c_begin, c_step, shift, read_logits, target_class, target_prob,
-                    is_prob, weight, keep, smooth_per_class, acc_zero, neg_inf):
+                    is_prob, weight, keep, smooth_per_class, acc_like, neg_inf):
     """One thread's share of a sample: online ``(max, sum exp)``, ``A`` and ``B`` (see top).
 
     With ``read_logits`` false (backward from a saved lse) only ``A`` is accumulated and the
     logits are not touched.
     """
+    acc_zero = acc_like.dtype.type(0.0)
     running_max = neg_inf
     running_sum = acc_zero
     a = acc_zero
     b = acc_zero
     for c in range(c_begin, logits.shape[1], c_step):
         coef = _class_coefficient(c, n, s, target_class, target_prob, is_prob, weight, keep,
-                                  smooth_per_class, acc_zero)
+                                  smooth_per_class, acc_like)
         a += coef
         if read_logits:
             z = logits[n, c, s] + acc_zero
@@ -155,7 +158,7 @@ def _ce_rows(logits, target_index, target_prob, is_prob, weight, ignore_index, s
 
     running_max, running_sum, a, b = _row_statistics(
         logits, n, s, c_begin, cuda.blockDim.x, shift, compute_lse, target_class, target_prob,
-        is_prob, weight, keep, smooth_per_class, acc_zero, neg_inf)
+        is_prob, weight, keep, smooth_per_class, acc_like, neg_inf)
     a = group_reduce(a, scratch, OP_SUM)
     if compute_lse:
         row_max = group_reduce(running_max, scratch, OP_MAX)
@@ -182,7 +185,7 @@ def _ce_rows(logits, target_index, target_prob, is_prob, weight, ignore_index, s
             if scale != acc_zero:
                 z = logits[n, c, s] + acc_zero
                 wq = _class_coefficient(c, n, s, target_class, target_prob, is_prob, weight,
-                                        keep, smooth_per_class, acc_zero)
+                                        keep, smooth_per_class, acc_like)
                 g = scale * (math.exp(z - row_lse) * coef - wq)
             grad[n, c, s] = g
 

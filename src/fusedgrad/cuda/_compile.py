@@ -1,0 +1,174 @@
+"""Compile every CUDA kernel of fusedgrad, for every dtype signature, to PTX (no GPU needed).
+
+The simulator runs kernels as Python, so typing errors (a float64 constant leaking into a
+float32 kernel, an unsupported operation on float16) only show up when Numba really compiles
+them. CI has no GPU, so :func:`compile_all` compiles each kernel with ``numba.cuda.compile_ptx``
+for compute capability 9.0 (H100/H200) and the signatures the launchers produce:
+
+* logits / x dtypes float16, float32, float64 (accumulation float32, float32, float64);
+* class-index targets int64 (``index_target`` converts int32 on the device: that conversion
+  kernel is compiled from int32 and int64);
+* per-channel parameters float32 or float64 (``weight``, ``bias``, running buffers, statistics);
+* array layouts ``A`` (any strides), the most general typing of the strided views.
+
+bfloat16: numba-cuda has a ``bfloat16`` scalar type, but NumPy has no bfloat16 dtype, so Numba
+device arrays cannot hold one and PyTorch exports bfloat16 tensors through
+``__cuda_array_interface__`` as an untyped ``<V2`` buffer; the launchers therefore reject
+bfloat16 and it is not compiled here.
+
+numba-cuda compiles device functions called by a kernel for the *current device*'s compute
+capability, which needs a driver. Without a GPU, :func:`compile_all` supplies the target
+compute capability through a stand-in for ``numba.cuda.dispatcher.get_current_device`` for the
+duration of the compilation; run it in a process of its own (``python -m
+fusedgrad.cuda._compile``, as the test does) so no device function compiled this way is reused
+by real launches. It must run WITHOUT the simulator (``NUMBA_ENABLE_CUDASIM`` unset or 0).
+
+Run ``python -m fusedgrad.cuda._compile [--cc 9.0]``: prints one line per signature and exits
+non-zero if any failed. PTX of float16/float32 kernels is checked for float64 arithmetic
+(``add.f64``, ``fma.rn.f64``, ``setp.*.f64``...): the ``_ce_rows`` and batch-norm elementwise
+kernels must have none (converting to and storing float64 outputs is allowed).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import re
+import sys
+import time
+from types import SimpleNamespace
+from unittest import mock
+
+from numba import cuda, types
+
+#: PTX float64 arithmetic (conversions and loads/stores of float64 outputs are fine).
+_FLOAT64_ARITHMETIC = re.compile(r"^\s*(add|sub|mul|fma|div|rcp|sqrt|setp|min|max|neg|abs|ex2|lg2)"
+                                 r"[.\w]*\.f64\b", re.MULTILINE)
+
+FLOATS = {"float16": types.float16, "float32": types.float32, "float64": types.float64}
+PARAMS = {"float32": types.float32, "float64": types.float64}
+
+
+def _acc(name: str):
+    return types.float64 if name == "float64" else types.float32
+
+
+def _vec(dtype):
+    return types.Array(dtype, 1, "A")
+
+
+def _mat(dtype):
+    return types.Array(dtype, 2, "A")
+
+
+def _arr3(dtype):
+    return types.Array(dtype, 3, "A")
+
+
+def kernel_signatures():
+    """``(label, python function, argument types, must_be_float32)`` for every launch form."""
+    from . import _reduce, batch_norm as bn, cross_entropy as ce
+
+    f64, i64, b1 = types.float64, types.int64, types.boolean
+    sigs = []
+    for name, t in FLOATS.items():
+        acc = _acc(name)
+        pure32 = name != "float64"
+        sigs.append((f"cross_entropy._ce_rows[{name}]", ce._ce_rows.py_func,
+                     (_arr3(t), _vec(i64), _arr3(t), b1, _vec(f64), i64, f64, f64, _vec(acc),
+                      _vec(f64), _vec(f64), b1, _arr3(t), _vec(f64), b1), pure32))
+        sigs.append((f"cross_entropy._scaled_copy[{name}]", ce._scaled_copy.py_func,
+                     (_vec(t), _vec(f64), f64), False))
+        sigs.append((f"cross_entropy._convert[{name}->float64]", ce._convert.py_func,
+                     (_vec(t), _vec(f64)), False))
+        if name != "float64":
+            sigs.append((f"cross_entropy._convert[float64->{name}]", ce._convert.py_func,
+                         (_vec(f64), _vec(t)), False))
+        sigs.append((f"batch_norm._stat_partials[{name}]", bn._stat_partials.py_func,
+                     (_arr3(t), i64, i64, _mat(f64), _mat(f64), _mat(f64), _vec(acc)), False))
+        sigs.append((f"batch_norm._apply[{name}]", bn._apply.py_func,
+                     (_arr3(t), _arr3(t), b1, _mat(acc), _arr3(t)), pure32))
+        sigs.append((f"batch_norm._cast_pair[{name}]", bn._cast_pair.py_func,
+                     (_vec(f64), _vec(f64), _vec(acc), _vec(acc)), False))
+        for pname, p in PARAMS.items():
+            sigs.append((f"batch_norm._grad_partials[{name},{pname}]", bn._grad_partials.py_func,
+                         (_arr3(t), _arr3(t), _mat(acc), i64, i64, _mat(f64), _mat(f64),
+                          _vec(p)), False))
+            sigs.append((f"batch_norm._finish_stats[{name},{pname}]", bn._finish_stats.py_func,
+                         (_vec(f64), _vec(f64), f64, b1, f64, _vec(p), _vec(p), b1, f64,
+                          _vec(f64), _vec(acc), _vec(acc)), False))
+            sigs.append((f"batch_norm._normalize_coefficients[{name},{pname}]",
+                         bn._normalize_coefficients.py_func,
+                         (_vec(p), _vec(p), _vec(p), b1, _vec(p), b1, _mat(acc)), False))
+            sigs.append((f"batch_norm._dx_coefficients[{name},{pname}]",
+                         bn._dx_coefficients.py_func,
+                         (_vec(p), _vec(p), _vec(p), b1, _vec(f64), _vec(f64), f64, b1,
+                          _mat(acc)), False))
+    for iname, it in (("int32", types.int32), ("int64", types.int64)):
+        sigs.append((f"cross_entropy._convert[{iname}->int64]", ce._convert.py_func,
+                     (_vec(it), _vec(i64)), False))
+    sigs += [
+        ("cross_entropy._first_bad_target", ce._first_bad_target.py_func,
+         (_vec(i64), i64, i64, _vec(i64)), False),
+        ("cross_entropy._target_weights", ce._target_weights.py_func,
+         (_vec(i64), _vec(f64), i64, _vec(f64)), False),
+        ("cross_entropy._fill", ce._fill.py_func, (_vec(f64), f64), False),
+        ("batch_norm._merge_stat_parts", bn._merge_stat_parts.py_func,
+         (_mat(f64), _mat(f64), _mat(f64), _vec(f64), _vec(f64)), False),
+        ("batch_norm._sum_grad_parts", bn._sum_grad_parts.py_func,
+         (_mat(f64), _mat(f64), _vec(f64), _vec(f64)), False),
+        ("_reduce._sum_chunks", _reduce._sum_chunks.py_func,
+         (_vec(f64), _vec(f64), i64, _vec(f64), b1), False),
+    ]
+    return sigs
+
+
+@contextlib.contextmanager
+def _target_device(cc):
+    """Let device functions compile for ``cc`` without a driver (see the module docstring)."""
+    from numba.cuda import dispatcher
+    stand_in = SimpleNamespace(compute_capability=tuple(cc))
+    with mock.patch.object(dispatcher, "get_current_device", lambda: stand_in):
+        yield
+
+
+def compile_all(cc=(9, 0), report=print):
+    """Compile every signature; returns a list of ``(label, error message or None)``."""
+    if _simulated():
+        raise RuntimeError("PTX compilation needs NUMBA_ENABLE_CUDASIM unset (not the simulator)")
+    results = []
+    with _target_device(cc):
+        for label, func, argtypes, pure32 in kernel_signatures():
+            start = time.perf_counter()
+            try:
+                ptx, _ = cuda.compile_ptx(func, argtypes, cc=tuple(cc))
+                error = None
+                if pure32 and _FLOAT64_ARITHMETIC.search(ptx):
+                    error = ("float64 arithmetic in a float32-accumulating kernel: "
+                             + _FLOAT64_ARITHMETIC.search(ptx).group(0))
+            except Exception as exc:  # report every failing signature, not just the first
+                error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            results.append((label, error))
+            report(f"{'FAIL' if error else 'ok  '} {label} ({time.perf_counter() - start:.1f}s)"
+                   + (f": {error}" if error else ""))
+    return results
+
+
+def _simulated() -> bool:
+    from ._reduce import SIMULATED
+    return SIMULATED
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cc", default="9.0", help="compute capability, e.g. 9.0")
+    args = parser.parse_args(argv)
+    cc = tuple(int(v) for v in args.cc.split("."))
+    results = compile_all(cc)
+    failed = [label for label, error in results if error]
+    print(f"{len(results) - len(failed)}/{len(results)} kernel signatures compiled to PTX "
+          f"for cc {cc[0]}.{cc[1]}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
