@@ -80,11 +80,10 @@ class _Arrays:
 
 def _host_view(arr: np.ndarray, axis: int, channels_last: bool) -> np.ndarray:
     """``arr`` as the CPU kernel layout: (P, C, S), or (P*S, C, 1) for channels-last memory."""
+    n_outer, n_inner = math.prod(arr.shape[:axis]), math.prod(arr.shape[axis + 1:])
     if channels_last:
-        moved = np.moveaxis(arr, axis, -1)
-        return moved.reshape(-1, arr.shape[axis], 1)
-    n_outer = math.prod(arr.shape[:axis])
-    return arr.reshape(n_outer, arr.shape[axis], -1)
+        return np.moveaxis(arr, axis, -1).reshape(n_outer * n_inner, arr.shape[axis], 1)
+    return arr.reshape(n_outer, arr.shape[axis], n_inner)
 
 
 def _is_channels_last(arr: np.ndarray, axis: int) -> bool:

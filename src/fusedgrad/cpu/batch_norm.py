@@ -132,7 +132,7 @@ def plan_tiles(shape3, itemsize):
         per_tile = FUSE_BYTES // channel_bytes if q == 1 else 1
         share = max(chunk_count(n_channels, MIN_TILES), min_cb)
         cb = max(1, min(per_tile, MAX_TILE_WIDTH // width, share))
-        return q, width, cb, rows
+        return q, width, cb, max(1, rows)
     cb = max(1, min(n_channels, MAX_TILE_WIDTH // width)) if q == 1 else 1
     return q, width, cb, max(1, ROW_BLOCK_BYTES // (cb * width * itemsize))
 
