@@ -208,3 +208,20 @@ def test_select_cases_defaults_to_the_standard_cases():
     assert [c.name for c in _bench.select_cases("cuda", ["ce_small"])] == ["ce_small"]
     with pytest.raises(ValueError, match="unknown case"):
         _bench.select_cases("cpu", ["ce_vocab64k_f16"])
+
+
+@pytest.mark.skipif(fusedgrad.cuda_available(), reason="a real GPU runs gpu_check.sh instead")
+def test_bench_cuda_path_runs_in_the_simulator(tmp_path):
+    pytest.importorskip("numba.cuda")
+    json_path = tmp_path / "cuda.json"
+    result = run_cli("bench", "--device", "cuda", "--quick", "--cases", "ce_small,bn_small",
+                     "--json", str(json_path), env={"NUMBA_ENABLE_CUDASIM": "1"}, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "device-to-device copy" in result.stdout
+    report = json.loads(json_path.read_text())
+    assert report["machine"]["gpu"]["name"].startswith("Numba CUDA simulator")
+    for record in report["results"]:
+        assert record["device"] == "cuda" and "error" not in record
+        assert record["timings"]["fusedgrad"]["min_s"] > 0
+        assert "reference" not in record["timings"]
+        assert "NumPy reference not timed: it runs on the CPU only" in record["notes"]

@@ -771,7 +771,11 @@ class Table:
                   file=self.out, flush=True)
 
     def footer(self, results) -> None:
-        notes = sorted({f"{r['case']}: {n}" for r in results for n in r["notes"]})
+        cases_by_note = {}
+        for record in results:
+            for note in record["notes"]:
+                cases_by_note.setdefault(note, []).append(record["case"])
+        notes = [f"{', '.join(cases)}: {note}" for note, cases in cases_by_note.items()]
         print("\ntimes: best of the repeats, median in parentheses; speed-ups compare best times; "
               "GB/s and % roof: fusedgrad's bytes moved / time, and the roofline time / its time",
               file=self.out)
