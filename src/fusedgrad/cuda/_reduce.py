@@ -141,11 +141,13 @@ def rescale_sum(running_max, running_sum, new_max, neg_inf):
 
 
 @cuda.jit(device=True, inline=True)
-def finish_lse(row_max, row_sum, neg_inf):
-    """``lse = m + log(sum exp(z - m))``; ``-inf`` for a row whose logits are all ``-inf``."""
+def lse_parts(row_max, row_sum, neg_inf):
+    """``(m, log(sum exp(z - m)))``, whose sum is ``lse``; kept apart so ``z - lse`` can be
+    formed as ``(z - m) - log_sum`` without rounding ``lse`` (large logits in float32).
+    A row of ``-inf`` logits gives ``(-inf, 0)``."""
     if row_max == neg_inf:
-        return row_max
-    return row_max + math.log(row_sum)
+        return row_max, row_sum
+    return row_max, math.log(row_sum)
 
 
 @cuda.jit(device=True, inline=True)

@@ -22,9 +22,11 @@ otherwise) and class weights ``w``:
               A = sum_c w_c q_c,  B = sum_c w_c q_c (z_c - K)
     dloss/dz_j = p_j (A + 2 z_loss w_t lse) - w_j q_j
 
-``w_t`` is the target class's weight (1 for probability targets) and ``K`` any constant: we take
-the sample's first logit, so that ``A (lse - K) - B`` does not cancel catastrophically when the
-logits are large (1e4) and the accumulation is float32. Ignored samples (index targets equal to
+``w_t`` is the target class's weight (1 for probability targets) and ``K`` any finite constant:
+we take the sample's first logit (0 if that is a -inf mask), so that ``A (lse - K) - B`` does not
+cancel catastrophically when the logits are large (1e4) and the accumulation is float32. For the
+same reason ``lse`` is kept as ``m + log_sum`` (``m`` the row maximum) inside the fused kernel:
+``lse - K = (m - K) + log_sum`` and ``z - lse = (z - m) - log_sum`` lose nothing to rounding. Ignored samples (index targets equal to
 ``ignore_index``) get loss 0 and gradient 0 but still a log-sum-exp.
 
 Kernel layout: logits are viewed without copying as ``(N, C, S)`` (``S`` = product of the spatial
@@ -53,7 +55,7 @@ import numpy as np
 from numba import cuda, float64
 
 from . import _arrays
-from ._reduce import (OP_MAX, OP_SUM, SCRATCH_SIZE, SIMULATED, device_sum, finish_lse,
+from ._reduce import (OP_MAX, OP_SUM, SCRATCH_SIZE, SIMULATED, device_sum, lse_parts,
                       group_reduce, online_lse_update, rescale_sum)
 
 #: Floating dtypes the GPU kernels take for logits / probability targets (float16 is accumulated
@@ -155,6 +157,8 @@ def _ce_rows(logits, target_index, target_prob, is_prob, weight, ignore_index, s
             w_target = acc(weight[target_class])
     c_begin = cuda.threadIdx.x if valid or compute_lse and active else n_classes
     shift = logits[n, 0, s] + acc_zero
+    if math.isinf(shift) or math.isnan(shift):
+        shift = acc_zero  # K only has to be finite (a masked first class is -inf)
 
     running_max, running_sum, a, b = _row_statistics(
         logits, n, s, c_begin, cuda.blockDim.x, shift, compute_lse, target_class, target_prob,
@@ -165,15 +169,19 @@ def _ce_rows(logits, target_index, target_prob, is_prob, weight, ignore_index, s
         row_sum = group_reduce(rescale_sum(running_max, running_sum, row_max, neg_inf), scratch,
                                OP_SUM)
         b = group_reduce(b, scratch, OP_SUM)
-        row_lse = finish_lse(row_max, row_sum, neg_inf)
+        center, log_sum = lse_parts(row_max, row_sum, neg_inf)
+        row_lse = center + log_sum
         if active and cuda.threadIdx.x == 0:
             lse[row] = row_lse
             row_loss = acc_zero
             if valid:
-                row_loss = a * (row_lse - shift) - b + acc(z_loss) * w_target * row_lse * row_lse
+                row_loss = (a * ((center - shift) + log_sum) - b
+                            + acc(z_loss) * w_target * row_lse * row_lse)
             loss[row] = row_loss
     else:
-        row_lse = acc(lse[row])
+        center = acc(lse[row])  # saved lse: log p = (z - lse) - 0
+        log_sum = acc_zero
+        row_lse = center
 
     if write_grad and active:
         scale = acc_zero
@@ -186,7 +194,7 @@ def _ce_rows(logits, target_index, target_prob, is_prob, weight, ignore_index, s
                 z = logits[n, c, s] + acc_zero
                 wq = _class_coefficient(c, n, s, target_class, target_prob, is_prob, weight,
                                         keep, smooth_per_class, acc_like)
-                g = scale * (math.exp(z - row_lse) * coef - wq)
+                g = scale * (math.exp((z - center) - log_sum) * coef - wq)
             grad[n, c, s] = g
 
 

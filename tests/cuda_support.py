@@ -1,0 +1,72 @@
+"""Shared machinery of the CUDA test files (``test_cuda_*.py``); not a test module itself.
+
+Numba picks the CUDA simulator or the real target once per process, from
+``NUMBA_ENABLE_CUDASIM`` at import. So each CUDA test file runs its tests in one of two ways:
+
+* in a process with the simulator switched on, or with a real GPU: the tests run directly;
+* otherwise (the usual CI process: no GPU, no simulator) a single test re-runs the same file
+  under pytest in a subprocess with ``NUMBA_ENABLE_CUDASIM=1`` and asserts it passed; the
+  direct tests are skipped in the parent, so every kernel still runs once per pytest session.
+
+``device_api`` (a fixture factory) lets the public API route simulator arrays to the CUDA
+backend: the simulator's fake device arrays do not expose ``__cuda_array_interface__``, so
+``fusedgrad._device.is_device_array`` is patched (per test, through ``monkeypatch``) to
+recognise them. With a real GPU nothing is patched.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+
+
+def _real_gpu() -> bool:
+    if SIMULATED:
+        return False
+    from fusedgrad import _device
+    return _device.cuda_available()
+
+
+#: Whether the CUDA tests run in this process (simulator or real GPU).
+RUN_HERE = SIMULATED or _real_gpu()
+
+#: Mark for the direct tests of a CUDA test file.
+direct = pytest.mark.skipif(
+    not RUN_HERE, reason="runs in the CUDA-simulator subprocess (test_*_in_simulator)")
+
+
+def run_file_in_simulator(path: str, timeout: float = 240.0) -> None:
+    """Run one test file under pytest with the simulator on; fail with its output if it fails."""
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", path],
+        env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (f"simulator run of {os.path.basename(path)} failed:\n"
+                                  + proc.stdout[-6000:] + proc.stderr[-3000:])
+    assert " passed" in proc.stdout, proc.stdout[-2000:]
+
+
+def patch_device_detection(monkeypatch) -> None:
+    """Make ``fusedgrad._device`` treat simulator arrays as device arrays (simulator only)."""
+    if not SIMULATED:
+        return
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+    from fusedgrad import _device
+    original = _device.is_device_array
+    monkeypatch.setattr(_device, "is_device_array",
+                        lambda obj: isinstance(obj, FakeCUDAArray) or original(obj))
+
+
+def to_device(array):
+    from numba import cuda
+    return cuda.to_device(np.ascontiguousarray(array))
+
+
+def to_host(array) -> np.ndarray:
+    return np.asarray(array.copy_to_host())

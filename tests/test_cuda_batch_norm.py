@@ -1,0 +1,155 @@
+"""GPU batch normalization (``fusedgrad.cuda.batch_norm``) against the float64 reference.
+
+Runs on a real GPU when there is one, else in Numba's CUDA simulator (in a subprocess, see
+``cuda_support``); shapes stay tiny because the simulator runs one Python thread per GPU thread.
+Both reduction layouts are exercised (a block per channel over (N, S) positions; 8 or 32
+adjacent channels per block for rows / channels-last), with several parts per channel merged in
+fixed order.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import cuda_support as cs
+from fusedgrad import reference as ref
+
+
+def test_kernels_in_simulator():
+    if cs.RUN_HERE:
+        pytest.skip("this process runs the tests directly")
+    cs.run_file_in_simulator(__file__)
+
+
+@pytest.fixture
+def api(monkeypatch):
+    cs.patch_device_detection(monkeypatch)
+    import fusedgrad as fg
+    return fg
+
+
+TOL = {np.float64: dict(rtol=1e-11, atol=1e-12), np.float32: dict(rtol=2e-5, atol=2e-5),
+       np.float16: dict(rtol=1e-2, atol=1e-2)}
+
+
+def _check(actual, expected, dtype):
+    np.testing.assert_allclose(cs.to_host(actual).astype(np.float64), expected, **TOL[dtype])
+
+
+CASES = [
+    # shape, channel_axis, dtype, affine, training
+    ((4, 3, 5), 1, np.float64, True, True),
+    ((6, 5), 1, np.float32, True, True),
+    ((3, 2, 2, 4), -1, np.float64, False, True),
+    ((2, 3, 2, 3), 1, np.float32, True, False),
+    ((40, 3), -1, np.float32, True, True),
+    ((5, 2, 37), 1, np.float64, True, True),
+]
+
+
+@cs.direct
+@pytest.mark.parametrize("shape,axis,dtype,affine,training", CASES)
+def test_forward_backward_match_reference(api, shape, axis, dtype, affine, training):
+    rng = np.random.default_rng(sum(shape))
+    x = (rng.normal(size=shape) * 2 + 3).astype(dtype)
+    n_channels = shape[axis]
+    weight = rng.normal(size=n_channels).astype(dtype) if affine else None
+    bias = rng.normal(size=n_channels).astype(dtype) if affine else None
+    running_mean = rng.normal(size=n_channels).astype(dtype)
+    running_var = rng.uniform(1, 2, size=n_channels).astype(dtype)
+    y_ref, mean_ref, invstd_ref, running_ref = ref.batch_norm_forward(
+        x, weight, bias, running_mean, running_var, training=training, momentum=0.1, eps=1e-5,
+        channel_axis=axis)
+    d_rm, d_rv = cs.to_device(running_mean), cs.to_device(running_var)
+    dev = (lambda a: None if a is None else cs.to_device(a))
+    y, mean, invstd = api.batch_norm_forward(cs.to_device(x), dev(weight), dev(bias), d_rm, d_rv,
+                                             training=training, momentum=0.1, eps=1e-5,
+                                             channel_axis=axis)
+    _check(y, y_ref, dtype)
+    _check(mean, mean_ref, dtype)
+    _check(invstd, invstd_ref, dtype)
+    if training:
+        _check(d_rm, running_ref[0], dtype)
+        _check(d_rv, running_ref[1], dtype)
+    else:
+        assert cs.to_host(d_rm).tobytes() == running_mean.tobytes()
+
+    dy = rng.normal(size=shape).astype(dtype)
+    dx_ref, dw_ref, db_ref = ref.batch_norm_backward(dy, x, mean_ref, invstd_ref, weight,
+                                                     training=training, channel_axis=axis)
+    dx, dweight, dbias = api.batch_norm_backward(cs.to_device(dy), cs.to_device(x), mean, invstd,
+                                                 dev(weight), training=training,
+                                                 channel_axis=axis)
+    _check(dx, dx_ref, dtype)
+    _check(dweight, dw_ref, dtype)
+    _check(dbias, db_ref, dtype)
+    assert cs.to_host(dweight).dtype == (np.float64 if dtype == np.float64 else np.float32)
+
+
+@cs.direct
+def test_split_building_blocks_compose_to_fused(api):
+    from fusedgrad.cuda import batch_norm as backend
+    rng = np.random.default_rng(7)
+    x3 = rng.normal(size=(3, 4, 6)).astype(np.float32)
+    dy3 = rng.normal(size=(3, 4, 6)).astype(np.float32)
+    weight = cs.to_device(rng.normal(size=4).astype(np.float32))
+    d_x, d_dy = cs.to_device(x3), cs.to_device(dy3)
+
+    y_fused = backend.empty(x3.shape, np.float32)
+    mean, invstd = backend.forward(d_x, weight, None, None, None, y_fused, training=True,
+                                   momentum=0.1, eps=1e-5)
+    count, mean64, m2 = backend.channel_stats(d_x)
+    assert count == 18
+    invstd64 = cs.to_device(1.0 / np.sqrt(cs.to_host(m2) / count + 1e-5))
+    y_split = backend.normalize(d_x, mean64, invstd64, weight, None,
+                                backend.empty(x3.shape, np.float32))
+    assert cs.to_host(y_split).tobytes() == cs.to_host(y_fused).tobytes()
+
+    dx_fused = backend.empty(x3.shape, np.float32)
+    dweight, dbias = backend.backward(d_dy, d_x, mean, invstd, weight, dx_fused, training=True)
+    sum_dy, sum_dy_xhat = backend.backward_reduce(d_dy, d_x, mean, invstd)
+    dx_split = backend.backward_elementwise(d_dy, d_x, mean, invstd, weight, sum_dy, sum_dy_xhat,
+                                            count, backend.empty(x3.shape, np.float32))
+    assert cs.to_host(dx_split).tobytes() == cs.to_host(dx_fused).tobytes()
+    np.testing.assert_array_equal(cs.to_host(dbias), cs.to_host(sum_dy).astype(np.float32))
+    np.testing.assert_array_equal(cs.to_host(dweight),
+                                  cs.to_host(sum_dy_xhat).astype(np.float32))
+
+
+@cs.direct
+def test_float16_input_float32_statistics(api):
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(6, 3, 4)).astype(np.float16)
+    y_ref, mean_ref, invstd_ref, _ = ref.batch_norm_forward(x, None, None, None, None)
+    y, mean, invstd = api.batch_norm_forward(cs.to_device(x))
+    assert cs.to_host(y).dtype == np.float16 and cs.to_host(mean).dtype == np.float32
+    _check(y, y_ref, np.float16)
+    np.testing.assert_allclose(cs.to_host(mean), mean_ref, rtol=1e-5, atol=1e-6)
+
+
+@cs.direct
+def test_large_mean_and_constant_channel_in_float32(api):
+    rng = np.random.default_rng(9)
+    x = np.empty((16, 2, 3), dtype=np.float32)
+    x[:, 0] = 1e4 + rng.normal(size=(16, 3))
+    x[:, 1] = 5.0
+    y_ref, mean_ref, invstd_ref, _ = ref.batch_norm_forward(x, None, None, None, None)
+    y, mean, invstd = api.batch_norm_forward(cs.to_device(x))
+    host_y = cs.to_host(y)
+    assert np.isfinite(host_y).all() and not host_y[:, 1].any()
+    np.testing.assert_allclose(host_y[:, 0], y_ref[:, 0], atol=2e-3)
+    np.testing.assert_allclose(cs.to_host(invstd), invstd_ref, rtol=1e-3)
+
+
+@cs.direct
+def test_results_are_bitwise_reproducible(api):
+    rng = np.random.default_rng(10)
+    x = cs.to_device(rng.normal(size=(9, 5, 7)).astype(np.float32))
+    dy = cs.to_device(rng.normal(size=(9, 5, 7)).astype(np.float32))
+    outputs = []
+    for _ in range(2):
+        y, mean, invstd = api.batch_norm_forward(x)
+        dx, dweight, dbias = api.batch_norm_backward(dy, x, mean, invstd)
+        outputs.append(b"".join(cs.to_host(a).tobytes() for a in (y, mean, invstd, dx, dweight,
+                                                                    dbias)))
+    assert outputs[0] == outputs[1]

@@ -1,0 +1,183 @@
+"""GPU softmax cross-entropy (``fusedgrad.cuda.cross_entropy``) against the float64 reference.
+
+Runs on a real GPU when there is one, else in Numba's CUDA simulator (in a subprocess, see
+``cuda_support``); shapes stay tiny because the simulator runs one Python thread per GPU thread.
+Every launch shape of the row kernel is exercised: a thread per sample (small C, spatial),
+a warp per sample, and several warps per sample (``threads_per_row=64``: the multi-warp
+reduction path).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import cuda_support as cs
+from fusedgrad import reference as ref
+
+
+def test_kernels_in_simulator():
+    if cs.RUN_HERE:
+        pytest.skip("this process runs the tests directly")
+    cs.run_file_in_simulator(__file__)
+
+
+@pytest.fixture
+def api(monkeypatch):
+    cs.patch_device_detection(monkeypatch)
+    import fusedgrad as fg
+    return fg
+
+
+def _problem(rng, shape, *, prob=False, ignore_every=0, weighted=False, scale=3.0):
+    logits = rng.normal(size=shape) * scale
+    n_classes = shape[1]
+    if prob:
+        target = np.moveaxis(rng.dirichlet(np.ones(n_classes), size=(shape[0],) + shape[2:]),
+                             -1, 1).copy()
+    else:
+        target = rng.integers(0, n_classes, size=(shape[0],) + shape[2:])
+        if ignore_every:
+            target.reshape(-1)[::ignore_every] = -100
+    weight = rng.uniform(0.5, 2.0, size=n_classes) if weighted else None
+    return logits, target, weight
+
+
+def _close(actual, expected, dtype):
+    rtol, atol = {np.float64: (1e-11, 1e-12), np.float32: (2e-5, 2e-6),
+                  np.float16: (2e-2, 2e-3)}[dtype]
+    np.testing.assert_allclose(np.asarray(actual, dtype=np.float64), expected, rtol=rtol,
+                               atol=atol * max(1.0, float(np.max(np.abs(expected)))))
+
+
+CASES = [
+    # shape, prob, weighted, reduction, label_smoothing, z_loss, dtype, threads_per_row
+    ((5, 7), False, True, "mean", 0.1, 0.01, np.float64, None),
+    ((5, 7), False, False, "sum", 0.0, 0.0, np.float32, None),
+    ((3, 40), False, True, "mean", 0.2, 0.0, np.float64, None),
+    ((3, 40), False, False, "none", 0.0, 1e-3, np.float32, 64),
+    ((4, 6, 2, 3), False, True, "none", 0.2, 0.0, np.float64, None),
+    ((2, 5, 7), False, False, "mean", 0.0, 0.01, np.float32, None),
+    ((4, 6, 3), True, True, "mean", 0.1, 0.02, np.float64, None),
+    ((4, 9), True, False, "sum", 0.0, 0.0, np.float32, 32),
+    ((3, 33), True, True, "none", 0.3, 0.0, np.float64, 64),
+]
+
+
+@cs.direct
+@pytest.mark.parametrize("shape,prob,weighted,reduction,smoothing,z_loss,dtype,per_row", CASES)
+def test_fused_forward_backward_match_reference(api, shape, prob, weighted, reduction, smoothing,
+                                                z_loss, dtype, per_row, monkeypatch):
+    from fusedgrad.cuda import cross_entropy as backend
+    if per_row is not None:
+        monkeypatch.setattr(backend, "_threads_per_row", lambda n_classes, n_spatial: per_row)
+    rng = np.random.default_rng(len(shape) * 100 + shape[1])
+    logits, target, weight = _problem(rng, shape, prob=prob, ignore_every=0 if prob else 3,
+                                      weighted=weighted)
+    logits = logits.astype(dtype)
+    target = target.astype(dtype) if prob else target.astype(np.int32)
+    kwargs = dict(reduction=reduction, label_smoothing=smoothing, z_loss=z_loss)
+    expected_loss, expected_grad, expected_lse = ref.softmax_cross_entropy(
+        logits, target, weight=weight, **kwargs)
+    d_logits, d_target = cs.to_device(logits), cs.to_device(target)
+    d_weight = None if weight is None else cs.to_device(weight.astype(dtype))
+    if weight is not None:
+        expected_loss, expected_grad, expected_lse = ref.softmax_cross_entropy(
+            logits, target, weight=weight.astype(dtype), **kwargs)
+
+    loss, grad = api.softmax_cross_entropy(d_logits, d_target, weight=d_weight, **kwargs)
+    _close(cs.to_host(loss), expected_loss, dtype)
+    _close(cs.to_host(grad), expected_grad, dtype)
+    assert cs.to_host(grad).dtype == dtype
+
+    loss2, lse = api.softmax_cross_entropy_forward(d_logits, d_target, weight=d_weight, **kwargs)
+    _close(cs.to_host(loss2), expected_loss, dtype)
+    _close(cs.to_host(lse), expected_lse, dtype)
+    grad_loss = cs.to_device(np.ones(np.shape(expected_loss))) if reduction == "none" else 1.0
+    grad2 = api.softmax_cross_entropy_backward(grad_loss, d_logits, d_target, lse,
+                                               weight=d_weight, **kwargs)
+    _close(cs.to_host(grad2), expected_grad, dtype)
+
+
+@cs.direct
+def test_float16_logits_accumulate_in_float32(api):
+    rng = np.random.default_rng(1)
+    logits, target, _ = _problem(rng, (4, 9), ignore_every=4)
+    logits = logits.astype(np.float16)
+    expected_loss, expected_grad, _ = ref.softmax_cross_entropy(logits, target)
+    loss, grad = api.softmax_cross_entropy(cs.to_device(logits), cs.to_device(target))
+    assert cs.to_host(loss).dtype == np.float32 and cs.to_host(grad).dtype == np.float16
+    np.testing.assert_allclose(cs.to_host(loss), expected_loss, rtol=1e-5)
+    np.testing.assert_allclose(cs.to_host(grad).astype(np.float64), expected_grad, atol=1e-3)
+
+
+@cs.direct
+def test_inplace_overwrites_logits_with_gradient(api):
+    rng = np.random.default_rng(2)
+    logits, target, _ = _problem(rng, (3, 40))
+    _, expected_grad, _ = ref.softmax_cross_entropy(logits, target, label_smoothing=0.1)
+    d_logits = cs.to_device(logits)
+    loss, grad = api.softmax_cross_entropy(d_logits, cs.to_device(target), inplace=True,
+                                           label_smoothing=0.1)
+    assert grad is d_logits
+    _close(cs.to_host(d_logits), expected_grad, np.float64)
+
+
+@cs.direct
+def test_every_target_ignored_gives_nan_mean_and_zero_grad(api):
+    logits = np.random.default_rng(3).normal(size=(3, 5))
+    target = np.full(3, -100)
+    loss, grad = api.softmax_cross_entropy(cs.to_device(logits), cs.to_device(target))
+    assert np.isnan(cs.to_host(loss))
+    assert not cs.to_host(grad).any()
+
+
+@cs.direct
+def test_masked_and_huge_logits(api):
+    logits = np.array([[1e4, -np.inf, 1e4 - 1.0, 0.0], [-np.inf, 2.0, -np.inf, 1.0],
+                       [3.0, 3.0, 3.0, 3.0]], dtype=np.float32)
+    target = np.array([0, 1, 2])
+    expected_loss, expected_grad, _ = ref.softmax_cross_entropy(logits, target,
+                                                                reduction="none")
+    loss, grad = api.softmax_cross_entropy(cs.to_device(logits), cs.to_device(target),
+                                           reduction="none")
+    _close(cs.to_host(loss), expected_loss, np.float32)
+    _close(cs.to_host(grad), expected_grad, np.float32)
+
+
+@cs.direct
+def test_strided_logits_and_spatial_class_axis(api):
+    rng = np.random.default_rng(4)
+    base = rng.normal(size=(4, 12, 5))
+    logits = base[:, ::2, :]  # class axis strided by 2 * S elements
+    target = rng.integers(0, 6, size=(4, 5))
+    expected_loss, expected_grad, _ = ref.softmax_cross_entropy(logits, target, z_loss=0.1)
+    d_base = cs.to_device(base)
+    loss, grad = api.softmax_cross_entropy(d_base[:, ::2, :], cs.to_device(target), z_loss=0.1)
+    _close(cs.to_host(loss), expected_loss, np.float64)
+    _close(cs.to_host(grad), expected_grad, np.float64)
+
+
+@cs.direct
+def test_out_of_range_target_raises_before_writing(api):
+    logits = np.zeros((2, 3))
+    out = cs.to_device(np.full((2, 3), 7.0))
+    with pytest.raises(ValueError, match="target"):
+        api.softmax_cross_entropy(cs.to_device(logits), cs.to_device(np.array([0, 3])), out=out)
+    assert (cs.to_host(out) == 7.0).all()
+
+
+@cs.direct
+def test_results_are_bitwise_reproducible(api):
+    rng = np.random.default_rng(5)
+    logits, target, weight = _problem(rng, (6, 70), weighted=True, ignore_every=4)
+    d = [cs.to_device(a) for a in (logits.astype(np.float32), target, weight.astype(np.float32))]
+    runs = [api.softmax_cross_entropy(d[0], d[1], weight=d[2], label_smoothing=0.1)
+            for _ in range(2)]
+    assert cs.to_host(runs[0][0]).tobytes() == cs.to_host(runs[1][0]).tobytes()
+    assert cs.to_host(runs[0][1]).tobytes() == cs.to_host(runs[1][1]).tobytes()
+
+
+@cs.direct
+def test_host_and_device_arrays_mixed_raise_type_error(api):
+    with pytest.raises(TypeError, match="logits"):
+        api.softmax_cross_entropy(cs.to_device(np.zeros((2, 3))), np.array([0, 1]))
