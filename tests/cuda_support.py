@@ -8,8 +8,8 @@ Numba picks the CUDA simulator or the real target once per process, from
   under pytest in a subprocess with ``NUMBA_ENABLE_CUDASIM=1`` and asserts it passed; the
   direct tests are skipped in the parent, so every kernel still runs once per pytest session.
 
-``device_api`` (a fixture factory) lets the public API route simulator arrays to the CUDA
-backend: the simulator's fake device arrays do not expose ``__cuda_array_interface__``, so
+The ``api`` fixture (import it into the test module) lets the public API route simulator arrays
+to the CUDA backend: the simulator's fake device arrays do not expose ``__cuda_array_interface__``, so
 ``fusedgrad._device.is_device_array`` is patched (per test, through ``monkeypatch``) to
 recognise them. With a real GPU nothing is patched.
 """
@@ -49,6 +49,23 @@ def run_file_in_simulator(path: str, timeout: float = 240.0) -> None:
     assert proc.returncode == 0, (f"simulator run of {os.path.basename(path)} failed:\n"
                                   + proc.stdout[-6000:] + proc.stderr[-3000:])
     assert " passed" in proc.stdout, proc.stdout[-2000:]
+
+
+def simulator_test(path: str):
+    """The test that runs the file at ``path`` in the simulator when this process can't run it."""
+    def test_kernels_in_simulator():
+        if RUN_HERE:
+            pytest.skip("this process runs the tests directly")
+        run_file_in_simulator(path)
+    return test_kernels_in_simulator
+
+
+@pytest.fixture
+def api(monkeypatch):
+    """The ``fusedgrad`` package, with simulator arrays routed to the CUDA backend."""
+    patch_device_detection(monkeypatch)
+    import fusedgrad
+    return fusedgrad
 
 
 def patch_device_detection(monkeypatch) -> None:

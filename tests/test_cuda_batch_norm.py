@@ -12,20 +12,10 @@ import numpy as np
 import pytest
 
 import cuda_support as cs
+from cuda_support import api  # noqa: F401  (fixture)
 from fusedgrad import reference as ref
 
-
-def test_kernels_in_simulator():
-    if cs.RUN_HERE:
-        pytest.skip("this process runs the tests directly")
-    cs.run_file_in_simulator(__file__)
-
-
-@pytest.fixture
-def api(monkeypatch):
-    cs.patch_device_detection(monkeypatch)
-    import fusedgrad as fg
-    return fg
+test_kernels_in_simulator = cs.simulator_test(__file__)
 
 
 TOL = {np.float64: dict(rtol=1e-11, atol=1e-12), np.float32: dict(rtol=2e-5, atol=2e-5),

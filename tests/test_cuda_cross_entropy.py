@@ -12,20 +12,10 @@ import numpy as np
 import pytest
 
 import cuda_support as cs
+from cuda_support import api  # noqa: F401  (fixture)
 from fusedgrad import reference as ref
 
-
-def test_kernels_in_simulator():
-    if cs.RUN_HERE:
-        pytest.skip("this process runs the tests directly")
-    cs.run_file_in_simulator(__file__)
-
-
-@pytest.fixture
-def api(monkeypatch):
-    cs.patch_device_detection(monkeypatch)
-    import fusedgrad as fg
-    return fg
+test_kernels_in_simulator = cs.simulator_test(__file__)
 
 
 def _problem(rng, shape, *, prob=False, ignore_every=0, weighted=False, scale=3.0):

@@ -5,12 +5,16 @@ PyTorch CUDA tensors); they are wrapped zero-copy as Numba ``DeviceNDArray`` obj
 output is a ``DeviceNDArray`` (CuPy / PyTorch wrap it zero-copy through the same interface).
 Under Numba's CUDA simulator the simulator's fake device arrays are used as they are.
 
-Streams: every launcher takes ``stream=None``. ``None`` means: the current PyTorch stream when an
-input is a PyTorch tensor (so kernels order correctly with the surrounding PyTorch work), else
-the default stream. A Numba stream is used as given; an integer is taken as a raw ``cudaStream_t``
-handle (e.g. ``cupy.cuda.get_current_stream().ptr``) and wrapped with ``cuda.external_stream``.
+Streams: every launcher takes ``stream=None``. ``None`` means: PyTorch's current stream when
+PyTorch is imported and has initialised CUDA (so kernels order correctly with the surrounding
+PyTorch work), else the default stream. A Numba stream is used as given; an integer is taken
+as a raw ``cudaStream_t`` handle (e.g. ``cupy.cuda.get_current_stream().ptr``) and wrapped with
+``cuda.external_stream``. The public API does not pass ``stream`` (yet); the backend functions
+take it as a keyword.
 """
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 from numba import cuda
@@ -81,19 +85,29 @@ def empty(shape, dtype, stream):
     return cuda.device_array(tuple(int(s) for s in shape), dtype=np.dtype(dtype), stream=stream)
 
 
-def resolve_stream(stream, *arrays):
+def resolve_stream(stream):
     """The stream kernels of one call run on (see the module docstring)."""
     if SIMULATED:
         return 0
     if stream is None:
-        for arr in arrays:
-            if type(arr).__module__.startswith("torch"):
-                import torch
-                return cuda.external_stream(torch.cuda.current_stream(arr.device).cuda_stream)
-        return 0
+        return _framework_stream()
     if isinstance(stream, (int, np.integer)):
         return cuda.external_stream(int(stream)) if stream else 0
     return stream
+
+
+def _framework_stream():
+    """PyTorch's current stream if PyTorch is in use with CUDA, else the default stream (0).
+
+    The API hands the backend Numba views of PyTorch tensors, so the tensors themselves are not
+    seen here; PyTorch being imported with CUDA initialised is what counts. Its default
+    stream is the legacy default stream, handle 0, which orders with everything anyway.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return 0
+    handle = torch.cuda.current_stream().cuda_stream
+    return cuda.external_stream(handle) if handle else 0
 
 
 def launch_blocks(n_items: int, per_block: int) -> int:

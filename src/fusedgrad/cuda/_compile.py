@@ -83,16 +83,14 @@ def kernel_signatures():
         if name != "float64":
             sigs.append((f"cross_entropy._convert[float64->{name}]", ce._convert.py_func,
                          (_vec(f64), _vec(t)), False))
-        sigs.append((f"batch_norm._stat_partials[{name}]", bn._stat_partials.py_func,
-                     (_arr3(t), i64, i64, _mat(f64), _mat(f64), _mat(f64), _vec(acc)), False))
         sigs.append((f"batch_norm._apply[{name}]", bn._apply.py_func,
                      (_arr3(t), _arr3(t), b1, _mat(acc), _arr3(t)), pure32))
         sigs.append((f"batch_norm._cast_pair[{name}]", bn._cast_pair.py_func,
                      (_vec(f64), _vec(f64), _vec(acc), _vec(acc)), False))
         for pname, p in PARAMS.items():
-            sigs.append((f"batch_norm._grad_partials[{name},{pname}]", bn._grad_partials.py_func,
-                         (_arr3(t), _arr3(t), _mat(acc), i64, i64, _mat(f64), _mat(f64),
-                          _vec(p)), False))
+            sigs.append((f"batch_norm._partials[{name},{pname}]", bn._partials.py_func,
+                         (_arr3(t), _arr3(t), b1, _mat(acc), _vec(p), i64, i64, _mat(f64),
+                          _mat(f64), _mat(f64)), False))
             sigs.append((f"batch_norm._finish_stats[{name},{pname}]", bn._finish_stats.py_func,
                          (_vec(f64), _vec(f64), f64, b1, f64, _vec(p), _vec(p), b1, f64,
                           _vec(f64), _vec(acc), _vec(acc)), False))

@@ -24,9 +24,9 @@ must call a group reduction the same number of times (they contain ``syncthreads
 
 Besides, this module holds the scalar building blocks of the kernels: the online-softmax update
 (running maximum and rescaled sum of exponentials, one read of the logits), shifted-data moments and
-Chan's merge of ``(count, mean, m2)`` triples, and :func:`segment_chan_reduce` /
-:func:`segment_sum_reduce`: shared-memory trees that reduce threads with the same
-``threadIdx.x % segment`` (one channel per segment, used by batch norm).
+Chan's merge of ``(count, mean, m2)`` triples, and :func:`segment_reduce`: a shared-memory
+tree that reduces (Chan merge or sum) the threads with the same ``threadIdx.x % segment`` (one
+channel per segment, used by batch norm).
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ SIMULATED = bool(config.ENABLE_CUDASIM)
 #: Operation codes for :func:`group_reduce` (literal arguments: the branch folds at compile time).
 OP_SUM = 0
 OP_MAX = 1
+OP_CHAN = 2
 
 #: Shared-memory scratch entries a kernel must provide per block (the largest block size).
 SCRATCH_SIZE = 1024
@@ -182,42 +183,39 @@ def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
 
 
 @cuda.jit(device=True, inline=True)
-def segment_chan_reduce(count, mean, m2, s_count, s_mean, s_m2, segment):
-    """Chan-merge the triples of threads with equal ``threadIdx.x % segment`` (1-D blocks).
-
-    Shared-memory tree with halving strides down to ``segment`` (both powers of two): a fixed
-    order. Afterwards entry ``threadIdx.x % segment`` of ``s_count``/``s_mean``/``s_m2`` holds the
-    segment's summary; the caller reads it, then ``syncthreads`` before reusing the arrays.
-    """
-    tid = cuda.threadIdx.x
-    s_count[tid] = count
-    s_mean[tid] = mean
-    s_m2[tid] = m2
-    cuda.syncthreads()
-    stride = cuda.blockDim.x // 2
-    while stride >= segment:
-        if tid < stride:
-            c, mu, m = chan_merge(s_count[tid], s_mean[tid], s_m2[tid], s_count[tid + stride],
-                                  s_mean[tid + stride], s_m2[tid + stride])
-            s_count[tid] = c
-            s_mean[tid] = mu
-            s_m2[tid] = m
-        cuda.syncthreads()
-        stride //= 2
+def _merge_entries(s_a, s_b, s_c, dst, src, op):
+    """Fold entry ``src`` into ``dst``: Chan merge of ``(count, mean, m2)`` or a sum of
+    ``(a, b)`` (``s_c`` unused)."""
+    if op == OP_CHAN:
+        count, mean, m2 = chan_merge(s_a[dst], s_b[dst], s_c[dst], s_a[src], s_b[src], s_c[src])
+        s_a[dst] = count
+        s_b[dst] = mean
+        s_c[dst] = m2
+    else:
+        s_a[dst] += s_a[src]
+        s_b[dst] += s_b[src]
 
 
 @cuda.jit(device=True, inline=True)
-def segment_sum_reduce(a, b, s_a, s_b, segment):
-    """Sum two values over threads with equal ``threadIdx.x % segment`` (as the Chan version)."""
+def segment_reduce(a, b, c, s_a, s_b, s_c, segment, op):
+    """Reduce the values of threads with equal ``threadIdx.x % segment`` (1-D blocks).
+
+    ``op``: ``OP_CHAN`` merges ``(count, mean, m2) = (a, b, c)`` triples with
+    :func:`chan_merge`; ``OP_SUM`` sums ``a`` and ``b``. Shared-memory tree with halving strides
+    down to ``segment`` (both powers of two): a fixed order. Afterwards entry
+    ``threadIdx.x % segment`` of ``s_a``/``s_b``/``s_c`` (float64 shared arrays of
+    ``blockDim.x`` entries) holds the segment's result; the caller reads it, then
+    ``syncthreads`` before reusing the arrays.
+    """
     tid = cuda.threadIdx.x
     s_a[tid] = a
     s_b[tid] = b
+    s_c[tid] = c
     cuda.syncthreads()
     stride = cuda.blockDim.x // 2
     while stride >= segment:
         if tid < stride:
-            s_a[tid] += s_a[tid + stride]
-            s_b[tid] += s_b[tid + stride]
+            _merge_entries(s_a, s_b, s_c, tid, tid + stride, op)
         cuda.syncthreads()
         stride //= 2
 

@@ -23,7 +23,7 @@ Work decomposition (fixed by the shape only, so results are bitwise reproducible
   ``(P, C, 1)`` (consecutive threads read consecutive channels of one row: coalesced).
   Each thread accumulates in the accumulation dtype (float32 for float16/32 input), then the
   block merges its threads in float64 with a fixed shared-memory tree
-  (:func:`~fusedgrad.cuda._reduce.segment_chan_reduce` for the statistics: shifted sums ->
+  (:func:`~fusedgrad.cuda._reduce.segment_reduce`: for the statistics shifted sums ->
   ``(count, mean, m2)`` -> Chan merge; plain sums for the backward), and writes one partial per
   (part, channel). A second kernel, one thread per channel, merges the partials in part order.
   No floating-point atomics anywhere.
@@ -41,8 +41,7 @@ import numpy as np
 from numba import cuda, float64
 
 from . import _arrays
-from ._reduce import (SIMULATED, chan_merge, segment_chan_reduce, segment_sum_reduce,
-                      shifted_moments)
+from ._reduce import OP_CHAN, OP_SUM, SIMULATED, chan_merge, segment_reduce, shifted_moments
 
 #: Floating dtypes the GPU kernels take for x / dy / out (float16 is accumulated in float32).
 DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -116,53 +115,49 @@ def _accumulate_pair(x3, dy3, with_grad, c, start, stop, step, n_inner, shift, m
 # Kernels
 # --------------------------------------------------------------------------------------------
 @cuda.jit
-def _stat_partials(x3, seg, n_parts, part_count, part_mean, part_m2, acc_like):
-    """Per (part, channel) ``(count, mean, m2)`` float64 of ``x3`` (P, C, S); ``acc_like`` is
-    any array of the accumulation dtype (only its dtype is used)."""
-    acc = acc_like.dtype.type
-    s_count = cuda.shared.array(1024, float64)
-    s_mean = cuda.shared.array(1024, float64)
-    s_m2 = cuda.shared.array(1024, float64)
-    n_channels = x3.shape[1]
+def _partials(x3, dy3, with_grad, coef, invstd, seg, n_parts, part_a, part_b, part_c):
+    """One partial per (part, channel) of a (P, C, S) array, float64, for block
+    ``(channel block, part)``:
+
+    * statistics (``with_grad`` false): ``(count, mean, m2)`` of ``x3`` into
+      ``part_a, part_b, part_c`` (``dy3``, ``invstd`` are dummies; ``coef`` only gives the
+      accumulation dtype);
+    * backward: ``sum dy`` and ``sum dy xhat`` into ``part_a, part_b`` (``part_c`` untouched),
+      ``xhat`` from the centring in ``coef`` and ``invstd``.
+    """
+    acc = coef.dtype.type
+    s_a = cuda.shared.array(1024, float64)
+    s_b = cuda.shared.array(1024, float64)
+    s_c = cuda.shared.array(1024, float64)
     n_inner = x3.shape[2]
-    c, lane, lanes, valid = _block_channel(seg, n_channels)
+    c, lane, lanes, valid = _block_channel(seg, x3.shape[1])
     start, stop = _part_positions(x3.shape[0] * n_inner, n_parts, cuda.blockIdx.y)
     count = 0
     u = acc(0.0)
     v = acc(0.0)
     shift = acc(0.0)
+    mean_hi = acc(0.0)
+    mean_lo = acc(0.0)
+    inv = acc(0.0)
     if valid:
-        shift = x3[0, c, 0] + acc(0.0)  # one of the channel's values: see shifted_moments
-        count, u, v = _accumulate_pair(x3, x3, False, c, start + lane, stop, lanes, n_inner,
-                                       shift, shift, shift, shift, acc(0.0))
-    n, mean, m2 = shifted_moments(count, u, v, shift)
-    segment_chan_reduce(n, mean, m2, s_count, s_mean, s_m2, seg)
+        if with_grad:
+            mean_hi = coef[_MEAN_HI, c]
+            mean_lo = coef[_MEAN_LO, c]
+            inv = acc(invstd[c])
+        else:
+            shift = acc(x3[0, c, 0])  # one of the channel's values: see shifted_moments
+        count, u, v = _accumulate_pair(x3, dy3, with_grad, c, start + lane, stop, lanes, n_inner,
+                                       shift, mean_hi, mean_lo, inv, acc(0.0))
+    if with_grad:
+        segment_reduce(float64(u), float64(v), 0.0, s_a, s_b, s_c, seg, OP_SUM)
+    else:
+        n, mean, m2 = shifted_moments(count, u, v, shift)
+        segment_reduce(n, mean, m2, s_a, s_b, s_c, seg, OP_CHAN)
     if lane == 0 and valid:
-        part_count[cuda.blockIdx.y, c] = s_count[cuda.threadIdx.x]
-        part_mean[cuda.blockIdx.y, c] = s_mean[cuda.threadIdx.x]
-        part_m2[cuda.blockIdx.y, c] = s_m2[cuda.threadIdx.x]
-
-
-@cuda.jit
-def _grad_partials(dy3, x3, coef, seg, n_parts, part_dy, part_dy_xhat, invstd):
-    """Per (part, channel) float64 ``sum dy`` and ``sum dy xhat``."""
-    acc = coef.dtype.type
-    s_a = cuda.shared.array(1024, float64)
-    s_b = cuda.shared.array(1024, float64)
-    n_channels = x3.shape[1]
-    n_inner = x3.shape[2]
-    c, lane, lanes, valid = _block_channel(seg, n_channels)
-    start, stop = _part_positions(x3.shape[0] * n_inner, n_parts, cuda.blockIdx.y)
-    u = acc(0.0)
-    v = acc(0.0)
-    if valid:
-        _, u, v = _accumulate_pair(x3, dy3, True, c, start + lane, stop, lanes, n_inner, acc(0.0),
-                                   coef[_MEAN_HI, c], coef[_MEAN_LO, c], acc(invstd[c]),
-                                   acc(0.0))
-    segment_sum_reduce(float64(u), float64(v), s_a, s_b, seg)
-    if lane == 0 and valid:
-        part_dy[cuda.blockIdx.y, c] = s_a[cuda.threadIdx.x]
-        part_dy_xhat[cuda.blockIdx.y, c] = s_b[cuda.threadIdx.x]
+        part_a[cuda.blockIdx.y, c] = s_a[cuda.threadIdx.x]
+        part_b[cuda.blockIdx.y, c] = s_b[cuda.threadIdx.x]
+        if not with_grad:
+            part_c[cuda.blockIdx.y, c] = s_c[cuda.threadIdx.x]
 
 
 @cuda.jit
@@ -342,10 +337,12 @@ def empty(shape, dtype, *, stream=None):
 
 def _moments(x3, plan, stream):
     """``(mean, m2)`` (C,) float64 device arrays: partials per (part, channel), then merged."""
-    acc_like = _arrays.empty((1,), _stat_dtype(x3.dtype), stream)
+    acc_like = _arrays.empty((1, 1), _stat_dtype(x3.dtype), stream)
+    unused = _arrays.empty((1,), np.float64, stream)
     parts = [_arrays.empty((plan.n_parts, plan.n_channels), np.float64, stream)
              for _ in range(3)]
-    _stat_partials[plan.grid, _THREADS, stream](x3, plan.seg, plan.n_parts, *parts, acc_like)
+    _partials[plan.grid, _THREADS, stream](x3, x3, False, acc_like, unused, plan.seg,
+                                           plan.n_parts, *parts)
     mean = _arrays.empty((plan.n_channels,), np.float64, stream)
     m2 = _arrays.empty((plan.n_channels,), np.float64, stream)
     _merge_stat_parts[plan.channel_blocks, _THREADS, stream](*parts, mean, m2)
@@ -355,7 +352,7 @@ def _moments(x3, plan, stream):
 def channel_stats(x3, *, stream=None):
     """``(count, mean, m2)``: values per channel (int) and (C,) float64 device arrays."""
     x3 = _device3("x3", x3)
-    stream = _arrays.resolve_stream(stream, x3)
+    stream = _arrays.resolve_stream(stream)
     plan = _Plan(x3)
     mean, m2 = _moments(x3, plan, stream)
     return plan.count, mean, m2
@@ -373,7 +370,7 @@ def _apply_normalize(x3, plan, mean, invstd, weight, bias, out3, stream):
 def normalize(x3, mean, invstd, weight, bias, out3, *, stream=None):
     """``out3 = (x - mean) * invstd * weight + bias`` per channel; returns ``out3``."""
     x3, out3 = _device3("x3", x3), _device3("out3", out3)
-    stream = _arrays.resolve_stream(stream, x3)
+    stream = _arrays.resolve_stream(stream)
     _apply_normalize(x3, _Plan(x3), _arrays.as_device("mean", mean),
                      _arrays.as_device("invstd", invstd), weight, bias, out3, stream)
     return out3
@@ -384,7 +381,7 @@ def forward(x3, weight, bias, running_mean, running_var, out3, *, training, mome
     """Fused forward: statistics (training) or running statistics (eval), running-buffer update,
     ``y`` into ``out3``. Returns ``(mean, invstd)``, new (C,) device arrays of the stat dtype."""
     x3, out3 = _device3("x3", x3), _device3("out3", out3)
-    stream = _arrays.resolve_stream(stream, x3)
+    stream = _arrays.resolve_stream(stream)
     plan = _Plan(x3)
     stat = _stat_dtype(x3.dtype)
     has_running = running_mean is not None and running_var is not None
@@ -416,8 +413,8 @@ def _grad_sums(dy3, x3, plan, mean, invstd, stream):
         mean, invstd, ones, False, ones, False, coef)
     part_dy = _arrays.empty((plan.n_parts, plan.n_channels), np.float64, stream)
     part_dy_xhat = _arrays.empty((plan.n_parts, plan.n_channels), np.float64, stream)
-    _grad_partials[plan.grid, _THREADS, stream](dy3, x3, coef, plan.seg, plan.n_parts, part_dy,
-                                                part_dy_xhat, invstd)
+    _partials[plan.grid, _THREADS, stream](x3, dy3, True, coef, invstd, plan.seg, plan.n_parts,
+                                           part_dy, part_dy_xhat, part_dy)
     sum_dy = _arrays.empty((plan.n_channels,), np.float64, stream)
     sum_dy_xhat = _arrays.empty((plan.n_channels,), np.float64, stream)
     _sum_grad_parts[plan.channel_blocks, _THREADS, stream](part_dy, part_dy_xhat, sum_dy,
@@ -428,7 +425,7 @@ def _grad_sums(dy3, x3, plan, mean, invstd, stream):
 def backward_reduce(dy3, x3, mean, invstd, *, stream=None):
     """``(sum_dy, sum_dy_xhat)``: (C,) float64 device arrays."""
     dy3, x3 = _device3("dy3", dy3), _device3("x3", x3)
-    stream = _arrays.resolve_stream(stream, x3)
+    stream = _arrays.resolve_stream(stream)
     return _grad_sums(dy3, x3, _Plan(x3), _arrays.as_device("mean", mean),
                       _arrays.as_device("invstd", invstd), stream)
 
@@ -447,7 +444,7 @@ def backward_elementwise(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, cou
                          training=True, stream=None):
     """``dx`` into ``out3`` from the (global) sums and ``count``; returns ``out3``."""
     dy3, x3, out3 = _device3("dy3", dy3), _device3("x3", x3), _device3("out3", out3)
-    stream = _arrays.resolve_stream(stream, x3)
+    stream = _arrays.resolve_stream(stream)
     _apply_dx(dy3, x3, _Plan(x3), _arrays.as_device("mean", mean),
               _arrays.as_device("invstd", invstd), weight, _arrays.as_device("sum_dy", sum_dy),
               _arrays.as_device("sum_dy_xhat", sum_dy_xhat), count, out3, training, stream)
@@ -458,7 +455,7 @@ def backward(dy3, x3, mean, invstd, weight, out3, *, training, stream=None):
     """Fused backward (reduce + elementwise). Returns ``(dweight, dbias)``, new (C,) device
     arrays of the stat dtype."""
     dy3, x3, out3 = _device3("dy3", dy3), _device3("x3", x3), _device3("out3", out3)
-    stream = _arrays.resolve_stream(stream, x3)
+    stream = _arrays.resolve_stream(stream)
     plan = _Plan(x3)
     mean, invstd = _arrays.as_device("mean", mean), _arrays.as_device("invstd", invstd)
     sum_dy, sum_dy_xhat = _grad_sums(dy3, x3, plan, mean, invstd, stream)

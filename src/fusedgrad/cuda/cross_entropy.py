@@ -275,6 +275,7 @@ def _byte_range(a):
 
 def shares_memory(a, b) -> bool:
     """Whether the memory extents of two device arrays overlap (conservative for strides)."""
+    a, b = _arrays.as_device("a", a), _arrays.as_device("b", b)
     if a.size == 0 or b.size == 0:
         return False
     a_low, a_high = _byte_range(a)
@@ -289,7 +290,7 @@ def is_writeable(a) -> bool:
 
 
 def empty_like(logits):
-    return _arrays.empty(logits.shape, logits.dtype, _arrays.resolve_stream(None, logits))
+    return _arrays.empty(logits.shape, logits.dtype, _arrays.resolve_stream(None))
 
 
 def _flat(name, a):
@@ -306,7 +307,7 @@ def _blocks(n):
 
 def index_target(target, *, stream=None):
     """Flat contiguous int64 class indices (int32 or strided input is converted on device)."""
-    stream = _arrays.resolve_stream(stream, target)
+    stream = _arrays.resolve_stream(stream)
     flat = _flat("target", _arrays.as_device("target", target))
     if flat.dtype == np.int64 and flat.strides[0] == 8:
         return flat
@@ -316,7 +317,7 @@ def index_target(target, *, stream=None):
 
 
 def check_index_target(target, n_classes, ignore_index, *, stream=None) -> None:
-    stream = _arrays.resolve_stream(stream, target)
+    stream = _arrays.resolve_stream(stream)
     n = target.shape[0]
     first_bad = cuda.to_device(np.array([n], dtype=np.int64), stream=stream)
     _first_bad_target[_blocks(n), _THREADS, stream](target, n_classes, ignore_index, first_bad)
@@ -330,7 +331,7 @@ def check_index_target(target, n_classes, ignore_index, *, stream=None) -> None:
 
 def class_weights(weight, n_classes, *, stream=None):
     """float64 (C,) contiguous device array: ``weight`` converted, or ones."""
-    stream = _arrays.resolve_stream(stream, weight)
+    stream = _arrays.resolve_stream(stream)
     out = _arrays.empty((n_classes,), np.float64, stream)
     if weight is None:
         _fill[_blocks(n_classes), _THREADS, stream](out, 1.0)
@@ -345,7 +346,7 @@ def _to_host_float(device_scalar, stream) -> float:
 
 
 def target_weight_sum(target, weights, ignore_index, *, stream=None) -> float:
-    stream = _arrays.resolve_stream(stream, target)
+    stream = _arrays.resolve_stream(stream)
     n = target.shape[0]
     sample_weight = _arrays.empty((n,), np.float64, stream)
     _target_weights[_blocks(n), _THREADS, stream](target, weights, ignore_index, sample_weight)
@@ -357,7 +358,7 @@ def target_weight_sum(target, weights, ignore_index, *, stream=None) -> float:
 def sample_scale(grad_loss, factor, n_samples, *, stream=None):
     """float64 per-sample gradient scale: length 1 (scalar ``grad_loss``, ``None`` = 1) or
     ``N * S`` (``factor * grad_loss`` flattened), as a device array."""
-    stream = _arrays.resolve_stream(stream, grad_loss)
+    stream = _arrays.resolve_stream(stream)
     if grad_loss is None or np.ndim(grad_loss) == 0 and not _is_device(grad_loss):
         value = 1.0 if grad_loss is None else float(grad_loss)
         return cuda.to_device(np.array([factor * value], dtype=np.float64), stream=stream)
@@ -378,7 +379,7 @@ def _is_device(value) -> bool:
 
 def per_sample(values, n_samples, *, stream=None):
     """A per-sample device array (e.g. the saved ``lse``) as flat float64, length ``N * S``."""
-    stream = _arrays.resolve_stream(stream, values)
+    stream = _arrays.resolve_stream(stream)
     flat = _flat("lse", _arrays.as_device("lse", values))
     if flat.dtype == np.float64 and flat.strides[0] == 8:
         return flat
@@ -389,7 +390,7 @@ def per_sample(values, n_samples, *, stream=None):
 
 def sum_samples(values, *, stream=None) -> float:
     """Sum of a per-sample float64 device array in a fixed order (``_reduce.device_sum``)."""
-    stream = _arrays.resolve_stream(stream, values)
+    stream = _arrays.resolve_stream(stream)
     total = _arrays.empty((1,), np.float64, stream)
     device_sum(values, total, stream)
     return _to_host_float(total, stream)
@@ -402,7 +403,7 @@ def scalar_result(value, dtype, *, stream=None):
 
 def sample_result(values, sample_shape, dtype, *, stream=None):
     """A per-sample float64 device array reshaped to ``sample_shape``, cast to ``dtype``."""
-    stream = _arrays.resolve_stream(stream, values)
+    stream = _arrays.resolve_stream(stream)
     if np.dtype(dtype) == values.dtype:
         return values.reshape(tuple(sample_shape))
     out = _arrays.empty((values.shape[0],), dtype, stream)
@@ -417,7 +418,7 @@ def fused(logits, target, weights, grad, grad_scale, options, *, stream=None,
           threads_per_row=None):
     """Per-sample losses (float64 device array, N * S); writes ``grad`` in the same kernel."""
     n = _n_samples(logits)
-    stream = _arrays.resolve_stream(stream, logits)
+    stream = _arrays.resolve_stream(stream)
     loss = _arrays.empty((n,), np.float64, stream)
     lse = _arrays.empty((n,), np.float64, stream)
     _run(logits, target, weights, options, lse, loss, True, grad, grad_scale, stream,
@@ -428,7 +429,7 @@ def fused(logits, target, weights, grad, grad_scale, options, *, stream=None,
 def forward(logits, target, weights, options, *, stream=None, threads_per_row=None):
     """``(loss, lse)`` per sample (float64 device arrays, N * S); writes nothing else."""
     n = _n_samples(logits)
-    stream = _arrays.resolve_stream(stream, logits)
+    stream = _arrays.resolve_stream(stream)
     loss = _arrays.empty((n,), np.float64, stream)
     lse = _arrays.empty((n,), np.float64, stream)
     _run(logits, target, weights, options, lse, loss, True, None, None, stream, threads_per_row)
@@ -438,7 +439,7 @@ def forward(logits, target, weights, options, *, stream=None, threads_per_row=No
 def backward(logits, target, weights, lse, grad, grad_scale, options, *, stream=None,
              threads_per_row=None):
     """Writes ``grad`` from the saved per-sample ``lse`` (float64 device array, N * S)."""
-    stream = _arrays.resolve_stream(stream, logits)
+    stream = _arrays.resolve_stream(stream)
     _run(logits, target, weights, options, lse, lse, False, grad, grad_scale, stream,
          threads_per_row)
 
