@@ -8,10 +8,10 @@ Numba picks the CUDA simulator or the real target once per process, from
   under pytest in a subprocess with ``NUMBA_ENABLE_CUDASIM=1`` and asserts it passed; the
   direct tests are skipped in the parent, so every kernel still runs once per pytest session.
 
-The ``api`` fixture (import it into the test module) lets the public API route simulator arrays
-to the CUDA backend: the simulator's fake device arrays do not expose ``__cuda_array_interface__``, so
-``fusedgrad._device.is_device_array`` is patched (per test, through ``monkeypatch``) to
-recognise them. With a real GPU nothing is patched.
+The ``api`` fixture (import it into the test module) lets the public API route simulator
+arrays to the CUDA backend: the simulator's fake device arrays do not expose
+``__cuda_array_interface__``, so ``fusedgrad._device.is_device_array`` is patched (per test,
+through ``monkeypatch``) to recognise them. With a real GPU nothing is patched.
 """
 from __future__ import annotations
 

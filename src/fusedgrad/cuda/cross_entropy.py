@@ -26,8 +26,9 @@ otherwise) and class weights ``w``:
 we take the sample's first logit (0 if that is a -inf mask), so that ``A (lse - K) - B`` does not
 cancel catastrophically when the logits are large (1e4) and the accumulation is float32. For the
 same reason ``lse`` is kept as ``m + log_sum`` (``m`` the row maximum) inside the fused kernel:
-``lse - K = (m - K) + log_sum`` and ``z - lse = (z - m) - log_sum`` lose nothing to rounding. Ignored samples (index targets equal to
-``ignore_index``) get loss 0 and gradient 0 but still a log-sum-exp.
+``lse - K = (m - K) + log_sum`` and ``z - lse = (z - m) - log_sum`` lose nothing to rounding.
+Ignored samples (index targets equal to ``ignore_index``) get loss 0 and gradient 0 but still a
+log-sum-exp.
 
 Kernel layout: logits are viewed without copying as ``(N, C, S)`` (``S`` = product of the spatial
 axes, 1 for ``(N, C)``), sample ``r = n * S + s``. One kernel, :func:`_ce_rows`, serves every

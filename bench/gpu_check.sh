@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# GPU check for issue 4, on a machine with an NVIDIA GPU and the packages already installed
+# (numba, numba-cuda, torch with CUDA, pytest; no network). Runs from the source tree with
+# PYTHONPATH=src, within 5 minutes:
+#   1. the CUDA tests for real (no simulator): test_cuda_cross_entropy.py, test_cuda_batch_norm.py,
+#      test_cuda_ptx.py;
+#   2. a correctness check at benchmark scale against PyTorch CUDA, with bitwise
+#      reproducibility (two runs give the same bytes);
+#   3. python -m fusedgrad bench --device cuda --json: fusedgrad vs PyTorch CUDA and the
+#      device's measured copy bandwidth.
+# Usage: bench/gpu_check.sh [OUT_DIR]   (default: $OUT if set, else results/gpu)
+# Everything goes to OUT_DIR; the exit status is non-zero if any step failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+out_dir="${1:-${OUT:-results/gpu}}"
+mkdir -p "$out_dir"
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
+export NUMBA_ENABLE_CUDASIM=0
+export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-$(mktemp -d)/numba_cache}"
+export PYTHONUNBUFFERED=1
+status=0
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT_DIR/NAME.txt
+    local name="$1" limit="$2"
+    shift 2
+    local start=$SECONDS
+    timeout "$limit" "$@" >"$out_dir/$name.txt" 2>&1
+    local rc=$?
+    echo "$name: exit $rc after $((SECONDS - start)) s" | tee -a "$out_dir/summary.txt"
+    tail -n 5 "$out_dir/$name.txt"
+    [ "$rc" -eq 0 ] || status=1
+}
+
+nvidia-smi >"$out_dir/nvidia-smi.txt" 2>&1 || true
+step info 30 python -m fusedgrad info
+step tests 110 python -m pytest -q -p no:cacheprovider -ra \
+    --junitxml="$out_dir/tests.xml" \
+    tests/test_cuda_cross_entropy.py tests/test_cuda_batch_norm.py tests/test_cuda_ptx.py
+step scale_check 50 python - "$out_dir/scale_check.json" <<'PY'
+"""Benchmark-sized inputs: fusedgrad on the GPU vs PyTorch CUDA, and run-to-run bit equality."""
+import json
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numba import cuda
+
+import fusedgrad as fg
+
+results = []
+rng = np.random.default_rng(0)
+
+
+def bits(*arrays):
+    return b"".join(np.asarray(a.copy_to_host()).tobytes() for a in arrays)
+
+
+def record(name, errors, reproducible):
+    entry = dict(case=name, reproducible=reproducible, **{k: float(v) for k, v in errors.items()})
+    results.append(entry)
+    print(entry)
+
+
+for n, c, dtype in ((4096, 32000, np.float32), (4096, 32000, np.float16), (65536, 10, np.float32)):
+    logits = (rng.standard_normal((n, c)) * 2).astype(dtype)
+    target = rng.integers(0, c, size=n)
+    d_logits, d_target = cuda.to_device(logits), cuda.to_device(target)
+    runs = [fg.softmax_cross_entropy(d_logits, d_target, label_smoothing=0.1) for _ in range(2)]
+    t_logits = torch.tensor(logits, device="cuda", dtype=torch.float32, requires_grad=True)
+    t_loss = F.cross_entropy(t_logits, torch.tensor(target, device="cuda"), label_smoothing=0.1)
+    t_loss.backward()
+    loss, grad = runs[0]
+    record(f"cross_entropy {n}x{c} {np.dtype(dtype).name}",
+           dict(loss_abs_err=abs(float(loss.copy_to_host()) - t_loss.item()),
+                grad_max_abs_err=np.abs(grad.copy_to_host().astype(np.float64)
+                                        - t_logits.grad.cpu().numpy()).max()),
+           bits(*runs[0]) == bits(*runs[1]))
+
+for shape, axis in (((64, 256, 28, 28), 1), ((64, 28, 28, 256), -1), ((4, 8, 512, 512), 1)):
+    x = (rng.standard_normal(shape) * 2 + 1).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    d_x, d_dy = cuda.to_device(x), cuda.to_device(dy)
+    runs = []
+    for _ in range(2):
+        y, mean, invstd = fg.batch_norm_forward(d_x, channel_axis=axis)
+        dx, dweight, dbias = fg.batch_norm_backward(d_dy, d_x, mean, invstd, channel_axis=axis)
+        runs.append((y, dx, dweight, dbias))
+    t_x = torch.tensor(np.moveaxis(x, axis, 1), device="cuda", requires_grad=True)
+    t_y = F.batch_norm(t_x, None, None, training=True)
+    t_y.backward(torch.tensor(np.moveaxis(dy, axis, 1), device="cuda"))
+    y, dx, _, _ = runs[0]
+    record(f"batch_norm {shape} axis {axis}",
+           dict(y_max_abs_err=np.abs(np.moveaxis(y.copy_to_host(), axis, 1)
+                                     - t_y.detach().cpu().numpy()).max(),
+                dx_max_abs_err=np.abs(np.moveaxis(dx.copy_to_host(), axis, 1)
+                                      - t_x.grad.cpu().numpy()).max()),
+           bits(*runs[0]) == bits(*runs[1]))
+
+with open(sys.argv[1], "w") as fh:
+    json.dump(results, fh, indent=2)
+ok = all(r["reproducible"] for r in results) and all(
+    v < 1e-3 for r in results for k, v in r.items() if k.endswith("_err"))
+sys.exit(0 if ok else 1)
+PY
+# The bench gets what is left of the 5-minute budget (290 s, leaving a margin).
+step bench "$((290 - SECONDS > 30 ? 290 - SECONDS : 30))" \
+    python -m fusedgrad bench --device cuda --json "$out_dir/bench_cuda.json"
+
+echo "GPU check finished with status $status; results in $out_dir" | tee -a "$out_dir/summary.txt"
+exit "$status"
