@@ -1,0 +1,819 @@
+"""Batch norm over a batch split across processes, cross-entropy over classes split across them.
+
+Two layers:
+
+1. Framework-free building blocks on NumPy arrays, the algebra that makes both operations
+   exact when the data is split: each process reduces its own part, the small per-part results
+   are exchanged (by any transport) and combined in a FIXED order, so every process obtains the
+   same bits, whatever the thread counts.
+2. The same operations on ``torch.distributed`` (gloo on CPUs), autograd-aware:
+   :class:`SyncBatchNorm` (a drop-in for ``torch.nn.SyncBatchNorm``), :func:`convert_sync_batchnorm`
+   and :func:`vocab_parallel_softmax_cross_entropy`.
+
+Batch norm over a split batch
+-----------------------------
+Each part p (a process's slice of the batch) computes per channel ``(n_p, mean_p, M2_p)`` with
+``M2_p = sum (x - mean_p)^2`` (:func:`bn_partial_stats`, the CPU backend's cache-blocked kernel).
+:func:`bn_merge_stats` combines them with Chan's update in part order (skipping empty parts)::
+
+    n = n_a + n_b,  delta = mean_b - mean_a,  mean = mean_a + delta n_b / n,
+    M2 = M2_a + M2_b + delta^2 n_a n_b / n
+
+which is exact algebra for any counts (no sum(x^2) - n mean^2 cancellation), so the merged
+statistics equal those of the concatenated batch up to rounding. Then, with the global count n,
+``var = M2 / n`` (biased, for normalising) and ``M2 / (n - 1)`` (unbiased, running buffer)::
+
+    y  = (x - mean) invstd weight + bias,                         invstd = 1 / sqrt(var + eps)
+    dx = weight invstd (dy - sum(dy) / n - xhat sum(dy xhat) / n),  xhat = (x - mean) invstd
+
+The backward needs only two global per-channel sums: :func:`bn_backward_reduce` gives a part's
+``(sum dy, sum dy xhat)``, the parts' sums are added, and :func:`bn_backward_elementwise` writes
+the part's dx from the global sums. A part's own sums are its ``dbias`` and ``dweight``
+(data-parallel training adds them across processes, as for any parameter gradient).
+
+Cross-entropy over class shards
+-------------------------------
+Shard k holds the logits of classes ``[o_k, o_k + C_k)`` for every row; the target is a global
+class index, the same on every shard. Per row and shard (:func:`ce_shard_stats`)::
+
+    m_k = max_j z_j,   s_k = sum_j exp(z_j - m_k),   t_k = z_target if the target is here else 0,
+    u_k = sum_j w_j z_j                                (only with label smoothing)
+
+:func:`ce_combine` (fixed shard order): ``M = max_k m_k``, ``S = sum_k s_k exp(m_k - M)``,
+``lse = M + log S``, ``z_t = sum_k t_k`` (one shard holds it; the others add an exact 0),
+``U = sum_k u_k``. With q_c = (1 - s) y_c + s / C and W = sum_c w_c (:func:`ce_loss`)::
+
+    loss = (1 - s) w_t (lse - z_t) + (s / C)(lse W - U) + z_loss w_t lse^2
+
+and each shard writes its own gradient slice (:func:`ce_shard_grad`) from the global lse alone,
+p_j = exp(z_j - lse)::
+
+    dloss/dz_j = p_j [(1 - s) w_t + (s / C) W + 2 z_loss w_t lse] - (s / C) w_j - (1 - s) w_t [j = t]
+
+With the global maximum known first (as on torch.distributed, where it is one all-reduce), the
+shards shift by M itself (``shift=M``) and the ``s_k`` simply add up. Supported exactly: class
+indices with ``ignore_index``, class ``weight`` (the full (C,) vector, replicated), label
+smoothing, ``z_loss`` and the reductions "mean" | "sum" | "none" with PyTorch's normalisation.
+Probability targets are refused with a ``TypeError`` (an (N, C) target would itself have to be
+sharded); logits must be 2-D ``(N, C_k)``.
+
+On torch.distributed
+--------------------
+``SyncBatchNorm`` forward: ONE ``all_gather_into_tensor`` of the packed float64 vector
+``[n_p, mean_p (C), M2_p (C)]``, merged by every rank in rank order (an all-reduce of sums would
+be neither exact nor ordered); backward: ONE ``all_reduce`` of ``[sum dy (C), sum dy xhat (C)]``.
+Ranks with an empty batch take part with ``n_p = 0``. Eval mode uses the running statistics with
+no collective. ``vocab_parallel_softmax_cross_entropy``: two small all-reduces in forward (MAX of
+the row maxima, packed with the shard widths so the class offsets come for free; SUM of
+``[s, t, u]``), none in backward. Tensors must be on the CPU.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from numba import njit, prange
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from . import torch as fgt
+from ._validate import (FLOAT_DTYPES_CPU, INT_DTYPES, as_host_array, check_dtype, check_int,
+                        check_ndim, check_real, check_reduction, check_shape, check_writeable)
+from .cpu import batch_norm as _bn_cpu
+from .cpu import cross_entropy as _ce_cpu
+from .cpu._math import FASTMATH, cast_like
+from .cpu._reduce import merge_moments
+from .cpu.cross_entropy import (BLOCK, _exp_scale_minus_weighted, _fill_zero, _max_of,
+                                _sum_exp_shifted, _weighted_sum)
+
+__all__ = ["bn_partial_stats", "bn_merge_stats", "bn_forward_from_stats", "bn_backward_reduce",
+           "bn_backward_elementwise", "ShardStats", "ce_shard_max", "ce_shard_stats",
+           "ce_combine", "ce_loss", "ce_shard_grad",
+           "SyncBatchNorm", "convert_sync_batchnorm", "vocab_parallel_softmax_cross_entropy"]
+
+
+# ============================================================================================
+# Batch norm building blocks
+# ============================================================================================
+def _channel_axis(x, channel_axis) -> int:
+    axis = check_int("channel_axis", channel_axis)
+    if axis not in (1, -1, x.ndim - 1):
+        raise ValueError(f"channel_axis must be 1 or -1, got {channel_axis}")
+    return 1 if axis == 1 else x.ndim - 1
+
+
+def _kernel_view(x, axis: int):
+    """(P, C, S) C-contiguous view (a copy only if ``x`` is not contiguous); see cpu.batch_norm."""
+    x = np.ascontiguousarray(x)
+    if axis == 1:
+        return x.reshape(x.shape[0], x.shape[1], -1)
+    return x.reshape(-1, x.shape[-1], 1)
+
+
+def _bn_input(name, x, channel_axis):
+    """Validated float array and its channel axis."""
+    x = as_host_array(name, x)
+    check_dtype(name, x, FLOAT_DTYPES_CPU)
+    check_ndim(name, x, 2, "(N, C, ...) or channels-last (N, ..., C)")
+    axis = _channel_axis(x, channel_axis)
+    if x.shape[axis] == 0:
+        raise ValueError(f"{name} must have at least one channel, got shape {x.shape}")
+    return x, axis
+
+
+def _channel_vector(name, vec, n_channels, *, writeable=False):
+    if vec is None:
+        return None
+    vec = as_host_array(name, vec)
+    check_dtype(name, vec, FLOAT_DTYPES_CPU)
+    check_shape(name, vec, (n_channels,))
+    if writeable:
+        check_writeable(name, vec)
+    return vec
+
+
+def _f64_vector(name, vec, n_channels):
+    return np.ascontiguousarray(_channel_vector(name, vec, n_channels), dtype=np.float64)
+
+
+def _output(out, x, name="out"):
+    """``out`` checked (shape and dtype of x, C-contiguous, writeable) or a new array."""
+    if out is None:
+        return np.empty(x.shape, x.dtype)
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy array, got {type(out).__name__}")
+    check_shape(name, out, x.shape)
+    if out.dtype != x.dtype:
+        raise TypeError(f"{name} must have dtype {x.dtype}, got {out.dtype}")
+    if not (out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError(f"{name} must be a writeable C-contiguous array")
+    if np.shares_memory(out, x):
+        raise ValueError(f"{name} must not share memory with the input")
+    return out
+
+
+def bn_partial_stats(x, *, channel_axis=1):
+    """One part's per-channel statistics ``(count, mean, m2)``.
+
+    x: float32/float64 ``(N, C, ...)`` (``channel_axis=1``) or channels-last ``(N, ..., C)``
+    (``channel_axis=-1``); N may be 0. Returns count = values per channel (int), mean and
+    m2 = sum (x - mean)^2, ``(C,)`` float64 (zeros for an empty part).
+    """
+    x, axis = _bn_input("x", x, channel_axis)
+    n_channels = x.shape[axis]
+    if x.size == 0:
+        return 0, np.zeros(n_channels), np.zeros(n_channels)
+    return _bn_cpu.channel_stats(_kernel_view(x, axis))
+
+
+def bn_merge_stats(counts, means, m2s):
+    """Chan-merge K parts' statistics in index order: ``(count, mean, m2)``.
+
+    counts: (K,) non-negative integers; means, m2s: (K, C) as from :func:`bn_partial_stats`.
+    Parts with count 0 are skipped (their mean and m2 are not read); a single non-empty part is
+    returned bitwise unchanged. With every part empty the result is ``(0, zeros, zeros)``.
+    """
+    counts = as_host_array("counts", counts)
+    means = as_host_array("means", means)
+    m2s = as_host_array("m2s", m2s)
+    if counts.ndim != 1:
+        raise ValueError(f"counts must be 1-D (K,), got shape {counts.shape}")
+    if means.ndim != 2 or means.shape[0] != counts.shape[0]:
+        raise ValueError(f"means must have shape (K={counts.shape[0]}, C), got {means.shape}")
+    check_shape("m2s", m2s, means.shape)
+    if counts.shape[0] == 0:
+        raise ValueError("counts must hold at least one part")
+    if np.any(counts < 0) or np.any(counts != np.round(counts)):
+        raise ValueError(f"counts must be non-negative integers, got {counts}")
+    kept = counts > 0
+    if not np.any(kept):
+        return 0, np.zeros(means.shape[1]), np.zeros(means.shape[1])
+    count, mean, m2 = merge_moments(
+        np.ascontiguousarray(counts[kept], dtype=np.float64),
+        np.ascontiguousarray(means[kept], dtype=np.float64),
+        np.ascontiguousarray(m2s[kept], dtype=np.float64))
+    return int(count), mean, m2
+
+
+def bn_forward_from_stats(x, count, mean, m2, weight=None, bias=None, running_mean=None,
+                          running_var=None, *, momentum=0.1, eps=1e-5, channel_axis=1, out=None):
+    """Normalise one part with the merged statistics; update the running buffers.
+
+    count, mean, m2: the GLOBAL statistics from :func:`bn_merge_stats` (count >= 2).
+    y = (x - mean) invstd weight + bias, invstd = 1 / sqrt(m2 / count + eps); running buffers
+    (optional, (C,), updated in place) get ``r = (1 - momentum) r + momentum stat`` with the
+    unbiased variance m2 / (count - 1). Returns ``(y, mean, invstd)``: y like x (written into
+    ``out`` if given), mean and invstd ``(C,)`` float64 (pass them to the backward blocks).
+    """
+    x, axis = _bn_input("x", x, channel_axis)
+    n_channels = x.shape[axis]
+    count = check_int("count", count)
+    if count < 2:
+        raise ValueError(f"count must be >= 2 (values per channel over all parts in training), "
+                         f"got {count}")
+    mean = _f64_vector("mean", mean, n_channels)
+    m2 = _f64_vector("m2", m2, n_channels)
+    weight = _channel_vector("weight", weight, n_channels)
+    bias = _channel_vector("bias", bias, n_channels)
+    running_mean = _channel_vector("running_mean", running_mean, n_channels, writeable=True)
+    running_var = _channel_vector("running_var", running_var, n_channels, writeable=True)
+    momentum = check_real("momentum", momentum, low=0.0, high=1.0)
+    eps = check_real("eps", eps, low=0.0, low_open=True)
+    y = _output(out, x)
+    var = m2 / count
+    invstd = 1.0 / np.sqrt(var + eps)
+    if x.size:
+        _bn_cpu.normalize(_kernel_view(x, axis), mean, invstd, weight, bias,
+                          _kernel_view(y, axis))
+    if running_mean is not None:
+        running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
+    if running_var is not None:
+        running_var[...] = (1.0 - momentum) * running_var + momentum * (m2 / (count - 1))
+    return y, mean, invstd
+
+
+def _bn_grad_inputs(dy, x, mean, invstd, channel_axis):
+    x, axis = _bn_input("x", x, channel_axis)
+    dy = as_host_array("dy", dy)
+    check_shape("dy", dy, x.shape)
+    check_dtype("dy", dy, (x.dtype,))
+    n_channels = x.shape[axis]
+    return (dy, x, axis, _f64_vector("mean", mean, n_channels),
+            _f64_vector("invstd", invstd, n_channels))
+
+
+def bn_backward_reduce(dy, x, mean, invstd, *, channel_axis=1):
+    """One part's ``(sum dy, sum dy xhat)`` per channel, ``(C,)`` float64 each.
+
+    xhat = (x - mean) invstd with the global mean / invstd. Also the part's dbias and dweight.
+    """
+    dy, x, axis, mean, invstd = _bn_grad_inputs(dy, x, mean, invstd, channel_axis)
+    if x.size == 0:
+        return np.zeros(mean.shape[0]), np.zeros(mean.shape[0])
+    return _bn_cpu.backward_reduce(_kernel_view(dy, axis), _kernel_view(x, axis), mean, invstd)
+
+
+def bn_backward_elementwise(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count, *,
+                            channel_axis=1, out=None):
+    """One part's dx = weight invstd (dy - sum_dy / count - xhat sum_dy_xhat / count).
+
+    sum_dy, sum_dy_xhat: the GLOBAL sums (added over parts); count: the GLOBAL values per
+    channel. Returns dx like x (written into ``out`` if given).
+    """
+    dy, x, axis, mean, invstd = _bn_grad_inputs(dy, x, mean, invstd, channel_axis)
+    n_channels = mean.shape[0]
+    weight = _channel_vector("weight", weight, n_channels)
+    sum_dy = _f64_vector("sum_dy", sum_dy, n_channels)
+    sum_dy_xhat = _f64_vector("sum_dy_xhat", sum_dy_xhat, n_channels)
+    count = check_int("count", count)
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    dx = _output(out, x)
+    if x.size:
+        _bn_cpu.backward_elementwise(_kernel_view(dy, axis), _kernel_view(x, axis), mean, invstd,
+                                     weight, sum_dy, sum_dy_xhat, count, _kernel_view(dx, axis))
+    return dx
+
+
+# ============================================================================================
+# Cross-entropy over class shards: kernels
+# ============================================================================================
+#: Rows per parallel chunk are chosen so that a chunk holds about this many logits; the chunking
+#: depends on the shape only (each row is computed by one thread, in a fixed order of blocks).
+_CHUNK_ELEMENTS = 1 << 15
+
+
+@njit(cache=True, inline="always")
+def _row_chunks(n_rows, n_cols):
+    rows = max(1, _CHUNK_ELEMENTS // max(1, n_cols))
+    return rows, (n_rows + rows - 1) // rows
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def _shard_max_kernel(logits, out):
+    """out[i] = max_j logits[i, j] (NaN if any is NaN), in float64."""
+    n, c = logits.shape
+    rows, n_chunks = _row_chunks(n, c)
+    for chunk in prange(n_chunks):
+        for i in range(chunk * rows, min(n, (chunk + 1) * rows)):
+            out[i] = np.float64(_max_of(logits[i]))
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def _shard_stats_kernel(logits, target, offset, weights, shift, ignore_index, with_weighted,
+                        sum_exp, target_logit, weighted):
+    """Per row: sum_j exp(z_j - shift_i), z_target (0 if not on this shard), sum_j w_j z_j.
+
+    ``shift`` holds the row maxima (the shard's or the global); a row whose maximum is -inf
+    (every class masked) is shifted by 0 instead, so its sum is an exact 0. Each BLOCK of the
+    row is summed in the logits' dtype (vectorised exp) and the blocks in float64.
+    """
+    n, c = logits.shape
+    rows, n_chunks = _row_chunks(n, c)
+    for chunk in prange(n_chunks):
+        for i in range(chunk * rows, min(n, (chunk + 1) * rows)):
+            z = logits[i]
+            s = shift[i] if shift[i] > -np.inf else 0.0
+            s_cast = cast_like(s, z)
+            total = 0.0
+            w_total = 0.0
+            for lo in range(0, c, BLOCK):
+                zb = z[lo:min(c, lo + BLOCK)]
+                total += np.float64(_sum_exp_shifted(zb, zb, s_cast, False))
+                if with_weighted:
+                    w_total += _weighted_sum(zb, weights[lo:min(c, lo + BLOCK)])
+            sum_exp[i] = total
+            weighted[i] = w_total
+            local = target[i] - offset
+            on_shard = target[i] != ignore_index and 0 <= local < c
+            target_logit[i] = np.float64(z[local]) if on_shard else 0.0
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def _shard_grad_kernel(logits, target, offset, weights, target_weights, lse, scale,
+                       per_row_scale, smooth_per_class, weight_total, smoothing, z_loss,
+                       ignore_index, grad):
+    """grad[i, j] = scale_i (p_ij coef_i - (s / C) w_j - (1 - s) w_t [j = t - offset]).
+
+    coef_i = (1 - s) w_t + (s / C) W + 2 z_loss w_t lse_i; p_ij = exp(z_ij - lse_i); rows that
+    are ignored, or whose scale is 0, get zeros. ``weights`` is this shard's slice of w,
+    ``target_weights`` holds w_t per row (0 for ignored rows).
+    """
+    n, c = logits.shape
+    rows, n_chunks = _row_chunks(n, c)
+    for chunk in prange(n_chunks):
+        for i in range(chunk * rows, min(n, (chunk + 1) * rows)):
+            g = grad[i]
+            sc = scale[i] if per_row_scale else scale[0]
+            if target[i] == ignore_index or sc == 0.0:
+                _fill_zero(g)
+                continue
+            w_t = target_weights[i]
+            coef = (1.0 - smoothing) * w_t + smooth_per_class * weight_total \
+                + 2.0 * z_loss * w_t * lse[i]
+            _exp_scale_minus_weighted(logits[i], g, lse[i], sc * coef, sc * smooth_per_class,
+                                      weights)
+            local = target[i] - offset
+            if 0 <= local < c:
+                g[local] -= cast_like(sc * (1.0 - smoothing) * w_t, g)
+
+
+# ============================================================================================
+# Cross-entropy over class shards: building blocks
+# ============================================================================================
+class ShardStats(NamedTuple):
+    """Per-row statistics of one class shard, each ``(N,)`` float64 (see the module docstring).
+
+    ``row_max``: the shift the exponentials were taken against (the shard's maximum, or the
+    global one when given); ``sum_exp``: sum_j exp(z_j - row_max); ``target_logit``: z_target or
+    0; ``weighted_sum``: sum_j w_j z_j (zeros unless label smoothing asked for it).
+    """
+
+    row_max: np.ndarray
+    sum_exp: np.ndarray
+    target_logit: np.ndarray
+    weighted_sum: np.ndarray
+
+
+def _shard_logits(logits_shard):
+    logits = as_host_array("logits_shard", logits_shard)
+    check_dtype("logits_shard", logits, FLOAT_DTYPES_CPU)
+    if logits.ndim != 2 or logits.shape[1] == 0:
+        raise ValueError(f"logits_shard must be 2-D (N, C_shard) with C_shard >= 1, "
+                         f"got shape {logits.shape}")
+    return np.ascontiguousarray(logits)
+
+
+def _index_target(target, n_rows):
+    target = as_host_array("target", target)
+    if target.dtype.kind == "f":
+        raise TypeError("target must hold integer class indices: probability targets are not "
+                        "supported over class shards")
+    check_dtype("target", target, INT_DTYPES)
+    check_shape("target", target, (n_rows,))
+    return np.ascontiguousarray(target, dtype=np.int64)
+
+
+def _checked_target(target, n_rows, n_classes, ignore_index):
+    target = _index_target(target, n_rows)
+    _ce_cpu.check_index_target(target, n_classes, ignore_index)
+    return target
+
+
+def _class_weights(weight, n_classes):
+    if weight is not None:
+        weight = as_host_array("weight", weight)
+        check_dtype("weight", weight, FLOAT_DTYPES_CPU)
+        check_shape("weight", weight, (n_classes,))
+    return _ce_cpu.class_weights(weight, n_classes)
+
+
+def _shard_bounds(class_offset, n_classes, width):
+    offset = check_int("class_offset", class_offset)
+    n_classes = check_int("n_classes", n_classes)
+    if offset < 0 or offset + width > n_classes:
+        raise ValueError(f"class_offset must place the shard's {width} classes inside "
+                         f"[0, n_classes={n_classes}), got class_offset={offset}")
+    return offset, n_classes
+
+
+def ce_shard_max(logits_shard):
+    """Row maxima of one shard's logits ``(N, C_shard)``: ``(N,)`` float64."""
+    logits = _shard_logits(logits_shard)
+    out = np.empty(logits.shape[0])
+    _shard_max_kernel(logits, out)
+    return out
+
+
+def ce_shard_stats(logits_shard, target, class_offset, n_classes, *, shift=None, weight=None,
+                   ignore_index=-100, label_smoothing=0.0):
+    """Per-row :class:`ShardStats` of the shard holding classes ``[class_offset, +C_shard)``.
+
+    logits_shard: float32/float64 ``(N, C_shard)``; target: ``(N,)`` int32/int64 GLOBAL class
+    indices (or ``ignore_index``), the same on every shard; n_classes: C over all shards;
+    shift: optional ``(N,)`` row maxima to exponentiate against (the global maxima, so the
+    shards' ``sum_exp`` add up directly), default the shard's own; weight: optional full
+    ``(C,)`` class weights (this shard reads its slice); the weighted sum is computed only when
+    ``label_smoothing > 0``.
+    """
+    logits = _shard_logits(logits_shard)
+    n, width = logits.shape
+    offset, n_classes = _shard_bounds(class_offset, n_classes, width)
+    ignore_index = check_int("ignore_index", ignore_index)
+    target = _checked_target(target, n, n_classes, ignore_index)
+    weights = _class_weights(weight, n_classes)[offset:offset + width]
+    smoothing = check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    if shift is None:
+        row_max = np.empty(n)
+        _shard_max_kernel(logits, row_max)
+    else:
+        row_max = np.ascontiguousarray(as_host_array("shift", shift), dtype=np.float64)
+        check_shape("shift", row_max, (n,))
+    sum_exp, target_logit, weighted = np.empty(n), np.empty(n), np.empty(n)
+    _shard_stats_kernel(logits, target, offset, weights, row_max, ignore_index, smoothing > 0.0,
+                        sum_exp, target_logit, weighted)
+    return ShardStats(row_max, sum_exp, target_logit, weighted)
+
+
+def _lse(row_max, sum_exp):
+    """log-sum-exp from a shift and the sum of exponentials against it (shift 0 for -inf)."""
+    with np.errstate(divide="ignore"):
+        return np.where(row_max > -np.inf, row_max, 0.0) + np.log(sum_exp)
+
+
+def ce_combine(shard_stats):
+    """Combine the shards' :class:`ShardStats` in list order: ``(lse, target_logit, weighted)``.
+
+    M = max_k m_k; S = sum_k s_k exp(m_k - M) (shards with s_k = 0 add nothing);
+    lse = M + log S; target_logit and weighted: plain sums in shard order. Each ``(N,)`` float64.
+    """
+    shard_stats = list(shard_stats)
+    if not shard_stats:
+        raise ValueError("shard_stats must hold at least one shard's statistics")
+    top = shard_stats[0].row_max.copy()
+    for stats in shard_stats[1:]:
+        top = np.fmax(top, stats.row_max)
+    shift = np.where(top > -np.inf, top, 0.0)
+    total = np.zeros_like(top)
+    target_logit = np.zeros_like(top)
+    weighted = np.zeros_like(top)
+    for stats in shard_stats:
+        own_shift = np.where(stats.row_max > -np.inf, stats.row_max, 0.0)
+        with np.errstate(invalid="ignore"):
+            total += np.where(stats.sum_exp != 0.0,
+                              stats.sum_exp * np.exp(own_shift - shift), 0.0)
+        target_logit += stats.target_logit
+        weighted += stats.weighted_sum
+    return _lse(top, total), target_logit, weighted
+
+
+class _CeOptions(NamedTuple):
+    target: np.ndarray
+    n_classes: int
+    weights: np.ndarray
+    target_weights: np.ndarray
+    ignore_index: int
+    reduction: str
+    smoothing: float
+    z_loss: float
+
+
+def _ce_options(target, n_rows, n_classes, weight, ignore_index, reduction, label_smoothing,
+                z_loss):
+    n_classes = check_int("n_classes", n_classes)
+    if n_classes < 1:
+        raise ValueError(f"n_classes must be >= 1, got {n_classes}")
+    ignore_index = check_int("ignore_index", ignore_index)
+    target = _checked_target(target, n_rows, n_classes, ignore_index)
+    weights = _class_weights(weight, n_classes)
+    ignored = target == ignore_index
+    target_weights = np.where(ignored, 0.0, weights[np.where(ignored, 0, target)])
+    return _CeOptions(target, n_classes, weights, target_weights, ignore_index,
+                      check_reduction(reduction),
+                      check_real("label_smoothing", label_smoothing, low=0.0, high=1.0),
+                      check_real("z_loss", z_loss, low=0.0))
+
+
+def _mean_denominator(opts: _CeOptions) -> float:
+    return _ce_cpu.target_weight_sum(opts.target, opts.weights, opts.ignore_index)
+
+
+def ce_loss(lse, target_logit, weighted_sum, target, n_classes, *, weight=None,
+            ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0):
+    """The loss from the combined statistics (module docstring), PyTorch's reductions.
+
+    lse, target_logit, weighted_sum: ``(N,)`` from :func:`ce_combine`; target ``(N,)`` global
+    class indices; weight: optional full ``(C,)``. Returns a 0-d float64 array ("mean": divided
+    by the summed target weights of non-ignored rows, NaN if all are ignored; "sum"), or the
+    ``(N,)`` float64 per-row losses ("none", 0 for ignored rows).
+    """
+    lse = np.asarray(lse, dtype=np.float64)
+    opts = _ce_options(target, lse.shape[0], n_classes, weight, ignore_index, reduction,
+                       label_smoothing, z_loss)
+    target_logit = np.asarray(target_logit, dtype=np.float64)
+    weighted_sum = np.asarray(weighted_sum, dtype=np.float64)
+    s, w_t = opts.smoothing, opts.target_weights
+    per_row = ((1.0 - s) * w_t * (lse - target_logit)
+               + (s / opts.n_classes) * (lse * opts.weights.sum() - weighted_sum)
+               + opts.z_loss * w_t * lse * lse)
+    per_row = np.where(opts.target == opts.ignore_index, 0.0, per_row)
+    if opts.reduction == "none":
+        return per_row
+    total = _ce_cpu.sum_samples(per_row)
+    if opts.reduction == "sum":
+        return np.array(total)
+    denominator = _mean_denominator(opts)
+    return np.array(total / denominator if denominator != 0.0 else np.nan)
+
+
+def ce_shard_grad(logits_shard, target, class_offset, lse, n_classes, *, weight=None,
+                  ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
+                  grad_loss=None, out=None):
+    """This shard's slice of d(loss)/d(logits), ``(N, C_shard)`` in the logits' dtype.
+
+    lse: the GLOBAL ``(N,)`` log-sum-exp (from :func:`ce_combine`); grad_loss: the upstream
+    gradient (a scalar for "mean"/"sum", ``(N,)`` for "none"; ``None`` means 1). "mean" divides
+    by the summed target weights (all ignored: zeros). Written into ``out`` if given.
+    """
+    logits = _shard_logits(logits_shard)
+    n, width = logits.shape
+    offset, n_classes = _shard_bounds(class_offset, n_classes, width)
+    opts = _ce_options(target, n, n_classes, weight, ignore_index, reduction, label_smoothing,
+                       z_loss)
+    lse = np.ascontiguousarray(as_host_array("lse", lse), dtype=np.float64)
+    check_shape("lse", lse, (n,))
+    if grad_loss is None:
+        scale = np.ones(1)
+    else:
+        scale = np.asarray(as_host_array("grad_loss", grad_loss), dtype=np.float64)
+        check_shape("grad_loss", scale, (n,) if opts.reduction == "none" else ())
+        scale = np.ascontiguousarray(scale.reshape(-1))
+    grad = _output(out, logits)
+    if opts.reduction == "mean":
+        denominator = _mean_denominator(opts)
+        scale = scale / denominator if denominator != 0.0 else np.zeros(1)
+    _shard_grad_kernel(logits, opts.target, offset,
+                       np.ascontiguousarray(opts.weights[offset:offset + width]),
+                       opts.target_weights, lse, scale, scale.shape[0] > 1,
+                       opts.smoothing / n_classes, float(opts.weights.sum()), opts.smoothing,
+                       opts.z_loss, opts.ignore_index, grad)
+    return grad
+
+
+# ============================================================================================
+# torch.distributed: SyncBatchNorm
+# ============================================================================================
+def _cpu_tensor(name, tensor):
+    if isinstance(tensor, torch.Tensor) and tensor.device.type != "cpu":
+        raise TypeError(f"{name} must be a CPU tensor (fusedgrad.distributed runs the CPU "
+                        f"kernels), got device {tensor.device}")
+    return fgt._kernel_array(name, tensor)
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """Batch norm over the concatenated batch of all ranks of ``group``.
+
+    Saves the (channel-layout) input, ``weight``, the global mean / invstd (float64) and the
+    global count.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group,
+                world_size):
+        layout = fgt._ChannelLayout(x)
+        x_kernel = layout.to_kernel(x)
+        x_array = _cpu_tensor("input", x_kernel)
+        count, mean, m2 = bn_partial_stats(x_array, channel_axis=layout.channel_axis)
+        # One collective: every rank's [count, mean (C), M2 (C)], then the same fixed-order
+        # merge on every rank (so all ranks normalise with identical statistics).
+        local = torch.from_numpy(np.concatenate(([float(count)], mean, m2)))
+        gathered = torch.empty(world_size * local.numel(), dtype=torch.float64)
+        dist.all_gather_into_tensor(gathered, local, group=group)
+        parts = gathered.view(world_size, -1).numpy()
+        n_channels = mean.shape[0]
+        count, mean, m2 = bn_merge_stats(parts[:, 0], parts[:, 1:1 + n_channels],
+                                         parts[:, 1 + n_channels:])
+        if count < 2:
+            raise ValueError(f"Expected more than 1 value per channel when training across "
+                             f"all ranks, got {count} (input size {tuple(x.shape)} here)")
+        y, mean, invstd = bn_forward_from_stats(
+            x_array, count, mean, m2, _cpu_tensor("weight", weight), _cpu_tensor("bias", bias),
+            _cpu_tensor("running_mean", running_mean), _cpu_tensor("running_var", running_var),
+            momentum=momentum, eps=eps, channel_axis=layout.channel_axis)
+        ctx.layout, ctx.count, ctx.group = layout, count, group
+        ctx.save_for_backward(x_kernel, weight, torch.from_numpy(mean),
+                              torch.from_numpy(invstd))
+        return layout.from_kernel(torch.from_numpy(y))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        x_kernel, weight, mean, invstd = ctx.saved_tensors
+        layout = ctx.layout
+        x_array = x_kernel.numpy()
+        dy_array = layout.to_kernel(grad_output.to(x_kernel.dtype)).numpy()
+        axis = layout.channel_axis
+        sum_dy, sum_dy_xhat = bn_backward_reduce(dy_array, x_array, mean.numpy(),
+                                                 invstd.numpy(), channel_axis=axis)
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            # One collective: the two global per-channel sums dx needs.
+            sums = torch.from_numpy(np.concatenate((sum_dy, sum_dy_xhat)))
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=ctx.group)
+            global_dy, global_dy_xhat = sums.numpy().reshape(2, -1)
+            dx = bn_backward_elementwise(
+                dy_array, x_array, mean.numpy(), invstd.numpy(), _cpu_tensor("weight", weight),
+                global_dy, global_dy_xhat, ctx.count, channel_axis=axis)
+            grad_input = layout.from_kernel(torch.from_numpy(dx))
+        # The parameter gradients stay local, as in torch.nn.SyncBatchNorm: data-parallel
+        # training (DDP) reduces them with the other parameters.
+        grad_weight = torch.from_numpy(sum_dy_xhat) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.from_numpy(sum_dy) if ctx.needs_input_grad[2] else None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+class SyncBatchNorm(nn.SyncBatchNorm):
+    """``torch.nn.SyncBatchNorm`` on CPU tensors with fusedgrad's kernels and exact statistics.
+
+    Same constructor (``num_features, eps, momentum, affine, track_running_stats,
+    process_group, device, dtype``), parameters, buffers and ``state_dict`` keys. In training,
+    with ``torch.distributed`` initialised and more than one rank in the group, every rank
+    normalises its input ``(N, C, *)`` with the statistics of the concatenated batch of all
+    ranks (N may differ per rank and be 0): one all-gather in forward, one all-reduce in
+    backward. The running buffers are updated identically on every rank (unbiased variance
+    with the global count). Otherwise (eval, one rank, no process group) it is a plain fused
+    batch norm (``fusedgrad.torch.batch_norm``) with no collective.
+    """
+
+    def forward(self, input):
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average over all batches so far
+                momentum = 1.0 / float(self.num_batches_tracked)
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        tracked = not self.training or self.track_running_stats
+        running_mean = self.running_mean if tracked else None
+        running_var = self.running_var if tracked else None
+        group = self.process_group or (dist.group.WORLD if dist.is_initialized() else None)
+        world_size = dist.get_world_size(group) if group is not None else 1
+        if not (bn_training and self.training and world_size > 1):
+            return fgt.batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                                  bn_training, momentum, self.eps)
+        return _SyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean,
+                                            running_var, self.eps, momentum, group, world_size)
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module, process_group=None):
+        """Replace every batch-norm layer in ``module`` by this class, in place.
+
+        Like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: any ``_BatchNorm`` (torch's,
+        fusedgrad's, torch's SyncBatchNorm) becomes a :class:`SyncBatchNorm` holding the very
+        same parameter and buffer tensors and train/eval flag. Returns ``module``, or its
+        replacement when ``module`` itself is a batch-norm layer.
+        """
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and type(module) is not cls:
+            return _sync_copy(module, cls, process_group)
+        for name, child in module.named_children():
+            converted = cls.convert_sync_batchnorm(child, process_group)
+            if converted is not child:
+                module.add_module(name, converted)
+        return module
+
+
+def _sync_copy(bn, cls, process_group):
+    # Built on the meta device (no throwaway parameters), then handed the original tensors.
+    sync = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+               process_group, device="meta", bias=bn.bias is not None)
+    for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        setattr(sync, name, getattr(bn, name))
+    if hasattr(bn, "qconfig"):
+        sync.qconfig = bn.qconfig
+    return sync.train(bn.training)
+
+
+def convert_sync_batchnorm(module, process_group=None):
+    """:meth:`SyncBatchNorm.convert_sync_batchnorm` as a function."""
+    return SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+
+
+# ============================================================================================
+# torch.distributed: vocabulary-parallel cross-entropy
+# ============================================================================================
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Cross-entropy whose classes are split over the ranks of ``group``, in rank order.
+
+    Saves the logits shard and target (by reference) and the global lse per row; the backward
+    needs no communication.
+    """
+
+    @staticmethod
+    def forward(ctx, logits_shard, target, weight, ignore_index, reduction, label_smoothing,
+                z_loss, group):
+        logits = _cpu_tensor("logits_shard", logits_shard)
+        n_rows, width = logits.shape
+        rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+        # All-reduce 1 (MAX): the row maxima, and each rank's shard width in its own slot
+        # (zeros elsewhere), so the maximum over ranks is the list of all widths.
+        packed = torch.zeros(n_rows + world_size, dtype=torch.float64)
+        packed[:n_rows] = torch.from_numpy(ce_shard_max(logits))
+        packed[n_rows + rank] = width
+        dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
+        row_max = packed[:n_rows].numpy()
+        widths = packed[n_rows:].numpy().astype(np.int64)
+        offset, n_classes = int(widths[:rank].sum()), int(widths.sum())
+        target_array = _cpu_tensor("target", target)
+        weight_array = _cpu_tensor("weight", weight)
+        options = dict(weight=weight_array, ignore_index=ignore_index,
+                       label_smoothing=label_smoothing)
+        stats = ce_shard_stats(logits, target_array, offset, n_classes, shift=row_max, **options)
+        # All-reduce 2 (SUM): exponentials against the common shift, the target logit (one
+        # rank contributes it, the others an exact 0), and sum_j w_j z_j for label smoothing.
+        sums = [stats.sum_exp, stats.target_logit]
+        if label_smoothing > 0.0:
+            sums.append(stats.weighted_sum)
+        summed = torch.from_numpy(np.stack(sums))
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
+        summed = summed.numpy()
+        weighted = summed[2] if label_smoothing > 0.0 else np.zeros(n_rows)
+        lse = _lse(row_max, summed[0])
+        loss = ce_loss(lse, summed[1], weighted, target_array, n_classes, reduction=reduction,
+                       z_loss=z_loss, **options)
+        ctx.options = dict(options, reduction=reduction, z_loss=z_loss)
+        ctx.offset, ctx.n_classes = offset, n_classes
+        ctx.save_for_backward(logits_shard, target, weight, torch.from_numpy(lse))
+        return torch.from_numpy(loss).to(logits_shard.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        logits_shard, target, weight, lse = ctx.saved_tensors
+        options = dict(ctx.options, weight=fgt._kernel_array("weight", weight))
+        upstream = grad_loss.to(torch.float64).contiguous().numpy()
+        grad = ce_shard_grad(logits_shard.detach().numpy(), target.numpy(), ctx.offset,
+                             lse.numpy(), ctx.n_classes, grad_loss=upstream, **options)
+        return torch.from_numpy(grad), None, None, None, None, None, None, None
+
+
+def vocab_parallel_softmax_cross_entropy(logits_shard, target, group=None, *, weight=None,
+                                         ignore_index=-100, reduction="mean",
+                                         label_smoothing=0.0, z_loss=0.0):
+    """Softmax cross-entropy of logits whose classes are split over the ranks of ``group``.
+
+    logits_shard: CPU float32/float64 ``(N, C_r)``, the classes ``[o_r, o_r + C_r)`` of every
+    row on rank r, the shards in rank order (widths may differ; ``o_r`` = sum of the widths of
+    lower ranks, found by the first all-reduce); target: ``(N,)`` int64/int32 GLOBAL class
+    indices or ``ignore_index``, identical on every rank; weight: optional full ``(C,)`` class
+    weights, identical on every rank. Semantics of ``torch.nn.functional.cross_entropy``
+    (reductions, label smoothing) plus ``z_loss`` as in ``fusedgrad.softmax_cross_entropy``.
+    Returns the loss (the same on every rank) in the logits' dtype; autograd gives each rank the
+    gradient of its own shard. Two all-reduces in forward, none in backward; every rank of the
+    group must call it with the same N.
+    """
+    if not isinstance(logits_shard, torch.Tensor):
+        raise TypeError(f"logits_shard must be a torch.Tensor, got {type(logits_shard).__name__}")
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.is_floating_point():
+        raise TypeError("target must hold integer class indices: probability targets are not "
+                        "supported with vocabulary-parallel logits")
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError("weight must not require grad: gradients with respect to the class "
+                         "weights are not computed (pass weight.detach())")
+    if logits_shard.dim() != 2 or logits_shard.shape[1] == 0:
+        raise ValueError(f"logits_shard must be 2-D (N, C_shard) with C_shard >= 1, "
+                         f"got shape {tuple(logits_shard.shape)}")
+    check_reduction(reduction)
+    label_smoothing = check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    z_loss = check_real("z_loss", z_loss, low=0.0)
+    if group is None:
+        group = dist.group.WORLD
+    return _VocabParallelCrossEntropy.apply(logits_shard, target, weight, int(ignore_index),
+                                            reduction, label_smoothing, z_loss, group)

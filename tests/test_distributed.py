@@ -1,0 +1,558 @@
+"""fusedgrad.distributed: building blocks in one process, and real gloo process groups.
+
+The multi-process tests start 2 and 3 ranks on 127.0.0.1 (a free port), once per module: each
+rank runs every scenario of its world size, records outputs, gradients, running statistics and
+the collectives it issued, and the tests compare them with single-process results on the
+concatenated batch (or the full logits). Every rank is bounded in time: the process group has
+a timeout and the parent kills ranks still alive after JOIN_TIMEOUT_S.
+"""
+from __future__ import annotations
+
+import datetime
+import multiprocessing
+import socket
+import time
+import traceback
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+torch = pytest.importorskip("torch")
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+import fusedgrad.distributed as fgd  # noqa: E402
+import fusedgrad.torch as fgt  # noqa: E402
+from fusedgrad import reference  # noqa: E402
+
+#: Seconds a process group may wait inside one collective before it raises.
+COLLECTIVE_TIMEOUT_S = 60
+#: Seconds the parent waits for all ranks of a group before killing them.
+JOIN_TIMEOUT_S = 150
+
+
+# --------------------------------------------------------------------------------------------
+# Batch norm building blocks (one process)
+# --------------------------------------------------------------------------------------------
+def _split(x, sizes, axis=0):
+    edges = np.cumsum((0,) + tuple(sizes))
+    return [np.take(x, np.arange(lo, hi), axis=axis) for lo, hi in zip(edges, edges[1:])]
+
+
+def _merged(parts, channel_axis=1):
+    stats = [fgd.bn_partial_stats(p, channel_axis=channel_axis) for p in parts]
+    return fgd.bn_merge_stats([s[0] for s in stats], np.stack([s[1] for s in stats]),
+                              np.stack([s[2] for s in stats]))
+
+
+@settings(max_examples=25, deadline=None)
+@given(sizes=st.lists(st.integers(0, 5), min_size=1, max_size=5).filter(lambda s: sum(s) >= 2),
+       seed=st.integers(0, 2**16), offset=st.sampled_from([0.0, 1e4]))
+def test_merge_equals_stats_of_concatenation(sizes, seed, offset):
+    rng = np.random.default_rng(seed)
+    x = offset + rng.normal(size=(sum(sizes), 3, 4))
+    count, mean, m2 = _merged(_split(x, sizes))
+    rows = np.moveaxis(x, 1, 0).reshape(3, -1)
+    assert count == rows.shape[1]
+    np.testing.assert_allclose(mean, rows.mean(axis=1), rtol=1e-14, atol=0)
+    np.testing.assert_allclose(m2, ((rows - rows.mean(axis=1, keepdims=True)) ** 2).sum(axis=1),
+                               rtol=1e-11, atol=1e-12)
+
+
+def test_merge_of_one_part_is_bitwise_identity_and_empty_parts_are_skipped():
+    x = np.random.default_rng(1).normal(size=(6, 2, 5))
+    count, mean, m2 = fgd.bn_partial_stats(x)
+    merged = _merged([x[:0], x, x[:0]])
+    assert merged[0] == count
+    assert np.array_equal(merged[1], mean) and np.array_equal(merged[2], m2)
+    assert fgd.bn_merge_stats([0, 0], np.full((2, 2), np.nan), np.full((2, 2), np.nan))[0] == 0
+
+
+def test_merge_float32_large_offset_keeps_the_variance():
+    rng = np.random.default_rng(2)
+    x = (1e4 + rng.normal(size=(64, 2, 8))).astype(np.float32)
+    count, mean, m2 = _merged(_split(x, (7, 0, 30, 27)))
+    exact = np.moveaxis(x.astype(np.float64), 1, 0).reshape(2, -1).var(axis=1)
+    np.testing.assert_allclose(m2 / count, exact, rtol=1e-6)
+
+
+@pytest.mark.parametrize("channel_axis,shape", [(1, (9, 3, 4, 2)), (-1, (9, 2, 3)), (1, (9, 4))])
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+def test_split_forward_and_backward_equal_whole_batch(channel_axis, shape, dtype, tol):
+    rng = np.random.default_rng(3)
+    x = (2 + 3 * rng.normal(size=shape)).astype(dtype)
+    dy = rng.normal(size=shape).astype(dtype)
+    n_channels = shape[channel_axis]
+    weight, bias = rng.normal(size=n_channels), rng.normal(size=n_channels)
+    running = (np.zeros(n_channels), np.ones(n_channels))
+    y_ref, mean_ref, invstd_ref, running_ref = reference.batch_norm_forward(
+        x, weight, bias, *running, training=True, momentum=0.1, eps=1e-5,
+        channel_axis=channel_axis)
+    dx_ref, dweight_ref, dbias_ref = reference.batch_norm_backward(
+        dy, x, mean_ref, invstd_ref, weight, training=True, channel_axis=channel_axis)
+
+    sizes = (2, 0, 7)
+    parts, grads = _split(x, sizes), _split(dy, sizes)
+    count, mean, m2 = _merged(parts, channel_axis)
+    ys = [fgd.bn_forward_from_stats(p, count, mean, m2, weight, bias, *running,
+                                    momentum=0.1, eps=1e-5, channel_axis=channel_axis)
+          if i == 0 else
+          fgd.bn_forward_from_stats(p, count, mean, m2, weight, bias, channel_axis=channel_axis)
+          for i, p in enumerate(parts)]
+    _, mean, invstd = ys[0]
+    sums = [fgd.bn_backward_reduce(g, p, mean, invstd, channel_axis=channel_axis)
+            for g, p in zip(grads, parts)]
+    sum_dy = sums[0][0] + sums[1][0] + sums[2][0]
+    sum_dy_xhat = sums[0][1] + sums[1][1] + sums[2][1]
+    dx = np.concatenate([
+        fgd.bn_backward_elementwise(g, p, mean, invstd, weight, sum_dy, sum_dy_xhat, count,
+                                    channel_axis=channel_axis)
+        for g, p in zip(grads, parts)])
+
+    assert count == x.size // n_channels
+    np.testing.assert_allclose(np.concatenate([y for y, _, _ in ys]), y_ref, rtol=tol, atol=tol)
+    np.testing.assert_allclose(dx, dx_ref, rtol=tol, atol=tol)
+    np.testing.assert_allclose(sum_dy, dbias_ref, rtol=tol, atol=tol * x.size)
+    np.testing.assert_allclose(sum_dy_xhat, dweight_ref, rtol=tol, atol=tol * x.size)
+    for got, want in zip(running, running_ref):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_batch_norm_blocks_reject_bad_arguments_before_writing():
+    x = np.ones((4, 3))
+    running = np.full(3, 7.0)
+    with pytest.raises(ValueError, match="count"):
+        fgd.bn_forward_from_stats(x, 1, np.zeros(3), np.zeros(3), running_mean=running)
+    with pytest.raises(ValueError, match="running_var"):
+        fgd.bn_forward_from_stats(x, 4, np.zeros(3), np.zeros(3), running_mean=running,
+                                  running_var=np.ones(2))
+    assert np.all(running == 7.0)
+    with pytest.raises(ValueError, match="channel_axis"):
+        fgd.bn_partial_stats(np.ones((2, 3, 4)), channel_axis=0)
+    with pytest.raises(ValueError, match="counts"):
+        fgd.bn_merge_stats([3, -1], np.zeros((2, 3)), np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="means"):
+        fgd.bn_merge_stats([3, 1], np.zeros((3, 3)), np.zeros((3, 3)))
+    with pytest.raises(TypeError, match="dy"):
+        fgd.bn_backward_reduce(np.ones((4, 3), np.float32), x, np.zeros(3), np.ones(3))
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-entropy building blocks (one process)
+# --------------------------------------------------------------------------------------------
+def _shards_vs_reference(logits, target, widths, *, global_shift=False, **options):
+    """(loss, grad, lse) from the shard blocks, and the reference's on the full logits."""
+    n_classes = logits.shape[1]
+    edges = np.cumsum((0,) + tuple(widths))
+    bounds = list(zip(edges, edges[1:]))
+    stat_options = {k: options[k] for k in ("weight", "ignore_index", "label_smoothing")
+                    if k in options}
+    shift = None
+    if global_shift:
+        shift = np.max(np.stack([fgd.ce_shard_max(logits[:, lo:hi]) for lo, hi in bounds]), 0)
+    stats = [fgd.ce_shard_stats(logits[:, lo:hi], target, lo, n_classes, shift=shift,
+                                **stat_options) for lo, hi in bounds]
+    lse, target_logit, weighted = fgd.ce_combine(stats)
+    loss = fgd.ce_loss(lse, target_logit, weighted, target, n_classes, **options)
+    grad = np.concatenate([fgd.ce_shard_grad(logits[:, lo:hi], target, lo, lse, n_classes,
+                                             **options) for lo, hi in bounds], axis=1)
+    return (loss, grad, lse), reference.softmax_cross_entropy(logits, target, **options)
+
+
+@settings(max_examples=25, deadline=None)
+@given(widths=st.lists(st.integers(1, 6), min_size=1, max_size=4), n_rows=st.integers(1, 6),
+       seed=st.integers(0, 2**16), reduction=st.sampled_from(["mean", "sum", "none"]),
+       smoothing=st.sampled_from([0.0, 0.15]), weighted=st.booleans(),
+       z_loss=st.sampled_from([0.0, 1e-2]), global_shift=st.booleans())
+def test_shard_combine_equals_full_cross_entropy(widths, n_rows, seed, reduction, smoothing,
+                                                 weighted, z_loss, global_shift):
+    rng = np.random.default_rng(seed)
+    n_classes = sum(widths)
+    logits = 4 * rng.normal(size=(n_rows, n_classes))
+    target = rng.integers(0, n_classes, n_rows)
+    target[rng.random(n_rows) < 0.3] = -100
+    weight = rng.uniform(0.5, 2.0, n_classes) if weighted else None
+    got, want = _shards_vs_reference(logits, target, widths, global_shift=global_shift,
+                                     weight=weight, reduction=reduction,
+                                     label_smoothing=smoothing, z_loss=z_loss)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-13)
+
+
+def test_shard_of_masked_classes_float32():
+    rng = np.random.default_rng(5)
+    logits = (3 * rng.normal(size=(5, 9))).astype(np.float32)
+    logits[:, 6:] = -np.inf  # the last shard holds only masked classes
+    target = np.array([0, 5, 2, -100, 4])
+    (loss, grad, lse), (loss_ref, grad_ref, lse_ref) = _shards_vs_reference(
+        logits, target, (4, 2, 3), label_smoothing=0.0)
+    np.testing.assert_allclose(loss, loss_ref, rtol=1e-6)
+    np.testing.assert_allclose(grad, grad_ref, rtol=1e-5, atol=1e-7)
+    assert grad.dtype == np.float32 and np.all(grad[:, 6:] == 0)
+
+
+def test_shard_cross_entropy_all_ignored_mean_is_nan_with_zero_gradient():
+    logits = np.random.default_rng(6).normal(size=(3, 5))
+    target = np.full(3, -100)
+    (loss, grad, _), _ = _shards_vs_reference(logits, target, (2, 3))
+    assert np.isnan(loss) and np.all(grad == 0)
+
+
+def test_shard_cross_entropy_rejects_bad_arguments():
+    logits = np.zeros((2, 3))
+    with pytest.raises(TypeError, match="probability"):
+        fgd.ce_shard_stats(logits, np.zeros(2), 0, 3)
+    with pytest.raises(ValueError, match="class_offset"):
+        fgd.ce_shard_stats(logits, np.zeros(2, np.int64), 2, 4)
+    with pytest.raises(ValueError, match="target"):
+        fgd.ce_shard_stats(logits, np.array([0, 7]), 0, 5)
+    with pytest.raises(ValueError, match="weight"):
+        fgd.ce_shard_grad(logits, np.zeros(2, np.int64), 0, np.zeros(2), 3, weight=np.ones(4))
+    with pytest.raises(ValueError, match="grad_loss"):
+        fgd.ce_shard_grad(logits, np.zeros(2, np.int64), 0, np.zeros(2), 3, reduction="none",
+                          grad_loss=np.ones(3))
+
+
+# --------------------------------------------------------------------------------------------
+# torch modules in one process (no process group: plain batch norm)
+# --------------------------------------------------------------------------------------------
+def test_sync_batch_norm_state_dict_and_conversion_match_torch():
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3, momentum=None),
+                          nn.Sequential(nn.BatchNorm1d(4, affine=False)))
+    model[1].running_mean.fill_(0.5)
+    weight = model[1].weight
+    converted = fgd.convert_sync_batchnorm(model)
+    assert type(converted[1]) is fgd.SyncBatchNorm and type(converted[2][0]) is fgd.SyncBatchNorm
+    assert converted[1].weight is weight and converted[1].momentum is None
+    assert converted[2][0].weight is None
+    assert isinstance(converted[1], nn.SyncBatchNorm)
+    assert set(fgd.SyncBatchNorm(3).state_dict()) == set(nn.SyncBatchNorm(3).state_dict())
+    with pytest.raises(TypeError, match="module"):
+        fgd.convert_sync_batchnorm("not a module")
+
+
+def test_sync_batch_norm_without_process_group_is_batch_norm():
+    x = torch.randn(6, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    ours, theirs = fgd.SyncBatchNorm(3, dtype=torch.float64), nn.BatchNorm1d(3,
+                                                                          dtype=torch.float64)
+    for module in (ours, theirs):
+        nn.init.uniform_(module.weight, 0.5, 1.5)
+    theirs.load_state_dict(ours.state_dict())
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours(xa).square().sum().backward()
+    theirs(xb).square().sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# Real process groups: scenarios
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BnCase:
+    world: int
+    sizes: tuple          # batch size per rank
+    sample_shape: tuple   # (C, *spatial)
+    dtype: str = "float64"
+    channels_last: bool = False
+    momentum: float | None = 0.1
+    steps: int = 2        # training steps (running statistics evolve), then one eval call
+
+    def data(self, name):
+        """Per step: the global batch and upstream gradient; and the affine parameters."""
+        rng = _rng(name)
+        n, n_channels = sum(self.sizes), self.sample_shape[0]
+        steps = [(1.5 + 2 * rng.normal(size=(n,) + self.sample_shape),
+                  rng.normal(size=(n,) + self.sample_shape)) for _ in range(self.steps)]
+        return steps, rng.uniform(0.5, 1.5, n_channels), rng.normal(size=n_channels)
+
+
+@dataclass(frozen=True)
+class CeCase:
+    world: int
+    widths: tuple         # classes per rank
+    n_rows: int
+    reduction: str = "mean"
+    weighted: bool = False
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    dtype: str = "float64"
+
+    def data(self, name):
+        rng = _rng(name)
+        n_classes = sum(self.widths)
+        logits = 3 * rng.normal(size=(self.n_rows, n_classes))
+        target = rng.integers(0, n_classes, self.n_rows)
+        target[::3] = -100
+        weight = rng.uniform(0.5, 2.0, n_classes) if self.weighted else None
+        return logits, target, weight
+
+
+BN_CASES = {
+    "nchw_uneven": BnCase(2, (3, 5), (3, 4, 3)),
+    "nhwc_uneven": BnCase(2, (2, 4), (4, 3, 2), channels_last=True),
+    "nchw_float32": BnCase(2, (4, 3), (5, 6, 6), dtype="float32"),
+    "rows_empty_rank": BnCase(3, (4, 0, 3), (5,), momentum=None),
+    "ncl_uneven": BnCase(3, (1, 2, 6), (3, 7)),
+}
+CE_CASES = {
+    "two_shards_mean": CeCase(2, (4, 7), 6),
+    "two_shards_smooth_weighted_sum": CeCase(2, (9, 2), 5, reduction="sum", weighted=True,
+                                             label_smoothing=0.1),
+    "three_shards_none_weighted": CeCase(3, (5, 1, 4), 7, reduction="none", weighted=True),
+    "three_shards_smooth_zloss_float32": CeCase(3, (2, 6, 3), 8, label_smoothing=0.2,
+                                                z_loss=1e-3, dtype="float32"),
+}
+
+
+def _rng(name):
+    """Generator seeded by the scenario name, identically in every process."""
+    return np.random.default_rng(zlib.crc32(name.encode()))
+
+
+def _edges(sizes):
+    return np.cumsum((0,) + tuple(sizes))
+
+
+# --------------------------------------------------------------------------------------------
+# Real process groups: what each rank runs (in its own spawned process)
+# --------------------------------------------------------------------------------------------
+class _CollectiveCounter:
+    """Counts calls to torch.distributed's collectives; patched in a rank's own process only."""
+
+    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single",
+             "broadcast", "reduce", "reduce_scatter", "all_to_all", "gather", "scatter",
+             "barrier")
+
+    def __init__(self):
+        self.count = 0
+        for name in self.NAMES:
+            if hasattr(dist, name):
+                setattr(dist, name, self._counted(getattr(dist, name)))
+
+    def _counted(self, function):
+        def counted(*args, **kwargs):
+            self.count += 1
+            return function(*args, **kwargs)
+        return counted
+
+    def take(self) -> int:
+        count, self.count = self.count, 0
+        return count
+
+
+def _bn_rank(name, case, rank, counter):
+    steps, weight, bias = case.data(name)
+    dtype = getattr(torch, case.dtype)
+    lo, hi = _edges(case.sizes)[rank:rank + 2]
+    module = fgd.SyncBatchNorm(case.sample_shape[0], momentum=case.momentum, dtype=dtype)
+    with torch.no_grad():
+        module.weight.copy_(torch.from_numpy(weight))
+        module.bias.copy_(torch.from_numpy(bias))
+    collectives = []
+    for x_all, dy_all in steps:
+        x = torch.tensor(x_all[lo:hi], dtype=dtype)
+        if case.channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        x.requires_grad_()
+        module.zero_grad()
+        counter.take()
+        y = module(x)
+        collectives.append(counter.take())
+        y.backward(torch.tensor(dy_all[lo:hi], dtype=dtype))
+        collectives.append(counter.take())
+    module.eval()
+    y_eval = module(x.detach())
+    collectives.append(counter.take())
+    layout_kept = not case.channels_last or (
+        y.is_contiguous(memory_format=torch.channels_last)
+        and x.grad.is_contiguous(memory_format=torch.channels_last))
+    return {f"{name}.y": y.detach().numpy(), f"{name}.dx": x.grad.numpy(),
+            f"{name}.dweight": module.weight.grad.numpy(), f"{name}.dbias": module.bias.grad.numpy(),
+            f"{name}.running_mean": module.running_mean.numpy(),
+            f"{name}.running_var": module.running_var.numpy(),
+            f"{name}.batches": module.num_batches_tracked.numpy(),
+            f"{name}.y_eval": y_eval.detach().numpy(),
+            f"{name}.collectives": np.array(collectives), f"{name}.layout_kept": layout_kept}
+
+
+def _ce_rank(name, case, rank, counter):
+    logits, target, weight = case.data(name)
+    lo, hi = _edges(case.widths)[rank:rank + 2]
+    shard = torch.tensor(logits[:, lo:hi], dtype=getattr(torch, case.dtype), requires_grad=True)
+    counter.take()
+    loss = fgd.vocab_parallel_softmax_cross_entropy(
+        shard, torch.from_numpy(target),
+        weight=None if weight is None else torch.from_numpy(weight), reduction=case.reduction,
+        label_smoothing=case.label_smoothing, z_loss=case.z_loss)
+    forward = counter.take()
+    loss.sum().backward()
+    return {f"{name}.loss": loss.detach().numpy(), f"{name}.grad": shard.grad.numpy(),
+            f"{name}.collectives": np.array([forward, counter.take()])}
+
+
+def _rank_main(rank, world, port, out_dir):
+    """Entry point of one spawned rank: run this world size's scenarios, save the results."""
+    import numba
+    try:
+        numba.set_num_threads(1)
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world,
+                                timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+        counter = _CollectiveCounter()
+        results = {}
+        for name, case in BN_CASES.items():
+            if case.world == world:
+                results.update(_bn_rank(name, case, rank, counter))
+        for name, case in CE_CASES.items():
+            if case.world == world:
+                results.update(_ce_rank(name, case, rank, counter))
+        np.savez(f"{out_dir}/rank{rank}.npz", **results)
+        dist.destroy_process_group()
+    except BaseException:
+        with open(f"{out_dir}/rank{rank}.error", "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _warm_kernels():
+    """Compile (or load) the kernels the ranks use once here, not concurrently in every rank."""
+    for dtype in (np.float32, np.float64):
+        x = np.ones((3, 2, 2), dtype)
+        count, mean, m2 = fgd.bn_partial_stats(x)
+        _, mean, invstd = fgd.bn_forward_from_stats(x, count, mean, m2)
+        sums = fgd.bn_backward_reduce(x, x, mean, invstd)
+        fgd.bn_backward_elementwise(x, x, mean, invstd, None, *sums, count)
+        logits, target = np.ones((2, 3), dtype), np.zeros(2, np.int64)
+        stats = fgd.ce_shard_stats(logits, target, 0, 3, shift=fgd.ce_shard_max(logits))
+        fgd.ce_shard_grad(logits, target, 0, stats.row_max, 3)
+
+
+def _run_group(world, out_dir):
+    """Spawn ``world`` ranks, wait at most JOIN_TIMEOUT_S, return each rank's results."""
+    port = _free_port()
+    context = multiprocessing.get_context("spawn")
+    procs = [context.Process(target=_rank_main, args=(rank, world, port, str(out_dir)))
+             for rank in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [rank for rank, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    errors = [(out_dir / f"rank{r}.error").read_text() for r in range(world)
+              if (out_dir / f"rank{r}.error").exists()]
+    if hung or errors or any(p.exitcode != 0 for p in procs):
+        pytest.fail(f"{world} ranks: hung ranks {hung}, exit codes "
+                    f"{[p.exitcode for p in procs]}\n" + "\n".join(errors))
+    return [dict(np.load(out_dir / f"rank{r}.npz")) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def group_results(tmp_path_factory):
+    """``get(world)``: the per-rank results of one process group of that size (run once)."""
+    outcomes = {}
+
+    def get(world):
+        if world not in outcomes:
+            _warm_kernels()
+            try:
+                outcomes[world] = _run_group(world, tmp_path_factory.mktemp(f"world{world}"))
+            except BaseException as exc:  # pytest.fail: report the same failure for each test
+                outcomes[world] = exc
+        if isinstance(outcomes[world], BaseException):
+            raise outcomes[world]
+        return outcomes[world]
+    return get
+
+
+# --------------------------------------------------------------------------------------------
+# Real process groups: the tests
+# --------------------------------------------------------------------------------------------
+def _batch_norm_reference(name, case):
+    """nn.BatchNorm on the concatenated batch (float64): last step's outputs and gradients."""
+    steps, weight, bias = case.data(name)
+    module_cls = nn.BatchNorm2d if len(case.sample_shape) == 3 else nn.BatchNorm1d
+    module = module_cls(case.sample_shape[0], momentum=case.momentum, dtype=torch.float64)
+    with torch.no_grad():
+        module.weight.copy_(torch.from_numpy(weight))
+        module.bias.copy_(torch.from_numpy(bias))
+    for x_all, dy_all in steps:
+        x = torch.tensor(x_all, dtype=getattr(torch, case.dtype)).double().requires_grad_()
+        module.zero_grad()
+        y = module(x)
+        y.backward(torch.tensor(dy_all, dtype=getattr(torch, case.dtype)).double())
+    module.eval()
+    return dict(y=y.detach(), dx=x.grad, dweight=module.weight.grad, dbias=module.bias.grad,
+                running_mean=module.running_mean, running_var=module.running_var,
+                y_eval=module(x.detach()).detach(), batches=module.num_batches_tracked)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BN_CASES)
+def test_sync_batch_norm_equals_batch_norm_on_concatenated_batch(name, group_results):
+    case = BN_CASES[name]
+    ranks = group_results(case.world)
+    want = _batch_norm_reference(name, case)
+    tol = 1e-6 if case.dtype == "float64" else 1e-4
+    for key in ("y", "dx", "y_eval"):
+        got = np.concatenate([r[f"{name}.{key}"] for r in ranks])
+        np.testing.assert_allclose(got, want[key].numpy(), rtol=tol, atol=tol, err_msg=key)
+    for key in ("dweight", "dbias"):  # each rank holds its part; DDP would add them
+        got = sum(r[f"{name}.{key}"].astype(np.float64) for r in ranks)
+        np.testing.assert_allclose(got, want[key].numpy(), rtol=tol, atol=tol, err_msg=key)
+    for r in ranks:
+        for key in ("running_mean", "running_var"):
+            np.testing.assert_allclose(r[f"{name}.{key}"], want[key].numpy(), rtol=tol, atol=tol,
+                                       err_msg=key)
+        assert int(r[f"{name}.batches"]) == int(want["batches"]) == case.steps
+        assert bool(r[f"{name}.layout_kept"])
+    if case.dtype == "float64":  # identical statistics on every rank: identical buffers
+        for r in ranks[1:]:
+            assert np.array_equal(r[f"{name}.running_var"], ranks[0][f"{name}.running_var"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BN_CASES)
+def test_sync_batch_norm_one_collective_per_direction_none_in_eval(name, group_results):
+    case = BN_CASES[name]
+    for r in group_results(case.world):
+        assert list(r[f"{name}.collectives"]) == [1, 1] * case.steps + [0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CE_CASES)
+def test_vocab_parallel_cross_entropy_equals_full_cross_entropy(name, group_results):
+    case = CE_CASES[name]
+    ranks = group_results(case.world)
+    logits, target, weight = case.data(name)
+    logits = logits.astype(case.dtype).astype(np.float64)
+    loss, grad, _ = reference.softmax_cross_entropy(
+        logits, target, weight=weight, reduction=case.reduction,
+        label_smoothing=case.label_smoothing, z_loss=case.z_loss)
+    tol = 1e-10 if case.dtype == "float64" else 1e-5
+    for r in ranks:
+        np.testing.assert_allclose(r[f"{name}.loss"], loss, rtol=tol, atol=tol)
+        assert list(r[f"{name}.collectives"]) == [2, 0]
+    got = np.concatenate([r[f"{name}.grad"] for r in ranks], axis=1)
+    np.testing.assert_allclose(got, grad, rtol=tol, atol=tol)
+    if case.weighted:
+        weighted_loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(target),
+                                        weight=torch.from_numpy(weight), reduction=case.reduction,
+                                        label_smoothing=case.label_smoothing)
+        np.testing.assert_allclose(ranks[0][f"{name}.loss"], weighted_loss.numpy(), rtol=tol)
