@@ -56,6 +56,11 @@ _MAX_PARTS = 1024
 #: Channels per block in the rows / channels-last layout (a warp reads 32 adjacent channels).
 _ROW_SEGMENT = 8 if SIMULATED else 32
 
+#: Narrowest row segment of the elementwise kernel's blocks (a warp on a GPU).
+_MIN_APPLY_WIDTH = 4 if SIMULATED else 32
+#: gridDim.y limit of CUDA; the elementwise kernel loops over further rows.
+_MAX_GRID_Y = 65535
+
 # Rows of the per-channel coefficient array consumed by the elementwise kernel.
 _MEAN_HI, _MEAN_LO, _ALPHA, _BETA, _GAMMA, _N_COEF = range(6)
 
@@ -86,18 +91,22 @@ def _block_channel(seg, n_channels):
 @cuda.jit(device=True, inline=True)
 def _accumulate_pair(x3, dy3, with_grad, c, start, stop, step, n_inner, shift, mean_hi, mean_lo,
                      invstd, acc_zero):
-    """A thread's sums over positions ``start, start+step, .. < stop`` of channel ``c``.
+    """A thread's sums over positions ``j = start, start+step, .. < stop`` of channel ``c``.
 
     Statistics (``with_grad`` false): ``sum (x - shift)``, ``sum (x - shift)^2`` (shifted data).
     Backward: ``sum dy``, ``sum dy * xhat`` with ``xhat = ((x - mean_hi) - mean_lo) invstd``.
-    Returns ``(count, u, v)``.
+    Returns ``(count, u, v)``. Position ``j`` is element ``(p, s) = divmod(j, S)``; ``(p, s)``
+    advance by a precomputed ``divmod(step, S)`` with one carry, so the loop has no integer
+    division (64-bit division costs far more than the memory access on a GPU).
     """
     u = acc_zero
     v = acc_zero
     count = 0
-    for j in range(start, stop, step):
-        p = j // n_inner
-        s = j - p * n_inner
+    p = start // n_inner
+    s = start - p * n_inner
+    dp = step // n_inner
+    ds = step - dp * n_inner
+    for _ in range(start, stop, step):
         x = x3[p, c, s] + acc_zero
         if with_grad:
             g = dy3[p, c, s] + acc_zero
@@ -108,6 +117,11 @@ def _accumulate_pair(x3, dy3, with_grad, c, start, stop, step, n_inner, shift, m
             u += d
             v += d * d
         count += 1
+        p += dp
+        s += ds
+        if s >= n_inner:
+            s -= n_inner
+            p += 1
     return count, u, v
 
 
@@ -276,22 +290,32 @@ def _cast_pair(a, b, a_out, b_out):
 
 @cuda.jit
 def _apply(x3, dy3, has_dy, coef, out3):
-    """``out = alpha dy + beta ((x - mean_hi) - mean_lo) + gamma`` per channel, over all elements
-    (grid-stride loop over the logical C-order index of the (P, C, S) view)."""
+    """``out = alpha dy + beta ((x - mean_hi) - mean_lo) + gamma`` per channel, every element.
+
+    2-D blocks and grid: ``y`` walks the rows of the view, ``x`` runs along the contiguous axis.
+    With ``S > 1`` a row is one ``(p, c)`` (its channel computed once per row), threads along
+    ``s``; with ``S == 1`` (rows / channels-last) a row is one ``p``, threads along ``c``. Short
+    rows (7x7 maps) share a block (``blockDim.y`` rows). No per-element integer division.
+    """
     acc_zero = coef.dtype.type(0.0)
     n_channels = x3.shape[1]
     n_inner = x3.shape[2]
-    total = x3.shape[0] * n_channels * n_inner
-    for i in range(cuda.grid(1), total, cuda.gridsize(1)):
-        r = i // n_inner
-        s = i - r * n_inner
-        p = r // n_channels
-        c = r - p * n_channels
-        centered = (x3[p, c, s] + acc_zero - coef[_MEAN_HI, c]) - coef[_MEAN_LO, c]
-        value = coef[_BETA, c] * centered + coef[_GAMMA, c]
-        if has_dy:
-            value += coef[_ALPHA, c] * (dy3[p, c, s] + acc_zero)
-        out3[p, c, s] = value
+    spatial = n_inner > 1
+    n_rows = x3.shape[0] * n_channels if spatial else x3.shape[0]
+    length = n_inner if spatial else n_channels
+    first_row = cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y
+    for row in range(first_row, n_rows, cuda.gridDim.y * cuda.blockDim.y):
+        p = row // n_channels if spatial else row
+        c = row - p * n_channels if spatial else 0
+        for k in range(cuda.grid(1), length, cuda.gridsize(1)):
+            s = k if spatial else 0
+            if not spatial:
+                c = k
+            centered = (x3[p, c, s] + acc_zero - coef[_MEAN_HI, c]) - coef[_MEAN_LO, c]
+            value = coef[_BETA, c] * centered + coef[_GAMMA, c]
+            if has_dy:
+                value += coef[_ALPHA, c] * (dy3[p, c, s] + acc_zero)
+            out3[p, c, s] = value
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,8 +335,14 @@ class _Plan:
         self.n_parts = int(min(_MAX_PARTS, max(1, -(-self.count // (lanes * _ITEMS_PER_THREAD)))))
         self.grid = (_arrays.launch_blocks(self.n_channels, seg), self.n_parts)
         self.channel_blocks = _arrays.launch_blocks(self.n_channels, _THREADS)
-        total = self.count * self.n_channels
-        self.apply_blocks = int(min(_arrays.launch_blocks(total, _THREADS), 65536))
+        rows, length = ((n_outer * self.n_channels, n_inner) if n_inner > 1
+                        else (n_outer, self.n_channels))
+        width = _THREADS
+        while width > _MIN_APPLY_WIDTH and width // 2 >= length:
+            width //= 2
+        self.apply_block = (width, _THREADS // width)
+        self.apply_grid = (_arrays.launch_blocks(length, width),
+                           int(min(_arrays.launch_blocks(rows, _THREADS // width), _MAX_GRID_Y)))
 
 
 def _optional_vector(name, vec, stream):
@@ -364,7 +394,7 @@ def _apply_normalize(x3, plan, mean, invstd, weight, bias, out3, stream):
     coef = _arrays.empty((_N_COEF, plan.n_channels), _stat_dtype(x3.dtype), stream)
     _normalize_coefficients[plan.channel_blocks, _THREADS, stream](
         mean, invstd, weight, has_weight, bias, has_bias, coef)
-    _apply[plan.apply_blocks, _THREADS, stream](x3, x3, False, coef, out3)
+    _apply[plan.apply_grid, plan.apply_block, stream](x3, x3, False, coef, out3)
 
 
 def normalize(x3, mean, invstd, weight, bias, out3, *, stream=None):
@@ -437,7 +467,7 @@ def _apply_dx(dy3, x3, plan, mean, invstd, weight, sum_dy, sum_dy_xhat, count, o
     _dx_coefficients[plan.channel_blocks, _THREADS, stream](
         mean, invstd, weight, has_weight, sum_dy, sum_dy_xhat, float(count), bool(training),
         coef)
-    _apply[plan.apply_blocks, _THREADS, stream](x3, dy3, True, coef, out3)
+    _apply[plan.apply_grid, plan.apply_block, stream](x3, dy3, True, coef, out3)
 
 
 def backward_elementwise(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, count, out3, *,
