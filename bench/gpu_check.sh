@@ -78,6 +78,23 @@ for n, c, dtype in ((4096, 32000, np.float32), (4096, 32000, np.float16), (65536
                                         - t_logits.grad.cpu().numpy()).max()),
            bits(*runs[0]) == bits(*runs[1]))
 
+# bfloat16 arrives as a PyTorch tensor (NumPy has no bfloat16); results come back as raw V2.
+def bf16_values(device_array):
+    bits = np.asarray(device_array.copy_to_host()).view(np.uint16).astype(np.uint32) << 16
+    return bits.view(np.float32)
+
+
+logits = torch.randn(4096, 32000, device="cuda", dtype=torch.bfloat16) * 2
+target = torch.randint(0, 32000, (4096,), device="cuda")
+runs = [fg.softmax_cross_entropy(logits, target) for _ in range(2)]
+t_logits = logits.float().requires_grad_()
+t_loss = F.cross_entropy(t_logits, target)
+t_loss.backward()
+record("cross_entropy 4096x32000 bfloat16",
+       dict(loss_abs_err=abs(float(runs[0][0].copy_to_host()) - t_loss.item()),
+            grad_max_abs_err=np.abs(bf16_values(runs[0][1]) - t_logits.grad.cpu().numpy()).max()),
+       bits(*runs[0]) == bits(*runs[1]))
+
 for shape, axis in (((64, 256, 28, 28), 1), ((64, 28, 28, 256), -1), ((4, 8, 512, 512), 1)):
     x = (rng.standard_normal(shape) * 2 + 1).astype(np.float32)
     dy = rng.standard_normal(shape).astype(np.float32)

@@ -35,6 +35,10 @@ def _real_gpu() -> bool:
 #: Whether the CUDA tests run in this process (simulator or real GPU).
 RUN_HERE = SIMULATED or _real_gpu()
 
+#: Mark for tests that need a real GPU (bfloat16 through PyTorch).
+real_gpu_only = pytest.mark.skipif(
+    SIMULATED or not RUN_HERE, reason="bfloat16 needs a real GPU (the simulator has none)")
+
 #: Mark for the direct tests of a CUDA test file.
 direct = pytest.mark.skipif(
     not RUN_HERE, reason="runs in the CUDA-simulator subprocess (test_*_in_simulator)")
@@ -87,3 +91,19 @@ def to_device(array):
 
 def to_host(array) -> np.ndarray:
     return np.asarray(array.copy_to_host())
+
+
+def torch_bfloat16(array):
+    """A PyTorch CUDA bfloat16 tensor holding ``array`` (rounded), and its values as float64."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch has no CUDA here")
+    tensor = torch.tensor(np.asarray(array, dtype=np.float32), device="cuda",
+                          dtype=torch.bfloat16)
+    return tensor, tensor.float().cpu().numpy().astype(np.float64)
+
+
+def bfloat16_values(device_array) -> np.ndarray:
+    """float64 values of a bfloat16 device array (its host copy holds raw two-byte ``V2``)."""
+    bits = np.asarray(device_array.copy_to_host()).view(np.uint16).astype(np.uint32) << 16
+    return bits.view(np.float32).astype(np.float64)

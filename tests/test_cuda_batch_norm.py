@@ -143,3 +143,13 @@ def test_results_are_bitwise_reproducible(api):
         outputs.append(b"".join(cs.to_host(a).tobytes() for a in (y, mean, invstd, dx, dweight,
                                                                     dbias)))
     assert outputs[0] == outputs[1]
+
+
+@cs.real_gpu_only
+def test_bfloat16_input_from_pytorch(api):
+    rng = np.random.default_rng(12)
+    t_x, values = cs.torch_bfloat16(rng.normal(size=(8, 3, 16)) + 2.0)
+    y_ref, mean_ref, _, _ = ref.batch_norm_forward(values, None, None, None, None)
+    y, mean, invstd = api.batch_norm_forward(t_x)
+    np.testing.assert_allclose(cs.to_host(mean), mean_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(cs.bfloat16_values(y), y_ref, atol=3e-2)

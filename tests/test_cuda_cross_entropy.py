@@ -171,3 +171,18 @@ def test_results_are_bitwise_reproducible(api):
 def test_host_and_device_arrays_mixed_raise_type_error(api):
     with pytest.raises(TypeError, match="logits"):
         api.softmax_cross_entropy(cs.to_device(np.zeros((2, 3))), np.array([0, 1]))
+
+
+@cs.real_gpu_only
+def test_bfloat16_logits_from_pytorch(api):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(11)
+    logits, target, _ = _problem(rng, (8, 300), ignore_every=5)
+    t_logits, values = cs.torch_bfloat16(logits)
+    expected_loss, expected_grad, _ = ref.softmax_cross_entropy(values, target,
+                                                                label_smoothing=0.1)
+    loss, grad = api.softmax_cross_entropy(t_logits, torch.tensor(target, device="cuda"),
+                                           label_smoothing=0.1)
+    np.testing.assert_allclose(cs.to_host(loss), expected_loss, rtol=1e-5)
+    np.testing.assert_allclose(cs.bfloat16_values(grad), expected_grad,
+                               atol=1e-2 * np.abs(expected_grad).max())

@@ -22,6 +22,35 @@ from numba import cuda
 from ._reduce import SIMULATED
 
 
+#: bfloat16 as it crosses ``__cuda_array_interface__``: NumPy has no bfloat16 dtype, so PyTorch
+#: (like ml_dtypes) describes bfloat16 data as the untyped two-byte ``"<V2"``. Device arrays of
+#: this dtype are wrapped as :class:`BFloat16Array`, which Numba types as numba-cuda's bfloat16.
+BFLOAT16 = np.dtype("V2")
+
+if not SIMULATED:  # the simulator has no bfloat16 type at all
+    from numba.cuda import types as _cuda_types
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+    class BFloat16Array(DeviceNDArray):
+        """A device array of bfloat16 values (``dtype`` ``V2``, see :data:`BFLOAT16`)."""
+
+        @property
+        def _numba_type_(self):
+            layout = "C" if self.is_c_contiguous() else "F" if self.is_f_contiguous() else "A"
+            return _cuda_types.Array(_cuda_types.bfloat16, self.ndim, layout)
+
+        @property
+        def __cuda_array_interface__(self):
+            desc = dict(super().__cuda_array_interface__)
+            desc["typestr"] = "<V2"  # what PyTorch exports for bfloat16
+            return desc
+
+
+def _as_bfloat16(arr):
+    return BFloat16Array(arr.shape, arr.strides, BFLOAT16, stream=arr.stream,
+                         gpu_data=arr.gpu_data)
+
+
 def as_device(name: str, arr):
     """Zero-copy ``DeviceNDArray`` (or simulator array) for a CUDA-array-interface object."""
     if SIMULATED:
@@ -29,11 +58,14 @@ def as_device(name: str, arr):
         if isinstance(arr, FakeCUDAArray):
             return arr
         raise TypeError(f"{name} must be a (simulated) CUDA device array, got {type(arr).__name__}")
-    if cuda.devicearray.is_cuda_ndarray(arr):
-        return arr
-    if not cuda.is_cuda_array(arr):
-        raise TypeError(f"{name} must expose __cuda_array_interface__, got {type(arr).__name__}")
-    return cuda.as_cuda_array(arr)
+    if not cuda.devicearray.is_cuda_ndarray(arr):
+        if not cuda.is_cuda_array(arr):
+            raise TypeError(f"{name} must expose __cuda_array_interface__, "
+                            f"got {type(arr).__name__}")
+        arr = cuda.as_cuda_array(arr)
+    if arr.dtype == BFLOAT16 and not isinstance(arr, BFloat16Array):
+        return _as_bfloat16(arr)
+    return arr
 
 
 def strided_view(arr, shape, strides):
@@ -44,8 +76,7 @@ def strided_view(arr, shape, strides):
         from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
         host = np.lib.stride_tricks.as_strided(arr._ary, shape=shape, strides=strides)
         return FakeCUDAArray(host)
-    from numba.cuda.cudadrv.devicearray import DeviceNDArray
-    return DeviceNDArray(shape, strides, arr.dtype, stream=arr.stream, gpu_data=arr.gpu_data)
+    return type(arr)(shape, strides, arr.dtype, stream=arr.stream, gpu_data=arr.gpu_data)
 
 
 def merge_axes(name: str, shape, strides, itemsize: int):
@@ -82,7 +113,9 @@ def view3(name: str, arr, axis: int):
 
 
 def empty(shape, dtype, stream):
-    return cuda.device_array(tuple(int(s) for s in shape), dtype=np.dtype(dtype), stream=stream)
+    """Uninitialised C-contiguous device array (a :class:`BFloat16Array` for ``BFLOAT16``)."""
+    out = cuda.device_array(tuple(int(s) for s in shape), dtype=np.dtype(dtype), stream=stream)
+    return _as_bfloat16(out) if np.dtype(dtype) == BFLOAT16 else out
 
 
 def resolve_stream(stream):

@@ -5,16 +5,17 @@ float32 kernel, an unsupported operation on float16) only show up when Numba rea
 them. CI has no GPU, so :func:`compile_all` compiles each kernel with ``numba.cuda.compile_ptx``
 for compute capability 9.0 (H100/H200) and the signatures the launchers produce:
 
-* logits / x dtypes float16, float32, float64 (accumulation float32, float32, float64);
+* logits / x dtypes float16, bfloat16, float32, float64 (accumulation float32, float32,
+  float32, float64);
 * class-index targets int64 (``index_target`` converts int32 on the device: that conversion
   kernel is compiled from int32 and int64);
 * per-channel parameters float32 or float64 (``weight``, ``bias``, running buffers, statistics);
 * array layouts ``A`` (any strides), the most general typing of the strided views.
 
-bfloat16: numba-cuda has a ``bfloat16`` scalar type, but NumPy has no bfloat16 dtype, so Numba
-device arrays cannot hold one and PyTorch exports bfloat16 tensors through
-``__cuda_array_interface__`` as an untyped ``<V2`` buffer; the launchers therefore reject
-bfloat16 and it is not compiled here.
+bfloat16: numba-cuda types bfloat16 arrays (NumPy has no such dtype; ``_arrays.BFloat16Array``
+gives device arrays of PyTorch's ``"<V2"`` bfloat16 that type), so every floating kernel is also
+compiled for bfloat16 here. That is the only check of bfloat16 without a GPU: the simulator has
+no bfloat16, so those launches run only on a real GPU (``bench/gpu_check.sh``).
 
 numba-cuda compiles device functions called by a kernel for the *current device*'s compute
 capability, which needs a driver. Without a GPU, :func:`compile_all` supplies the target
@@ -39,12 +40,14 @@ from types import SimpleNamespace
 from unittest import mock
 
 from numba import cuda, types
+from numba.cuda import types as cuda_types
 
 #: PTX float64 arithmetic (conversions and loads/stores of float64 outputs are fine).
 _FLOAT64_ARITHMETIC = re.compile(r"^\s*(add|sub|mul|fma|div|rcp|sqrt|setp|min|max|neg|abs|ex2|lg2)"
                                  r"[.\w]*\.f64\b", re.MULTILINE)
 
-FLOATS = {"float16": types.float16, "float32": types.float32, "float64": types.float64}
+FLOATS = {"float16": types.float16, "bfloat16": cuda_types.bfloat16, "float32": types.float32,
+          "float64": types.float64}
 PARAMS = {"float32": types.float32, "float64": types.float64}
 
 

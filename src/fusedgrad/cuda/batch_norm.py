@@ -43,8 +43,10 @@ from numba import cuda, float64
 from . import _arrays
 from ._reduce import OP_CHAN, OP_SUM, SIMULATED, chan_merge, segment_reduce, shifted_moments
 
-#: Floating dtypes the GPU kernels take for x / dy / out (float16 is accumulated in float32).
-DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+#: Floating dtypes the GPU kernels take for x / dy / out (float16 and bfloat16 (``V2``, see
+#: ``_arrays.BFLOAT16``; not in the simulator) are accumulated in float32).
+DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)) + (
+    () if SIMULATED else (_arrays.BFLOAT16,))
 
 #: Threads per block of the reduction and elementwise kernels (small under the simulator, which
 #: runs one Python thread per GPU thread).

@@ -46,7 +46,7 @@ share a block.
 Accumulation is float32 for float16/float32 logits and float64 for float64 (``acc`` below, always
 the dtype of the per-sample ``lse`` array); per-sample losses are summed in float64 with the
 fixed-order device reduction of ``_reduce``. Nothing uses floating-point atomics: results are
-bitwise reproducible. bfloat16: not supported (see ``_compile``'s docstring).
+bitwise reproducible.
 """
 from __future__ import annotations
 
@@ -59,9 +59,11 @@ from . import _arrays
 from ._reduce import (OP_MAX, OP_SUM, SCRATCH_SIZE, SIMULATED, device_sum, lse_parts,
                       group_reduce, online_lse_update, rescale_sum)
 
-#: Floating dtypes the GPU kernels take for logits / probability targets (float16 is accumulated
-#: in float32), and the integer dtypes of class-index targets.
-DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+#: Floating dtypes the GPU kernels take for logits / probability targets (float16 and bfloat16,
+#: which crosses ``__cuda_array_interface__`` as ``V2``, are accumulated in float32; the simulator
+#: has no bfloat16), and the integer dtypes of class-index targets.
+DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)) + (
+    () if SIMULATED else (_arrays.BFLOAT16,))
 TARGET_INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 
 
