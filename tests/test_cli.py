@@ -76,6 +76,7 @@ def test_bench_quick_runs_and_prints_an_aligned_table(quick_report):
     header = next(i for i, line in enumerate(lines) if line.startswith("case "))
     table = lines[header:header + 2 + len(SMOKE_CASES)]
     assert [row.split()[0] for row in table[2:]] == SMOKE_CASES
+    assert [f"running {case}" in result.stderr for case in SMOKE_CASES] == [True] * 3
     # Every row, like the header, ends with the right-aligned last column: same length.
     assert len({len(row) for row in table}) == 1, "\n".join(table)
 
@@ -84,8 +85,9 @@ def test_bench_json_has_machine_bandwidth_and_result_records(quick_report):
     result, json_path, _ = quick_report
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(json_path.read_text())
-    assert set(report) == {"machine", "copy_bandwidth_GBps", "results"}
-    assert report["copy_bandwidth_GBps"] > 0
+    assert set(report) == {"machine", "copy_bandwidth_GBps", "copy_bandwidth_samples_GBps",
+                           "results"}
+    assert report["copy_bandwidth_GBps"] == max(report["copy_bandwidth_samples_GBps"]) > 0
     machine = report["machine"]
     assert machine["numba_threads"] >= 1 and machine["versions"]["numba"] == numba.__version__
     assert [r["case"] for r in report["results"]] == SMOKE_CASES

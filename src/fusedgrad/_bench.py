@@ -24,7 +24,7 @@ counting the bytes read and the bytes written; a device-to-device copy on the GP
 - batch norm training forward + backward: five passes over x's size (forward reads x and writes
   y; backward reads x and dy and writes dx); eval forward: two (read x, write y).
 
-The model-level case trains-steps (forward + backward, no optimiser) a small CNN with
+The model-level case times a training step (forward + backward, no optimiser) of a small CNN with
 ``BatchNorm2d`` and a cross-entropy loss, once with PyTorch's modules and once converted with
 ``fusedgrad.torch.convert_model`` plus ``fusedgrad.torch.CrossEntropyLoss``; see
 :func:`_fused_op_share` for how the share of time in the fused operations is measured.
@@ -60,7 +60,6 @@ DEVICE_COPY_BYTES = 2 << 30
 _COPY_CHUNK = 1 << 16
 
 IMPLEMENTATIONS = ("fusedgrad", "torch", "reference")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,7 +269,8 @@ def _parallel_copy(src, dst, chunk):
             dst[i] = src[i]
 
 
-def host_copy_bandwidth(nbytes: int = HOST_COPY_BYTES, settings: Settings = FULL_SETTINGS) -> float:
+def host_copy_bandwidth(nbytes: int = HOST_COPY_BYTES,
+                        settings: Settings = FULL_SETTINGS) -> float:
     """Copy bandwidth of the host in bytes/s: (bytes read + bytes written) / best copy time."""
     src = np.ones(nbytes // 4, dtype=np.float32)
     dst = np.empty_like(src)
@@ -603,9 +603,9 @@ def build_runners(case: Case, device: Device, quick: bool, seed: int = 0) -> lis
     return _RUNNER_BUILDERS[case.op](case, case.shape(quick), device, rng)
 
 
-def run_case(case: Case, device: Device, quick: bool, copy_bandwidth: float,
-             settings: Settings) -> dict:
-    """Time every implementation of ``case``; returns the result record (see ``run``)."""
+def run_case(case: Case, device: Device, quick: bool, settings: Settings) -> dict:
+    """Time every implementation of ``case``; returns its record, without the ratios that need
+    the copy bandwidth (see :func:`_add_ratios` and ``run``)."""
     shape = case.shape(quick)
     record = {"case": case.name, "op": case.op, "layout": case.layout, "shape": list(shape),
               "dtype": case.dtype, "device": device.name, "timings": {}, "notes": []}
@@ -625,7 +625,6 @@ def run_case(case: Case, device: Device, quick: bool, copy_bandwidth: float,
         record["error"] = f"{type(exc).__name__}: {exc}"
     finally:
         gc.collect()
-    _add_ratios(record, roofline_bytes(case, shape), copy_bandwidth)
     return record
 
 
@@ -664,37 +663,51 @@ def _add_ratios(record: dict, nbytes: int | None, copy_bandwidth: float) -> None
         record["GBps"] = record["roofline_pct"] = None
 
 
-def run(device_name: str, *, quick: bool = False, case_names=None, out=sys.stdout) -> dict:
-    """Run the benchmark and print its table to ``out``.
+def run(device_name: str, *, quick: bool = False, case_names=None, out=sys.stdout,
+        progress=sys.stderr) -> dict:
+    """Run the benchmark, print one progress line per case to ``progress`` and the table to ``out``.
 
-    Returns ``{"machine": {...}, "copy_bandwidth_GBps": float, "results": [record, ...]}``;
-    each record has ``case, op, layout, shape, dtype, device, timings`` (per implementation:
-    ``min_s, median_s, repeats, scale``), ``speedup_vs_torch, speedup_vs_reference, bytes,
-    roofline_s, GBps, roofline_pct, notes`` and, when the case failed, ``error``; the model case
-    adds ``fused_op_share`` (``{"fusedgrad": f, "torch": f}``).
+    The copy bandwidth is measured before and after the cases and the higher value is used
+    (a noisy machine lowers a measurement, it never raises it), so the % of roofline is not
+    flattered by a bad moment.
+
+    Returns ``{"machine": {...}, "copy_bandwidth_GBps": float,
+    "copy_bandwidth_samples_GBps": [before, after], "results": [record, ...]}``; each record has
+    ``case, op, layout, shape, dtype, device, timings`` (per implementation: ``min_s, median_s,
+    repeats, scale``), ``speedup_vs_torch, speedup_vs_reference, bytes, roofline_s, GBps,
+    roofline_pct, notes`` and, when the case failed, ``error``; the model case adds
+    ``fused_op_share`` (``{"fusedgrad": f, "torch": f}``).
     """
     cases = select_cases(device_name, case_names)
     settings = QUICK_SETTINGS if quick else FULL_SETTINGS
     device = Device(device_name)
     match_torch_threads(device.torch)
     machine = machine_info(device_name)
-    print(_machine_header(machine), file=out)
+    print(_machine_header(machine), file=out, flush=True)
     if device_name == "cuda":
-        bandwidth = device_copy_bandwidth(DEVICE_COPY_BYTES // (8 if quick else 1), settings)
+        def measure():
+            return device_copy_bandwidth(DEVICE_COPY_BYTES // (8 if quick else 1), settings)
         what = "device-to-device copy"
     else:
-        bandwidth = host_copy_bandwidth(HOST_COPY_BYTES // (2 if quick else 1), settings)
+        def measure():
+            return host_copy_bandwidth(HOST_COPY_BYTES // (2 if quick else 1), settings)
         what = f"parallel copy, {numba.get_num_threads()} threads"
-    print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s ({what}, read + write bytes)\n", file=out)
-    table = Table(out)
-    table.header()
+    samples = [measure()]
     results = []
     for case in cases:
-        record = run_case(case, device, quick, bandwidth, settings)
-        results.append(record)
-        table.row(record)
-    table.footer(results)
-    return {"machine": machine, "copy_bandwidth_GBps": bandwidth / 1e9, "results": results}
+        print(f"running {case.name} {'x'.join(map(str, case.shape(quick)))} ...", file=progress,
+              flush=True)
+        results.append(run_case(case, device, quick, settings))
+    samples.append(measure())
+    bandwidth = max(samples)
+    for case, record in zip(cases, results):
+        _add_ratios(record, roofline_bytes(case, case.shape(quick)), bandwidth)
+    print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s ({what}, read + write bytes; best of "
+          f"{', '.join(f'{s / 1e9:.1f}' for s in samples)} measured before and after the "
+          "cases)\n", file=out)
+    Table(out).print(results)
+    return {"machine": machine, "copy_bandwidth_GBps": bandwidth / 1e9,
+            "copy_bandwidth_samples_GBps": [s / 1e9 for s in samples], "results": results}
 
 
 # --------------------------------------------------------------------------------------------
@@ -722,7 +735,7 @@ def _number(value, fmt: str) -> str:
 
 
 class Table:
-    """The printed result table: one aligned row per case, printed as soon as it is measured.
+    """The printed result table: one aligned row per case, then the notes.
 
     Times are the minimum over the repeats (median in parentheses), in milliseconds; speed-ups
     are ratios of minima; GB/s and % roofline are fusedgrad's.
@@ -739,9 +752,12 @@ class Table:
         return "  ".join(format(cell, f"{align}{width}")
                          for cell, (_, align, width) in zip(cells, self.COLUMNS)).rstrip()
 
-    def header(self) -> None:
+    def print(self, results) -> None:
         print(self._line([name for name, _, _ in self.COLUMNS]), file=self.out)
         print(self._line(["-" * width for _, _, width in self.COLUMNS]), file=self.out)
+        for record in results:
+            self.row(record)
+        self.footer(results)
 
     @staticmethod
     def _time_cell(timings: dict, impl: str, marker: str = "") -> str:
@@ -761,14 +777,14 @@ class Table:
                  self._time_cell(timings, "reference", "*" if scaled else ""),
                  _ratio(record["speedup_vs_torch"]), _ratio(record["speedup_vs_reference"]),
                  _number(record["GBps"], ".1f"), _number(record["roofline_pct"], ".0f")]
-        print(self._line(cells), file=self.out, flush=True)
+        print(self._line(cells), file=self.out)
         if "error" in record:
-            print(f"  ! {record['case']} failed: {record['error']}", file=self.out, flush=True)
+            print(f"  ! {record['case']} failed: {record['error']}", file=self.out)
         share = record.get("fused_op_share")
         if share:
             print(f"  {record['case']}: share of step time in batch norm + loss: "
                   f"fusedgrad {100 * share['fusedgrad']:.0f}%, torch {100 * share['torch']:.0f}%",
-                  file=self.out, flush=True)
+                  file=self.out)
 
     def footer(self, results) -> None:
         cases_by_note = {}
