@@ -98,6 +98,9 @@ DTYPES = FLOAT_DTYPES_CPU
 MAX_TILE_WIDTH = 2048
 #: Narrowest useful sub-row when a long S is cut into q pieces.
 MIN_TILE_WIDTH = 256
+#: Runs of at least this many values per channel are looped over one by one (scalar
+#: coefficients, register accumulators); shorter ones column-wise across the tile row.
+RUN_MIN_WIDTH = 128
 #: A channel block up to this size is processed fused: x, dy and dx of it fit in the L2 cache.
 FUSE_BYTES = 512 * 1024
 #: Data per tile when a channel is too big to fuse (row blocks): comfortably inside L2.
@@ -138,131 +141,305 @@ def plan_tiles(shape3, itemsize):
 
 
 # --------------------------------------------------------------------------------------------
-# Inner loops over one tile. A tile row r starts at flat offset
+# Inner loops over one tile: rows r0..r1, channels c0..c0+nch. Tile row r starts at flat offset
 #   (r // q) * C*S + c0*S + (r % q) * W
-# and holds `width` = (c1 - c0) * W contiguous values; column j belongs to channel c0 + j // W.
-# Per-column vectors (accumulators, coefficients) make every inner loop a flat, vectorisable
-# loop over the row, however short S is (7 x 7 = 49) - no horizontal reduction per segment.
+# and holds nch runs of W (= sub) contiguous values, one run per channel. Two loop shapes:
+# * runs (W >= RUN_MIN_WIDTH): one channel's run at a time with scalar coefficients and
+#   register accumulators (one horizontal reduction per long run);
+# * columns (short W: 7 x 7 = 49, or 1 in the rows layout): the whole tile row at once against
+#   per-column vectors (float64 column accumulators, coefficients expanded per column), two rows
+#   per accumulator update to halve the accumulator traffic - never a horizontal reduction per
+#   short segment.
+# Both give a fixed summation order for a given shape.
 # --------------------------------------------------------------------------------------------
 @njit(cache=True, inline="always")
-def _row_start(r, q, row_stride, j0, width_per_channel):
-    return (r // q) * row_stride + j0 + (r % q) * width_per_channel
+def _row_start(r, q, row_stride, j0, sub):
+    if q == 1:  # the common case; spares two integer divisions per row
+        return r * row_stride + j0
+    return (r // q) * row_stride + j0 + (r % q) * sub
 
 
 @njit(cache=True, fastmath=_FASTMATH)
-def _accumulate_sum(x, r0, r1, q, row_stride, j0, sub, acc):
-    """acc[j] += x[row, j] over the tile rows (float64 accumulation)."""
-    width = acc.shape[0]
-    for r in range(r0, r1):
-        start = _row_start(r, q, row_stride, j0, sub)
-        row = x[start:start + width]
-        for j in range(width):
-            acc[j] += row[j]
-
-
-@njit(cache=True, fastmath=_FASTMATH)
-def _accumulate_squares(x, r0, r1, q, row_stride, j0, sub, center, acc):
-    """acc[j] += (x[row, j] - center[j])^2 over the tile rows, in float64."""
-    width = acc.shape[0]
-    for r in range(r0, r1):
-        start = _row_start(r, q, row_stride, j0, sub)
-        row = x[start:start + width]
-        for j in range(width):
-            d = row[j] - center[j]
-            acc[j] += d * d
-
-
-@njit(cache=True, fastmath=_FASTMATH)
-def _accumulate_grad(dy, x, r0, r1, q, row_stride, j0, sub, mean_hi, mean_lo, acc_dy, acc_dyd):
-    """acc_dy[j] += dy;  acc_dyd[j] += dy * (x - mean), over the tile rows, in float64."""
-    width = acc_dy.shape[0]
-    for r in range(r0, r1):
-        start = _row_start(r, q, row_stride, j0, sub)
-        g_row = dy[start:start + width]
-        x_row = x[start:start + width]
-        for j in range(width):
-            g = np.float64(g_row[j])
-            acc_dy[j] += g
-            acc_dyd[j] += g * ((x_row[j] - mean_hi[j]) - mean_lo[j])
-
-
-@njit(cache=True, fastmath=_FASTMATH)
-def _apply_affine(x, out, r0, r1, q, row_stride, j0, sub, mean_hi, mean_lo, scale, shift):
-    """out = ((x - mean_hi) - mean_lo) * scale + shift, in x's dtype."""
-    width = scale.shape[0]
-    for r in range(r0, r1):
-        start = _row_start(r, q, row_stride, j0, sub)
-        x_row = x[start:start + width]
-        o_row = out[start:start + width]
-        for j in range(width):
-            o_row[j] = ((x_row[j] - mean_hi[j]) - mean_lo[j]) * scale[j] + shift[j]
-
-
-@njit(cache=True, fastmath=_FASTMATH)
-def _apply_dx(dy, x, out, r0, r1, q, row_stride, j0, sub, mean_hi, mean_lo, a, b, c):
-    """out = a * dy + b * ((x - mean_hi) - mean_lo) + c, in x's dtype."""
-    width = a.shape[0]
-    for r in range(r0, r1):
-        start = _row_start(r, q, row_stride, j0, sub)
-        g_row = dy[start:start + width]
-        x_row = x[start:start + width]
-        o_row = out[start:start + width]
-        for j in range(width):
-            o_row[j] = a[j] * g_row[j] + b[j] * ((x_row[j] - mean_hi[j]) - mean_lo[j]) + c[j]
-
-
-@njit(cache=True, fastmath=_FASTMATH)
-def _fold(acc, k, sub):
-    """Sum of the `sub` columns of local channel k: one channel's float64 total."""
+def _run_sum(x, i0, n):
+    run = x[i0:i0 + n]
     total = 0.0
-    for j in range(k * sub, (k + 1) * sub):
-        total += acc[j]
+    for i in range(n):
+        total += run[i]
     return total
 
 
+@njit(cache=True, fastmath=_FASTMATH)
+def _run_squares(x, i0, n, center):
+    run = x[i0:i0 + n]
+    total = 0.0
+    for i in range(n):
+        d = run[i] - center
+        total += d * d
+    return total
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _run_grad(dy, x, i0, n, mean_hi):
+    """(sum dy, sum dy * (x - mean_hi)) over one run, in float64."""
+    g_run, x_run = dy[i0:i0 + n], x[i0:i0 + n]
+    total_dy = 0.0
+    total_dyd = 0.0
+    for i in range(n):
+        g = np.float64(g_run[i])
+        total_dy += g
+        total_dyd += g * (x_run[i] - mean_hi)
+    return total_dy, total_dyd
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _run_affine(x, out, i0, n, mean_hi, scale, shift):
+    x_run, o_run = x[i0:i0 + n], out[i0:i0 + n]
+    for i in range(n):
+        o_run[i] = (x_run[i] - mean_hi) * scale + shift
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _run_dx(dy, x, out, i0, n, mean_hi, a, b, c):
+    g_run, x_run, o_run = dy[i0:i0 + n], x[i0:i0 + n], out[i0:i0 + n]
+    for i in range(n):
+        o_run[i] = a * g_run[i] + b * (x_run[i] - mean_hi) + c
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _cols_sum(x, r0, r1, q, row_stride, j0, sub, acc):
+    """acc[j] += x over the tile rows, column by column (float64)."""
+    width = acc.shape[0]
+    r = r0
+    while r + 1 < r1:
+        s0, s1 = _row_start(r, q, row_stride, j0, sub), _row_start(r + 1, q, row_stride, j0, sub)
+        row0, row1 = x[s0:s0 + width], x[s1:s1 + width]
+        for j in range(width):
+            acc[j] += np.float64(row0[j]) + np.float64(row1[j])
+        r += 2
+    if r < r1:
+        s0 = _row_start(r, q, row_stride, j0, sub)
+        row0 = x[s0:s0 + width]
+        for j in range(width):
+            acc[j] += row0[j]
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _cols_squares(x, r0, r1, q, row_stride, j0, sub, center, acc):
+    """acc[j] += (x - center[j])^2 over the tile rows (float64)."""
+    width = acc.shape[0]
+    r = r0
+    while r + 1 < r1:
+        s0, s1 = _row_start(r, q, row_stride, j0, sub), _row_start(r + 1, q, row_stride, j0, sub)
+        row0, row1 = x[s0:s0 + width], x[s1:s1 + width]
+        for j in range(width):
+            d0 = row0[j] - center[j]
+            d1 = row1[j] - center[j]
+            acc[j] += d0 * d0 + d1 * d1
+        r += 2
+    if r < r1:
+        s0 = _row_start(r, q, row_stride, j0, sub)
+        row0 = x[s0:s0 + width]
+        for j in range(width):
+            d0 = row0[j] - center[j]
+            acc[j] += d0 * d0
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _cols_grad(dy, x, r0, r1, q, row_stride, j0, sub, mean_hi, acc_dy, acc_dyd):
+    """acc_dy[j] += dy, acc_dyd[j] += dy * (x - mean_hi[j]) over the tile rows (float64)."""
+    width = acc_dy.shape[0]
+    r = r0
+    while r + 1 < r1:
+        s0, s1 = _row_start(r, q, row_stride, j0, sub), _row_start(r + 1, q, row_stride, j0, sub)
+        g0, g1 = dy[s0:s0 + width], dy[s1:s1 + width]
+        row0, row1 = x[s0:s0 + width], x[s1:s1 + width]
+        for j in range(width):
+            a0, a1 = np.float64(g0[j]), np.float64(g1[j])
+            acc_dy[j] += a0 + a1
+            acc_dyd[j] += a0 * (row0[j] - mean_hi[j]) + a1 * (row1[j] - mean_hi[j])
+        r += 2
+    if r < r1:
+        s0 = _row_start(r, q, row_stride, j0, sub)
+        g0, row0 = dy[s0:s0 + width], x[s0:s0 + width]
+        for j in range(width):
+            a0 = np.float64(g0[j])
+            acc_dy[j] += a0
+            acc_dyd[j] += a0 * (row0[j] - mean_hi[j])
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _cols_affine(x, out, r0, r1, q, row_stride, j0, sub, mean_hi, scale, shift):
+    width = scale.shape[0]
+    for r in range(r0, r1):
+        s0 = _row_start(r, q, row_stride, j0, sub)
+        x_row, o_row = x[s0:s0 + width], out[s0:s0 + width]
+        for j in range(width):
+            o_row[j] = (x_row[j] - mean_hi[j]) * scale[j] + shift[j]
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _cols_dx(dy, x, out, r0, r1, q, row_stride, j0, sub, mean_hi, a, b, c):
+    width = a.shape[0]
+    for r in range(r0, r1):
+        s0 = _row_start(r, q, row_stride, j0, sub)
+        g_row, x_row, o_row = dy[s0:s0 + width], x[s0:s0 + width], out[s0:s0 + width]
+        for j in range(width):
+            o_row[j] = a[j] * g_row[j] + b[j] * (x_row[j] - mean_hi[j]) + c[j]
+
+
+@njit(cache=True)
+def _expand(values, sub, vec):
+    """vec[k*sub:(k+1)*sub] = values[k]: per-channel values to per-column vectors."""
+    for k in range(values.shape[0]):
+        vec[k * sub:(k + 1) * sub] = values[k]
+
+
+@njit(cache=True)
+def _fold(acc, sub, totals):
+    """totals[k] = sum of local channel k's `sub` columns of acc."""
+    for k in range(totals.shape[0]):
+        total = 0.0
+        for j in range(k * sub, (k + 1) * sub):
+            total += acc[j]
+        totals[k] = total
+
+
+# Tile-level operations: dispatch to the run or column loops. Per-channel inputs and outputs
+# are local arrays of the tile's nch channels.
+@njit(cache=True)
+def _tile_sum(x, r0, r1, q, row_stride, j0, sub, totals):
+    nch = totals.shape[0]
+    totals[:] = 0.0
+    if sub >= RUN_MIN_WIDTH:
+        for r in range(r0, r1):
+            start = _row_start(r, q, row_stride, j0, sub)
+            for k in range(nch):
+                totals[k] += _run_sum(x, start + k * sub, sub)
+    else:
+        acc = np.zeros(nch * sub)
+        _cols_sum(x, r0, r1, q, row_stride, j0, sub, acc)
+        _fold(acc, sub, totals)
+
+
+@njit(cache=True)
+def _tile_squares(x, r0, r1, q, row_stride, j0, sub, center, totals):
+    nch = totals.shape[0]
+    totals[:] = 0.0
+    if sub >= RUN_MIN_WIDTH:
+        for r in range(r0, r1):
+            start = _row_start(r, q, row_stride, j0, sub)
+            for k in range(nch):
+                totals[k] += _run_squares(x, start + k * sub, sub, center[k])
+    else:
+        center_cols = np.empty(nch * sub)
+        _expand(center, sub, center_cols)
+        acc = np.zeros(nch * sub)
+        _cols_squares(x, r0, r1, q, row_stride, j0, sub, center_cols, acc)
+        _fold(acc, sub, totals)
+
+
+@njit(cache=True)
+def _tile_grad(dy, x, r0, r1, q, row_stride, j0, sub, mean_hi, totals_dy, totals_dyd):
+    nch = totals_dy.shape[0]
+    totals_dy[:] = 0.0
+    totals_dyd[:] = 0.0
+    if sub >= RUN_MIN_WIDTH:
+        for r in range(r0, r1):
+            start = _row_start(r, q, row_stride, j0, sub)
+            for k in range(nch):
+                s_dy, s_dyd = _run_grad(dy, x, start + k * sub, sub, mean_hi[k])
+                totals_dy[k] += s_dy
+                totals_dyd[k] += s_dyd
+    else:
+        mean_cols = np.empty(nch * sub, x.dtype)
+        _expand(mean_hi, sub, mean_cols)
+        acc_dy = np.zeros(nch * sub)
+        acc_dyd = np.zeros(nch * sub)
+        _cols_grad(dy, x, r0, r1, q, row_stride, j0, sub, mean_cols, acc_dy, acc_dyd)
+        _fold(acc_dy, sub, totals_dy)
+        _fold(acc_dyd, sub, totals_dyd)
+
+
+@njit(cache=True)
+def _tile_affine(x, out, r0, r1, q, row_stride, j0, sub, mean_hi, scale, shift):
+    nch = scale.shape[0]
+    if sub >= RUN_MIN_WIDTH:
+        for r in range(r0, r1):
+            start = _row_start(r, q, row_stride, j0, sub)
+            for k in range(nch):
+                _run_affine(x, out, start + k * sub, sub, mean_hi[k], scale[k], shift[k])
+    else:
+        cols = np.empty((3, nch * sub), x.dtype)
+        _expand(mean_hi, sub, cols[0])
+        _expand(scale, sub, cols[1])
+        _expand(shift, sub, cols[2])
+        _cols_affine(x, out, r0, r1, q, row_stride, j0, sub, cols[0], cols[1], cols[2])
+
+
+@njit(cache=True)
+def _tile_dx(dy, x, out, r0, r1, q, row_stride, j0, sub, mean_hi, a, b, c):
+    nch = a.shape[0]
+    if sub >= RUN_MIN_WIDTH:
+        for r in range(r0, r1):
+            start = _row_start(r, q, row_stride, j0, sub)
+            for k in range(nch):
+                _run_dx(dy, x, out, start + k * sub, sub, mean_hi[k], a[k], b[k], c[k])
+    else:
+        cols = np.empty((4, nch * sub), x.dtype)
+        _expand(mean_hi, sub, cols[0])
+        _expand(a, sub, cols[1])
+        _expand(b, sub, cols[2])
+        _expand(c, sub, cols[3])
+        _cols_dx(dy, x, out, r0, r1, q, row_stride, j0, sub, cols[0], cols[1], cols[2], cols[3])
+
+
 # --------------------------------------------------------------------------------------------
-# Per-channel coefficients, expanded to per-column vectors of a tile (channels c0 .. c0+nch).
+# Per-channel coefficients (float64 math, stored in x's dtype) for the tile's channels c0 + k.
+# The float64 mean m is split as m = mean_hi + mean_lo with mean_hi = m rounded to x's dtype;
+# x - mean_hi is then exact for x near the mean (Sterbenz), and mean_lo is folded into the
+# constant term, so the elementwise loops keep float64 accuracy with float32 arithmetic:
+#   y  = (x - mean_hi) * s + (beta - mean_lo * s),                       s = gamma invstd
+#   dx = a dy + b (x - mean_hi) + (c - b mean_lo)
 # --------------------------------------------------------------------------------------------
 @njit(cache=True)
-def _expand_center(mean, c0, nch, sub, mean_hi, mean_lo):
-    """mean_hi[j] = mean rounded to x's dtype, mean_lo[j] = the rounding error (0 in float64)."""
-    for k in range(nch):
+def _split_mean(mean, c0, mean_hi, mean_lo):
+    for k in range(mean_hi.shape[0]):
         m = np.float64(mean[c0 + k])
-        for j in range(k * sub, (k + 1) * sub):
-            mean_hi[j] = m
-            mean_lo[j] = m - np.float64(mean_hi[j])
+        mean_hi[k] = m
+        mean_lo[k] = m - np.float64(mean_hi[k])
 
 
 @njit(cache=True)
-def _expand_affine(mean, invstd, gamma, beta, c0, nch, sub, mean_hi, mean_lo, scale, shift):
-    """Vectors for y = (x - mean) * (gamma * invstd) + beta."""
-    _expand_center(mean, c0, nch, sub, mean_hi, mean_lo)
-    for k in range(nch):
-        c = c0 + k
-        s = gamma[c] * np.float64(invstd[c])
-        for j in range(k * sub, (k + 1) * sub):
-            scale[j] = s
-            shift[j] = beta[c]
+def _affine_coefficients(mean, invstd, gamma, beta, c0, mean_hi, scale, shift):
+    mean_lo = np.empty(mean_hi.shape[0])
+    _split_mean(mean, c0, mean_hi, mean_lo)
+    for k in range(mean_hi.shape[0]):
+        s = gamma[c0 + k] * np.float64(invstd[c0 + k])
+        scale[k] = s
+        shift[k] = beta[c0 + k] - mean_lo[k] * s
 
 
 @njit(cache=True)
-def _expand_dx(invstd, gamma, sum_dy, sum_dy_xhat, count, training, c0, nch, sub, a, b, c):
-    """Vectors for dx = a dy + b (x - mean) + c (module docstring); b = c = 0 in eval."""
-    for k in range(nch):
+def _dx_coefficients(mean, invstd, gamma, sum_dy, sum_dy_xhat, count, training, c0,
+                     mean_hi, a, b, c):
+    """dx = a dy + b (x - mean) + c: a = gamma invstd; training: b = -a invstd sum_dy_xhat / m,
+    c = -a sum_dy / m (the seed's dx with xhat = (x - mean) invstd); eval: b = c = 0."""
+    mean_lo = np.empty(mean_hi.shape[0])
+    _split_mean(mean, c0, mean_hi, mean_lo)
+    for k in range(mean_hi.shape[0]):
         ch = c0 + k
         inv = np.float64(invstd[ch])
         ak = gamma[ch] * inv
         bk = -ak * inv * sum_dy_xhat[ch] / count if training else 0.0
         ck = -ak * sum_dy[ch] / count if training else 0.0
-        for j in range(k * sub, (k + 1) * sub):
-            a[j] = ak
-            b[j] = bk
-            c[j] = ck
+        a[k] = ak
+        b[k] = bk
+        c[k] = ck - bk * mean_lo[k]
 
 
 @njit(cache=True, inline="always")
-def _tile(t, n_outer, n_channels, q, sub, cb, block_rows):
-    """Row range, channel range and (row block index) of tile t."""
+def _tile(t, n_outer, n_channels, q, cb, block_rows):
+    """(row block index, first row, end row, first channel, channel count) of tile t."""
     n_cb = (n_channels + cb - 1) // cb
     rb = t // n_cb
     r0, r1 = chunk_bounds(rb, n_outer * q, block_rows)
@@ -279,7 +456,7 @@ def _n_tiles(n_outer, n_channels, q, cb, block_rows):
 # Parallel sweeps over the tiles. x, dy, out are flat (P*C*S,) views; n_outer, n_channels,
 # n_inner = P, C, S. Per-row-block partials go to (n_row_blocks, C) float64 arrays.
 # --------------------------------------------------------------------------------------------
-@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+@njit(cache=True, parallel=True)
 def _stats_sweep(x, n_outer, n_channels, n_inner, q, sub, cb, block_rows,
                  part_mean, part_m2, fuse, gamma, beta, eps, invstd_out, out):
     """Per-tile mean and M2 (two passes over the cache-resident tile) into the partials.
@@ -289,51 +466,35 @@ def _stats_sweep(x, n_outer, n_channels, n_inner, q, sub, cb, block_rows,
     """
     row_stride = n_channels * n_inner
     for t in prange(_n_tiles(n_outer, n_channels, q, cb, block_rows)):
-        rb, r0, r1, c0, nch = _tile(t, n_outer, n_channels, q, sub, cb, block_rows)
+        rb, r0, r1, c0, nch = _tile(t, n_outer, n_channels, q, cb, block_rows)
         j0 = c0 * n_inner
         count = (r1 - r0) * sub
-        width = nch * sub
-        acc = np.zeros(width)
-        _accumulate_sum(x, r0, r1, q, row_stride, j0, sub, acc)
-        center = np.empty(width)
-        for k in range(nch):
-            m = _fold(acc, k, sub) / count
-            part_mean[rb, c0 + k] = m
-            center[k * sub:(k + 1) * sub] = m
-        acc[:] = 0.0
-        _accumulate_squares(x, r0, r1, q, row_stride, j0, sub, center, acc)
-        for k in range(nch):
-            part_m2[rb, c0 + k] = _fold(acc, k, sub)
+        mean = part_mean[rb, c0:c0 + nch]
+        _tile_sum(x, r0, r1, q, row_stride, j0, sub, mean)
+        mean /= count
+        _tile_squares(x, r0, r1, q, row_stride, j0, sub, mean, part_m2[rb, c0:c0 + nch])
         if fuse:
-            for k in range(nch):
-                invstd_out[c0 + k] = 1.0 / np.sqrt(part_m2[rb, c0 + k] / count + eps)
-            mean_hi = np.empty(width, x.dtype)
-            mean_lo = np.empty(width, x.dtype)
-            scale = np.empty(width, x.dtype)
-            shift = np.empty(width, x.dtype)
-            _expand_affine(part_mean[rb], invstd_out, gamma, beta, c0, nch, sub,
-                           mean_hi, mean_lo, scale, shift)
-            _apply_affine(x, out, r0, r1, q, row_stride, j0, sub, mean_hi, mean_lo, scale, shift)
+            for c in range(c0, c0 + nch):
+                invstd_out[c] = 1.0 / np.sqrt(part_m2[rb, c] / count + eps)
+            coef = np.empty((3, nch), x.dtype)
+            _affine_coefficients(part_mean[rb], invstd_out, gamma, beta, c0,
+                                 coef[0], coef[1], coef[2])
+            _tile_affine(x, out, r0, r1, q, row_stride, j0, sub, coef[0], coef[1], coef[2])
 
 
-@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+@njit(cache=True, parallel=True)
 def _normalize_sweep(x, out, n_outer, n_channels, n_inner, q, sub, cb, block_rows,
                      mean, invstd, gamma, beta):
     """out = (x - mean) * invstd * gamma + beta, tile by tile."""
     row_stride = n_channels * n_inner
     for t in prange(_n_tiles(n_outer, n_channels, q, cb, block_rows)):
-        rb, r0, r1, c0, nch = _tile(t, n_outer, n_channels, q, sub, cb, block_rows)
-        width = nch * sub
-        mean_hi = np.empty(width, x.dtype)
-        mean_lo = np.empty(width, x.dtype)
-        scale = np.empty(width, x.dtype)
-        shift = np.empty(width, x.dtype)
-        _expand_affine(mean, invstd, gamma, beta, c0, nch, sub, mean_hi, mean_lo, scale, shift)
-        _apply_affine(x, out, r0, r1, q, row_stride, c0 * n_inner, sub,
-                      mean_hi, mean_lo, scale, shift)
+        rb, r0, r1, c0, nch = _tile(t, n_outer, n_channels, q, cb, block_rows)
+        coef = np.empty((3, nch), x.dtype)
+        _affine_coefficients(mean, invstd, gamma, beta, c0, coef[0], coef[1], coef[2])
+        _tile_affine(x, out, r0, r1, q, row_stride, c0 * n_inner, sub, coef[0], coef[1], coef[2])
 
 
-@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+@njit(cache=True, parallel=True)
 def _grad_sweep(dy, x, n_outer, n_channels, n_inner, q, sub, cb, block_rows, mean, invstd,
                 part_dy, part_dy_xhat, fuse, gamma, training, out):
     """Per-tile sum dy and sum dy * xhat into the partials (one pass over x and dy).
@@ -343,44 +504,37 @@ def _grad_sweep(dy, x, n_outer, n_channels, n_inner, q, sub, cb, block_rows, mea
     """
     row_stride = n_channels * n_inner
     for t in prange(_n_tiles(n_outer, n_channels, q, cb, block_rows)):
-        rb, r0, r1, c0, nch = _tile(t, n_outer, n_channels, q, sub, cb, block_rows)
+        rb, r0, r1, c0, nch = _tile(t, n_outer, n_channels, q, cb, block_rows)
         j0 = c0 * n_inner
-        width = nch * sub
-        mean_hi = np.empty(width, x.dtype)
-        mean_lo = np.empty(width, x.dtype)
-        _expand_center(mean, c0, nch, sub, mean_hi, mean_lo)
-        acc_dy = np.zeros(width)
-        acc_dyd = np.zeros(width)
-        _accumulate_grad(dy, x, r0, r1, q, row_stride, j0, sub, mean_hi, mean_lo, acc_dy, acc_dyd)
+        mean_hi = np.empty(nch, x.dtype)
+        mean_lo = np.empty(nch)
+        _split_mean(mean, c0, mean_hi, mean_lo)
+        sum_dy = part_dy[rb, c0:c0 + nch]
+        sum_dyd = part_dy_xhat[rb, c0:c0 + nch]
+        _tile_grad(dy, x, r0, r1, q, row_stride, j0, sub, mean_hi, sum_dy, sum_dyd)
+        # sum dy (x - mean) = sum dy (x - mean_hi) - mean_lo sum dy; times invstd: sum dy xhat
         for k in range(nch):
-            part_dy[rb, c0 + k] = _fold(acc_dy, k, sub)
-            part_dy_xhat[rb, c0 + k] = _fold(acc_dyd, k, sub) * np.float64(invstd[c0 + k])
+            sum_dyd[k] = (sum_dyd[k] - mean_lo[k] * sum_dy[k]) * np.float64(invstd[c0 + k])
         if fuse:
-            a = np.empty(width, x.dtype)
-            b = np.empty(width, x.dtype)
-            c = np.empty(width, x.dtype)
-            _expand_dx(invstd, gamma, part_dy[rb], part_dy_xhat[rb], n_outer * n_inner,
-                       training, c0, nch, sub, a, b, c)
-            _apply_dx(dy, x, out, r0, r1, q, row_stride, j0, sub, mean_hi, mean_lo, a, b, c)
+            coef = np.empty((4, nch), x.dtype)
+            _dx_coefficients(mean, invstd, gamma, part_dy[rb], part_dy_xhat[rb],
+                             n_outer * n_inner, training, c0, coef[0], coef[1], coef[2], coef[3])
+            _tile_dx(dy, x, out, r0, r1, q, row_stride, j0, sub,
+                     coef[0], coef[1], coef[2], coef[3])
 
 
-@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+@njit(cache=True, parallel=True)
 def _dx_sweep(dy, x, out, n_outer, n_channels, n_inner, q, sub, cb, block_rows,
               mean, invstd, gamma, sum_dy, sum_dy_xhat, count, training):
     """dx from complete sums, tile by tile."""
     row_stride = n_channels * n_inner
     for t in prange(_n_tiles(n_outer, n_channels, q, cb, block_rows)):
-        rb, r0, r1, c0, nch = _tile(t, n_outer, n_channels, q, sub, cb, block_rows)
-        width = nch * sub
-        mean_hi = np.empty(width, x.dtype)
-        mean_lo = np.empty(width, x.dtype)
-        _expand_center(mean, c0, nch, sub, mean_hi, mean_lo)
-        a = np.empty(width, x.dtype)
-        b = np.empty(width, x.dtype)
-        c = np.empty(width, x.dtype)
-        _expand_dx(invstd, gamma, sum_dy, sum_dy_xhat, count, training, c0, nch, sub, a, b, c)
-        _apply_dx(dy, x, out, r0, r1, q, row_stride, c0 * n_inner, sub, mean_hi, mean_lo, a, b, c)
-
+        rb, r0, r1, c0, nch = _tile(t, n_outer, n_channels, q, cb, block_rows)
+        coef = np.empty((4, nch), x.dtype)
+        _dx_coefficients(mean, invstd, gamma, sum_dy, sum_dy_xhat, count, training, c0,
+                         coef[0], coef[1], coef[2], coef[3])
+        _tile_dx(dy, x, out, r0, r1, q, row_stride, c0 * n_inner, sub,
+                 coef[0], coef[1], coef[2], coef[3])
 
 # --------------------------------------------------------------------------------------------
 # Python-level backend functions (the interface in the module docstring).
