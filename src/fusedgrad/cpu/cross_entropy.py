@@ -216,32 +216,38 @@ def _run(mode, logits, target, weights, grad, grad_scale, lse, loss, options):
     of a k-D array cannot be merged into (N, C, S), the kernel works on a contiguous copy
     (and the gradient is copied back), the only case with an N x C temporary.
     """
-    args = (options.ignore_index, options.label_smoothing, options.z_loss)
-    index = target.dtype == np.int64
-    if index and logits.ndim == 2:
-        kernel_grad = logits if grad is None else grad
-        _rows_index_kernel(mode, logits, target, weights, kernel_grad, grad_scale, lse, loss,
-                           *args)
+    if target.dtype == np.int64 and logits.ndim == 2:
+        _launch(_rows_index_kernel, mode, logits, target, weights, grad, grad_scale, lse, loss,
+                options)
         return
+    shape3 = (logits.shape[0], logits.shape[1], -1)
     logits3 = _spatial_view(logits)
     if logits3 is None:
-        logits3 = np.ascontiguousarray(logits).reshape(logits.shape[0], logits.shape[1], -1)
+        logits3 = np.ascontiguousarray(logits).reshape(shape3)
     grad3 = None if grad is None else _spatial_view(grad)
     copy_back = grad is not None and grad3 is None
     if copy_back:
         grad3 = np.empty(logits3.shape, dtype=logits3.dtype)
-    kernel_grad = logits3 if grad3 is None else grad3
-    if index:
-        _tiles_index_kernel(mode, logits3, target, weights, kernel_grad, grad_scale, lse, loss,
-                            *args)
+    if target.dtype == np.int64:
+        _launch(_tiles_index_kernel, mode, logits3, target, weights, grad3, grad_scale, lse,
+                loss, options)
     else:
         target3 = _spatial_view(target)
         if target3 is None:
             target3 = np.ascontiguousarray(target).reshape(logits3.shape)
-        _tiles_prob_kernel(mode, logits3, target3, weights, kernel_grad, grad_scale, lse, loss,
-                           *args)
+        _launch(_tiles_prob_kernel, mode, logits3, target3, weights, grad3, grad_scale, lse,
+                loss, options)
     if copy_back:
         np.copyto(grad, grad3.reshape(grad.shape))
+
+
+def _launch(kernel, mode, logits, target, weights, grad, grad_scale, lse, loss, options):
+    """Call a kernel; inplace (``grad`` is the logits' memory) it reads the logits through
+    ``grad``: with a single pointer LLVM needs no runtime overlap check, which would send the
+    loops to their scalar fallback (slower, and rounding differently from the out= path)."""
+    inplace = grad is not None and np.shares_memory(grad, logits)
+    kernel(mode, logits, target, weights, logits if grad is None else grad, grad_scale, lse,
+           loss, options.ignore_index, options.label_smoothing, options.z_loss, inplace)
 
 
 # --------------------------------------------------------------------------------------------
@@ -399,7 +405,7 @@ def _row_scale_blocks(g, top, total, factor, smooth, w, block_shift, block_sum):
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
 def _rows_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out, loss_out,
-                       ignore_index, smoothing, z_loss):
+                       ignore_index, smoothing, z_loss, inplace):
     """Softmax cross-entropy of (N, C) logits against class indices, one row per sample.
 
     For a row with target t (one-hot y), smoothing s and q_c = (1 - s) y_c + s / C:
@@ -431,7 +437,7 @@ def _rows_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
         shifts = block_shift[chunk]
         sums = block_sum[chunk]
         for i in range(chunk * rows_per_chunk, min(n, (chunk + 1) * rows_per_chunk)):
-            z = logits[i]
+            z = grad[i] if inplace else logits[i]
             g = grad[i]
             t = target[i]
             ignored = t == ignore_index
@@ -530,7 +536,7 @@ def _lanes_gradient(z, g, shift, factor, smooth, w, fused):
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
 def _tiles_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out, loss_out,
-                        ignore_index, smoothing, z_loss):
+                        ignore_index, smoothing, z_loss, inplace):
     """Class-index targets for (N, C, S) logits: the math of :func:`_rows_index_kernel`,
     evaluated for TILE positions at once (for fixed n, c the positions are contiguous).
 
@@ -545,68 +551,71 @@ def _tiles_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out
     smooth_per_class = smoothing / c
     tiles_per_sample = (n_pos + TILE - 1) // TILE
     n_tiles = n * tiles_per_sample
-    lanes = np.empty((n_tiles, 4, TILE), dtype=np.float64)
+    tiles_per_chunk = max(1, CHUNK_ELEMENTS // (c * TILE))
+    n_chunks = (n_tiles + tiles_per_chunk - 1) // tiles_per_chunk
+    lanes = np.empty((n_chunks, 4, TILE), dtype=np.float64)
     per_sample_scale = grad_scale.shape[0] > 1
-    for tile in prange(n_tiles):
-        i = tile // tiles_per_sample
-        p0 = (tile % tiles_per_sample) * TILE
-        width = min(TILE, n_pos - p0)
-        first = i * n_pos + p0
-        shift = lanes[tile, 0, :width]
-        total = lanes[tile, 1, :width]
-        smooth = lanes[tile, 2, :width]
-        factor = lanes[tile, 3, :width]
-        z = logits[i, :, p0:p0 + width]
-        g = grad[i, :, p0:p0 + width]
-        if mode == MODE_BACKWARD:
-            for k in range(width):
-                shift[k] = lse_out[first + k]
-        else:
+    for chunk in prange(n_chunks):
+        for tile in range(chunk * tiles_per_chunk, min(n_tiles, (chunk + 1) * tiles_per_chunk)):
+            i = tile // tiles_per_sample
+            p0 = (tile % tiles_per_sample) * TILE
+            width = min(TILE, n_pos - p0)
+            first = i * n_pos + p0
+            shift = lanes[chunk, 0, :width]
+            total = lanes[chunk, 1, :width]
+            smooth = lanes[chunk, 2, :width]
+            factor = lanes[chunk, 3, :width]
+            z = grad[i, :, p0:p0 + width] if inplace else logits[i, :, p0:p0 + width]
+            g = grad[i, :, p0:p0 + width]
+            if mode == MODE_BACKWARD:
+                for k in range(width):
+                    shift[k] = lse_out[first + k]
+            else:
+                for k in range(width):
+                    t = target[first + k]
+                    factor[k] = 0.0 if t == ignore_index else np.float64(z[t, k])
+                _lanes_max(z, shift)
+                if smoothing > 0.0:
+                    _lanes_weighted_sum(z, weights, smooth)
+                _lanes_sum_exp(z, g, shift, total, mode == MODE_FUSED)
+                for k in range(width):
+                    t = target[first + k]
+                    lse = shift[k] + math.log(total[k])
+                    lse_out[first + k] = lse
+                    if t == ignore_index:
+                        loss_out[first + k] = 0.0
+                        continue
+                    w_t = weights[t]
+                    weighted = smooth[k] if smoothing > 0.0 else 0.0
+                    loss_out[first + k] = ((1.0 - smoothing) * w_t * (lse - factor[k])
+                                           + smooth_per_class * (lse * weight_total - weighted)
+                                           + z_loss * w_t * lse * lse)
+                if mode == MODE_FORWARD:
+                    continue
             for k in range(width):
                 t = target[first + k]
-                factor[k] = 0.0 if t == ignore_index else np.float64(z[t, k])
-            _lanes_max(z, shift)
-            if smoothing > 0.0:
-                _lanes_weighted_sum(z, weights, smooth)
-            _lanes_sum_exp(z, g, shift, total, mode == MODE_FUSED)
-            for k in range(width):
-                t = target[first + k]
-                lse = shift[k] + math.log(total[k])
-                lse_out[first + k] = lse
+                scale = grad_scale[first + k] if per_sample_scale else grad_scale[0]
                 if t == ignore_index:
-                    loss_out[first + k] = 0.0
+                    factor[k] = 0.0
+                    smooth[k] = 0.0
                     continue
                 w_t = weights[t]
-                weighted = smooth[k] if smoothing > 0.0 else 0.0
-                loss_out[first + k] = ((1.0 - smoothing) * w_t * (lse - factor[k])
-                                       + smooth_per_class * (lse * weight_total - weighted)
-                                       + z_loss * w_t * lse * lse)
-            if mode == MODE_FORWARD:
-                continue
-        for k in range(width):
-            t = target[first + k]
-            scale = grad_scale[first + k] if per_sample_scale else grad_scale[0]
-            if t == ignore_index:
-                factor[k] = 0.0
-                smooth[k] = 0.0
-                continue
-            w_t = weights[t]
-            lse = shift[k] if mode == MODE_BACKWARD else shift[k] + math.log(total[k])
-            coef = scale * ((1.0 - smoothing) * w_t + smooth_per_class * weight_total
-                            + 2.0 * z_loss * w_t * lse)
-            factor[k] = coef / total[k] if mode == MODE_FUSED else coef
-            smooth[k] = scale * smooth_per_class
-        _lanes_gradient(z, g, shift, factor, smooth, weights, mode == MODE_FUSED)
-        for k in range(width):
-            t = target[first + k]
-            if t != ignore_index:
-                scale = grad_scale[first + k] if per_sample_scale else grad_scale[0]
-                g[t, k] -= cast_like(scale * (1.0 - smoothing) * weights[t], g)
+                lse = shift[k] if mode == MODE_BACKWARD else shift[k] + math.log(total[k])
+                coef = scale * ((1.0 - smoothing) * w_t + smooth_per_class * weight_total
+                                + 2.0 * z_loss * w_t * lse)
+                factor[k] = coef / total[k] if mode == MODE_FUSED else coef
+                smooth[k] = scale * smooth_per_class
+            _lanes_gradient(z, g, shift, factor, smooth, weights, mode == MODE_FUSED)
+            for k in range(width):
+                t = target[first + k]
+                if t != ignore_index:
+                    scale = grad_scale[first + k] if per_sample_scale else grad_scale[0]
+                    g[t, k] -= cast_like(scale * (1.0 - smoothing) * weights[t], g)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
 def _tiles_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out, loss_out,
-                       ignore_index, smoothing, z_loss):
+                       ignore_index, smoothing, z_loss, inplace):
     """Probability targets y (N, C, S), same dtype as the logits (``ignore_index`` unused).
 
     With q_c = (1 - s) y_c + s / C, Y = sum_c w_c y_c, W = sum_c w_c:
@@ -627,66 +636,69 @@ def _tiles_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
     smooth_per_class = smoothing / c
     tiles_per_sample = (n_pos + TILE - 1) // TILE
     n_tiles = n * tiles_per_sample
-    lanes = np.empty((n_tiles, 7, TILE), dtype=np.float64)
+    tiles_per_chunk = max(1, CHUNK_ELEMENTS // (c * TILE))
+    n_chunks = (n_tiles + tiles_per_chunk - 1) // tiles_per_chunk
+    lanes = np.empty((n_chunks, 7, TILE), dtype=np.float64)
     per_sample_scale = grad_scale.shape[0] > 1
-    for tile in prange(n_tiles):
-        i = tile // tiles_per_sample
-        p0 = (tile % tiles_per_sample) * TILE
-        width = min(TILE, n_pos - p0)
-        first = i * n_pos + p0
-        shift = lanes[tile, 0, :width]
-        total = lanes[tile, 1, :width]
-        wy = lanes[tile, 2, :width]
-        wyz = lanes[tile, 3, :width]
-        wz = lanes[tile, 4, :width]
-        factor = lanes[tile, 5, :width]
-        scale = lanes[tile, 6, :width]
-        z = logits[i, :, p0:p0 + width]
-        y = target[i, :, p0:p0 + width]
-        g = grad[i, :, p0:p0 + width]
-        for k in range(width):
-            wy[k] = 0.0
-            wyz[k] = 0.0
-        for cls in range(c):
-            zc = z[cls]
-            yc = y[cls]
-            wc = weights[cls]
+    for chunk in prange(n_chunks):
+        for tile in range(chunk * tiles_per_chunk, min(n_tiles, (chunk + 1) * tiles_per_chunk)):
+            i = tile // tiles_per_sample
+            p0 = (tile % tiles_per_sample) * TILE
+            width = min(TILE, n_pos - p0)
+            first = i * n_pos + p0
+            shift = lanes[chunk, 0, :width]
+            total = lanes[chunk, 1, :width]
+            wy = lanes[chunk, 2, :width]
+            wyz = lanes[chunk, 3, :width]
+            wz = lanes[chunk, 4, :width]
+            factor = lanes[chunk, 5, :width]
+            scale = lanes[chunk, 6, :width]
+            z = grad[i, :, p0:p0 + width] if inplace else logits[i, :, p0:p0 + width]
+            y = target[i, :, p0:p0 + width]
+            g = grad[i, :, p0:p0 + width]
             for k in range(width):
-                wyk = wc * np.float64(yc[k])
-                wy[k] += wyk
-                if mode != MODE_BACKWARD and wyk != 0.0:
-                    wyz[k] += wyk * zc[k]
-        if mode == MODE_BACKWARD:
+                wy[k] = 0.0
+                wyz[k] = 0.0
+            for cls in range(c):
+                zc = z[cls]
+                yc = y[cls]
+                wc = weights[cls]
+                for k in range(width):
+                    wyk = wc * np.float64(yc[k])
+                    wy[k] += wyk
+                    if mode != MODE_BACKWARD and wyk != 0.0:
+                        wyz[k] += wyk * zc[k]
+            if mode == MODE_BACKWARD:
+                for k in range(width):
+                    shift[k] = lse_out[first + k]
+            else:
+                _lanes_max(z, shift)
+                if smoothing > 0.0:
+                    _lanes_weighted_sum(z, weights, wz)
+                _lanes_sum_exp(z, g, shift, total, mode == MODE_FUSED)
+                for k in range(width):
+                    lse = shift[k] + math.log(total[k])
+                    lse_out[first + k] = lse
+                    smooth_term = lse * weight_total - wz[k] if smoothing > 0.0 else 0.0
+                    loss_out[first + k] = ((1.0 - smoothing) * (lse * wy[k] - wyz[k])
+                                           + smooth_per_class * smooth_term + z_loss * lse * lse)
+                if mode == MODE_FORWARD:
+                    continue
             for k in range(width):
-                shift[k] = lse_out[first + k]
-        else:
-            _lanes_max(z, shift)
-            if smoothing > 0.0:
-                _lanes_weighted_sum(z, weights, wz)
-            _lanes_sum_exp(z, g, shift, total, mode == MODE_FUSED)
-            for k in range(width):
-                lse = shift[k] + math.log(total[k])
-                lse_out[first + k] = lse
-                smooth_term = lse * weight_total - wz[k] if smoothing > 0.0 else 0.0
-                loss_out[first + k] = ((1.0 - smoothing) * (lse * wy[k] - wyz[k])
-                                       + smooth_per_class * smooth_term + z_loss * lse * lse)
-            if mode == MODE_FORWARD:
-                continue
-        for k in range(width):
-            scale[k] = grad_scale[first + k] if per_sample_scale else grad_scale[0]
-            lse = shift[k] if mode == MODE_BACKWARD else shift[k] + math.log(total[k])
-            coef = scale[k] * ((1.0 - smoothing) * wy[k] + smooth_per_class * weight_total
-                               + 2.0 * z_loss * lse)
-            factor[k] = coef / total[k] if mode == MODE_FUSED else coef
-        for cls in range(c):
-            zc = z[cls]
-            yc = y[cls]
-            gc = g[cls]
-            wc = weights[cls]
-            for k in range(width):
-                if mode == MODE_FUSED:
-                    e = gc[k]
-                else:
-                    e = fast_exp(zc[k] - cast_like(shift[k], zc))
-                q = (1.0 - smoothing) * np.float64(yc[k]) + smooth_per_class
-                gc[k] = e * cast_like(factor[k], gc) - cast_like(scale[k] * wc * q, gc)
+                scale[k] = grad_scale[first + k] if per_sample_scale else grad_scale[0]
+                lse = shift[k] if mode == MODE_BACKWARD else shift[k] + math.log(total[k])
+                coef = scale[k] * ((1.0 - smoothing) * wy[k] + smooth_per_class * weight_total
+                                   + 2.0 * z_loss * lse)
+                factor[k] = coef / total[k] if mode == MODE_FUSED else coef
+            for cls in range(c):
+                zc = z[cls]
+                yc = y[cls]
+                gc = g[cls]
+                wc = weights[cls]
+                for k in range(width):
+                    if mode == MODE_FUSED:
+                        e = gc[k]
+                    else:
+                        e = fast_exp(zc[k] - cast_like(shift[k], zc))
+                    q = (1.0 - smoothing) * np.float64(yc[k]) + smooth_per_class
+                    gc[k] = e * cast_like(factor[k], gc) - cast_like(scale[k] * wc * q, gc)

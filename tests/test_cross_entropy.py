@@ -1,0 +1,471 @@
+"""fg.softmax_cross_entropy{,_forward,_backward} on the CPU.
+
+Oracles: ``fusedgrad.reference`` (float64 NumPy), ``torch.nn.functional.cross_entropy`` (loss
+and autograd gradient), and float64 central finite differences. Most checks run in float64
+(tolerance ~1e-12); float32 runs against the reference with a relative tolerance of ~1e-5.
+Shapes are small: every distinct array layout is a Numba specialisation compiled once.
+"""
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, HealthCheck
+from hypothesis import strategies as st
+
+import fusedgrad as fg
+from fusedgrad import reference
+
+RTOL = {np.float64: 1e-12, np.float32: 2e-5}
+ATOL = {np.float64: 1e-13, np.float32: 2e-6}
+
+
+def make_problem(shape, target_kind, dtype=np.float64, seed=0, ignore_some=True):
+    rng = np.random.default_rng(seed)
+    logits = (2.0 * rng.standard_normal(shape)).astype(dtype)
+    n_classes = shape[1]
+    sample_shape = (shape[0],) + tuple(shape[2:])
+    if target_kind == "index":
+        target = rng.integers(0, n_classes, sample_shape)
+        if ignore_some and target.size > 1:
+            target.flat[::3] = -100
+    else:
+        target = rng.random(shape)
+        target = (target / target.sum(axis=1, keepdims=True)).astype(dtype)
+    return logits, target
+
+
+def assert_close(actual, expected, dtype, what):
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    scale = max(1.0, float(np.max(np.abs(expected)))) if expected.size else 1.0
+    np.testing.assert_allclose(actual, expected, rtol=RTOL[dtype], atol=ATOL[dtype] * scale,
+                               err_msg=what)
+
+
+def run_all(logits, target, **options):
+    """Fused call, forward and backward; returns (loss, grad, forward loss, lse, grad2)."""
+    loss, grad = fg.softmax_cross_entropy(logits, target, **options)
+    loss_f, lse = fg.softmax_cross_entropy_forward(logits, target, **options)
+    reduction = options.get("reduction", "mean")
+    grad_loss = np.ones(np.shape(loss_f)) if reduction == "none" else 1.0
+    grad2 = fg.softmax_cross_entropy_backward(grad_loss, logits, target, lse, **options)
+    return loss, grad, loss_f, lse, grad2
+
+
+# --------------------------------------------------------------------------------------------
+# Against the float64 reference
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", [(9, 7), (3, 5000), (4, 6, 3, 5)])
+@pytest.mark.parametrize("target_kind", ["index", "prob"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_matches_reference(dtype, shape, target_kind, reduction):
+    logits, target = make_problem(shape, target_kind, dtype)
+    weight = np.linspace(0.5, 2.0, shape[1])
+    options = dict(weight=weight, reduction=reduction, label_smoothing=0.1, z_loss=1e-3)
+    loss, grad, loss_f, lse, grad2 = run_all(logits, target, **options)
+    ref_loss, ref_grad, ref_lse = reference.softmax_cross_entropy(logits, target, **options)
+    expected_dtype = np.float64 if dtype == np.float64 else np.float32
+    assert loss.dtype == expected_dtype and lse.dtype == expected_dtype
+    assert grad.dtype == dtype and grad.shape == logits.shape
+    assert lse.shape == (shape[0],) + shape[2:]
+    assert np.shape(loss) == np.shape(ref_loss)
+    assert_close(loss, ref_loss, dtype, "loss")
+    assert_close(loss_f, ref_loss, dtype, "forward loss")
+    assert_close(lse, ref_lse, dtype, "lse")
+    assert_close(grad, ref_grad, dtype, "grad")
+    assert_close(grad2, ref_grad, dtype, "backward grad")
+
+
+@pytest.mark.parametrize("target_kind", ["index", "prob"])
+def test_backward_scales_by_grad_loss(target_kind):
+    logits, target = make_problem((6, 5), target_kind)
+    _, ref_grad, _ = reference.softmax_cross_entropy(logits, target, reduction="none")
+    _, lse = fg.softmax_cross_entropy_forward(logits, target, reduction="none")
+    grad_loss = np.linspace(-1.0, 2.0, 6)
+    grad = fg.softmax_cross_entropy_backward(grad_loss, logits, target, lse, reduction="none")
+    assert_close(grad, ref_grad * grad_loss[:, None], np.float64, "grad")
+    _, lse_mean = fg.softmax_cross_entropy_forward(logits, target)
+    _, ref_mean_grad, _ = reference.softmax_cross_entropy(logits, target)
+    grad = fg.softmax_cross_entropy_backward(np.float64(3.0), logits, target, lse_mean)
+    assert_close(grad, 3.0 * ref_mean_grad, np.float64, "grad")
+
+
+# --------------------------------------------------------------------------------------------
+# Against PyTorch
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("target_kind", ["index", "prob"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("use_weight", [False, True])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.25])
+@pytest.mark.parametrize("shape", [(8, 6), (3, 4, 2, 3)])
+def test_matches_torch(target_kind, reduction, use_weight, label_smoothing, shape):
+    logits, target = make_problem(shape, target_kind, seed=3)
+    weight = np.linspace(0.2, 1.5, shape[1]) if use_weight else None
+    options = dict(weight=weight, reduction=reduction, label_smoothing=label_smoothing)
+    if target_kind == "index":
+        options["ignore_index"] = -100
+    loss, grad = fg.softmax_cross_entropy(logits, target, **options)
+
+    x = torch.tensor(logits, requires_grad=True)
+    t = torch.tensor(target)
+    w = None if weight is None else torch.tensor(weight)
+    torch_loss = F.cross_entropy(x, t, weight=w, reduction=reduction,
+                                 label_smoothing=label_smoothing)
+    torch_loss.sum().backward()
+    assert_close(loss, torch_loss.detach().numpy(), np.float64, "loss vs torch")
+    assert_close(grad, x.grad.numpy(), np.float64, "grad vs torch")
+
+
+def test_matches_torch_with_custom_ignore_index_and_int32_target():
+    logits, target = make_problem((10, 4), "index", seed=5, ignore_some=False)
+    target[[1, 4]] = 2
+    target32 = target.astype(np.int32)
+    loss, grad = fg.softmax_cross_entropy(logits, target32, ignore_index=2)
+    x = torch.tensor(logits, requires_grad=True)
+    torch_loss = F.cross_entropy(x, torch.tensor(target), ignore_index=2)
+    torch_loss.backward()
+    assert_close(loss, torch_loss.item(), np.float64, "loss")
+    assert_close(grad, x.grad.numpy(), np.float64, "grad")
+
+
+# --------------------------------------------------------------------------------------------
+# Finite differences (float64)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("target_kind", ["index", "prob"])
+@pytest.mark.parametrize("shape", [(4, 5), (2, 3, 4)])
+def test_gradient_matches_finite_differences(target_kind, shape):
+    logits, target = make_problem(shape, target_kind, seed=11)
+    options = dict(weight=np.linspace(0.5, 1.5, shape[1]), label_smoothing=0.2, z_loss=0.05)
+    _, grad = fg.softmax_cross_entropy(logits, target, **options)
+    step = 1e-6
+    numeric = np.zeros_like(logits)
+    for idx in np.ndindex(*logits.shape):
+        plus, minus = logits.copy(), logits.copy()
+        plus[idx] += step
+        minus[idx] -= step
+        loss_plus, _ = fg.softmax_cross_entropy_forward(plus, target, **options)
+        loss_minus, _ = fg.softmax_cross_entropy_forward(minus, target, **options)
+        numeric[idx] = (float(loss_plus) - float(loss_minus)) / (2 * step)
+    np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-8)
+
+
+# --------------------------------------------------------------------------------------------
+# Hypothesis: random shapes and options against the reference
+# --------------------------------------------------------------------------------------------
+@st.composite
+def problems(draw):
+    n = draw(st.integers(1, 6))
+    c = draw(st.integers(1, 9))
+    spatial = draw(st.sampled_from([(), (3,), (2, 3)]))
+    shape = (n, c) + spatial
+    kind = draw(st.sampled_from(["index", "prob"]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    logits, target = make_problem(shape, kind, seed=seed, ignore_some=draw(st.booleans()))
+    options = dict(
+        reduction=draw(st.sampled_from(["mean", "sum", "none"])),
+        label_smoothing=draw(st.sampled_from([0.0, 0.1, 1.0])),
+        z_loss=draw(st.sampled_from([0.0, 1e-4, 0.5])),
+        weight=draw(st.sampled_from([None, "random"])),
+    )
+    if options["weight"] == "random":
+        options["weight"] = np.random.default_rng(seed).random(c) + 0.1
+    return logits, target, options
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems())
+def test_hypothesis_against_reference(problem):
+    logits, target, options = problem
+    loss, grad, loss_f, lse, grad2 = run_all(logits, target, **options)
+    ref_loss, ref_grad, ref_lse = reference.softmax_cross_entropy(logits, target, **options)
+    if np.all(np.isnan(ref_loss)):
+        assert np.all(np.isnan(loss)) and np.all(np.isnan(loss_f))
+    else:
+        assert_close(loss, ref_loss, np.float64, "loss")
+        assert_close(loss_f, ref_loss, np.float64, "forward loss")
+    assert_close(lse, ref_lse, np.float64, "lse")
+    assert_close(grad, ref_grad, np.float64, "grad")
+    assert_close(grad2, ref_grad, np.float64, "backward grad")
+
+
+# --------------------------------------------------------------------------------------------
+# Named edge cases
+# --------------------------------------------------------------------------------------------
+def test_single_class():
+    logits = np.array([[3.0], [-1.0]])
+    loss, grad = fg.softmax_cross_entropy(logits, np.array([0, 0]))
+    assert float(loss) == 0.0
+    np.testing.assert_array_equal(grad, 0.0)
+
+
+def test_single_sample():
+    logits, target = make_problem((1, 7), "index", ignore_some=False)
+    loss, grad = fg.softmax_cross_entropy(logits, target)
+    ref_loss, ref_grad, _ = reference.softmax_cross_entropy(logits, target)
+    assert_close(loss, ref_loss, np.float64, "loss")
+    assert_close(grad, ref_grad, np.float64, "grad")
+
+
+@pytest.mark.parametrize("shape", [(5, 4), (2, 4, 3)])
+def test_every_target_ignored(shape):
+    logits, _ = make_problem(shape, "index")
+    target = np.full((shape[0],) + shape[2:], -100)
+    loss, grad = fg.softmax_cross_entropy(logits, target)
+    assert np.isnan(loss)
+    np.testing.assert_array_equal(grad, 0.0)
+    loss_sum, grad_sum = fg.softmax_cross_entropy(logits, target, reduction="sum")
+    assert float(loss_sum) == 0.0
+    np.testing.assert_array_equal(grad_sum, 0.0)
+    loss_none, _ = fg.softmax_cross_entropy(logits, target, reduction="none")
+    np.testing.assert_array_equal(loss_none, 0.0)
+    x = torch.tensor(logits, requires_grad=True)
+    torch_loss = F.cross_entropy(x, torch.tensor(target))
+    torch_loss.backward()
+    assert np.isnan(torch_loss.item())
+    np.testing.assert_array_equal(x.grad.numpy(), 0.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_minus_inf_logits_as_masks(dtype):
+    logits, target = make_problem((6, 3000), "index", dtype, ignore_some=False)
+    logits[:, 1::2] = -np.inf            # mask every odd class
+    logits[:, :2048] = -np.inf           # and a whole first block of each row
+    target = 2048 + 2 * (np.arange(6) % 400)
+    loss, grad = fg.softmax_cross_entropy(logits, target, reduction="none")
+    ref_loss, ref_grad, _ = reference.softmax_cross_entropy(logits, target, reduction="none")
+    assert np.all(np.isfinite(loss)) and np.all(np.isfinite(grad))
+    assert_close(loss, ref_loss, dtype, "loss")
+    assert_close(grad, ref_grad, dtype, "grad")
+    assert np.all(grad[:, 1::2] == 0.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", [(4, 50), (3, 6, 5)])
+def test_logits_of_magnitude_1e4(dtype, shape):
+    logits, target = make_problem(shape, "index", dtype)
+    logits = (logits * 5e3).astype(dtype)
+    options = dict(label_smoothing=0.1, reduction="none")
+    loss, grad = fg.softmax_cross_entropy(logits, target, **options)
+    ref_loss, ref_grad, _ = reference.softmax_cross_entropy(logits, target, **options)
+    assert np.all(np.isfinite(loss)) and np.all(np.isfinite(grad))
+    np.testing.assert_allclose(loss, ref_loss, rtol=RTOL[dtype] * 10, atol=1e-9 * 1e4)
+    assert_close(grad, ref_grad, dtype, "grad")
+
+
+@pytest.mark.parametrize("shape", [(3, 8), (2, 8, 4)])
+def test_rows_of_equal_values(shape):
+    logits = np.full(shape, 7.25)
+    target = np.zeros((shape[0],) + shape[2:], dtype=np.int64)
+    loss, grad = fg.softmax_cross_entropy(logits, target, reduction="sum")
+    n_samples = target.size
+    np.testing.assert_allclose(float(loss), n_samples * np.log(8.0), rtol=1e-14)
+    expected = np.full(shape, 1.0 / 8.0)
+    expected[:, 0] -= 1.0
+    np.testing.assert_allclose(grad, expected, rtol=1e-14, atol=1e-16)
+
+
+def test_nan_logits_give_nan_loss():
+    logits, target = make_problem((3, 10), "index", ignore_some=False)
+    logits[1, 4] = np.nan
+    loss, _ = fg.softmax_cross_entropy(logits, target, reduction="none")
+    assert np.isnan(loss[1]) and np.all(np.isfinite(loss[[0, 2]]))
+
+
+# --------------------------------------------------------------------------------------------
+# out=, inplace=, layouts
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(7, 9), (2, 5, 3, 2)])
+@pytest.mark.parametrize("target_kind", ["index", "prob"])
+def test_out_and_inplace(shape, target_kind):
+    logits, target = make_problem(shape, target_kind)
+    loss, grad = fg.softmax_cross_entropy(logits, target, label_smoothing=0.1)
+    out = np.full_like(logits, 123.0)
+    loss_out, grad_out = fg.softmax_cross_entropy(logits, target, label_smoothing=0.1, out=out)
+    assert grad_out is out
+    np.testing.assert_array_equal(out, grad)
+    assert float(loss_out) == float(loss)
+    work = logits.copy()
+    loss_in, grad_in = fg.softmax_cross_entropy(work, target, label_smoothing=0.1, inplace=True)
+    assert grad_in is work
+    # Inplace runs a differently vectorised loop (one pointer, no overlap check), so sums may
+    # be associated differently: equal to rounding, not bitwise.
+    np.testing.assert_allclose(work, grad, rtol=1e-14, atol=1e-17)
+    assert float(loss_in) == pytest.approx(float(loss), rel=1e-14)
+    _, lse = fg.softmax_cross_entropy_forward(logits, target, label_smoothing=0.1)
+    work = logits.copy()
+    grad_back = fg.softmax_cross_entropy_backward(1.0, work, target, lse, label_smoothing=0.1,
+                                                  inplace=True)
+    assert grad_back is work
+    np.testing.assert_allclose(work, grad, rtol=1e-12, atol=1e-15)
+
+
+def test_non_contiguous_inputs_and_output():
+    base, _ = make_problem((8, 12), "index")
+    logits = base[:, ::2]                          # strided columns
+    target = np.arange(16)[::2] % 6                # strided int64 target
+    weight = np.linspace(1, 2, 12)[::2]
+    out_base = np.zeros((6, 8))
+    out = out_base.T                               # Fortran-ordered output
+    options = dict(weight=weight, label_smoothing=0.1, z_loss=0.01)
+    loss, grad = fg.softmax_cross_entropy(logits, target, out=out, **options)
+    ref_loss, ref_grad, _ = reference.softmax_cross_entropy(logits, target, **options)
+    assert_close(loss, ref_loss, np.float64, "loss")
+    assert_close(out, ref_grad, np.float64, "grad")
+    assert np.shares_memory(out_base, grad)
+
+
+@pytest.mark.parametrize("target_kind", ["index", "prob"])
+def test_non_contiguous_spatial_and_inplace(target_kind):
+    # Channels-last memory seen as (N, C, H, W): the spatial axes merge without a copy.
+    nhwc, target = make_problem((2, 3, 4, 5), target_kind, seed=4)
+    nhwc = np.ascontiguousarray(np.moveaxis(nhwc, 1, -1))
+    logits = np.moveaxis(nhwc, -1, 1)
+    assert not logits.flags.c_contiguous
+    ref_loss, ref_grad, _ = reference.softmax_cross_entropy(logits, target)
+    loss, grad = fg.softmax_cross_entropy(logits, target)
+    assert_close(loss, ref_loss, np.float64, "loss")
+    assert_close(grad, ref_grad, np.float64, "grad")
+    # A (N, C, H, W) view whose spatial axes cannot merge: still correct, also inplace.
+    padded = np.zeros((2, 3, 4, 10))
+    padded[..., ::2] = logits
+    view = padded[..., ::2].transpose(0, 1, 3, 2).transpose(0, 1, 3, 2)
+    loss2, grad2 = fg.softmax_cross_entropy(view, target)
+    assert_close(grad2, ref_grad, np.float64, "grad")
+    view_t = padded.transpose(0, 1, 3, 2)[:, :, ::2, :]       # (2, 3, 5, 4), strides unmergeable
+    target_t = target.transpose(0, 2, 1) if target_kind == "index" else \
+        np.ascontiguousarray(target.transpose(0, 1, 3, 2))
+    ref_loss_t, ref_grad_t, _ = reference.softmax_cross_entropy(view_t, target_t)
+    loss3, grad3 = fg.softmax_cross_entropy(view_t, target_t, inplace=True)
+    assert grad3 is view_t
+    assert_close(loss3, ref_loss_t, np.float64, "loss")
+    assert_close(view_t, ref_grad_t, np.float64, "grad written over logits")
+    assert float(loss2) == pytest.approx(float(ref_loss))
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: errors name the argument, and nothing is written before they are raised
+# --------------------------------------------------------------------------------------------
+def _bad_calls():
+    logits, target = make_problem((4, 3), "index", ignore_some=False)
+    return logits, target, [
+        (dict(target=np.array([0, 1, 3, 0])), ValueError, "target"),
+        (dict(target=np.array([0, 1, -1, 0])), ValueError, "target"),
+        (dict(target=np.array([0, 1, 2])), ValueError, "target"),
+        (dict(target=np.zeros(4, dtype=np.int16)), TypeError, "target"),
+        (dict(target=np.zeros((4, 3), dtype=np.float32)), TypeError, "target"),
+        (dict(weight=np.ones(4)), ValueError, "weight"),
+        (dict(weight=np.ones(3, dtype=np.int64)), TypeError, "weight"),
+        (dict(reduction="avg"), ValueError, "reduction"),
+        (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
+        (dict(label_smoothing=-0.1), ValueError, "label_smoothing"),
+        (dict(z_loss=-1.0), ValueError, "z_loss"),
+        (dict(ignore_index=1.5), TypeError, "ignore_index"),
+        (dict(logits=np.zeros(4)), ValueError, "logits"),
+        (dict(logits=np.zeros((4, 3), dtype=np.int64)), TypeError, "logits"),
+        (dict(logits=np.zeros((4, 3), dtype=np.float16)), TypeError, "logits"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_calls()[2])))
+@pytest.mark.parametrize("destination", ["out", "inplace"])
+def test_validation_errors_name_argument_and_write_nothing(case, destination):
+    logits, target, cases = _bad_calls()
+    changes, error, name = cases[case]
+    args = dict(logits=logits, target=target)
+    args.update({k: v for k, v in changes.items() if k in ("logits", "target")})
+    options = {k: v for k, v in changes.items() if k not in ("logits", "target")}
+    before = args["logits"].copy()
+    out = np.full((4, 3), 5.0)
+    if destination == "out":
+        options["out"] = out
+    else:
+        options["inplace"] = True
+    with pytest.raises(error, match=name):
+        fg.softmax_cross_entropy(args["logits"], args["target"], **options)
+    np.testing.assert_array_equal(out, 5.0)
+    np.testing.assert_array_equal(args["logits"], before)
+
+
+def test_out_errors():
+    logits, target = make_problem((4, 3), "index", ignore_some=False)
+    with pytest.raises(ValueError, match="out and inplace"):
+        fg.softmax_cross_entropy(logits, target, out=np.empty_like(logits), inplace=True)
+    with pytest.raises(ValueError, match="out"):
+        fg.softmax_cross_entropy(logits, target, out=np.empty((4, 4)))
+    with pytest.raises(TypeError, match="out"):
+        fg.softmax_cross_entropy(logits, target, out=np.empty((4, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match="out"):
+        fg.softmax_cross_entropy(logits, target, out=logits)
+    frozen = np.empty_like(logits)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="out"):
+        fg.softmax_cross_entropy(logits, target, out=frozen)
+    with pytest.raises(TypeError, match="out"):
+        fg.softmax_cross_entropy(logits, target, out=[[0.0] * 3] * 4)
+    read_only = logits.copy()
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="inplace"):
+        fg.softmax_cross_entropy(read_only, target, inplace=True)
+    with pytest.raises(TypeError, match="inplace"):
+        fg.softmax_cross_entropy(logits.tolist(), target, inplace=True)
+
+
+def test_backward_validation():
+    logits, target = make_problem((4, 3), "index", ignore_some=False)
+    _, lse = fg.softmax_cross_entropy_forward(logits, target)
+    out = np.full_like(logits, 5.0)
+    with pytest.raises(ValueError, match="lse"):
+        fg.softmax_cross_entropy_backward(1.0, logits, target, lse[:3], out=out)
+    with pytest.raises(ValueError, match="grad_loss"):
+        fg.softmax_cross_entropy_backward(np.ones(4), logits, target, lse, out=out)
+    with pytest.raises(ValueError, match="grad_loss"):
+        fg.softmax_cross_entropy_backward(1.0, logits, target, lse, reduction="none", out=out)
+    with pytest.raises(ValueError, match="grad_loss"):
+        fg.softmax_cross_entropy_backward(np.ones(3), logits, target, lse, reduction="none",
+                                          out=out)
+    with pytest.raises(ValueError, match="target"):
+        fg.softmax_cross_entropy_backward(1.0, logits, np.array([0, 9, 0, 0]), lse, out=out)
+    np.testing.assert_array_equal(out, 5.0)
+
+
+def test_list_inputs_are_accepted():
+    loss, grad = fg.softmax_cross_entropy([[1.0, 2.0], [0.5, 0.0]], [1, 0])
+    ref_loss, ref_grad, _ = reference.softmax_cross_entropy(
+        np.array([[1.0, 2.0], [0.5, 0.0]]), np.array([1, 0]))
+    assert_close(loss, ref_loss, np.float64, "loss")
+    assert_close(grad, ref_grad, np.float64, "grad")
+
+
+# --------------------------------------------------------------------------------------------
+# Allocation: no N x C temporary
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(64, 4096), (4, 256, 16, 16)])
+def test_no_n_by_c_temporary(shape):
+    logits, target = make_problem(shape, "index", np.float32)
+    nbytes = logits.nbytes
+    work = logits.copy()
+    out = np.empty_like(logits)
+    for kwargs in (dict(out=out), dict(inplace=True), dict()):     # compile outside the trace
+        fg.softmax_cross_entropy(work.copy() if "inplace" in kwargs else logits, target,
+                                 **kwargs)
+
+    def peak(call):
+        tracemalloc.start()
+        tracemalloc.reset_peak()
+        call()
+        _, high = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return high
+
+    # Per-sample arrays (loss, lse: 16 bytes a sample) and per-chunk scratch are all that is
+    # allocated besides the gradient: a few percent of N x C here.
+    assert peak(lambda: fg.softmax_cross_entropy(logits, target, out=out)) < 0.05 * nbytes
+    assert peak(lambda: fg.softmax_cross_entropy(work, target, inplace=True)) < 0.05 * nbytes
+    assert peak(lambda: fg.softmax_cross_entropy(logits, target)) < 1.05 * nbytes
+    _, lse = fg.softmax_cross_entropy_forward(logits, target)
+    assert peak(lambda: fg.softmax_cross_entropy_forward(logits, target)) < 0.05 * nbytes
+    assert peak(lambda: fg.softmax_cross_entropy_backward(
+        1.0, logits, target, lse, out=out)) < 0.05 * nbytes
