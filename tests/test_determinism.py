@@ -1,0 +1,59 @@
+"""Bitwise determinism across thread counts: the same inputs give the same bytes whether the
+kernels run on 1 thread or 2 (NUMBA_NUM_THREADS is fixed per process, so each count runs in a
+subprocess; they share the parent's NUMBA_CACHE_DIR, so compiled kernels are reused)."""
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = r"""
+import hashlib, sys
+import numpy as np
+import numba
+import fusedgrad as fg
+
+assert numba.config.NUMBA_NUM_THREADS == int(sys.argv[1])
+digest = hashlib.sha256()
+rng = np.random.default_rng(0)
+cases = [
+    ((37, 4100), np.float32, "index"),     # row kernel, several blocks per row
+    ((2000, 10), np.float32, "index"),     # row kernel, many rows per chunk
+    ((300, 7), np.float64, "index"),
+    ((5, 9, 30, 20), np.float32, "index"), # tile kernel
+    ((6, 5, 70), np.float64, "prob"),
+]
+for shape, dtype, kind in cases:
+    logits = (3 * rng.standard_normal(shape)).astype(dtype)
+    if kind == "index":
+        target = rng.integers(0, shape[1], (shape[0],) + shape[2:])
+        target.flat[::7] = -100
+    else:
+        target = rng.random(shape).astype(dtype)
+    weight = rng.random(shape[1]) + 0.5
+    for reduction in ("mean", "none"):
+        options = dict(weight=weight, reduction=reduction, label_smoothing=0.1, z_loss=1e-3)
+        loss, grad = fg.softmax_cross_entropy(logits, target, **options)
+        loss_f, lse = fg.softmax_cross_entropy_forward(logits, target, **options)
+        grad_loss = np.ones(np.shape(loss)) if reduction == "none" else 1.0
+        grad_b = fg.softmax_cross_entropy_backward(grad_loss, logits, target, lse, **options)
+        for array in (loss, grad, loss_f, lse, grad_b):
+            digest.update(np.ascontiguousarray(array).tobytes())
+print(digest.hexdigest())
+"""
+
+
+def _digest(threads: int) -> str:
+    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads))
+    result = subprocess.run([sys.executable, "-c", SCRIPT, str(threads)], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_same_bits_for_one_and_two_threads():
+    one, two = _digest(1), _digest(2)
+    assert len(one) == len(hashlib.sha256().hexdigest())
+    assert one == two
