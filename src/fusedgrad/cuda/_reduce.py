@@ -19,14 +19,19 @@ compiles the shuffle path; the simulator tests run the tree path.
 
 A "group" is the ``blockDim.x`` threads sharing one ``threadIdx.y``: a block may process
 ``blockDim.y`` rows at once (one group per row). ``blockDim.x`` must be a power of two and, on a
-GPU, a multiple of 32 (whole warps, all lanes active in the shuffles). Every thread of the block
-must call a group reduction the same number of times (they contain ``syncthreads``).
+GPU, 1 (a thread per row: nothing to reduce) or a multiple of 32 (whole warps, all lanes active in
+the shuffles). Every thread of the block must call a group reduction the same number of times
+(they contain ``syncthreads``).
 
 Besides, this module holds the scalar building blocks of the kernels: the online-softmax update
 (running maximum and rescaled sum of exponentials, one read of the logits), shifted-data moments and
 Chan's merge of ``(count, mean, m2)`` triples, and :func:`segment_reduce`: a shared-memory
 tree that reduces (Chan merge or sum) the threads with the same ``threadIdx.x % segment`` (one
 channel per segment, used by batch norm).
+
+Grid level: blocks never combine their results through atomics; each writes a partial, and a
+second launch folds the partials in index order (:func:`device_sum` for a 1-D array; the batch
+norm module merges per-channel partials the same way).
 """
 from __future__ import annotations
 
@@ -38,7 +43,8 @@ from numba.cuda.core import config
 
 SIMULATED = bool(config.ENABLE_CUDASIM)
 
-#: Operation codes for :func:`group_reduce` (literal arguments: the branch folds at compile time).
+#: Operation codes for :func:`group_reduce` (sum, max) and :func:`segment_reduce` (sum, Chan);
+#: literal arguments, so the branches fold at compile time.
 OP_SUM = 0
 OP_MAX = 1
 OP_CHAN = 2

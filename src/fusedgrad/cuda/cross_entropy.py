@@ -43,10 +43,10 @@ share a block.
   256 samples per block; with ``S > 1`` neighbouring threads read neighbouring spatial positions,
   so every class step is a coalesced load.
 
-Accumulation is float32 for float16/float32 logits and float64 for float64 (``acc`` below, always
-the dtype of the per-sample ``lse`` array); per-sample losses are summed in float64 with the
-fixed-order device reduction of ``_reduce``. Nothing uses floating-point atomics: results are
-bitwise reproducible.
+Accumulation is float32 for float16/bfloat16/float32 logits and float64 for float64 (``acc``
+below: the dtype of the ``acc_like`` argument); per-sample losses and lse are stored as float64
+(the backend interface) and summed in float64 by the fixed-order device reduction of
+``_reduce``. Nothing uses floating-point atomics: results are bitwise reproducible.
 """
 from __future__ import annotations
 
@@ -61,10 +61,9 @@ from ._reduce import (OP_MAX, OP_SUM, SCRATCH_SIZE, SIMULATED, device_sum, lse_p
 
 #: Floating dtypes the GPU kernels take for logits / probability targets (float16 and bfloat16,
 #: which crosses ``__cuda_array_interface__`` as ``V2``, are accumulated in float32; the simulator
-#: has no bfloat16), and the integer dtypes of class-index targets.
+#: has no bfloat16).
 DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)) + (
     () if SIMULATED else (_arrays.BFLOAT16,))
-TARGET_INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 
 
 def accumulation_dtype(dtype) -> np.dtype:
@@ -87,6 +86,8 @@ def _class_coefficient(c, n, s, target_class, target_prob, is_prob, weight, keep
         q = keep + smooth_per_class
     else:
         q = smooth_per_class
+    if q == acc(0.0):
+        return q  # without smoothing only the target class reads its weight
     return q * acc(weight[c])
 
 
@@ -246,7 +247,6 @@ def _fill(dst, value):
 
 #: Threads per block; the simulator runs one Python thread per GPU thread, so it gets fewer.
 _THREADS = 32 if SIMULATED else 256
-_MAX_THREADS_PER_ROW = 1024
 
 
 def _threads_per_row(n_classes: int, n_spatial: int) -> int:
