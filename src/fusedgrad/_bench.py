@@ -119,6 +119,8 @@ CUDA_CASES = (
     Case("ce_vocab64k", "cross_entropy", "NC", _shapes((4096, 65536), (1024, 65536))),
     Case("ce_vocab64k_f16", "cross_entropy", "NC", _shapes((4096, 65536), (1024, 65536)),
          dtype="float16"),
+    Case("ce_vocab64k_bf16", "cross_entropy", "NC", _shapes((4096, 65536), (1024, 65536)),
+         dtype="bfloat16"),
     Case("ce_vocab128k", "cross_entropy", "NC", _shapes((2048, 128256), (512, 128256))),
     Case("ce_classes1k", "cross_entropy", "NC", _shapes((262144, 1000), (65536, 1000))),
     Case("bn_nchw", "batch_norm_train", "NCHW",
@@ -157,9 +159,12 @@ def select_cases(device: str, names=None) -> list:
     return [by_name[n] for n in names]
 
 
+_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+
+
 def roofline_bytes(case: Case, shape: tuple) -> int | None:
     """Bytes the operation must move at least (see the module docstring); None for the model."""
-    size = math.prod(shape) * np.dtype(case.dtype).itemsize
+    size = math.prod(shape) * _ITEMSIZE[case.dtype]
     passes = {"cross_entropy": 2, "batch_norm_train": 5, "batch_norm_eval": 2}.get(case.op)
     return None if passes is None else passes * size
 
@@ -191,7 +196,11 @@ def resolve_device(device: str) -> str:
 
 
 class Device:
-    """Moves host arrays to where a case runs and synchronises before and after a timing."""
+    """Puts a case's inputs where it runs and synchronises around each timed call.
+
+    ``torch_device`` is where the PyTorch comparison runs ("cpu" or "cuda"), or None when
+    PyTorch is missing or, on the GPU, has no CUDA.
+    """
 
     def __init__(self, name: str):
         self.name = name
@@ -200,28 +209,32 @@ class Device:
         if name == "cuda":
             from numba import cuda
             self._cuda = cuda
+        usable = self.torch is not None and (name == "cpu" or self.torch.cuda.is_available())
+        self.torch_device = name if usable else None
 
-    def put(self, array: np.ndarray):
-        """The array where fusedgrad runs: itself on the CPU, a Numba device array on the GPU."""
-        return array if self._cuda is None else self._cuda.to_device(array)
+    def inputs(self, host: np.ndarray, dtype: str | None = None) -> tuple:
+        """``host`` as ``dtype`` on this device: (array for fusedgrad, tensor for torch or None).
+
+        Both share one buffer, so the implementations read identical data: on the CPU a NumPy
+        array and a zero-copy tensor of it; on the GPU one CUDA tensor, which fusedgrad takes
+        through ``__cuda_array_interface__`` (the only way to give it bfloat16, which NumPy
+        lacks), or a Numba device array when PyTorch has no CUDA.
+        """
+        dtype = dtype or host.dtype.name
+        if self.name == "cuda" and self.torch_device is not None:
+            tensor = self.torch.from_numpy(host).to("cuda").to(getattr(self.torch, dtype))
+            return tensor, tensor
+        if dtype == "bfloat16":
+            raise TypeError("bfloat16 inputs need PyTorch with CUDA (NumPy has no bfloat16)")
+        array = host.astype(dtype, copy=False)
+        if self._cuda is not None:
+            return self._cuda.to_device(array), None
+        return array, (None if self.torch is None else self.torch.from_numpy(array))
 
     def synchronize(self) -> None:
         # numba's synchronize waits for the whole (primary) context, PyTorch's streams included.
         if self._cuda is not None:
             self._cuda.synchronize()
-
-    @property
-    def torch_device(self) -> str | None:
-        """Where the torch comparison runs, or None when torch cannot run on this device."""
-        if self.torch is None:
-            return None
-        if self.name == "cuda" and not self.torch.cuda.is_available():
-            return None
-        return self.name
-
-    def torch_tensor(self, array: np.ndarray):
-        tensor = self.torch.from_numpy(array)
-        return tensor if self.name == "cpu" else tensor.to(self.torch_device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,18 +406,16 @@ def _reference_runner(shape: tuple, run_rows: Callable[[int], object]) -> Runner
 
 def _cross_entropy_runners(case: Case, shape: tuple, device: Device, rng) -> list:
     n, classes = shape
-    logits = rng.standard_normal(shape, dtype=np.float32).astype(case.dtype, copy=False)
-    target = rng.integers(0, classes, size=n, dtype=np.int64)
-    logits_dev, target_dev = device.put(logits), device.put(target)
-    runners = [Runner("fusedgrad", lambda: fusedgrad.softmax_cross_entropy(logits_dev, target_dev))]
+    logits, logits_t = device.inputs(rng.standard_normal(shape, dtype=np.float32), case.dtype)
+    target, target_t = device.inputs(rng.integers(0, classes, size=n, dtype=np.int64))
+    runners = [Runner("fusedgrad", lambda: fusedgrad.softmax_cross_entropy(logits, target))]
     if device.torch_device is not None:
-        torch = device.torch
-        logits_t = device.torch_tensor(logits).requires_grad_()
-        target_t = device.torch_tensor(target)
+        cross_entropy = device.torch.nn.functional.cross_entropy
+        logits_leaf = logits_t.detach().requires_grad_()
 
         def torch_step():
-            logits_t.grad = None
-            torch.nn.functional.cross_entropy(logits_t, target_t).backward()
+            logits_leaf.grad = None
+            cross_entropy(logits_leaf, target_t).backward()
 
         runners.append(Runner("torch", torch_step))
     if device.name == "cpu":
@@ -416,7 +427,7 @@ def _cross_entropy_runners(case: Case, shape: tuple, device: Device, rng) -> lis
 def _torch_batch_norm(torch, case: Case, channels: int, weight, bias, ndim: int, on: str):
     """A torch ``BatchNorm1d``/``2d`` with the case's affine parameters, on device ``on``."""
     cls = torch.nn.BatchNorm1d if ndim in (2, 3) else torch.nn.BatchNorm2d
-    module = cls(channels).to(on)
+    module = cls(channels).to(on, getattr(torch, case.dtype))
     with torch.no_grad():
         module.weight.copy_(torch.from_numpy(weight))
         module.bias.copy_(torch.from_numpy(bias))
@@ -431,26 +442,23 @@ def _as_torch_layout(tensor, case: Case):
 def _batch_norm_runners(case: Case, shape: tuple, device: Device, rng) -> list:
     axis = case.channel_axis
     channels = shape[axis]
-    dtype = np.dtype(case.dtype)
-    x = rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False)
-    dy = rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False)
-    weight = rng.uniform(0.5, 1.5, channels).astype(dtype)
-    bias = rng.uniform(-0.5, 0.5, channels).astype(dtype)
-    running_mean = np.zeros(channels, dtype=dtype)
-    running_var = np.ones(channels, dtype=dtype)
-    x_d, dy_d, w_d, b_d, rm_d, rv_d = map(device.put, (x, dy, weight, bias, running_mean,
-                                                       running_var))
+    x, x_t = device.inputs(rng.standard_normal(shape, dtype=np.float32), case.dtype)
+    dy, dy_t = device.inputs(rng.standard_normal(shape, dtype=np.float32), case.dtype)
+    weight = rng.uniform(0.5, 1.5, channels).astype(np.float32)
+    bias = rng.uniform(-0.5, 0.5, channels).astype(np.float32)
+    w_d, b_d, rm_d, rv_d = (device.inputs(a, case.dtype)[0] for a in (
+        weight, bias, np.zeros(channels, np.float32), np.ones(channels, np.float32)))
     training = case.op == "batch_norm_train"
 
     if training:
         def fused():
             _, mean, invstd = fusedgrad.batch_norm_forward(
-                x_d, w_d, b_d, rm_d, rv_d, training=True, channel_axis=axis)
-            return fusedgrad.batch_norm_backward(dy_d, x_d, mean, invstd, w_d, training=True,
+                x, w_d, b_d, rm_d, rv_d, training=True, channel_axis=axis)
+            return fusedgrad.batch_norm_backward(dy, x, mean, invstd, w_d, training=True,
                                                  channel_axis=axis)
     else:
         def fused():
-            return fusedgrad.batch_norm_forward(x_d, w_d, b_d, rm_d, rv_d, training=False,
+            return fusedgrad.batch_norm_forward(x, w_d, b_d, rm_d, rv_d, training=False,
                                                 channel_axis=axis)
     runners = [Runner("fusedgrad", fused)]
 
@@ -458,22 +466,22 @@ def _batch_norm_runners(case: Case, shape: tuple, device: Device, rng) -> list:
         torch = device.torch
         module = _torch_batch_norm(torch, case, channels, weight, bias, len(shape),
                                    device.torch_device)
-        x_t = _as_torch_layout(device.torch_tensor(x), case).detach().requires_grad_(training)
-        dy_t = _as_torch_layout(device.torch_tensor(dy), case)
+        x_leaf = _as_torch_layout(x_t, case).detach().requires_grad_(training)
+        dy_view = _as_torch_layout(dy_t, case)
 
         if training:
             def torch_step():
-                x_t.grad = module.weight.grad = module.bias.grad = None
-                module(x_t).backward(dy_t)
+                x_leaf.grad = module.weight.grad = module.bias.grad = None
+                module(x_leaf).backward(dy_view)
         else:
             def torch_step():
                 with torch.no_grad():
-                    return module(x_t)
+                    return module(x_leaf)
         runners.append(Runner("torch", torch_step))
 
     if device.name == "cpu":
         def run_reference(rows):
-            ref_rm, ref_rv = running_mean.copy(), running_var.copy()
+            ref_rm, ref_rv = np.zeros(channels), np.ones(channels)
             y, mean, invstd, _ = reference.batch_norm_forward(
                 x[:rows], weight, bias, ref_rm, ref_rv, training=training, channel_axis=axis)
             if training:
