@@ -1,10 +1,12 @@
 """fusedgrad.distributed: building blocks in one process, and real gloo process groups.
 
-The multi-process tests start 2 and 3 ranks on 127.0.0.1 (a free port), once per module: each
-rank runs every scenario of its world size, records outputs, gradients, running statistics and
-the collectives it issued, and the tests compare them with single-process results on the
-concatenated batch (or the full logits). Every rank is bounded in time: the process group has
-a timeout and the parent kills ranks still alive after JOIN_TIMEOUT_S.
+The multi-process tests start one gloo world of 3 processes on 127.0.0.1 (a free port), once
+per module (starting processes that import torch is the slow part): the 3-rank scenarios run on
+the whole world, the 2-rank ones on a process group of ranks 0 and 1 (``process_group=`` /
+``group=``), while rank 2 waits. Each rank records outputs, gradients, running statistics and the
+collectives it issued, and the tests compare them with single-process results on the
+concatenated batch (or the full logits). Every rank is bounded in time: the process group has a
+timeout and the parent kills ranks still alive after JOIN_TIMEOUT_S.
 """
 from __future__ import annotations
 
@@ -31,7 +33,9 @@ from fusedgrad import reference  # noqa: E402
 
 #: Seconds a process group may wait inside one collective before it raises.
 COLLECTIVE_TIMEOUT_S = 60
-#: Seconds the parent waits for all ranks of a group before killing them.
+#: Processes started by the multi-process tests.
+WORLD = 3
+#: Seconds the parent waits for all ranks before killing them.
 JOIN_TIMEOUT_S = 150
 
 
@@ -229,8 +233,12 @@ def test_sync_batch_norm_state_dict_and_conversion_match_torch():
     assert type(converted[1]) is fgd.SyncBatchNorm and type(converted[2][0]) is fgd.SyncBatchNorm
     assert converted[1].weight is weight and converted[1].momentum is None
     assert converted[2][0].weight is None
-    assert isinstance(converted[1], nn.SyncBatchNorm)
-    assert set(fgd.SyncBatchNorm(3).state_dict()) == set(nn.SyncBatchNorm(3).state_dict())
+    torch_sync = nn.SyncBatchNorm(3)
+    assert fgd.SyncBatchNorm(3).state_dict().keys() == torch_sync.state_dict().keys()
+    fgd.SyncBatchNorm(3).load_state_dict(torch_sync.state_dict())
+    assert type(fgd.convert_sync_batchnorm(torch_sync)) is fgd.SyncBatchNorm
+    with pytest.raises(ValueError, match="2D"):
+        fgd.SyncBatchNorm(3)(torch.ones(3))
     with pytest.raises(TypeError, match="module"):
         fgd.convert_sync_batchnorm("not a module")
 
@@ -254,7 +262,7 @@ def test_sync_batch_norm_without_process_group_is_batch_norm():
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BnCase:
-    world: int
+    world: int            # ranks in the process group (2: ranks 0 and 1, 3: all)
     sizes: tuple          # batch size per rank
     sample_shape: tuple   # (C, *spatial)
     dtype: str = "float64"
@@ -273,7 +281,7 @@ class BnCase:
 
 @dataclass(frozen=True)
 class CeCase:
-    world: int
+    world: int            # ranks in the process group (2: ranks 0 and 1, 3: all)
     widths: tuple         # classes per rank
     n_rows: int
     reduction: str = "mean"
@@ -345,11 +353,12 @@ class _CollectiveCounter:
         return count
 
 
-def _bn_rank(name, case, rank, counter):
+def _bn_rank(name, case, rank, group, counter):
     steps, weight, bias = case.data(name)
     dtype = getattr(torch, case.dtype)
     lo, hi = _edges(case.sizes)[rank:rank + 2]
-    module = fgd.SyncBatchNorm(case.sample_shape[0], momentum=case.momentum, dtype=dtype)
+    module = fgd.SyncBatchNorm(case.sample_shape[0], momentum=case.momentum,
+                               process_group=group, dtype=dtype)
     with torch.no_grad():
         module.weight.copy_(torch.from_numpy(weight))
         module.bias.copy_(torch.from_numpy(bias))
@@ -380,13 +389,13 @@ def _bn_rank(name, case, rank, counter):
             f"{name}.collectives": np.array(collectives), f"{name}.layout_kept": layout_kept}
 
 
-def _ce_rank(name, case, rank, counter):
+def _ce_rank(name, case, rank, group, counter):
     logits, target, weight = case.data(name)
     lo, hi = _edges(case.widths)[rank:rank + 2]
     shard = torch.tensor(logits[:, lo:hi], dtype=getattr(torch, case.dtype), requires_grad=True)
     counter.take()
     loss = fgd.vocab_parallel_softmax_cross_entropy(
-        shard, torch.from_numpy(target),
+        shard, torch.from_numpy(target), group,
         weight=None if weight is None else torch.from_numpy(weight), reduction=case.reduction,
         label_smoothing=case.label_smoothing, z_loss=case.z_loss)
     forward = counter.take()
@@ -395,23 +404,25 @@ def _ce_rank(name, case, rank, counter):
             f"{name}.collectives": np.array([forward, counter.take()])}
 
 
-def _rank_main(rank, world, port, out_dir):
-    """Entry point of one spawned rank: run this world size's scenarios, save the results."""
+def _rank_main(rank, port, out_dir):
+    """Entry point of one spawned rank: run its scenarios, save the results."""
     import numba
     try:
         numba.set_num_threads(1)
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world,
+                                world_size=WORLD,
                                 timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+        # DDP must accept a CPU model holding SyncBatchNorm (it refuses torch's on the CPU).
+        nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(2, 3), fgd.SyncBatchNorm(3)))
+        pair = dist.new_group([0, 1])  # collective over the world: every rank creates it
+        groups = {2: pair, WORLD: None}  # None: the default (whole world) group
         counter = _CollectiveCounter()
         results = {}
-        for name, case in BN_CASES.items():
-            if case.world == world:
-                results.update(_bn_rank(name, case, rank, counter))
-        for name, case in CE_CASES.items():
-            if case.world == world:
-                results.update(_ce_rank(name, case, rank, counter))
+        for cases, run in ((BN_CASES, _bn_rank), (CE_CASES, _ce_rank)):
+            for name, case in cases.items():
+                if rank < case.world:
+                    results.update(run(name, case, rank, groups[case.world], counter))
         np.savez(f"{out_dir}/rank{rank}.npz", **results)
         dist.destroy_process_group()
     except BaseException:
@@ -439,12 +450,12 @@ def _warm_kernels():
         fgd.ce_shard_grad(logits, target, 0, stats.row_max, 3)
 
 
-def _run_group(world, out_dir):
-    """Spawn ``world`` ranks, wait at most JOIN_TIMEOUT_S, return each rank's results."""
+def _run_world(out_dir):
+    """Spawn the WORLD ranks, wait at most JOIN_TIMEOUT_S, return each rank's results."""
     port = _free_port()
     context = multiprocessing.get_context("spawn")
-    procs = [context.Process(target=_rank_main, args=(rank, world, port, str(out_dir)))
-             for rank in range(world)]
+    procs = [context.Process(target=_rank_main, args=(rank, port, str(out_dir)))
+             for rank in range(WORLD)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + JOIN_TIMEOUT_S
@@ -455,29 +466,29 @@ def _run_group(world, out_dir):
         if p.is_alive():
             p.kill()
             p.join()
-    errors = [(out_dir / f"rank{r}.error").read_text() for r in range(world)
+    errors = [(out_dir / f"rank{r}.error").read_text() for r in range(WORLD)
               if (out_dir / f"rank{r}.error").exists()]
     if hung or errors or any(p.exitcode != 0 for p in procs):
-        pytest.fail(f"{world} ranks: hung ranks {hung}, exit codes "
-                    f"{[p.exitcode for p in procs]}\n" + "\n".join(errors))
-    return [dict(np.load(out_dir / f"rank{r}.npz")) for r in range(world)]
+        pytest.fail(f"hung ranks {hung}, exit codes {[p.exitcode for p in procs]}\n"
+                    + "\n".join(errors))
+    return [dict(np.load(out_dir / f"rank{r}.npz")) for r in range(WORLD)]
 
 
 @pytest.fixture(scope="module")
-def group_results(tmp_path_factory):
-    """``get(world)``: the per-rank results of one process group of that size (run once)."""
-    outcomes = {}
+def world_results(tmp_path_factory):
+    """``get(n)``: the results of the first n ranks (the world is started once per module)."""
+    outcome = []
 
-    def get(world):
-        if world not in outcomes:
+    def get(n_ranks):
+        if not outcome:
             _warm_kernels()
             try:
-                outcomes[world] = _run_group(world, tmp_path_factory.mktemp(f"world{world}"))
+                outcome.append(_run_world(tmp_path_factory.mktemp("world")))
             except BaseException as exc:  # pytest.fail: report the same failure for each test
-                outcomes[world] = exc
-        if isinstance(outcomes[world], BaseException):
-            raise outcomes[world]
-        return outcomes[world]
+                outcome.append(exc)
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0][:n_ranks]
     return get
 
 
@@ -505,9 +516,9 @@ def _batch_norm_reference(name, case):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", BN_CASES)
-def test_sync_batch_norm_equals_batch_norm_on_concatenated_batch(name, group_results):
+def test_sync_batch_norm_equals_batch_norm_on_concatenated_batch(name, world_results):
     case = BN_CASES[name]
-    ranks = group_results(case.world)
+    ranks = world_results(case.world)
     want = _batch_norm_reference(name, case)
     tol = 1e-6 if case.dtype == "float64" else 1e-4
     for key in ("y", "dx", "y_eval"):
@@ -529,17 +540,17 @@ def test_sync_batch_norm_equals_batch_norm_on_concatenated_batch(name, group_res
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", BN_CASES)
-def test_sync_batch_norm_one_collective_per_direction_none_in_eval(name, group_results):
+def test_sync_batch_norm_one_collective_per_direction_none_in_eval(name, world_results):
     case = BN_CASES[name]
-    for r in group_results(case.world):
+    for r in world_results(case.world):
         assert list(r[f"{name}.collectives"]) == [1, 1] * case.steps + [0]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CE_CASES)
-def test_vocab_parallel_cross_entropy_equals_full_cross_entropy(name, group_results):
+def test_vocab_parallel_cross_entropy_equals_full_cross_entropy(name, world_results):
     case = CE_CASES[name]
-    ranks = group_results(case.world)
+    ranks = world_results(case.world)
     logits, target, weight = case.data(name)
     logits = logits.astype(case.dtype).astype(np.float64)
     loss, grad, _ = reference.softmax_cross_entropy(

@@ -59,7 +59,7 @@ sharded); logits must be 2-D ``(N, C_k)``.
 
 On torch.distributed
 --------------------
-``SyncBatchNorm`` forward: ONE ``all_gather_into_tensor`` of the packed float64 vector
+``SyncBatchNorm`` forward: ONE ``all_gather_single`` of the packed float64 vector
 ``[n_p, mean_p (C), M2_p (C)]``, merged by every rank in rank order (an all-reduce of sums would
 be neither exact nor ordered); backward: ONE ``all_reduce`` of ``[sum dy (C), sum dy xhat (C)]``.
 Ranks with an empty batch take part with ``n_p = 0``. Eval mode uses the running statistics with
@@ -611,7 +611,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         # merge on every rank (so all ranks normalise with identical statistics).
         local = torch.from_numpy(np.concatenate(([float(count)], mean, m2)))
         gathered = torch.empty(world_size * local.numel(), dtype=torch.float64)
-        dist.all_gather_into_tensor(gathered, local, group=group)
+        dist.all_gather_single(gathered, local, group=group)
         parts = gathered.view(world_size, -1).numpy()
         n_channels = mean.shape[0]
         count, mean, m2 = bn_merge_stats(parts[:, 0], parts[:, 1:1 + n_channels],
@@ -655,22 +655,38 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
-class SyncBatchNorm(nn.SyncBatchNorm):
-    """``torch.nn.SyncBatchNorm`` on CPU tensors with fusedgrad's kernels and exact statistics.
+class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """``torch.nn.SyncBatchNorm`` for CPU tensors, with fusedgrad's kernels and exact statistics.
 
     Same constructor (``num_features, eps, momentum, affine, track_running_stats,
-    process_group, device, dtype``), parameters, buffers and ``state_dict`` keys. In training,
-    with ``torch.distributed`` initialised and more than one rank in the group, every rank
-    normalises its input ``(N, C, *)`` with the statistics of the concatenated batch of all
-    ranks (N may differ per rank and be 0): one all-gather in forward, one all-reduce in
-    backward. The running buffers are updated identically on every rank (unbiased variance
-    with the global count). Otherwise (eval, one rank, no process group) it is a plain fused
-    batch norm (``fusedgrad.torch.batch_norm``) with no collective.
+    process_group, device, dtype, *, bias``), parameters, buffers and ``state_dict`` keys, so
+    checkpoints load in both directions. In training, with ``torch.distributed`` initialised and
+    more than one rank in the group, every rank normalises its input ``(N, C, *)`` with the
+    statistics of the concatenated batch of all ranks (N may differ per rank and be 0): one
+    all-gather in forward, one all-reduce in backward. The running buffers are updated
+    identically on every rank (unbiased variance with the global count). Otherwise (eval, one
+    rank, no process group) it is a plain fused batch norm (``fusedgrad.torch.batch_norm``) with
+    no collective.
+
+    It derives from ``_BatchNorm``, not from ``nn.SyncBatchNorm``, because
+    ``DistributedDataParallel`` refuses CPU modules containing an ``nn.SyncBatchNorm``.
     """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, process_group=None, device=None, dtype=None, *,
+                 bias=True):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         device=device, dtype=dtype, bias=bias)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+        if input.size(1) == 0:
+            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
 
     def forward(self, input):
         self._check_input_dim(input)
-        self._check_non_zero_input_channels(input)
         momentum = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
