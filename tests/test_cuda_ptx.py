@@ -27,7 +27,8 @@ def test_every_kernel_signature_compiles_to_ptx_for_cc90():
     assert summary, output[-2000:]
     compiled, total = map(int, summary.groups())
     assert compiled == total
-    for kernel in ("cross_entropy._ce_rows[float16]", "cross_entropy._ce_rows[float32]",
+    for kernel in ("cross_entropy._ce_rows[float16]", "cross_entropy._ce_rows[bfloat16]",
+                   "cross_entropy._ce_rows[float32]",
                    "cross_entropy._ce_rows[float64]", "batch_norm._partials[float16,float32]",
                    "batch_norm._partials[float32,float64]", "batch_norm._apply[float64]",
                    "_reduce._sum_chunks"):

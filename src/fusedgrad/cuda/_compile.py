@@ -9,7 +9,8 @@ for compute capability 9.0 (H100/H200) and the signatures the launchers produce:
   float32, float64);
 * class-index targets int64 (``index_target`` converts int32 on the device: that conversion
   kernel is compiled from int32 and int64);
-* per-channel parameters float32 or float64 (``weight``, ``bias``, running buffers, statistics);
+* per-channel parameters (``weight``, ``bias``, running buffers, statistics) of every floating
+  dtype, with float32 and float64 accumulation;
 * array layouts ``A`` (any strides), the most general typing of the strided views.
 
 bfloat16: numba-cuda types bfloat16 arrays (NumPy has no such dtype; ``_arrays.BFloat16Array``
@@ -48,7 +49,8 @@ _FLOAT64_ARITHMETIC = re.compile(r"^\s*(add|sub|mul|fma|div|rcp|sqrt|setp|min|ma
 
 FLOATS = {"float16": types.float16, "bfloat16": cuda_types.bfloat16, "float32": types.float32,
           "float64": types.float64}
-PARAMS = {"float32": types.float32, "float64": types.float64}
+PARAMS = {"float16": types.float16, "bfloat16": cuda_types.bfloat16, "float32": types.float32,
+          "float64": types.float64}
 
 
 def _acc(name: str):
@@ -90,10 +92,19 @@ def kernel_signatures():
                      (_arr3(t), _arr3(t), b1, _mat(acc), _arr3(t)), pure32))
         sigs.append((f"batch_norm._cast_pair[{name}]", bn._cast_pair.py_func,
                      (_vec(f64), _vec(f64), _vec(acc), _vec(acc)), False))
-        for pname, p in PARAMS.items():
-            sigs.append((f"batch_norm._partials[{name},{pname}]", bn._partials.py_func,
-                         (_arr3(t), _arr3(t), b1, _mat(acc), _vec(p), i64, i64, _mat(f64),
-                          _mat(f64), _mat(f64)), False))
+        stat = "float64" if name == "float64" else "float32"
+        sigs.append((f"batch_norm._partials[{name},{stat}]", bn._partials.py_func,
+                     (_arr3(t), _arr3(t), b1, _mat(acc), _vec(PARAMS[stat]), i64, i64,
+                      _mat(f64), _mat(f64), _mat(f64)), False))
+    # (C,) parameters of any floating dtype meet the two accumulation dtypes (x's dtype only
+    # matters through it in these kernels).
+    for pname, p in PARAMS.items():
+        for name in ("float32", "float64"):
+            t, acc = FLOATS[name], _acc(name)
+            if pname != name:
+                sigs.append((f"batch_norm._partials[{name},{pname}]", bn._partials.py_func,
+                             (_arr3(t), _arr3(t), b1, _mat(acc), _vec(p), i64, i64, _mat(f64),
+                              _mat(f64), _mat(f64)), False))
             sigs.append((f"batch_norm._finish_stats[{name},{pname}]", bn._finish_stats.py_func,
                          (_vec(f64), _vec(f64), f64, b1, f64, _vec(p), _vec(p), b1, f64,
                           _vec(f64), _vec(acc), _vec(acc)), False))
