@@ -36,7 +36,8 @@ def _parsers() -> tuple:
                        help="where to run: cuda needs a GPU; auto picks cuda when one is usable "
                             "(default: auto)")
     bench.add_argument("--json", metavar="PATH",
-                       help="write {machine, copy_bandwidth_GBps, results: [...]} as JSON")
+                       help="write the machine, the copy bandwidth and one record per case "
+                            "(times, speed-ups, GB/s, %% of roofline) as JSON")
     bench.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the speed-ups")
     bench.add_argument("--cases", metavar="NAME[,NAME...]", type=_comma_list,
                        help="run only these cases (default: all the device's standard cases); "
