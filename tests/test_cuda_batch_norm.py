@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 import cuda_support as cs
 from cuda_support import api  # noqa: F401  (fixture)
@@ -153,3 +155,29 @@ def test_bfloat16_input_from_pytorch(api):
     y, mean, invstd = api.batch_norm_forward(t_x)
     np.testing.assert_allclose(cs.to_host(mean), mean_ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(cs.bfloat16_values(y), y_ref, atol=3e-2)
+
+
+@cs.direct
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(shape=st.lists(st.integers(1, 5), min_size=2, max_size=4).map(tuple),
+       channels_last=st.booleans(), affine=st.booleans(), seed=st.integers(0, 2**16))
+def test_random_shapes(shape, channels_last, affine, seed):
+    axis = -1 if channels_last else 1
+    n_channels = shape[axis]
+    assume(np.prod(shape) // n_channels >= 2)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        cs.patch_device_detection(monkeypatch)
+        import fusedgrad as fg
+        rng = np.random.default_rng(seed)
+        x, dy = rng.normal(size=shape), rng.normal(size=shape)
+        weight = rng.normal(size=n_channels) if affine else None
+        y_ref, mean_ref, invstd_ref, _ = ref.batch_norm_forward(x, weight, None, None, None,
+                                                                channel_axis=axis)
+        dx_ref, dw_ref, db_ref = ref.batch_norm_backward(dy, x, mean_ref, invstd_ref, weight,
+                                                         channel_axis=axis)
+        d_weight = None if weight is None else cs.to_device(weight)
+        y, mean, invstd = fg.batch_norm_forward(cs.to_device(x), d_weight, channel_axis=axis)
+        dx, dweight, dbias = fg.batch_norm_backward(cs.to_device(dy), cs.to_device(x), mean,
+                                                    invstd, d_weight, channel_axis=axis)
+        for actual, expected in ((y, y_ref), (dx, dx_ref), (dweight, dw_ref), (dbias, db_ref)):
+            _check(actual, expected, np.float64)

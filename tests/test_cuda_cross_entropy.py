@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import cuda_support as cs
 from cuda_support import api  # noqa: F401  (fixture)
@@ -186,3 +188,29 @@ def test_bfloat16_logits_from_pytorch(api):
     np.testing.assert_allclose(cs.to_host(loss), expected_loss, rtol=1e-5)
     np.testing.assert_allclose(cs.bfloat16_values(grad), expected_grad,
                                atol=1e-2 * np.abs(expected_grad).max())
+
+
+@cs.direct
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(n=st.integers(1, 4), n_classes=st.integers(1, 40), spatial=st.sampled_from([(), (3,)]),
+       reduction=st.sampled_from(["mean", "sum", "none"]), smoothing=st.sampled_from([0.0, 0.3]),
+       z_loss=st.sampled_from([0.0, 0.05]), weighted=st.booleans(), prob=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_random_shapes_and_options(n, n_classes, spatial, reduction, smoothing, z_loss, weighted,
+                                   prob, seed):
+    # no fixture here: hypothesis runs many examples per test call (the patch lasts the test)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        cs.patch_device_detection(monkeypatch)
+        import fusedgrad as fg
+        rng = np.random.default_rng(seed)
+        logits, target, weight = _problem(rng, (n, n_classes) + spatial, prob=prob,
+                                          ignore_every=0 if prob else 2, weighted=weighted)
+        kwargs = dict(reduction=reduction, label_smoothing=smoothing, z_loss=z_loss)
+        expected_loss, expected_grad, _ = ref.softmax_cross_entropy(logits, target,
+                                                                    weight=weight, **kwargs)
+        loss, grad = fg.softmax_cross_entropy(
+            cs.to_device(logits), cs.to_device(target),
+            weight=None if weight is None else cs.to_device(weight), **kwargs)
+        np.testing.assert_allclose(cs.to_host(loss), expected_loss, rtol=1e-11, atol=1e-12,
+                                   equal_nan=True)
+        np.testing.assert_allclose(cs.to_host(grad), expected_grad, rtol=1e-11, atol=1e-12)
