@@ -86,13 +86,13 @@ def test_matches_torch(shape, axis, affine, training, dtype):
 # Against the float64 reference, including every tile regime of the CPU kernels
 # --------------------------------------------------------------------------------------------
 REGIME_SHAPES = [
-    ((32, 64, 7, 7), 1),        # many channels, small S: channel blocks, fused
-    ((4, 8, 28, 28), 1),        # medium channels, fused
+    ((32, 64, 7, 7), 1),        # many channels, short runs: channel blocks, column loops, fused
+    ((4, 8, 28, 28), 1),        # medium channels: run loops, fused
     ((2, 3, 8192), 1),          # long S cut into sub-rows, fused
-    ((40, 2, 3136), 1),         # channels too big to fuse: row blocks merged in order
-    ((3, 2, 5003), 1),          # long prime S (no sub-row divisor), row blocks
-    ((2000, 70), 1),            # rows layout (N, C), row blocks
-    ((3, 30, 40, 24), -1),      # channels-last, row blocks
+    ((8, 3, 224, 224), 1),      # channels too big to fuse: row blocks merged in order
+    ((3, 2, 50021), 1),         # long prime S (no sub-row divisor)
+    ((20000, 40), 1),           # rows layout (N, C), too big to fuse: row blocks
+    ((4, 64, 64, 48), -1),      # channels-last, row blocks
     ((64, 24), 1),              # small rows layout, fused
 ]
 
@@ -117,6 +117,32 @@ def test_matches_reference_in_every_regime(shape, axis, dtype):
     scale = np.abs(dy).sum() / x.shape[axis]
     np.testing.assert_allclose(dweight, dweight_r, rtol=tol["rtol"], atol=tol["atol"] * scale)
     np.testing.assert_allclose(dbias, dbias_r, rtol=tol["rtol"], atol=tol["atol"] * scale)
+
+
+SMALL_TILES = dict(MAX_TILE_WIDTH=64, MIN_TILE_WIDTH=16, RUN_MIN_WIDTH=32, FUSE_BYTES=2048,
+                   ROW_BLOCK_BYTES=1024, MIN_ROW_VALUES=8)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape3", [(9, 5, 7), (5, 3, 48), (6, 2, 256), (4, 3, 67), (300, 6, 1),
+                                    (7, 40, 3), (2, 1, 1000)])
+def test_many_small_tiles_against_reference(shape3, dtype, monkeypatch):
+    """Tiny cache budgets force every loop shape and many partials through small arrays."""
+    for name, value in SMALL_TILES.items():
+        monkeypatch.setattr(cpu_bn, name, value)
+    rng = np.random.default_rng(15)
+    x3, dy3, weight, bias, _, _ = _inputs(rng, shape3, 1, dtype)
+    y3 = np.empty_like(x3)
+    mean, invstd = cpu_bn.forward(x3, weight, bias, None, None, y3, training=True, momentum=0.1,
+                                  eps=1e-5)
+    dx3 = np.empty_like(x3)
+    dweight, dbias = cpu_bn.backward(dy3, x3, mean, invstd, weight, dx3, training=True)
+    y_r, mean_r, invstd_r, _ = reference.batch_norm_forward(x3, weight, bias)
+    dx_r, dweight_r, dbias_r = reference.batch_norm_backward(dy3, x3, mean, invstd, weight)
+    tol = TOL[dtype]
+    for got, want in ((y3, y_r), (mean, mean_r), (invstd, invstd_r), (dx3, dx_r),
+                      (dweight, dweight_r), (dbias, dbias_r)):
+        np.testing.assert_allclose(got, want, rtol=tol["rtol"], atol=tol["atol"] * 10)
 
 
 def test_eval_backward_is_dy_weight_invstd():
@@ -396,7 +422,7 @@ def test_mixing_host_and_device_arrays_raises_type_error():
 # Split building blocks compose to the fused path, bit for bit
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape3", [(32, 64, 49), (40, 2, 3136), (2000, 70, 1), (3, 2, 5003)])
+@pytest.mark.parametrize("shape3", [(32, 64, 49), (8, 3, 50176), (20000, 40, 1), (3, 2, 5003)])
 def test_split_blocks_compose_to_fused(shape3, dtype):
     rng = np.random.default_rng(12)
     x3 = (rng.standard_normal(shape3) * 2 + 5).astype(dtype)
@@ -462,8 +488,8 @@ import numpy as np
 import fusedgrad as fg
 h = hashlib.sha256()
 rng = np.random.default_rng(0)
-for shape, axis in [((16, 256, 7, 7), 1), ((20, 3, 4000), 1), ((3000, 96), 1),
-                    ((4, 20, 20, 32), -1), ((8, 16, 28, 28), 1)]:
+for shape, axis in [((16, 256, 7, 7), 1), ((8, 3, 50176), 1), ((20000, 40), 1),
+                    ((4, 64, 64, 48), -1), ((8, 16, 28, 28), 1)]:
     for dtype in (np.float32, np.float64):
         x = (rng.standard_normal(shape) * 3 + 100).astype(dtype)
         dy = rng.standard_normal(shape).astype(dtype)

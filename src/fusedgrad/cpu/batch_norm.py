@@ -103,8 +103,9 @@ MIN_TILE_WIDTH = 256
 RUN_MIN_WIDTH = 128
 #: A channel block up to this size is processed fused: x, dy and dx of it fit in the L2 cache.
 FUSE_BYTES = 512 * 1024
-#: Data per tile when a channel is too big to fuse (row blocks): comfortably inside L2.
-ROW_BLOCK_BYTES = 128 * 1024
+#: Data per tile when a channel is too big to fuse (row blocks): its second statistics pass
+#: still hits the 2 MB L2, and there are few per-block partials to allocate and merge.
+ROW_BLOCK_BYTES = 1024 * 1024
 #: Fused channel blocks are capped at C / MIN_TILES channels so there are tiles to share out...
 MIN_TILES = 8
 #: ...but keep at least this many contiguous values per tile row (vector loops, cache lines).
