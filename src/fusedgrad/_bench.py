@@ -371,6 +371,7 @@ def machine_info(device: str = "cpu") -> dict:
         "gpu": gpu_description(),
         "cache_dir": kernel_cache_dir(),
         "NUMBA_CACHE_DIR": os.environ.get("NUMBA_CACHE_DIR"),
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "device": device,
     }
 
@@ -724,10 +725,15 @@ def run(device_name: str, *, quick: bool = False, case_names=None, out=sys.stdou
 def _machine_header(machine: dict) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v)
     gpu = machine["gpu"]["name"] or "none"
-    return (f"fusedgrad benchmark, {machine['date']}\n"
-            f"device: {machine['device']}; cpu: {machine['cpu']} ({machine['cpu_count']} cores); "
-            f"numba threads: {machine['numba_threads']} ({machine['threading_layer']}); "
-            f"gpu: {gpu}\n{versions}")
+    header = (f"fusedgrad benchmark, {machine['date']}\n"
+              f"device: {machine['device']}; cpu: {machine['cpu']} ({machine['cpu_count']} "
+              f"cores); numba threads: {machine['numba_threads']} "
+              f"({machine['threading_layer']}); gpu: {gpu}\n{versions}")
+    load = machine["load_average_1min"]
+    if load is not None and load > 0.5 * machine["cpu_count"]:
+        header += (f"\nwarning: load average {load:.1f} on {machine['cpu_count']} cores before "
+                   "the run: other processes compete for the CPU, timings will be noisy")
+    return header
 
 
 def _ms(seconds) -> str:
