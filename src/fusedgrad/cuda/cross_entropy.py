@@ -456,7 +456,7 @@ def _run(logits, target, weights, options, lse, loss, compute_lse, grad, grad_sc
     """Views the arrays as (N, C, S) and launches :func:`_ce_rows` (see module docstring)."""
     logits3 = _arrays.view3("logits", _arrays.as_device("logits", logits), 1)
     n_classes, n_spatial = int(logits3.shape[1]), int(logits3.shape[2])
-    is_prob = target.dtype.kind == "f"
+    is_prob = target.dtype.kind == "f" or target.dtype == _arrays.BFLOAT16
     if is_prob:
         target_prob = _arrays.view3("target", _arrays.as_device("target", target), 1)
         target_index = _arrays.empty((1,), np.int64, stream)
