@@ -67,7 +67,7 @@ IMPLEMENTATIONS = ("fusedgrad", "torch", "reference")
 # --------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One benchmark case. ``shapes`` maps a size level ("full" or "quick") to the input shape.
+    """One benchmark case: input shape ``full``, or ``quick`` (default: the same) with --quick.
 
     ``op`` is "cross_entropy", "batch_norm_train", "batch_norm_eval" or "model"; ``layout`` names
     where the channels are ("NC", "NCHW", "NHWC") or, for the model case, its input layout;
@@ -78,61 +78,53 @@ class Case:
     name: str
     op: str
     layout: str
-    shapes: dict
+    full: tuple
+    quick: tuple | None = None
     dtype: str = "float32"
     default: bool = True
 
     def shape(self, quick: bool) -> tuple:
-        return tuple(self.shapes["quick" if quick else "full"])
+        return self.quick if quick and self.quick is not None else self.full
 
     @property
     def channel_axis(self) -> int:
         return -1 if self.layout == "NHWC" else 1
 
 
-def _shapes(full, quick=None):
-    return {"full": full, "quick": quick if quick is not None else full}
-
-
 CPU_CASES = (
-    Case("ce_vocab128k", "cross_entropy", "NC", _shapes((1024, 128256), (256, 128256))),
-    Case("ce_vocab32k", "cross_entropy", "NC", _shapes((4096, 32000), (1024, 32000))),
-    Case("ce_classes1k", "cross_entropy", "NC", _shapes((8192, 1000), (4096, 1000))),
-    Case("ce_classes10", "cross_entropy", "NC", _shapes((65536, 10), (16384, 10))),
-    Case("bn_nchw", "batch_norm_train", "NCHW", _shapes((64, 256, 28, 28), (16, 256, 28, 28))),
-    Case("bn_many_channels", "batch_norm_train", "NCHW",
-         _shapes((32, 2048, 7, 7), (8, 2048, 7, 7))),
-    Case("bn_nc", "batch_norm_train", "NC", _shapes((4096, 1024), (1024, 1024))),
-    Case("bn_nhwc", "batch_norm_train", "NHWC", _shapes((64, 28, 28, 256), (16, 28, 28, 256))),
-    Case("bn_eval_nchw", "batch_norm_eval", "NCHW",
-         _shapes((64, 256, 28, 28), (16, 256, 28, 28))),
-    Case("model_cnn", "model", "NCHW", _shapes((64, 3, 32, 32), (16, 3, 32, 32))),
+    Case("ce_vocab128k", "cross_entropy", "NC", (1024, 128256), (256, 128256)),
+    Case("ce_vocab32k", "cross_entropy", "NC", (4096, 32000), (1024, 32000)),
+    Case("ce_classes1k", "cross_entropy", "NC", (8192, 1000), (4096, 1000)),
+    Case("ce_classes10", "cross_entropy", "NC", (65536, 10), (16384, 10)),
+    Case("bn_nchw", "batch_norm_train", "NCHW", (64, 256, 28, 28), (16, 256, 28, 28)),
+    Case("bn_many_channels", "batch_norm_train", "NCHW", (32, 2048, 7, 7), (8, 2048, 7, 7)),
+    Case("bn_nc", "batch_norm_train", "NC", (4096, 1024), (1024, 1024)),
+    Case("bn_nhwc", "batch_norm_train", "NHWC", (64, 28, 28, 256), (16, 28, 28, 256)),
+    Case("bn_eval_nchw", "batch_norm_eval", "NCHW", (64, 256, 28, 28), (16, 256, 28, 28)),
+    Case("model_cnn", "model", "NCHW", (64, 3, 32, 32), (16, 3, 32, 32)),
     # Smoke cases: only when named with --cases (tests, the CUDA simulator).
-    Case("ce_small", "cross_entropy", "NC", _shapes((64, 100)), default=False),
-    Case("bn_small", "batch_norm_train", "NCHW", _shapes((4, 8, 5, 5)), default=False),
-    Case("model_small", "model", "NCHW", _shapes((4, 3, 8, 8)), default=False),
+    Case("ce_small", "cross_entropy", "NC", (64, 100), default=False),
+    Case("bn_small", "batch_norm_train", "NCHW", (4, 8, 5, 5), default=False),
+    Case("model_small", "model", "NCHW", (4, 3, 8, 8), default=False),
 )
 
 # The GPU cases are large enough to saturate an H100/H200-class device (issue 4 asks for
 # N x C >= 256M elements for cross-entropy).
 CUDA_CASES = (
-    Case("ce_vocab64k", "cross_entropy", "NC", _shapes((4096, 65536), (1024, 65536))),
-    Case("ce_vocab64k_f16", "cross_entropy", "NC", _shapes((4096, 65536), (1024, 65536)),
+    Case("ce_vocab64k", "cross_entropy", "NC", (4096, 65536), (1024, 65536)),
+    Case("ce_vocab64k_f16", "cross_entropy", "NC", (4096, 65536), (1024, 65536),
          dtype="float16"),
-    Case("ce_vocab64k_bf16", "cross_entropy", "NC", _shapes((4096, 65536), (1024, 65536)),
+    Case("ce_vocab64k_bf16", "cross_entropy", "NC", (4096, 65536), (1024, 65536),
          dtype="bfloat16"),
-    Case("ce_vocab128k", "cross_entropy", "NC", _shapes((2048, 128256), (512, 128256))),
-    Case("ce_classes1k", "cross_entropy", "NC", _shapes((262144, 1000), (65536, 1000))),
-    Case("bn_nchw", "batch_norm_train", "NCHW",
-         _shapes((256, 256, 56, 56), (64, 256, 56, 56))),
+    Case("ce_vocab128k", "cross_entropy", "NC", (2048, 128256), (512, 128256)),
+    Case("ce_classes1k", "cross_entropy", "NC", (262144, 1000), (65536, 1000)),
+    Case("bn_nchw", "batch_norm_train", "NCHW", (256, 256, 56, 56), (64, 256, 56, 56)),
     Case("bn_many_channels", "batch_norm_train", "NCHW",
-         _shapes((256, 2048, 14, 14), (64, 2048, 14, 14))),
-    Case("bn_nc", "batch_norm_train", "NC", _shapes((262144, 1024), (65536, 1024))),
-    Case("bn_nhwc", "batch_norm_train", "NHWC",
-         _shapes((256, 56, 56, 256), (64, 56, 56, 256))),
-    Case("bn_eval_nchw", "batch_norm_eval", "NCHW",
-         _shapes((256, 256, 56, 56), (64, 256, 56, 56))),
-    Case("model_cnn", "model", "NCHW", _shapes((256, 3, 64, 64), (64, 3, 64, 64))),
+         (256, 2048, 14, 14), (64, 2048, 14, 14)),
+    Case("bn_nc", "batch_norm_train", "NC", (262144, 1024), (65536, 1024)),
+    Case("bn_nhwc", "batch_norm_train", "NHWC", (256, 56, 56, 256), (64, 56, 56, 256)),
+    Case("bn_eval_nchw", "batch_norm_eval", "NCHW", (256, 256, 56, 56), (64, 256, 56, 56)),
+    Case("model_cnn", "model", "NCHW", (256, 3, 64, 64), (64, 3, 64, 64)),
 ) + CPU_CASES[-3:]
 
 
