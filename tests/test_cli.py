@@ -148,10 +148,11 @@ def test_bench_on_cuda_without_a_gpu_exits_1(capsys):
     assert "no usable CUDA GPU" in capsys.readouterr().err
 
 
-def test_list_cases_names_every_case(capsys):
-    assert main(["bench", "--device", "cpu", "--list-cases"]) == 0
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_list_cases_names_every_case_of_the_device(capsys, device):
+    assert main(["bench", "--device", device, "--list-cases"]) == 0
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
-    assert listed == [case.name for case in _bench.CPU_CASES]
+    assert listed == [case.name for case in _bench.cases_for(device)]
 
 
 def test_demo_arguments_are_forwarded(monkeypatch):

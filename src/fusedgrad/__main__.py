@@ -72,7 +72,7 @@ def _check_output_path(parser, option: str, path: str | None) -> None:
         parser.error(f"{option}: folder {folder!r} is not writable")
 
 
-def _bench(parser, args) -> int:
+def _run_bench(parser, args) -> int:
     from fusedgrad import _bench
     from fusedgrad._device import cuda_available
 
@@ -84,11 +84,6 @@ def _bench(parser, args) -> int:
         except ImportError:
             parser.error("--plot needs matplotlib: pip install 'fusedgrad[bench]'")
     device = _bench.resolve_device(args.device)
-    if device == "cuda" and not cuda_available():
-        print("error: --device cuda: no usable CUDA GPU found (fusedgrad.cuda_available() is "
-              "False: no NVIDIA driver/GPU, or numba-cuda is not installed: "
-              "pip install 'fusedgrad[cuda]')", file=sys.stderr)
-        return 1
     if args.list_cases:
         for case in _bench.cases_for(device):
             standard = "" if case.default else "  (smoke case, only with --cases)"
@@ -99,6 +94,11 @@ def _bench(parser, args) -> int:
         _bench.select_cases(device, args.cases)
     except ValueError as exc:
         parser.error(f"--cases: {exc}")
+    if device == "cuda" and not cuda_available():
+        print("error: --device cuda: no usable CUDA GPU found (fusedgrad.cuda_available() is "
+              "False: no NVIDIA driver/GPU, or numba-cuda is not installed: "
+              "pip install 'fusedgrad[cuda]')", file=sys.stderr)
+        return 1
 
     report = _bench.run(device, quick=args.quick, case_names=args.cases)
     if args.json:
@@ -115,7 +115,7 @@ def _bench(parser, args) -> int:
     return 0
 
 
-def _info() -> int:
+def _run_info() -> int:
     from fusedgrad import _bench
 
     machine = _bench.machine_info()
@@ -149,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         return importlib.import_module("fusedgrad.demo").main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "bench":
-        return _bench(bench_parser, args)
-    return _info()
+        return _run_bench(bench_parser, args)
+    return _run_info()
 
 
 if __name__ == "__main__":
