@@ -206,66 +206,53 @@ def _run_dx(dy, x, out, i0, n, mean_hi, a, b, c):
         o_run[i] = a * g_run[i] + b * (x_run[i] - mean_hi) + c
 
 
+@njit(cache=True, inline="always")
+def _row_pair(i, r0, r1, q, row_stride, j0, sub):
+    """Starts of the i-th pair of tile rows and the pair's weight. An odd last row is paired
+    with itself at weight 0.5, which halves the doubled sum exactly."""
+    r = r0 + 2 * i
+    s0 = _row_start(r, q, row_stride, j0, sub)
+    if r + 1 < r1:
+        return s0, _row_start(r + 1, q, row_stride, j0, sub), 1.0
+    return s0, s0, 0.5
+
+
 @njit(cache=True, fastmath=_FASTMATH)
 def _cols_sum(x, r0, r1, q, row_stride, j0, sub, acc):
-    """acc[j] += x over the tile rows, column by column (float64)."""
+    """acc[j] += x over the tile rows, column by column (float64), two rows per update."""
     width = acc.shape[0]
-    r = r0
-    while r + 1 < r1:
-        s0, s1 = _row_start(r, q, row_stride, j0, sub), _row_start(r + 1, q, row_stride, j0, sub)
+    for i in range((r1 - r0 + 1) // 2):
+        s0, s1, weight = _row_pair(i, r0, r1, q, row_stride, j0, sub)
         row0, row1 = x[s0:s0 + width], x[s1:s1 + width]
         for j in range(width):
-            acc[j] += np.float64(row0[j]) + np.float64(row1[j])
-        r += 2
-    if r < r1:
-        s0 = _row_start(r, q, row_stride, j0, sub)
-        row0 = x[s0:s0 + width]
-        for j in range(width):
-            acc[j] += row0[j]
+            acc[j] += (np.float64(row0[j]) + np.float64(row1[j])) * weight
 
 
 @njit(cache=True, fastmath=_FASTMATH)
 def _cols_squares(x, r0, r1, q, row_stride, j0, sub, center, acc):
-    """acc[j] += (x - center[j])^2 over the tile rows (float64)."""
+    """acc[j] += (x - center[j])^2 over the tile rows (float64), two rows per update."""
     width = acc.shape[0]
-    r = r0
-    while r + 1 < r1:
-        s0, s1 = _row_start(r, q, row_stride, j0, sub), _row_start(r + 1, q, row_stride, j0, sub)
+    for i in range((r1 - r0 + 1) // 2):
+        s0, s1, weight = _row_pair(i, r0, r1, q, row_stride, j0, sub)
         row0, row1 = x[s0:s0 + width], x[s1:s1 + width]
         for j in range(width):
             d0 = row0[j] - center[j]
             d1 = row1[j] - center[j]
-            acc[j] += d0 * d0 + d1 * d1
-        r += 2
-    if r < r1:
-        s0 = _row_start(r, q, row_stride, j0, sub)
-        row0 = x[s0:s0 + width]
-        for j in range(width):
-            d0 = row0[j] - center[j]
-            acc[j] += d0 * d0
+            acc[j] += (d0 * d0 + d1 * d1) * weight
 
 
 @njit(cache=True, fastmath=_FASTMATH)
 def _cols_grad(dy, x, r0, r1, q, row_stride, j0, sub, mean_hi, acc_dy, acc_dyd):
     """acc_dy[j] += dy, acc_dyd[j] += dy * (x - mean_hi[j]) over the tile rows (float64)."""
     width = acc_dy.shape[0]
-    r = r0
-    while r + 1 < r1:
-        s0, s1 = _row_start(r, q, row_stride, j0, sub), _row_start(r + 1, q, row_stride, j0, sub)
+    for i in range((r1 - r0 + 1) // 2):
+        s0, s1, weight = _row_pair(i, r0, r1, q, row_stride, j0, sub)
         g0, g1 = dy[s0:s0 + width], dy[s1:s1 + width]
         row0, row1 = x[s0:s0 + width], x[s1:s1 + width]
         for j in range(width):
             a0, a1 = np.float64(g0[j]), np.float64(g1[j])
-            acc_dy[j] += a0 + a1
-            acc_dyd[j] += a0 * (row0[j] - mean_hi[j]) + a1 * (row1[j] - mean_hi[j])
-        r += 2
-    if r < r1:
-        s0 = _row_start(r, q, row_stride, j0, sub)
-        g0, row0 = dy[s0:s0 + width], x[s0:s0 + width]
-        for j in range(width):
-            a0 = np.float64(g0[j])
-            acc_dy[j] += a0
-            acc_dyd[j] += a0 * (row0[j] - mean_hi[j])
+            acc_dy[j] += (a0 + a1) * weight
+            acc_dyd[j] += (a0 * (row0[j] - mean_hi[j]) + a1 * (row1[j] - mean_hi[j])) * weight
 
 
 @njit(cache=True, fastmath=_FASTMATH)
