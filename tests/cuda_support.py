@@ -8,10 +8,9 @@ Numba picks the CUDA simulator or the real target once per process, from
   under pytest in a subprocess with ``NUMBA_ENABLE_CUDASIM=1`` and asserts it passed; the
   direct tests are skipped in the parent, so every kernel still runs once per pytest session.
 
-The ``api`` fixture (import it into the test module) lets the public API route simulator
-arrays to the CUDA backend: the simulator's fake device arrays do not expose
-``__cuda_array_interface__``, so ``fusedgrad._device.is_device_array`` is patched (per test,
-through ``monkeypatch``) to recognise them. With a real GPU nothing is patched.
+The ``api`` fixture (import it into the test module) is the public package: under the
+simulator, ``fusedgrad._device.is_device_array`` recognises the simulator's fake device arrays
+(which carry no ``__cuda_array_interface__``), so they take the CUDA path as real ones do.
 """
 from __future__ import annotations
 
@@ -65,23 +64,10 @@ def simulator_test(path: str):
 
 
 @pytest.fixture
-def api(monkeypatch):
-    """The ``fusedgrad`` package, with simulator arrays routed to the CUDA backend."""
-    patch_device_detection(monkeypatch)
+def api():
+    """The ``fusedgrad`` package (its device detection routes simulator arrays to the GPU path)."""
     import fusedgrad
     return fusedgrad
-
-
-def patch_device_detection(monkeypatch) -> None:
-    """Make ``fusedgrad._device`` treat simulator arrays as device arrays (simulator only)."""
-    if not SIMULATED:
-        return
-    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
-
-    from fusedgrad import _device
-    original = _device.is_device_array
-    monkeypatch.setattr(_device, "is_device_array",
-                        lambda obj: isinstance(obj, FakeCUDAArray) or original(obj))
 
 
 def to_device(array):

@@ -198,19 +198,16 @@ def test_bfloat16_logits_from_pytorch(api):
        seed=st.integers(0, 2**16))
 def test_random_shapes_and_options(n, n_classes, spatial, reduction, smoothing, z_loss, weighted,
                                    prob, seed):
-    # no fixture here: hypothesis runs many examples per test call (the patch lasts the test)
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        cs.patch_device_detection(monkeypatch)
-        import fusedgrad as fg
-        rng = np.random.default_rng(seed)
-        logits, target, weight = _problem(rng, (n, n_classes) + spatial, prob=prob,
-                                          ignore_every=0 if prob else 2, weighted=weighted)
-        kwargs = dict(reduction=reduction, label_smoothing=smoothing, z_loss=z_loss)
-        expected_loss, expected_grad, _ = ref.softmax_cross_entropy(logits, target,
-                                                                    weight=weight, **kwargs)
-        loss, grad = fg.softmax_cross_entropy(
-            cs.to_device(logits), cs.to_device(target),
-            weight=None if weight is None else cs.to_device(weight), **kwargs)
-        np.testing.assert_allclose(cs.to_host(loss), expected_loss, rtol=1e-11, atol=1e-12,
-                                   equal_nan=True)
-        np.testing.assert_allclose(cs.to_host(grad), expected_grad, rtol=1e-11, atol=1e-12)
+    import fusedgrad as fg
+    rng = np.random.default_rng(seed)
+    logits, target, weight = _problem(rng, (n, n_classes) + spatial, prob=prob,
+                                      ignore_every=0 if prob else 2, weighted=weighted)
+    kwargs = dict(reduction=reduction, label_smoothing=smoothing, z_loss=z_loss)
+    expected_loss, expected_grad, _ = ref.softmax_cross_entropy(logits, target,
+                                                                weight=weight, **kwargs)
+    loss, grad = fg.softmax_cross_entropy(
+        cs.to_device(logits), cs.to_device(target),
+        weight=None if weight is None else cs.to_device(weight), **kwargs)
+    np.testing.assert_allclose(cs.to_host(loss), expected_loss, rtol=1e-11, atol=1e-12,
+                               equal_nan=True)
+    np.testing.assert_allclose(cs.to_host(grad), expected_grad, rtol=1e-11, atol=1e-12)

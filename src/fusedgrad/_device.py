@@ -9,14 +9,28 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 
 HOST = "cpu"
 DEVICE = "cuda"
 
 
 def is_device_array(obj) -> bool:
-    """True for objects that expose ``__cuda_array_interface__`` (they live on a GPU)."""
-    return obj is not None and hasattr(obj, "__cuda_array_interface__")
+    """True for arrays that live on a GPU: objects exposing ``__cuda_array_interface__``, and,
+    when Numba's CUDA simulator is on (``NUMBA_ENABLE_CUDASIM=1``), its fake device arrays, which
+    stand in for device arrays there but carry no such interface."""
+    if obj is None:
+        return False
+    if hasattr(obj, "__cuda_array_interface__"):
+        return True
+    return simulator_enabled() and _is_simulator_array(obj)
+
+
+def _is_simulator_array(obj) -> bool:
+    # Only a process that already imported the simulator can hold one of its arrays, so this
+    # never imports numba-cuda on the CPU path.
+    module = sys.modules.get("numba.cuda.simulator.cudadrv.devicearray")
+    return module is not None and isinstance(obj, module.FakeCUDAArray)
 
 
 def array_location(**arrays) -> str:
