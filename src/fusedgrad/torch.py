@@ -14,6 +14,10 @@ kernel and whose ``backward`` calls the fused backward kernel. Tensors reach the
 copy: a CPU tensor as a NumPy view of its memory (``Tensor.numpy()``), a CUDA tensor as itself,
 through ``__cuda_array_interface__`` (the API then runs the ``@cuda.jit`` kernels). Results come
 back as NumPy or device arrays and are wrapped with ``torch.as_tensor``, again without a copy.
+On the GPU, fusedgrad's CUDA backend launches its kernels on PyTorch's current stream (see
+``fusedgrad.cuda._arrays``), so they are ordered with the surrounding PyTorch work; the
+backward of a "mean"/"sum" loss reads the upstream gradient as a Python float, which
+synchronises with that stream once per call.
 
 What is saved for backward is what the backward kernels need and nothing else:
 
@@ -34,6 +38,7 @@ This module is the only part of fusedgrad that imports torch: ``import fusedgrad
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
@@ -70,8 +75,15 @@ def _kernel_array(name: str, tensor):
     return tensor.numpy()
 
 
+_UNTYPED_BFLOAT16 = np.dtype("V2")
+
+
 def _as_tensor(array, device: torch.device) -> torch.Tensor:
     """Wrap a kernel result (NumPy array, or device array on ``device``) without a copy."""
+    if getattr(array, "dtype", None) == _UNTYPED_BFLOAT16:
+        # bfloat16 device arrays cross __cuda_array_interface__ as the untyped "<V2" (NumPy has
+        # no bfloat16), which torch.as_tensor cannot import: reinterpret the bits instead.
+        return torch.as_tensor(array.view(np.uint16), device=device).view(torch.bfloat16)
     return torch.as_tensor(array, device=device)
 
 

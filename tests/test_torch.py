@@ -1,0 +1,437 @@
+"""fusedgrad.torch vs PyTorch: values, gradcheck, modules, training side by side, checkpoints."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+torch = pytest.importorskip("torch")
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+import fusedgrad.torch as fgt  # noqa: E402
+from fusedgrad import reference  # noqa: E402
+
+F64 = torch.float64
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _logits_and_targets(shape, seed=0, dtype=F64, ignore=False, probabilities=False):
+    """Logits of ``shape`` (N, C, ...) and matching class-index or probability targets."""
+    gen = _generator(seed)
+    n_classes = shape[1]
+    logits = (3 * torch.randn(shape, generator=gen)).to(dtype)
+    if probabilities:
+        target = torch.softmax(torch.randn(shape, generator=gen), dim=1).to(dtype)
+    else:
+        target = torch.randint(0, n_classes, (shape[0],) + tuple(shape[2:]), generator=gen)
+        if ignore:
+            target.view(-1)[::3] = -100
+    return logits, target
+
+
+def _class_weight(n_classes, seed=1, dtype=F64):
+    return (0.5 + torch.rand(n_classes, generator=_generator(seed))).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# softmax_cross_entropy vs F.cross_entropy
+# --------------------------------------------------------------------------------------------
+CE_CASES = [
+    # shape, probability targets, ignored targets, class weights, label smoothing
+    ((7, 5), False, False, False, 0.0),
+    ((7, 5), False, True, True, 0.0),
+    ((7, 5), False, True, True, 0.2),
+    ((4, 6, 3), False, True, True, 0.1),
+    ((3, 4, 2, 3), False, False, True, 0.0),
+    ((6, 5), True, False, False, 0.0),
+    ((6, 5), True, False, True, 0.3),
+    ((2, 4, 3, 2), True, False, True, 0.1),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape,probabilities,ignore,weighted,smoothing", CE_CASES)
+def test_cross_entropy_matches_torch(shape, probabilities, ignore, weighted, smoothing,
+                                     reduction, dtype):
+    logits, target = _logits_and_targets(shape, dtype=dtype, ignore=ignore,
+                                         probabilities=probabilities)
+    weight = _class_weight(shape[1], dtype=dtype) if weighted else None
+    ours_in = logits.clone().requires_grad_()
+    theirs_in = logits.clone().requires_grad_()
+    ours = fgt.softmax_cross_entropy(ours_in, target, weight, reduction=reduction,
+                                     label_smoothing=smoothing)
+    theirs = F.cross_entropy(theirs_in, target, weight, reduction=reduction,
+                             label_smoothing=smoothing)
+    upstream = torch.rand(theirs.shape, generator=_generator(2), dtype=dtype)
+    (ours * upstream).sum().backward()
+    (theirs * upstream).sum().backward()
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == F64 else dict(rtol=2e-5, atol=2e-6)
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, **tol)
+    torch.testing.assert_close(ours_in.grad, theirs_in.grad, **tol)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape,probabilities,ignore,weighted,smoothing", CE_CASES)
+def test_cross_entropy_gradcheck(shape, probabilities, ignore, weighted, smoothing, reduction):
+    logits, target = _logits_and_targets(shape, ignore=ignore, probabilities=probabilities)
+    weight = _class_weight(shape[1]) if weighted else None
+    inputs = [logits.requires_grad_()]
+    if probabilities:  # PyTorch differentiates probability targets too
+        inputs.append(target.requires_grad_())
+
+    def loss(z, *soft_target):
+        t = soft_target[0] if soft_target else target
+        return fgt.softmax_cross_entropy(z, t, weight, reduction=reduction,
+                                         label_smoothing=smoothing)
+
+    assert torch.autograd.gradcheck(loss, tuple(inputs))
+
+
+@pytest.mark.parametrize("probabilities", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_z_loss_matches_reference_and_gradcheck(reduction, probabilities):
+    logits, target = _logits_and_targets((5, 4, 2), seed=3, ignore=not probabilities,
+                                         probabilities=probabilities)
+    weight = _class_weight(4)
+    z = logits.clone().requires_grad_()
+    loss = fgt.softmax_cross_entropy(z, target, weight, reduction=reduction,
+                                     label_smoothing=0.1, z_loss=1e-2)
+    loss.sum().backward()
+    want_loss, want_grad, _ = reference.softmax_cross_entropy(
+        logits.numpy(), target.numpy(), weight=weight.numpy(), reduction=reduction,
+        label_smoothing=0.1, z_loss=1e-2)
+    np.testing.assert_allclose(loss.detach().numpy(), want_loss, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(z.grad.numpy(), want_grad, rtol=1e-12, atol=1e-13)
+    assert torch.autograd.gradcheck(
+        lambda x: fgt.softmax_cross_entropy(x, target, weight, reduction=reduction,
+                                            z_loss=0.05), (logits.requires_grad_(),))
+
+
+def test_cross_entropy_unbatched_input():
+    logits = torch.randn(6, dtype=F64, generator=_generator(4))
+    for target in (torch.tensor(2), torch.softmax(torch.randn(6, dtype=F64), 0)):
+        for reduction in ("mean", "none"):
+            ours = fgt.softmax_cross_entropy(logits, target, reduction=reduction)
+            theirs = F.cross_entropy(logits, target, reduction=reduction)
+            assert ours.shape == theirs.shape
+            torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_every_target_ignored_gives_nan_mean_and_zero_grad():
+    logits = torch.randn(4, 3, dtype=F64, requires_grad=True)
+    target = torch.full((4,), -100)
+    loss = fgt.softmax_cross_entropy(logits, target)
+    loss.backward()
+    assert torch.isnan(loss) and torch.isnan(F.cross_entropy(logits, target))
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_cross_entropy_saves_only_inputs_and_lse():
+    logits, target = _logits_and_targets((8, 5, 3))
+    logits.requires_grad_()
+    loss = fgt.softmax_cross_entropy(logits, target)
+    saved_logits, saved_target, saved_weight, lse = loss.grad_fn.saved_tensors
+    # The inputs are kept by reference (same memory), plus one log-sum-exp per row.
+    assert saved_logits.data_ptr() == logits.data_ptr()
+    assert saved_target.data_ptr() == target.data_ptr()
+    assert saved_weight is None
+    assert lse.shape == (8, 3)
+    torch.testing.assert_close(lse, torch.logsumexp(logits.detach(), dim=1))
+
+
+def test_cross_entropy_loss_module_is_a_drop_in():
+    weight = _class_weight(5)
+    ours = fgt.CrossEntropyLoss(weight=weight, ignore_index=1, label_smoothing=0.05)
+    theirs = nn.CrossEntropyLoss(weight=weight, ignore_index=1, label_smoothing=0.05)
+    assert isinstance(ours, nn.CrossEntropyLoss)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    logits, target = _logits_and_targets((9, 5))
+    torch.testing.assert_close(ours(logits, target), theirs(logits, target),
+                               rtol=1e-12, atol=1e-12)
+    assert "z_loss=0.5" in repr(fgt.CrossEntropyLoss(z_loss=0.5))
+
+
+def test_cross_entropy_bad_arguments():
+    logits, target = _logits_and_targets((4, 3))
+    with pytest.raises(TypeError, match="input"):
+        fgt.softmax_cross_entropy(logits.numpy(), target)
+    with pytest.raises(TypeError, match="target"):
+        fgt.softmax_cross_entropy(logits, target.tolist())
+    with pytest.raises(ValueError, match="reduction"):
+        fgt.softmax_cross_entropy(logits, target, reduction="avg")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        fgt.softmax_cross_entropy(logits, target, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="z_loss"):
+        fgt.CrossEntropyLoss(z_loss=-1.0)
+    with pytest.raises(ValueError, match="weight"):
+        fgt.softmax_cross_entropy(logits, target, torch.ones(3, dtype=F64, requires_grad=True))
+    with pytest.raises(TypeError, match="bfloat16"):
+        fgt.softmax_cross_entropy(logits.to(torch.bfloat16), target)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 6), n_classes=st.integers(2, 9), spatial=st.lists(st.integers(1, 3),
+       max_size=2), reduction=st.sampled_from(["mean", "sum", "none"]),
+       smoothing=st.sampled_from([0.0, 0.25]), weighted=st.booleans(),
+       probabilities=st.booleans(), seed=st.integers(0, 2**16))
+def test_cross_entropy_random_shapes_match_torch(n, n_classes, spatial, reduction, smoothing,
+                                                 weighted, probabilities, seed):
+    shape = (n, n_classes) + tuple(spatial)
+    logits, target = _logits_and_targets(shape, seed=seed, ignore=True,
+                                         probabilities=probabilities)
+    weight = _class_weight(n_classes, seed=seed) if weighted else None
+    ours_in, theirs_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ours = fgt.softmax_cross_entropy(ours_in, target, weight, reduction=reduction,
+                                     label_smoothing=smoothing)
+    theirs = F.cross_entropy(theirs_in, target, weight, reduction=reduction,
+                             label_smoothing=smoothing)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12, equal_nan=True)
+    if not torch.isnan(theirs).any():
+        ours.sum().backward()
+        theirs.sum().backward()
+        torch.testing.assert_close(ours_in.grad, theirs_in.grad, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# Batch norm
+# --------------------------------------------------------------------------------------------
+def _bn_pair(torch_class, fused_class, num_features, dtype=F64, **kwargs):
+    """A PyTorch batch norm and fusedgrad's, with the same random affine parameters."""
+    theirs = torch_class(num_features, dtype=dtype, **kwargs)
+    if theirs.weight is not None:
+        with torch.no_grad():
+            theirs.weight.uniform_(0.5, 1.5, generator=_generator(5))
+        if theirs.bias is not None:
+            with torch.no_grad():
+                theirs.bias.uniform_(-0.5, 0.5, generator=_generator(6))
+    ours = fused_class(num_features, dtype=dtype, **kwargs)
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+BN_CASES = [
+    (nn.BatchNorm1d, fgt.BatchNorm1d, (16, 5)),
+    (nn.BatchNorm1d, fgt.BatchNorm1d, (4, 5, 7)),
+    (nn.BatchNorm2d, fgt.BatchNorm2d, (3, 4, 5, 6)),
+    (nn.BatchNorm3d, fgt.BatchNorm3d, (2, 3, 4, 3, 5)),
+]
+BN_OPTIONS = [
+    dict(),
+    dict(momentum=None),
+    dict(track_running_stats=False),
+    dict(affine=False),
+    dict(bias=False, momentum=0.3, eps=1e-3),
+]
+
+
+def _run_bn(module, x, upstream):
+    x = x.clone().requires_grad_()
+    y = module(x)
+    (y * upstream).sum().backward()
+    return y, x.grad
+
+
+@pytest.mark.parametrize("options", BN_OPTIONS, ids=lambda o: ",".join(o) or "default")
+@pytest.mark.parametrize("torch_class,fused_class,shape", BN_CASES,
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else "")
+def test_batch_norm_module_matches_torch(torch_class, fused_class, shape, options):
+    ours, theirs = _bn_pair(torch_class, fused_class, shape[1], **options)
+    gen = _generator(7)
+    for step in range(3):  # training steps update the running buffers, then eval uses them
+        x = 2.0 + 3.0 * torch.randn(shape, generator=gen, dtype=F64)
+        upstream = torch.randn(shape, generator=gen, dtype=F64)
+        for mode in ("train", "eval") if step == 2 else ("train",):
+            ours.train(mode == "train")
+            theirs.train(mode == "train")
+            y_ours, dx_ours = _run_bn(ours, x, upstream)
+            y_theirs, dx_theirs = _run_bn(theirs, x, upstream)
+            torch.testing.assert_close(y_ours, y_theirs, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(dx_ours, dx_theirs, rtol=1e-10, atol=1e-12)
+    for (name, a), (_, b) in zip(ours.named_parameters(), theirs.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12, msg=name)
+    for (name, a), (_, b) in zip(ours.named_buffers(), theirs.named_buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batch_norm_gradcheck_via_module(training, channels_last):
+    module = fgt.BatchNorm2d(3, dtype=F64)
+    with torch.no_grad():
+        module.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        module.running_var.copy_(torch.tensor([2.0, 0.5, 1.5]))
+    module.train(training)
+    x = torch.randn(3, 3, 2, 3, dtype=F64, generator=_generator(8))
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    weight = torch.tensor([0.7, 1.3, -0.4], dtype=F64, requires_grad=True)
+    bias = torch.tensor([0.1, -0.2, 0.3], dtype=F64, requires_grad=True)
+
+    def forward(x, weight, bias):
+        return torch.func.functional_call(module, {"weight": weight, "bias": bias}, (x,))
+
+    assert torch.autograd.gradcheck(forward, (x.requires_grad_(), weight, bias))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("torch_class,fused_class,shape",
+                         [(nn.BatchNorm2d, fgt.BatchNorm2d, (4, 6, 5, 3)),
+                          (nn.BatchNorm3d, fgt.BatchNorm3d, (2, 6, 3, 4, 2))])
+def test_batch_norm_channels_last(torch_class, fused_class, shape, dtype):
+    memory_format = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    ours, theirs = _bn_pair(torch_class, fused_class, shape[1], dtype=dtype)
+    gen = _generator(9)
+    x = torch.randn(shape, generator=gen, dtype=dtype).to(memory_format=memory_format)
+    upstream = torch.randn(shape, generator=gen, dtype=dtype)
+    y_ours, dx_ours = _run_bn(ours, x, upstream)
+    y_theirs, dx_theirs = _run_bn(theirs, x, upstream)
+    assert y_ours.is_contiguous(memory_format=memory_format)
+    assert dx_ours.is_contiguous(memory_format=memory_format)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == F64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y_ours, y_theirs, **tol)
+    torch.testing.assert_close(dx_ours, dx_theirs, **tol)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, **tol)
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, **tol)
+
+
+def test_batch_norm_saves_input_and_channel_statistics():
+    module = fgt.BatchNorm2d(3, dtype=F64)
+    x = torch.randn(4, 3, 2, 2, dtype=F64, requires_grad=True)
+    y = module(x)
+    saved_x, saved_weight, mean, invstd = y.grad_fn.saved_tensors
+    assert saved_x.data_ptr() == x.data_ptr() and saved_weight is module.weight
+    assert mean.shape == invstd.shape == (3,)
+    var = x.detach().var(dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(invstd, 1.0 / torch.sqrt(var + module.eps))
+
+
+def test_batch_norm_one_value_per_channel_raises():
+    with pytest.raises(ValueError):
+        fgt.BatchNorm1d(3)(torch.randn(1, 3))
+
+
+def test_functional_batch_norm_matches_torch_without_weight():
+    x = torch.randn(5, 4, 3, dtype=F64, generator=_generator(10), requires_grad=True)
+    bias = torch.randn(4, dtype=F64, requires_grad=True)
+    running = (torch.zeros(4, dtype=F64), torch.ones(4, dtype=F64))
+    y = fgt.batch_norm(x, *running, None, bias, training=True, momentum=0.2)
+    y.pow(2).sum().backward()
+    x2, bias2 = x.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+    running2 = (torch.zeros(4, dtype=F64), torch.ones(4, dtype=F64))
+    F.batch_norm(x2, *running2, None, bias2, training=True, momentum=0.2).pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(bias.grad, bias2.grad, rtol=1e-12, atol=1e-12)
+    for ours, theirs in zip(running, running2):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# convert_model: a small CNN trained side by side, checkpoints both ways
+# --------------------------------------------------------------------------------------------
+def _small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, stride=2, bias=False), nn.BatchNorm2d(8, momentum=None),
+        nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 16),
+        nn.Sequential(nn.BatchNorm1d(16), nn.ReLU()), nn.Linear(16, 5))
+
+
+def _batches(steps, seed=11):
+    gen = _generator(seed)
+    return [(torch.randn(16, 3, 8, 8, generator=gen), torch.randint(0, 5, (16,), generator=gen))
+            for _ in range(steps)]
+
+
+def _train(model, criterion, batches, lr=0.1):
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    losses = []
+    model.train()
+    for x, t in batches:
+        optimizer.zero_grad()
+        loss = criterion(model(x), t)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_convert_model_swaps_layers_and_keeps_tensors():
+    model = _small_cnn().eval()
+    params = list(model.parameters())
+    buffers = list(model.buffers())
+    converted = fgt.convert_model(model)
+    assert converted is model and not model.training
+    kinds = [type(m) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert kinds == [fgt.BatchNorm2d, fgt.BatchNorm2d, fgt.BatchNorm1d]
+    assert all(a is b for a, b in zip(params, model.parameters()))
+    assert all(a is b for a, b in zip(buffers, model.buffers()))
+    assert model[4].momentum is None and not model[4].training
+    root = nn.BatchNorm3d(4, affine=False, track_running_stats=False)
+    assert type(fgt.convert_model(root)) is fgt.BatchNorm3d
+    with pytest.raises(TypeError, match="module"):
+        fgt.convert_model("not a module")
+
+
+def test_converted_cnn_trains_like_torch():
+    reference_model = _small_cnn()
+    fused_model = fgt.convert_model(copy.deepcopy(reference_model))
+    batches = _batches(6)
+    torch_losses = _train(reference_model, nn.CrossEntropyLoss(), batches)
+    fused_losses = _train(fused_model, fgt.CrossEntropyLoss(), batches)
+    np.testing.assert_allclose(fused_losses, torch_losses, rtol=1e-5, atol=1e-5)
+    for (name, a), (_, b) in zip(fused_model.state_dict().items(),
+                                 reference_model.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    x, _ = _batches(1, seed=12)[0]
+    torch.testing.assert_close(fused_model.eval()(x), reference_model.eval()(x),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_round_trips_both_ways():
+    trained = _small_cnn()
+    _train(trained, nn.CrossEntropyLoss(), _batches(2))
+    x, _ = _batches(1, seed=13)[0]
+    expected = trained.eval()(x)
+
+    fused = fgt.convert_model(_small_cnn())  # fresh weights, then the torch checkpoint
+    fused.load_state_dict(trained.state_dict())
+    torch.testing.assert_close(fused.eval()(x), expected, rtol=1e-5, atol=1e-6)
+
+    back = _small_cnn()  # and the fused model's checkpoint into plain torch
+    back.load_state_dict(fused.state_dict())
+    assert back.state_dict().keys() == fused.state_dict().keys()
+    for a, b in zip(back.state_dict().values(), trained.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_tensors_match_cpu():
+    logits, target = _logits_and_targets((32, 10), dtype=torch.float32)
+    z_gpu = logits.cuda().requires_grad_()
+    loss = fgt.softmax_cross_entropy(z_gpu, target.cuda(), label_smoothing=0.1)
+    loss.backward()
+    z_cpu = logits.clone().requires_grad_()
+    F.cross_entropy(z_cpu, target, label_smoothing=0.1).backward()
+    assert loss.device.type == "cuda" and z_gpu.grad.device.type == "cuda"
+    torch.testing.assert_close(z_gpu.grad.cpu(), z_cpu.grad, rtol=1e-5, atol=1e-6)
+
+    z_bf16 = logits.cuda().to(torch.bfloat16).requires_grad_()
+    fgt.softmax_cross_entropy(z_bf16, target.cuda(), label_smoothing=0.1).backward()
+    assert z_bf16.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(z_bf16.grad.float().cpu(), z_cpu.grad, rtol=2e-2, atol=1e-3)
+
+    ours, theirs = _bn_pair(nn.BatchNorm2d, fgt.BatchNorm2d, 6, dtype=torch.float32)
+    x = torch.randn(8, 6, 5, 5)
+    y_gpu = ours.cuda()(x.cuda())
+    torch.testing.assert_close(y_gpu.cpu(), theirs(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.running_mean.cpu(), theirs.running_mean,
+                               rtol=1e-5, atol=1e-6)
