@@ -28,8 +28,9 @@ ranks run with ``OMP_WAIT_POLICY=PASSIVE`` by default (``--omp-wait-policy ACTIV
 with several processes per machine, OpenMP worker threads that spin after each parallel region
 (Numba's ``omp`` threading layer, PyTorch's OpenMP pool) take the cores the other ranks need;
 measured here, this slowed both implementations' statistics passes several-fold. The
-collectives each issues are counted by wrapping ``torch.distributed``'s functions in the rank
-processes (both implementations call them through that module).
+collectives each issues are counted by ``fusedgrad.distributed.CollectiveCounter``, which wraps
+``torch.distributed``'s functions in the rank processes (both implementations call them through
+that module).
 """
 from __future__ import annotations
 
@@ -42,16 +43,11 @@ import statistics
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.modules import _functions as torch_functions
-
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single",
-               "broadcast", "reduce_scatter")
-
 
 # --------------------------------------------------------------------------------------------
 # CPU versions of the CUDA-only ops used by torch's SyncBatchNorm Function (baseline only)
@@ -124,24 +120,6 @@ class _TorchSyncBatchNormCPU(nn.SyncBatchNorm):
 # --------------------------------------------------------------------------------------------
 # One rank
 # --------------------------------------------------------------------------------------------
-class _Counter:
-    def __init__(self):
-        self.count = 0
-        for name in COLLECTIVES:
-            if hasattr(dist, name):
-                setattr(dist, name, self._counted(getattr(dist, name)))
-
-    def _counted(self, function):
-        def counted(*args, **kwargs):
-            self.count += 1
-            return function(*args, **kwargs)
-        return counted
-
-    def take(self):
-        count, self.count = self.count, 0
-        return count
-
-
 def _step(module, x, dy, counter):
     """One forward + backward: (seconds fwd, seconds bwd, collectives fwd, collectives bwd)."""
     x.grad = None
@@ -166,7 +144,6 @@ def _rank(rank, args, port, result_path):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=args.ranks, timeout=datetime.timedelta(seconds=300))
     _install_cpu_ops()
-    counter = _Counter()
     gen = torch.Generator().manual_seed(rank)
     x = (2.0 + torch.randn(args.shape, generator=gen)).requires_grad_()
     dy = torch.randn(args.shape, generator=gen)
@@ -175,14 +152,15 @@ def _rank(rank, args, port, result_path):
                "torch (SyncBatchNorm Function, CPU ops)": _TorchSyncBatchNormCPU(channels)}
     times = {name: ([], []) for name in modules}
     counts, outputs = {}, {}
-    for it in range(args.warmup + args.iters):
-        for name, module in modules.items():
-            fwd, bwd, n_fwd, n_bwd, y, dx = _step(module, x, dy, counter)
-            counts[name] = (n_fwd, n_bwd)
-            outputs[name] = (y, dx)
-            if it >= args.warmup:
-                times[name][0].append(fwd)
-                times[name][1].append(bwd)
+    with fgd.CollectiveCounter() as counter:
+        for it in range(args.warmup + args.iters):
+            for name, module in modules.items():
+                fwd, bwd, n_fwd, n_bwd, y, dx = _step(module, x, dy, counter)
+                counts[name] = (n_fwd, n_bwd)
+                outputs[name] = (y, dx)
+                if it >= args.warmup:
+                    times[name][0].append(fwd)
+                    times[name][1].append(bwd)
     (y_a, dx_a), (y_b, dx_b) = outputs.values()
     diff = max(float((y_a - y_b).abs().max()), float((dx_a - dx_b).abs().max()))
     # Every rank waits for the slowest one inside the collectives, so rank times agree closely;

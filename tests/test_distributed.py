@@ -28,7 +28,6 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import fusedgrad.distributed as fgd  # noqa: E402
-import fusedgrad.torch as fgt  # noqa: E402
 from fusedgrad import reference  # noqa: E402
 
 #: Seconds a process group may wait inside one collective before it raises.
@@ -233,6 +232,8 @@ def test_sync_batch_norm_state_dict_and_conversion_match_torch():
     assert type(converted[1]) is fgd.SyncBatchNorm and type(converted[2][0]) is fgd.SyncBatchNorm
     assert converted[1].weight is weight and converted[1].momentum is None
     assert converted[2][0].weight is None
+    # DistributedDataParallel refuses CPU models holding an nn.SyncBatchNorm (isinstance check):
+    assert not isinstance(converted[1], nn.SyncBatchNorm)
     torch_sync = nn.SyncBatchNorm(3)
     assert fgd.SyncBatchNorm(3).state_dict().keys() == torch_sync.state_dict().keys()
     fgd.SyncBatchNorm(3).load_state_dict(torch_sync.state_dict())
@@ -329,30 +330,6 @@ def _edges(sizes):
 # --------------------------------------------------------------------------------------------
 # Real process groups: what each rank runs (in its own spawned process)
 # --------------------------------------------------------------------------------------------
-class _CollectiveCounter:
-    """Counts calls to torch.distributed's collectives; patched in a rank's own process only."""
-
-    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single",
-             "broadcast", "reduce", "reduce_scatter", "all_to_all", "gather", "scatter",
-             "barrier")
-
-    def __init__(self):
-        self.count = 0
-        for name in self.NAMES:
-            if hasattr(dist, name):
-                setattr(dist, name, self._counted(getattr(dist, name)))
-
-    def _counted(self, function):
-        def counted(*args, **kwargs):
-            self.count += 1
-            return function(*args, **kwargs)
-        return counted
-
-    def take(self) -> int:
-        count, self.count = self.count, 0
-        return count
-
-
 def _bn_rank(name, case, rank, group, counter):
     steps, weight, bias = case.data(name)
     dtype = getattr(torch, case.dtype)
@@ -381,7 +358,8 @@ def _bn_rank(name, case, rank, group, counter):
         y.is_contiguous(memory_format=torch.channels_last)
         and x.grad.is_contiguous(memory_format=torch.channels_last))
     return {f"{name}.y": y.detach().numpy(), f"{name}.dx": x.grad.numpy(),
-            f"{name}.dweight": module.weight.grad.numpy(), f"{name}.dbias": module.bias.grad.numpy(),
+            f"{name}.dweight": module.weight.grad.numpy(),
+            f"{name}.dbias": module.bias.grad.numpy(),
             f"{name}.running_mean": module.running_mean.numpy(),
             f"{name}.running_var": module.running_var.numpy(),
             f"{name}.batches": module.num_batches_tracked.numpy(),
@@ -413,16 +391,14 @@ def _rank_main(rank, port, out_dir):
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=WORLD,
                                 timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-        # DDP must accept a CPU model holding SyncBatchNorm (it refuses torch's on the CPU).
-        nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(2, 3), fgd.SyncBatchNorm(3)))
         pair = dist.new_group([0, 1])  # collective over the world: every rank creates it
         groups = {2: pair, WORLD: None}  # None: the default (whole world) group
-        counter = _CollectiveCounter()
         results = {}
-        for cases, run in ((BN_CASES, _bn_rank), (CE_CASES, _ce_rank)):
-            for name, case in cases.items():
-                if rank < case.world:
-                    results.update(run(name, case, rank, groups[case.world], counter))
+        with fgd.CollectiveCounter() as counter:
+            for cases, run in ((BN_CASES, _bn_rank), (CE_CASES, _ce_rank)):
+                for name, case in cases.items():
+                    if rank < case.world:
+                        results.update(run(name, case, rank, groups[case.world], counter))
         np.savez(f"{out_dir}/rank{rank}.npz", **results)
         dist.destroy_process_group()
     except BaseException:

@@ -48,7 +48,8 @@ class index, the same on every shard. Per row and shard (:func:`ce_shard_stats`)
 and each shard writes its own gradient slice (:func:`ce_shard_grad`) from the global lse alone,
 p_j = exp(z_j - lse)::
 
-    dloss/dz_j = p_j [(1 - s) w_t + (s / C) W + 2 z_loss w_t lse] - (s / C) w_j - (1 - s) w_t [j = t]
+    dloss/dz_j = p_j [(1 - s) w_t + (s / C) W + 2 z_loss w_t lse]
+                 - (s / C) w_j - (1 - s) w_t [j = t]
 
 With the global maximum known first (as on torch.distributed, where it is one all-reduce), the
 shards shift by M itself (``shift=M``) and the ``s_k`` simply add up. Supported exactly: class
@@ -69,7 +70,6 @@ the row maxima, packed with the shard widths so the class offsets come for free;
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import numpy as np
@@ -92,7 +92,8 @@ from .cpu.cross_entropy import (BLOCK, _exp_scale_minus_weighted, _fill_zero, _m
 __all__ = ["bn_partial_stats", "bn_merge_stats", "bn_forward_from_stats", "bn_backward_reduce",
            "bn_backward_elementwise", "ShardStats", "ce_shard_max", "ce_shard_stats",
            "ce_combine", "ce_loss", "ce_shard_grad",
-           "SyncBatchNorm", "convert_sync_batchnorm", "vocab_parallel_softmax_cross_entropy"]
+           "SyncBatchNorm", "convert_sync_batchnorm", "vocab_parallel_softmax_cross_entropy",
+           "CollectiveCounter"]
 
 
 # ============================================================================================
@@ -581,6 +582,55 @@ def ce_shard_grad(logits_shard, target, class_offset, lse, n_classes, *, weight=
                        opts.smoothing / n_classes, float(opts.weights.sum()), opts.smoothing,
                        opts.z_loss, opts.ignore_index, grad)
     return grad
+
+
+# ============================================================================================
+# torch.distributed: counting collectives
+# ============================================================================================
+class CollectiveCounter:
+    """Context manager counting the ``torch.distributed`` collectives called while it is active.
+
+    It wraps the collective functions of the ``torch.distributed`` module and restores them on
+    exit, so it sees every call made through that module (fusedgrad's, and PyTorch's own
+    SyncBatchNorm Function) but not calls that bypass it. Used by the tests and the benchmark
+    to check "one collective per direction"::
+
+        with CollectiveCounter() as counter:
+            y = sync_bn(x)
+            assert counter.take() == 1
+    """
+
+    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single",
+             "all_gather_object", "broadcast", "reduce", "reduce_scatter",
+             "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "gather", "scatter",
+             "barrier")
+
+    def __init__(self):
+        self.count = 0
+        self._originals = {}
+
+    def __enter__(self):
+        for name in self.NAMES:
+            if hasattr(dist, name):
+                self._originals[name] = getattr(dist, name)
+                setattr(dist, name, self._counted(self._originals[name]))
+        return self
+
+    def __exit__(self, *exc_info):
+        for name, function in self._originals.items():
+            setattr(dist, name, function)
+        self._originals.clear()
+
+    def _counted(self, function):
+        def counted(*args, **kwargs):
+            self.count += 1
+            return function(*args, **kwargs)
+        return counted
+
+    def take(self) -> int:
+        """Collectives counted since the last ``take`` (or the start); resets the count."""
+        count, self.count = self.count, 0
+        return count
 
 
 # ============================================================================================
