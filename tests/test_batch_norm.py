@@ -422,7 +422,8 @@ def test_mixing_host_and_device_arrays_raises_type_error():
 # Split building blocks compose to the fused path, bit for bit
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape3", [(32, 64, 49), (8, 3, 50176), (20000, 40, 1), (3, 2, 5003)])
+@pytest.mark.parametrize("shape3", [(32, 64, 49), (16, 8, 784), (8, 3, 50176), (20000, 40, 1),
+                                    (3, 2, 5003)])
 def test_split_blocks_compose_to_fused(shape3, dtype):
     rng = np.random.default_rng(12)
     x3 = (rng.standard_normal(shape3) * 2 + 5).astype(dtype)

@@ -65,6 +65,9 @@ When a tile holds whole channels (one row block, at most FUSE_BYTES of data per 
 the phases are fused: the forward computes the tile's statistics and normalises it while it is
 still in the L2 cache, and the backward reduces and writes dx the same way, so x and dy are read
 from memory once per direction. Otherwise a second parallel sweep applies the merged statistics.
+Sweeps that only apply per-channel coefficients (eval forward, and the second sweep of the
+unfused regimes) involve no reduction, so they may cut the work differently without changing a
+bit: with long runs they take whole rows across all channels, i.e. contiguous memory.
 
 Numerics
 --------
@@ -543,6 +546,7 @@ class _Geometry:
 
     def __init__(self, x3):
         self.n_outer, self.n_channels, self.n_inner = x3.shape
+        self.itemsize = x3.dtype.itemsize
         self.q, self.sub, self.cb, self.block_rows = plan_tiles(x3.shape, x3.dtype.itemsize)
         self.n_row_blocks = chunk_count(self.n_outer * self.q, self.block_rows)
         self.fusable = self.n_row_blocks == 1
@@ -552,6 +556,17 @@ class _Geometry:
     def args(self):
         return (self.n_outer, self.n_channels, self.n_inner, self.q, self.sub, self.cb,
                 self.block_rows)
+
+    @property
+    def elementwise_args(self):
+        """Tiles for the sweeps that only apply coefficients (no reduction, so any cut gives the
+        same bits): with run loops, whole rows of all channels, i.e. contiguous memory, which
+        streams faster than the channel blocks the fused reductions need."""
+        if self.q != 1 or self.sub < RUN_MIN_WIDTH:
+            return self.args
+        row_bytes = self.n_channels * self.sub * self.itemsize
+        return (self.n_outer, self.n_channels, self.n_inner, 1, self.sub, self.n_channels,
+                max(1, ROW_BLOCK_BYTES // max(1, row_bytes)))
 
     def partials(self):
         return np.empty((self.n_row_blocks, self.n_channels)), \
@@ -596,7 +611,7 @@ def normalize(x3, mean, invstd, weight, bias, out3):
     """out3 = (x - mean) * invstd * weight + bias per channel; returns out3."""
     geo = _Geometry(x3)
     c = geo.n_channels
-    _normalize_sweep(_flat(x3), _flat(out3), *geo.args, _as_f64(mean, c, 0.0),
+    _normalize_sweep(_flat(x3), _flat(out3), *geo.elementwise_args, _as_f64(mean, c, 0.0),
                      _as_f64(invstd, c, 1.0), _as_f64(weight, c, 1.0), _as_f64(bias, c, 0.0))
     return out3
 
@@ -624,7 +639,7 @@ def backward_elementwise(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, cou
     """dx into out3 from (global) sums and count; returns out3."""
     geo = _Geometry(x3)
     c = geo.n_channels
-    _dx_sweep(_flat(dy3), _flat(x3), _flat(out3), *geo.args, _as_f64(mean, c, 0.0),
+    _dx_sweep(_flat(dy3), _flat(x3), _flat(out3), *geo.elementwise_args, _as_f64(mean, c, 0.0),
               _as_f64(invstd, c, 1.0), _as_f64(weight, c, 1.0), _as_f64(sum_dy, c, 0.0),
               _as_f64(sum_dy_xhat, c, 0.0), float(count), bool(training))
     return out3
