@@ -86,8 +86,8 @@ from .cpu import batch_norm as _bn_cpu
 from .cpu import cross_entropy as _ce_cpu
 from .cpu._math import FASTMATH, cast_like
 from .cpu._reduce import merge_moments
-from .cpu.cross_entropy import (BLOCK, _exp_scale_minus_weighted, _fill_zero, _max_of,
-                                _sum_exp_shifted, _weighted_sum)
+from .cpu.cross_entropy import (BLOCK, _exp_scale_minus_weighted, _fill_zero,
+                                _index_coefficient, _max_of, _sum_exp_shifted, _weighted_sum)
 
 __all__ = ["bn_partial_stats", "bn_merge_stats", "bn_forward_from_stats", "bn_backward_reduce",
            "bn_backward_elementwise", "ShardStats", "ce_shard_max", "ce_shard_stats",
@@ -323,7 +323,7 @@ def _shard_stats_kernel(logits, target, offset, weights, shift, ignore_index, wi
             w_total = 0.0
             for lo in range(0, c, BLOCK):
                 zb = z[lo:min(c, lo + BLOCK)]
-                total += np.float64(_sum_exp_shifted(zb, zb, s_cast, False))
+                total += np.float64(_sum_exp_shifted(zb, zb, s_cast, False, False))
                 if with_weighted:
                     w_total += _weighted_sum(zb, weights[lo:min(c, lo + BLOCK)])
             sum_exp[i] = total
@@ -335,8 +335,8 @@ def _shard_stats_kernel(logits, target, offset, weights, shift, ignore_index, wi
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
 def _shard_grad_kernel(logits, target, offset, weights, target_weights, lse, scale,
-                       per_row_scale, smooth_per_class, weight_total, smoothing, z_loss,
-                       ignore_index, grad):
+                       per_row_scale, n_classes, weight_total, smoothing, z_loss, ignore_index,
+                       grad):
     """grad[i, j] = scale_i (p_ij coef_i - (s / C) w_j - (1 - s) w_t [j = t - offset]).
 
     coef_i = (1 - s) w_t + (s / C) W + 2 z_loss w_t lse_i; p_ij = exp(z_ij - lse_i); rows that
@@ -353,10 +353,9 @@ def _shard_grad_kernel(logits, target, offset, weights, target_weights, lse, sca
                 _fill_zero(g)
                 continue
             w_t = target_weights[i]
-            coef = (1.0 - smoothing) * w_t + smooth_per_class * weight_total \
-                + 2.0 * z_loss * w_t * lse[i]
-            _exp_scale_minus_weighted(logits[i], g, lse[i], sc * coef, sc * smooth_per_class,
-                                      weights)
+            coef = _index_coefficient(lse[i], w_t, weight_total, smoothing, z_loss, n_classes)
+            _exp_scale_minus_weighted(logits[i], g, lse[i], sc * coef,
+                                      sc * smoothing / n_classes, weights, False)
             local = target[i] - offset
             if 0 <= local < c:
                 g[local] -= cast_like(sc * (1.0 - smoothing) * w_t, g)
@@ -579,7 +578,7 @@ def ce_shard_grad(logits_shard, target, class_offset, lse, n_classes, *, weight=
     _shard_grad_kernel(logits, opts.target, offset,
                        np.ascontiguousarray(opts.weights[offset:offset + width]),
                        opts.target_weights, lse, scale, scale.shape[0] > 1,
-                       opts.smoothing / n_classes, float(opts.weights.sum()), opts.smoothing,
+                       n_classes, float(opts.weights.sum()), opts.smoothing,
                        opts.z_loss, opts.ignore_index, grad)
     return grad
 
