@@ -265,7 +265,7 @@ def test_constant_channel_has_zero_variance(dtype):
 @pytest.mark.parametrize("shape,axis", [((16, 4, 30, 30), 1), ((2000, 8), 1),
                                         ((8, 20, 20, 4), -1)])
 def test_mean_offset_1e4_float32(shape, axis):
-    """float32 channels with mean 1e4 and std 1 normalise as accurately as torch's."""
+    """float32 channels with mean 1e4 and std 1 normalise as well as torch's (better, in fact)."""
     rng = np.random.default_rng(5)
     x = (1e4 + rng.standard_normal(shape)).astype(np.float32)
     y, mean, invstd = fg.batch_norm_forward(x, channel_axis=axis)
@@ -274,7 +274,8 @@ def test_mean_offset_1e4_float32(shape, axis):
     y_t, _, _, _ = _torch_batch_norm(x, np.zeros_like(x), axis, None, None, None, None, True,
                                      0.1, 1e-5)
     err = np.abs(y - y_r).max()
-    assert err <= max(np.abs(y_t - y_r).max(), 1e-5)
+    assert err <= np.abs(y_t - y_r).max()   # torch: ~1e-3 from x * alpha + (bias - mean * alpha)
+    assert err < 2e-6                        # float32 rounding of y itself
     np.testing.assert_allclose(invstd, invstd_r, rtol=1e-5)
 
 

@@ -75,11 +75,12 @@ Statistics use two passes per tile over cache-resident data (sum -> tile mean, t
 squared deviations from it), accumulated in float64 for both dtypes, and Chan's merge across
 tiles: a float32 channel with mean 1e4 and spread 1 keeps its variance to float32 precision and
 a constant channel gets exactly zero variance. The elementwise passes run in the input dtype
-(8 float32 lanes per AVX2 instruction) but subtract the float64 mean as a float32 pair
-(hi + lo), so x - mean is as accurate as in float64:
+(8 float32 lanes per AVX2 instruction) but split the float64 mean into mean_hi (rounded to the
+dtype) + mean_lo: x - mean_hi is exact for x near the mean, and mean_lo goes into the constant
+term, so x - mean is as accurate as in float64 (y keeps float32 precision at mean 1e4, std 1):
 
-    y  = ((x - mean_hi) - mean_lo) * (weight invstd) + bias
-    dx = a dy + b ((x - mean_hi) - mean_lo) + c,   a = weight invstd,
+    y  = (x - mean_hi) * s + (bias - mean_lo * s),                      s = weight invstd
+    dx = a dy + b (x - mean_hi) + (c - b mean_lo),   a = weight invstd,
          b = -a invstd sum_dy_xhat / m,  c = -a sum_dy / m                  (training)
 
 which is the seed's dx = gamma invstd / m (m dy - sum dy - xhat sum dy xhat) with xhat
