@@ -299,34 +299,26 @@ def _fold(acc, sub, totals):
 # Tile-level operations: dispatch to the run or column loops. Per-channel inputs and outputs
 # are local arrays of the tile's nch channels.
 @njit(cache=True)
-def _tile_sum(x, r0, r1, q, row_stride, j0, sub, totals):
+def _tile_moment(x, r0, r1, q, row_stride, j0, sub, center, totals):
+    """totals[k] = sum over local channel k of x (center None) or of (x - center[k])^2."""
     nch = totals.shape[0]
     totals[:] = 0.0
     if sub >= RUN_MIN_WIDTH:
         for r in range(r0, r1):
             start = _row_start(r, q, row_stride, j0, sub)
             for k in range(nch):
-                totals[k] += _run_sum(x, start + k * sub, sub)
+                if center is None:
+                    totals[k] += _run_sum(x, start + k * sub, sub)
+                else:
+                    totals[k] += _run_squares(x, start + k * sub, sub, center[k])
     else:
         acc = np.zeros(nch * sub)
-        _cols_sum(x, r0, r1, q, row_stride, j0, sub, acc)
-        _fold(acc, sub, totals)
-
-
-@njit(cache=True)
-def _tile_squares(x, r0, r1, q, row_stride, j0, sub, center, totals):
-    nch = totals.shape[0]
-    totals[:] = 0.0
-    if sub >= RUN_MIN_WIDTH:
-        for r in range(r0, r1):
-            start = _row_start(r, q, row_stride, j0, sub)
-            for k in range(nch):
-                totals[k] += _run_squares(x, start + k * sub, sub, center[k])
-    else:
-        center_cols = np.empty(nch * sub)
-        _expand(center, sub, center_cols)
-        acc = np.zeros(nch * sub)
-        _cols_squares(x, r0, r1, q, row_stride, j0, sub, center_cols, acc)
+        if center is None:
+            _cols_sum(x, r0, r1, q, row_stride, j0, sub, acc)
+        else:
+            center_cols = np.empty(nch * sub)
+            _expand(center, sub, center_cols)
+            _cols_squares(x, r0, r1, q, row_stride, j0, sub, center_cols, acc)
         _fold(acc, sub, totals)
 
 
@@ -462,9 +454,9 @@ def _stats_sweep(x, n_outer, n_channels, n_inner, q, sub, cb, block_rows,
         j0 = c0 * n_inner
         count = (r1 - r0) * sub
         mean = part_mean[rb, c0:c0 + nch]
-        _tile_sum(x, r0, r1, q, row_stride, j0, sub, mean)
+        _tile_moment(x, r0, r1, q, row_stride, j0, sub, None, mean)
         mean /= count
-        _tile_squares(x, r0, r1, q, row_stride, j0, sub, mean, part_m2[rb, c0:c0 + nch])
+        _tile_moment(x, r0, r1, q, row_stride, j0, sub, mean, part_m2[rb, c0:c0 + nch])
         if fuse:
             for c in range(c0, c0 + nch):
                 invstd_out[c] = 1.0 / np.sqrt(part_m2[rb, c] / count + eps)
