@@ -94,6 +94,12 @@ BLOCK = 2048
 #: Rows are distributed to threads in chunks of about this many elements. The chunking depends
 #: only on the shape, never on the thread count.
 CHUNK_ELEMENTS = 1 << 15
+#: Rows with at most this many classes go to the small-C kernel (flat, across rows).
+SMALL_C = 32
+#: Elements per chunk of the small-C kernel (its flat scratch: 2 x 16 KiB in float32).
+SMALL_CHUNK_ELEMENTS = 4096
+#: Fixed number of scratch-owning groups the small-C chunks are dealt to.
+SMALL_GROUPS = 64
 #: Spatial positions handled together (the vector lanes) by the (N, C, S) kernels.
 TILE = 64
 
@@ -217,8 +223,10 @@ def _run(mode, logits, target, weights, grad, grad_scale, lse, loss, options):
     (and the gradient is copied back), the only case with an N x C temporary.
     """
     if target.dtype == np.int64 and logits.ndim == 2:
-        _launch(_rows_index_kernel, mode, logits, target, weights, grad, grad_scale, lse, loss,
-                options)
+        small = (logits.shape[1] <= SMALL_C and logits.flags.c_contiguous
+                 and (grad is None or grad.flags.c_contiguous))
+        _launch(_rows_small_kernel if small else _rows_index_kernel, mode, logits, target,
+                weights, grad, grad_scale, lse, loss, options)
         return
     shape3 = (logits.shape[0], logits.shape[1], -1)
     logits3 = _spatial_view(logits)
@@ -291,22 +299,28 @@ def _max_of(z):
 
 
 @njit(inline="always", fastmath=FASTMATH)
-def _sum_exp_shifted(z, g, shift, store):
+def _sum_exp_shifted(z, g, shift, store, inplace):
     """sum_j exp(z_j - shift), accumulated in the dtype of z over one block.
 
     With ``store`` the exponentials are also written to ``g`` (the gradient buffer, later
-    scaled in place), so each element costs exactly one exp. ``z`` and ``g`` may be the same
-    memory (inplace): element j is read before it is written.
+    scaled in place), so each element costs exactly one exp. ``inplace`` means ``g`` is the
+    memory of ``z``: the loop then reads and writes through ``g`` alone, because with two
+    overlapping pointers LLVM's runtime overlap check would select the scalar loop.
     """
     total = cast_like(0.0, z)
-    if store:
+    if not store:
         for j in range(z.shape[0]):
-            e = fast_exp(z[j] - shift)
+            total += fast_exp(z[j] - shift)
+    elif inplace:
+        for j in range(g.shape[0]):
+            e = fast_exp(g[j] - shift)
             g[j] = e
             total += e
     else:
         for j in range(z.shape[0]):
-            total += fast_exp(z[j] - shift)
+            e = fast_exp(z[j] - shift)
+            g[j] = e
+            total += e
     return total
 
 
@@ -340,8 +354,17 @@ def _scale_minus_weighted(g, factor, smooth, w):
 
 
 @njit(inline="always", fastmath=FASTMATH)
-def _exp_scale_minus_weighted(z, g, shift, factor, smooth, w):
-    """g_j = factor * exp(z_j - shift) - smooth * w_j: the gradient from a saved lse."""
+def _exp_scale_minus_weighted(z, g, shift, factor, smooth, w, inplace):
+    """g_j = factor * exp(z_j - shift) - smooth * w_j: the gradient from a saved lse
+    (``inplace``: z is g's memory, read through g as in :func:`_sum_exp_shifted`)."""
+    if inplace:
+        _exp_scale_minus_weighted_loop(g, g, shift, factor, smooth, w)
+    else:
+        _exp_scale_minus_weighted_loop(z, g, shift, factor, smooth, w)
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _exp_scale_minus_weighted_loop(z, g, shift, factor, smooth, w):
     f = cast_like(factor, g)
     sh = cast_like(shift, z)
     if smooth == 0.0:
@@ -353,11 +376,38 @@ def _exp_scale_minus_weighted(z, g, shift, factor, smooth, w):
             g[j] = fast_exp(z[j] - sh) * f - sm * cast_like(w[j], g)
 
 
+@njit(inline="always")
+def _index_loss(lse, z_t, w_t, weighted, weight_total, smoothing, z_loss, n_classes):
+    """Loss of one sample with class-index target t (q = (1 - s) onehot(t) + s / C):
+
+        sum_c w_c q_c (lse - z_c) + z_loss w_t lse^2
+          = (1 - s) w_t (lse - z_t) + (s / C)(lse W - sum_c w_c z_c) + z_loss w_t lse^2
+
+    with W = ``weight_total`` = sum_c w_c and ``weighted`` = sum_c w_c z_c.
+    """
+    return ((1.0 - smoothing) * w_t * (lse - z_t)
+            + smoothing / n_classes * (lse * weight_total - weighted)
+            + z_loss * w_t * lse * lse)
+
+
+@njit(inline="always")
+def _index_coefficient(lse, w_t, weight_total, smoothing, z_loss, n_classes):
+    """The factor of p_j in dloss/dz_j for a class-index target:
+
+        d/dz_j [lse sum_c w_c q_c + z_loss w_t lse^2] = p_j (sum_c w_c q_c + 2 z_loss w_t lse),
+        sum_c w_c q_c = (1 - s) w_t + (s / C) W.
+
+    The rest of the gradient, -w_j q_j, is -(s / C) w_j - (1 - s) w_t [j == t].
+    """
+    return ((1.0 - smoothing) * w_t + smoothing / n_classes * weight_total
+            + 2.0 * z_loss * w_t * lse)
+
+
 # --------------------------------------------------------------------------------------------
 # Row kernel: (N, C) logits, class-index targets; vectorised along the row
 # --------------------------------------------------------------------------------------------
 @njit(inline="always", fastmath=FASTMATH)
-def _row_exp_blocks(z, g, store, w, with_weighted, block_shift, block_sum):
+def _row_exp_blocks(z, g, store, inplace, w, with_weighted, block_shift, block_sum):
     """One trip over a row in L1-sized blocks; returns (M, S, sum_j w_j z_j).
 
     Online softmax at block granularity: block b has maximum m_b and partial sum
@@ -379,7 +429,7 @@ def _row_exp_blocks(z, g, store, w, with_weighted, block_shift, block_sum):
         shift = m if m > -np.inf else cast_like(0.0, z)
         if with_weighted:
             weighted += _weighted_sum(zb, w[lo:hi])
-        block_sum[b] = _sum_exp_shifted(zb, g[lo:hi], shift, store)
+        block_sum[b] = _sum_exp_shifted(zb, g[lo:hi], shift, store, inplace)
         block_shift[b] = shift
         row_max = fmax(row_max, np.float64(m))
     top = row_max if row_max > -np.inf else 0.0
@@ -437,7 +487,7 @@ def _rows_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
         shifts = block_shift[chunk]
         sums = block_sum[chunk]
         for i in range(chunk * rows_per_chunk, min(n, (chunk + 1) * rows_per_chunk)):
-            z = grad[i] if inplace else logits[i]
+            z = logits[i]
             g = grad[i]
             t = target[i]
             ignored = t == ignore_index
@@ -453,25 +503,152 @@ def _rows_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
             else:
                 z_t = 0.0 if ignored else np.float64(z[t])  # read before g overwrites z
                 top, total, weighted = _row_exp_blocks(
-                    z, g, mode == MODE_FUSED, weights, smoothing > 0.0, shifts, sums)
+                    z, g, mode == MODE_FUSED, inplace, weights, smoothing > 0.0, shifts, sums)
                 lse = top + math.log(total)
                 lse_out[i] = lse
                 if ignored:
                     loss_out[i] = 0.0
                     continue
-                loss_out[i] = ((1.0 - smoothing) * w_t * (lse - z_t)
-                               + smooth_per_class * (lse * weight_total - weighted)
-                               + z_loss * w_t * lse * lse)
+                loss_out[i] = _index_loss(lse, z_t, w_t, weighted, weight_total, smoothing,
+                                          z_loss, c)
                 if mode == MODE_FORWARD:
                     continue
-            coef = scale * ((1.0 - smoothing) * w_t + smooth_per_class * weight_total
-                            + 2.0 * z_loss * w_t * lse)
+            coef = scale * _index_coefficient(lse, w_t, weight_total, smoothing, z_loss, c)
             if mode == MODE_FUSED:
                 _row_scale_blocks(g, top, total, coef, scale * smooth_per_class, weights,
                                   shifts, sums)
             else:
-                _exp_scale_minus_weighted(z, g, lse, coef, scale * smooth_per_class, weights)
+                _exp_scale_minus_weighted(z, g, lse, coef, scale * smooth_per_class, weights,
+                                              inplace)
             g[t] -= cast_like(scale * (1.0 - smoothing) * w_t, g)
+
+
+# --------------------------------------------------------------------------------------------
+# Small-C kernel: contiguous (N, C) logits with few classes; vectorised across rows
+# --------------------------------------------------------------------------------------------
+@njit(inline="always", fastmath=FASTMATH)
+def _exp_minus(src, shift, dst):
+    """dst_k = exp(src_k - shift_k) over a flat block (``dst`` may be ``src`` or ``shift``)."""
+    for k in range(dst.shape[0]):
+        dst[k] = fast_exp(src[k] - shift[k])
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _scale_minus(g, factor, smooth, with_smooth):
+    """g_k = g_k * factor_k - smooth_k over a flat block (smooth skipped when not needed)."""
+    if with_smooth:
+        for k in range(g.shape[0]):
+            g[k] = g[k] * factor[k] - smooth[k]
+    else:
+        for k in range(g.shape[0]):
+            g[k] = g[k] * factor[k]
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def _rows_small_kernel(mode, logits, target, weights, grad, grad_scale, lse_out, loss_out,
+                       ignore_index, smoothing, z_loss, inplace):
+    """Class-index targets, C-contiguous (N, C) logits with C <= SMALL_C.
+
+    Same math as :func:`_rows_index_kernel`, but a row of 10 classes is too short to
+    vectorise, so a chunk of rows is handled as one flat array of R * C elements: per-row
+    scalars (max, then the gradient factor) are broadcast into a flat buffer, and the exp and
+    the scaling run as flat, vectorised loops over the whole chunk. Chunks of
+    SMALL_CHUNK_ELEMENTS are shared out to SMALL_GROUPS fixed groups, each with its own
+    scratch (so the scratch does not grow with N; the result does not depend on the grouping).
+    """
+    n, c = logits.shape
+    weight_total = 0.0
+    for k in range(c):
+        weight_total += weights[k]
+    rows_per_chunk = max(1, SMALL_CHUNK_ELEMENTS // c)
+    n_chunks = (n + rows_per_chunk - 1) // rows_per_chunk
+    chunks_per_group = (n_chunks + SMALL_GROUPS - 1) // SMALL_GROUPS
+    flat = np.empty((SMALL_GROUPS, 2, rows_per_chunk * c), dtype=logits.dtype)
+    row_stats = np.empty((SMALL_GROUPS, 3, rows_per_chunk), dtype=np.float64)
+    per_sample_scale = grad_scale.shape[0] > 1
+    store = mode != MODE_FORWARD
+    with_smooth = smoothing > 0.0
+    for group in prange(SMALL_GROUPS):
+        first_chunk = group * chunks_per_group
+        for chunk in range(first_chunk, min(n_chunks, first_chunk + chunks_per_group)):
+            r0 = chunk * rows_per_chunk
+            rows = min(n, r0 + rows_per_chunk) - r0
+            size = rows * c
+            z = logits[r0:r0 + rows].reshape(size)
+            g = grad[r0:r0 + rows].reshape(size)
+            buf = flat[group, 0, :size]
+            smooth_buf = flat[group, 1, :size]
+            target_logit = row_stats[group, 0, :rows]
+            weighted = row_stats[group, 1, :rows]
+            row_shift = row_stats[group, 2, :rows]
+            # 1. per-row shift (row max, or the saved lse), broadcast over the row; the loss
+            #    terms that read logits are taken now, before an inplace exp overwrites them
+            for r in range(rows):
+                if mode == MODE_BACKWARD:
+                    shift = cast_like(lse_out[r0 + r], buf)
+                else:
+                    zr = z[r * c:(r + 1) * c]
+                    t = target[r0 + r]
+                    target_logit[r] = 0.0 if t == ignore_index else np.float64(zr[t])
+                    weighted[r] = _weighted_sum(zr, weights) if with_smooth else 0.0
+                    shift = _max_of(zr)
+                    shift = shift if shift > -np.inf else cast_like(0.0, buf)
+                row_shift[r] = shift
+                for j in range(r * c, (r + 1) * c):
+                    buf[j] = shift
+            # 2. one exp per element, flat: into the gradient, or into the scratch (forward)
+            if not store:
+                _exp_minus(z, buf, buf)
+            elif inplace:
+                _exp_minus(g, buf, g)
+            else:
+                _exp_minus(z, buf, g)
+            exps = g if store else buf
+            # 3. per-row statistics, loss, and the gradient factor broadcast over the row
+            for r in range(rows):
+                i = r0 + r
+                row = exps[r * c:(r + 1) * c]
+                t = target[i]
+                ignored = t == ignore_index
+                w_t = 0.0 if ignored else weights[t]
+                scale = grad_scale[i] if per_sample_scale else grad_scale[0]
+                total = 1.0
+                if mode == MODE_BACKWARD:
+                    lse = lse_out[i]
+                else:
+                    shift = row_shift[r]
+                    total = 0.0
+                    for j in range(c):
+                        total += row[j]
+                    lse = shift + math.log(total)
+                    lse_out[i] = lse
+                    if ignored:
+                        loss_out[i] = 0.0
+                    else:
+                        loss_out[i] = _index_loss(lse, target_logit[r], w_t, weighted[r],
+                                                  weight_total, smoothing, z_loss, c)
+                if not store:
+                    continue
+                factor = 0.0
+                smooth = 0.0
+                if not ignored:
+                    factor = scale * _index_coefficient(lse, w_t, weight_total, smoothing,
+                                                        z_loss, c) / total
+                    smooth = scale * smoothing / c
+                f = cast_like(factor, buf)
+                for j in range(c):
+                    buf[r * c + j] = f
+                    smooth_buf[r * c + j] = cast_like(smooth * weights[j], buf)
+            if not store:
+                continue
+            # 4. flat scaling, then the target-class term per row
+            _scale_minus(g, buf, smooth_buf, with_smooth)
+            for r in range(rows):
+                i = r0 + r
+                t = target[i]
+                if t != ignore_index:
+                    scale = grad_scale[i] if per_sample_scale else grad_scale[0]
+                    g[r * c + t] -= cast_like(scale * (1.0 - smoothing) * weights[t], g)
 
 
 # --------------------------------------------------------------------------------------------
@@ -492,18 +669,27 @@ def _lanes_max(z, shift):
 
 
 @njit(inline="always", fastmath=FASTMATH)
-def _lanes_sum_exp(z, g, shift, total, store):
-    """total_k = sum_c exp(z[c, k] - shift_k); the exponentials go to g when ``store``."""
+def _lanes_sum_exp(z, g, shift, total, store, inplace):
+    """total_k = sum_c exp(z[c, k] - shift_k); the exponentials go to g when ``store``
+    (``inplace``: z is g's memory, read through g as in :func:`_sum_exp_shifted`)."""
     for k in range(total.shape[0]):
         total[k] = 0.0
     for c in range(z.shape[0]):
         zc = z[c]
         gc = g[c]
-        for k in range(total.shape[0]):
-            e = fast_exp(zc[k] - cast_like(shift[k], zc))
-            if store:
+        if not store:
+            for k in range(total.shape[0]):
+                total[k] += fast_exp(zc[k] - cast_like(shift[k], zc))
+        elif inplace:
+            for k in range(total.shape[0]):
+                e = fast_exp(gc[k] - cast_like(shift[k], gc))
                 gc[k] = e
-            total[k] += e
+                total[k] += e
+        else:
+            for k in range(total.shape[0]):
+                e = fast_exp(zc[k] - cast_like(shift[k], zc))
+                gc[k] = e
+                total[k] += e
 
 
 @njit(inline="always", fastmath=FASTMATH)
@@ -519,19 +705,24 @@ def _lanes_weighted_sum(z, w, out):
 
 
 @njit(inline="always", fastmath=FASTMATH)
-def _lanes_gradient(z, g, shift, factor, smooth, w, fused):
+def _lanes_gradient(z, g, shift, factor, smooth, w, fused, inplace):
     """g[c, k] = factor_k * e[c, k] - smooth_k * w_c, with e = g (fused: the stored
     exponentials) or e = exp(z[c, k] - shift_k) (backward: shift is the saved lse)."""
     for c in range(z.shape[0]):
-        zc = z[c]
         gc = g[c]
+        zc = z[c]
         wc = w[c]
-        for k in range(factor.shape[0]):
-            if fused:
-                e = gc[k]
-            else:
+        if fused:
+            for k in range(factor.shape[0]):
+                gc[k] = gc[k] * cast_like(factor[k], gc) - cast_like(smooth[k] * wc, gc)
+        elif inplace:
+            for k in range(factor.shape[0]):
+                e = fast_exp(gc[k] - cast_like(shift[k], gc))
+                gc[k] = e * cast_like(factor[k], gc) - cast_like(smooth[k] * wc, gc)
+        else:
+            for k in range(factor.shape[0]):
                 e = fast_exp(zc[k] - cast_like(shift[k], zc))
-            gc[k] = e * cast_like(factor[k], gc) - cast_like(smooth[k] * wc, gc)
+                gc[k] = e * cast_like(factor[k], gc) - cast_like(smooth[k] * wc, gc)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
@@ -565,7 +756,7 @@ def _tiles_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out
             total = lanes[chunk, 1, :width]
             smooth = lanes[chunk, 2, :width]
             factor = lanes[chunk, 3, :width]
-            z = grad[i, :, p0:p0 + width] if inplace else logits[i, :, p0:p0 + width]
+            z = logits[i, :, p0:p0 + width]
             g = grad[i, :, p0:p0 + width]
             if mode == MODE_BACKWARD:
                 for k in range(width):
@@ -577,7 +768,7 @@ def _tiles_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out
                 _lanes_max(z, shift)
                 if smoothing > 0.0:
                     _lanes_weighted_sum(z, weights, smooth)
-                _lanes_sum_exp(z, g, shift, total, mode == MODE_FUSED)
+                _lanes_sum_exp(z, g, shift, total, mode == MODE_FUSED, inplace)
                 for k in range(width):
                     t = target[first + k]
                     lse = shift[k] + math.log(total[k])
@@ -587,9 +778,8 @@ def _tiles_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out
                         continue
                     w_t = weights[t]
                     weighted = smooth[k] if smoothing > 0.0 else 0.0
-                    loss_out[first + k] = ((1.0 - smoothing) * w_t * (lse - factor[k])
-                                           + smooth_per_class * (lse * weight_total - weighted)
-                                           + z_loss * w_t * lse * lse)
+                    loss_out[first + k] = _index_loss(lse, factor[k], w_t, weighted,
+                                                      weight_total, smoothing, z_loss, c)
                 if mode == MODE_FORWARD:
                     continue
             for k in range(width):
@@ -601,11 +791,11 @@ def _tiles_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out
                     continue
                 w_t = weights[t]
                 lse = shift[k] if mode == MODE_BACKWARD else shift[k] + math.log(total[k])
-                coef = scale * ((1.0 - smoothing) * w_t + smooth_per_class * weight_total
-                                + 2.0 * z_loss * w_t * lse)
+                coef = scale * _index_coefficient(lse, w_t, weight_total, smoothing, z_loss, c)
                 factor[k] = coef / total[k] if mode == MODE_FUSED else coef
                 smooth[k] = scale * smooth_per_class
-            _lanes_gradient(z, g, shift, factor, smooth, weights, mode == MODE_FUSED)
+            _lanes_gradient(z, g, shift, factor, smooth, weights, mode == MODE_FUSED,
+                            inplace)
             for k in range(width):
                 t = target[first + k]
                 if t != ignore_index:
@@ -653,7 +843,7 @@ def _tiles_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
             wz = lanes[chunk, 4, :width]
             factor = lanes[chunk, 5, :width]
             scale = lanes[chunk, 6, :width]
-            z = grad[i, :, p0:p0 + width] if inplace else logits[i, :, p0:p0 + width]
+            z = logits[i, :, p0:p0 + width]
             y = target[i, :, p0:p0 + width]
             g = grad[i, :, p0:p0 + width]
             for k in range(width):
@@ -675,7 +865,7 @@ def _tiles_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
                 _lanes_max(z, shift)
                 if smoothing > 0.0:
                     _lanes_weighted_sum(z, weights, wz)
-                _lanes_sum_exp(z, g, shift, total, mode == MODE_FUSED)
+                _lanes_sum_exp(z, g, shift, total, mode == MODE_FUSED, inplace)
                 for k in range(width):
                     lse = shift[k] + math.log(total[k])
                     lse_out[first + k] = lse
