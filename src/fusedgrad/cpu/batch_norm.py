@@ -53,8 +53,8 @@ shape alone, never on the thread count, and every tile writes its own partial re
 afterwards in tile order (``_reduce``): the results are bitwise identical for any number of
 threads. The shape regimes all fall out of this one scheme:
 
-* many channels, small spatial size (32 x 2048 x 7 x 7): R = all rows, cb = 41 channels per tile,
-  50 tiles in parallel; each channel lies in one tile.
+* many channels, small spatial size (32 x 2048 x 7 x 7): R = all rows, cb = 20 channels per tile,
+  103 tiles in parallel; each channel lies in one tile.
 * medium channels (64 x 256 x 28 x 28): R = all rows, cb = 1..2 channels (about 200 KB).
 * channels too big for the cache (few channels, large spatial size): row blocks of one channel,
   partial moments / sums per block merged in fixed order.
@@ -98,8 +98,8 @@ from ._reduce import chunk_bounds, chunk_count, merge_moments, sum_partials
 DTYPES = FLOAT_DTYPES_CPU
 
 #: Widest tile row, in values: the float64 column accumulators (2 x 8 bytes per column) and the
-#: per-column coefficient vectors of a tile stay inside the 48 KB L1 / 2 MB L2 data caches.
-MAX_TILE_WIDTH = 2048
+#: per-column coefficient vectors (4 x 4 bytes) of a tile, 32 KB, stay inside the 48 KB L1.
+MAX_TILE_WIDTH = 1024
 #: Narrowest useful sub-row when a long S is cut into q pieces.
 MIN_TILE_WIDTH = 256
 #: Runs of at least this many values per channel are looped over one by one (scalar
