@@ -180,6 +180,7 @@ def plot_history(history: History, path: str) -> None:
     """Loss and accuracy curves (train and test) side by side, written as a PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     epochs = np.arange(1, len(history.train_loss) + 1)
     fig = Figure(figsize=(10, 4), layout="constrained")
@@ -192,6 +193,7 @@ def plot_history(history: History, path: str) -> None:
     ax_acc.plot(epochs, history.test_accuracy, label="test")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle("MLP with fused batch norm and softmax cross-entropy on sklearn digits")
