@@ -98,8 +98,9 @@ def _prepare(logits, target, weight, ignore_index, reduction, label_smoothing, z
                             f"logits ({logits.dtype}), got {target.dtype}")
         check_shape("target", target, tuple(logits.shape))
     else:
-        raise TypeError(f"target must be integer class indices ({' or '.join(map(str, INT_DTYPES))}) "
-                        f"or floating class probabilities, got dtype {target.dtype}")
+        int_names = " or ".join(map(str, INT_DTYPES))
+        raise TypeError(f"target must be integer class indices ({int_names}) or floating "
+                        f"class probabilities, got dtype {target.dtype}")
     if weight is not None:
         weight = backend.as_array("weight", weight)
         check_dtype("weight", weight, FLOAT_DTYPES_CPU + tuple(backend.DTYPES))

@@ -473,9 +473,7 @@ def _rows_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
     backward mode from the saved lse with one exp per element.
     """
     n, c = logits.shape
-    weight_total = 0.0
-    for k in range(c):
-        weight_total += weights[k]
+    weight_total = _sum_in_order(weights)
     smooth_per_class = smoothing / c
     rows_per_chunk = max(1, CHUNK_ELEMENTS // c)
     n_chunks = (n + rows_per_chunk - 1) // rows_per_chunk
@@ -557,9 +555,7 @@ def _rows_small_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
     scratch (so the scratch does not grow with N; the result does not depend on the grouping).
     """
     n, c = logits.shape
-    weight_total = 0.0
-    for k in range(c):
-        weight_total += weights[k]
+    weight_total = _sum_in_order(weights)
     rows_per_chunk = max(1, SMALL_CHUNK_ELEMENTS // c)
     n_chunks = (n + rows_per_chunk - 1) // rows_per_chunk
     chunks_per_group = (n_chunks + SMALL_GROUPS - 1) // SMALL_GROUPS
@@ -654,6 +650,25 @@ def _rows_small_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
 # --------------------------------------------------------------------------------------------
 # Tile kernels: (N, C, S) logits; vectorised across TILE spatial positions (the lanes)
 # --------------------------------------------------------------------------------------------
+@njit(inline="always")
+def _tile_layout(n, c, n_pos):
+    """Tiles of TILE positions per sample, and chunks of tiles (one scratch each) that share
+    out about CHUNK_ELEMENTS logits: (tiles_per_sample, n_tiles, tiles_per_chunk, n_chunks)."""
+    tiles_per_sample = (n_pos + TILE - 1) // TILE
+    n_tiles = n * tiles_per_sample
+    tiles_per_chunk = max(1, CHUNK_ELEMENTS // (c * TILE))
+    n_chunks = (n_tiles + tiles_per_chunk - 1) // tiles_per_chunk
+    return tiles_per_sample, n_tiles, tiles_per_chunk, n_chunks
+
+
+@njit(inline="always")
+def _tile_position(tile, tiles_per_sample, n_pos):
+    """(sample n, first position, number of positions, flat index of the first sample)."""
+    i = tile // tiles_per_sample
+    p0 = (tile % tiles_per_sample) * TILE
+    return i, p0, min(TILE, n_pos - p0), i * n_pos + p0
+
+
 @njit(inline="always", fastmath=FASTMATH)
 def _lanes_max(z, shift):
     """shift_k = max_c z[c, k] per lane (0 for a lane whose logits are all -inf)."""
@@ -736,22 +751,14 @@ def _tiles_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out
     gradient factor.
     """
     n, c, n_pos = logits.shape
-    weight_total = 0.0
-    for k in range(c):
-        weight_total += weights[k]
+    weight_total = _sum_in_order(weights)
     smooth_per_class = smoothing / c
-    tiles_per_sample = (n_pos + TILE - 1) // TILE
-    n_tiles = n * tiles_per_sample
-    tiles_per_chunk = max(1, CHUNK_ELEMENTS // (c * TILE))
-    n_chunks = (n_tiles + tiles_per_chunk - 1) // tiles_per_chunk
+    tiles_per_sample, n_tiles, tiles_per_chunk, n_chunks = _tile_layout(n, c, n_pos)
     lanes = np.empty((n_chunks, 4, TILE), dtype=np.float64)
     per_sample_scale = grad_scale.shape[0] > 1
     for chunk in prange(n_chunks):
         for tile in range(chunk * tiles_per_chunk, min(n_tiles, (chunk + 1) * tiles_per_chunk)):
-            i = tile // tiles_per_sample
-            p0 = (tile % tiles_per_sample) * TILE
-            width = min(TILE, n_pos - p0)
-            first = i * n_pos + p0
+            i, p0, width, first = _tile_position(tile, tiles_per_sample, n_pos)
             shift = lanes[chunk, 0, :width]
             total = lanes[chunk, 1, :width]
             smooth = lanes[chunk, 2, :width]
@@ -820,22 +827,14 @@ def _tiles_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
     2 Y, 3 sum w y z, 4 sum w z, 5 gradient factor, 6 per-sample gradient scale.
     """
     n, c, n_pos = logits.shape
-    weight_total = 0.0
-    for k in range(c):
-        weight_total += weights[k]
+    weight_total = _sum_in_order(weights)
     smooth_per_class = smoothing / c
-    tiles_per_sample = (n_pos + TILE - 1) // TILE
-    n_tiles = n * tiles_per_sample
-    tiles_per_chunk = max(1, CHUNK_ELEMENTS // (c * TILE))
-    n_chunks = (n_tiles + tiles_per_chunk - 1) // tiles_per_chunk
+    tiles_per_sample, n_tiles, tiles_per_chunk, n_chunks = _tile_layout(n, c, n_pos)
     lanes = np.empty((n_chunks, 7, TILE), dtype=np.float64)
     per_sample_scale = grad_scale.shape[0] > 1
     for chunk in prange(n_chunks):
         for tile in range(chunk * tiles_per_chunk, min(n_tiles, (chunk + 1) * tiles_per_chunk)):
-            i = tile // tiles_per_sample
-            p0 = (tile % tiles_per_sample) * TILE
-            width = min(TILE, n_pos - p0)
-            first = i * n_pos + p0
+            i, p0, width, first = _tile_position(tile, tiles_per_sample, n_pos)
             shift = lanes[chunk, 0, :width]
             total = lanes[chunk, 1, :width]
             wy = lanes[chunk, 2, :width]
