@@ -269,7 +269,18 @@ class BnCase:
     dtype: str = "float64"
     channels_last: bool = False
     momentum: float | None = 0.1
+    affine: bool = True
     steps: int = 2        # training steps (running statistics evolve), then one eval call
+
+    def module(self, module_cls, weight, bias, dtype, **kwargs):
+        """A batch-norm module of this case with the given affine parameters."""
+        module = module_cls(self.sample_shape[0], momentum=self.momentum, affine=self.affine,
+                            dtype=dtype, **kwargs)
+        if self.affine:
+            with torch.no_grad():
+                module.weight.copy_(torch.from_numpy(weight))
+                module.bias.copy_(torch.from_numpy(bias))
+        return module
 
     def data(self, name):
         """Per step: the global batch and upstream gradient; and the affine parameters."""
@@ -306,7 +317,7 @@ BN_CASES = {
     "nhwc_uneven": BnCase(2, (2, 4), (4, 3, 2), channels_last=True),
     "nchw_float32": BnCase(2, (4, 3), (5, 6, 6), dtype="float32"),
     "rows_empty_rank": BnCase(3, (4, 0, 3), (5,), momentum=None),
-    "ncl_uneven": BnCase(3, (1, 2, 6), (3, 7)),
+    "ncl_uneven_no_affine": BnCase(3, (1, 2, 6), (3, 7), affine=False),
 }
 CE_CASES = {
     "two_shards_mean": CeCase(2, (4, 7), 6),
@@ -334,11 +345,7 @@ def _bn_rank(name, case, rank, group, counter):
     steps, weight, bias = case.data(name)
     dtype = getattr(torch, case.dtype)
     lo, hi = _edges(case.sizes)[rank:rank + 2]
-    module = fgd.SyncBatchNorm(case.sample_shape[0], momentum=case.momentum,
-                               process_group=group, dtype=dtype)
-    with torch.no_grad():
-        module.weight.copy_(torch.from_numpy(weight))
-        module.bias.copy_(torch.from_numpy(bias))
+    module = case.module(fgd.SyncBatchNorm, weight, bias, dtype, process_group=group)
     collectives = []
     for x_all, dy_all in steps:
         x = torch.tensor(x_all[lo:hi], dtype=dtype)
@@ -358,8 +365,8 @@ def _bn_rank(name, case, rank, group, counter):
         y.is_contiguous(memory_format=torch.channels_last)
         and x.grad.is_contiguous(memory_format=torch.channels_last))
     return {f"{name}.y": y.detach().numpy(), f"{name}.dx": x.grad.numpy(),
-            f"{name}.dweight": module.weight.grad.numpy(),
-            f"{name}.dbias": module.bias.grad.numpy(),
+            f"{name}.dweight": module.weight.grad.numpy() if case.affine else np.zeros(0),
+            f"{name}.dbias": module.bias.grad.numpy() if case.affine else np.zeros(0),
             f"{name}.running_mean": module.running_mean.numpy(),
             f"{name}.running_var": module.running_var.numpy(),
             f"{name}.batches": module.num_batches_tracked.numpy(),
@@ -475,17 +482,17 @@ def _batch_norm_reference(name, case):
     """nn.BatchNorm on the concatenated batch (float64): last step's outputs and gradients."""
     steps, weight, bias = case.data(name)
     module_cls = nn.BatchNorm2d if len(case.sample_shape) == 3 else nn.BatchNorm1d
-    module = module_cls(case.sample_shape[0], momentum=case.momentum, dtype=torch.float64)
-    with torch.no_grad():
-        module.weight.copy_(torch.from_numpy(weight))
-        module.bias.copy_(torch.from_numpy(bias))
+    module = case.module(module_cls, weight, bias, torch.float64)
     for x_all, dy_all in steps:
         x = torch.tensor(x_all, dtype=getattr(torch, case.dtype)).double().requires_grad_()
         module.zero_grad()
         y = module(x)
         y.backward(torch.tensor(dy_all, dtype=getattr(torch, case.dtype)).double())
     module.eval()
-    return dict(y=y.detach(), dx=x.grad, dweight=module.weight.grad, dbias=module.bias.grad,
+    no_grad = torch.zeros(0, dtype=torch.float64)
+    return dict(y=y.detach(), dx=x.grad,
+                dweight=module.weight.grad if case.affine else no_grad,
+                dbias=module.bias.grad if case.affine else no_grad,
                 running_mean=module.running_mean, running_var=module.running_var,
                 y_eval=module(x.detach()).detach(), batches=module.num_batches_tracked)
 
