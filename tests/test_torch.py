@@ -302,6 +302,30 @@ def test_batch_norm_channels_last(torch_class, fused_class, shape, dtype):
     torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, **tol)
 
 
+def test_non_contiguous_inputs_match_torch():
+    gen = _generator(14)
+    logits_t = torch.randn(7, 9, dtype=F64, generator=gen)
+    logits = logits_t.t().requires_grad_()  # (9, 7), strides (1, 9)
+    target = torch.randint(0, 7, (9,), generator=gen)
+    ours = fgt.softmax_cross_entropy(logits, target, label_smoothing=0.1)
+    (grad_ours,) = torch.autograd.grad(ours, logits)
+    theirs = F.cross_entropy(logits, target, label_smoothing=0.1)
+    (grad_theirs,) = torch.autograd.grad(theirs, logits)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_ours, grad_theirs, rtol=1e-12, atol=1e-12)
+
+    ours_bn, theirs_bn = _bn_pair(nn.BatchNorm2d, fgt.BatchNorm2d, 4)
+    base = torch.randn(3, 4, 6, 10, dtype=F64, generator=gen, requires_grad=True)
+    x = base[:, :, 1:5, ::2]  # a strided view, neither contiguous nor channels-last
+    assert not x.is_contiguous()
+    upstream = torch.randn(x.shape, dtype=F64, generator=gen)
+    y_ours, y_theirs = ours_bn(x), theirs_bn(x)
+    (dx_ours,) = torch.autograd.grad(y_ours, base, upstream)
+    (dx_theirs,) = torch.autograd.grad(y_theirs, base, upstream)
+    torch.testing.assert_close(y_ours, y_theirs, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dx_ours, dx_theirs, rtol=1e-10, atol=1e-12)
+
+
 def test_batch_norm_saves_input_and_channel_statistics():
     module = fgt.BatchNorm2d(3, dtype=F64)
     x = torch.randn(4, 3, 2, 2, dtype=F64, requires_grad=True)
