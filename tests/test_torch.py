@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -435,6 +437,16 @@ def test_state_dict_round_trips_both_ways():
     assert back.state_dict().keys() == fused.state_dict().keys()
     for a, b in zip(back.state_dict().values(), trained.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_only_fusedgrad_torch_imports_torch():
+    code = ("import sys, numpy as np, fusedgrad as fg, fusedgrad.demo\n"
+            "fg.softmax_cross_entropy(np.zeros((2, 3)), np.array([0, 1]))\n"
+            "fg.batch_norm_forward(np.arange(8.0).reshape(4, 2))\n"
+            "assert 'torch' not in sys.modules\n"
+            "import fusedgrad.torch\n"
+            "assert 'torch' in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
