@@ -220,6 +220,32 @@ def test_shard_cross_entropy_rejects_bad_arguments():
                           grad_loss=np.ones(3))
 
 
+def test_building_blocks_are_bitwise_identical_for_any_thread_count():
+    import numba
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(64, 8, 300)).astype(np.float32)
+    logits = rng.normal(size=(300, 2500)).astype(np.float32)
+    target = rng.integers(0, 3000, 300)
+
+    def run():
+        count, mean, m2 = fgd.bn_partial_stats(x)
+        stats = fgd.ce_shard_stats(logits, target, 500, 3000, label_smoothing=0.1)
+        grad = fgd.ce_shard_grad(logits, target, 500, stats.row_max + np.log(stats.sum_exp),
+                                 3000, label_smoothing=0.1)
+        return [mean, m2, *stats, grad]
+
+    previous = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        single = run()
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        threaded = run()
+    finally:
+        numba.set_num_threads(previous)
+    for a, b in zip(single, threaded):
+        assert np.array_equal(a, b)
+
+
 # --------------------------------------------------------------------------------------------
 # torch modules in one process (no process group: plain batch norm)
 # --------------------------------------------------------------------------------------------

@@ -66,7 +66,12 @@ be neither exact nor ordered); backward: ONE ``all_reduce`` of ``[sum dy (C), su
 Ranks with an empty batch take part with ``n_p = 0``. Eval mode uses the running statistics with
 no collective. ``vocab_parallel_softmax_cross_entropy``: two small all-reduces in forward (MAX of
 the row maxima, packed with the shard widths so the class offsets come for free; SUM of
-``[s, t, u]``), none in backward. Tensors must be on the CPU.
+``[s, t, u]``), none in backward. Tensors must be on the CPU (the building blocks run the CPU
+kernels; CUDA tensors are refused with a ``TypeError``). :class:`CollectiveCounter` counts the
+collectives issued, to check these numbers.
+
+This module imports torch (unlike ``import fusedgrad``); its NumPy building blocks need no
+process group.
 """
 from __future__ import annotations
 
