@@ -37,9 +37,9 @@ def train_with_sync_batch_norm(rank: int, world: int) -> None:
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
     data = torch.Generator().manual_seed(100 + rank)
     batch = 8 + 4 * rank  # uneven: SyncBatchNorm normalises over the sum of all batches
+    x = torch.randn(batch, 3, 16, 16, generator=data)  # one fixed batch per rank, learnt by
+    y = torch.randint(0, 10, (batch,), generator=data)  # heart: the loss must go down
     for step in range(5):
-        x = torch.randn(batch, 3, 16, 16, generator=data)
-        y = torch.randint(0, 10, (batch,), generator=data)
         loss = F.cross_entropy(ddp(x), y)
         optimizer.zero_grad()
         loss.backward()
