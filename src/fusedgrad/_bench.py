@@ -706,7 +706,7 @@ def run(device_name: str, *, quick: bool = False, case_names=None, out=sys.stdou
     print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s ({what}, read + write bytes; best of "
           f"{', '.join(f'{s / 1e9:.1f}' for s in samples)} measured before and after the "
           "cases)\n", file=out)
-    Table(out).print(results)
+    Table(out).render(results)
     return {"machine": machine, "copy_bandwidth_GBps": bandwidth / 1e9,
             "copy_bandwidth_samples_GBps": [s / 1e9 for s in samples], "results": results}
 
@@ -758,7 +758,7 @@ class Table:
         return "  ".join(format(cell, f"{align}{width}")
                          for cell, (_, align, width) in zip(cells, self.COLUMNS)).rstrip()
 
-    def print(self, results) -> None:
+    def render(self, results) -> None:
         print(self._line([name for name, _, _ in self.COLUMNS]), file=self.out)
         print(self._line(["-" * width for _, _, width in self.COLUMNS]), file=self.out)
         for record in results:
