@@ -83,7 +83,8 @@ def test_hand_written_backward_matches_finite_differences():
 
 
 def test_bad_arguments_exit_with_status_2(capsys):
-    for argv in (["--epochs", "0"], ["--lr", "-1"], ["--bogus"]):
+    for argv in (["--epochs", "0"], ["--epochs", "two"], ["--lr", "-1"],
+                 ["--plot", "/no/such/folder/curves.png"], ["--bogus"]):
         with pytest.raises(SystemExit) as exc:
             demo.main(argv)
         assert exc.value.code == 2

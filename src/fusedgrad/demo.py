@@ -28,6 +28,7 @@ run is reproducible.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -200,18 +201,17 @@ def plot_history(history: History, path: str) -> None:
     fig.savefig(path, dpi=100)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0.0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
-    return value
+def _positive(kind):
+    """An argparse type: ``kind(text)`` that must be > 0, with a readable error otherwise."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0:
+            raise argparse.ArgumentTypeError(f"must be a positive {kind.__name__}, got {text!r}")
+        return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,13 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fusedgrad demo",
         description="Train Linear-BatchNorm-ReLU-Linear on sklearn's digits with hand-written "
                     "NumPy backprop and fusedgrad's fused batch norm and softmax cross-entropy.")
-    parser.add_argument("--epochs", type=_positive_int, default=20, help="default: %(default)s")
+    parser.add_argument("--epochs", type=_positive(int), default=20, help="default: %(default)s")
     parser.add_argument("--seed", type=int, default=0, help="default: %(default)s")
-    parser.add_argument("--hidden", type=_positive_int, default=128,
+    parser.add_argument("--hidden", type=_positive(int), default=128,
                         help="hidden units (default: %(default)s)")
-    parser.add_argument("--batch-size", type=_positive_int, default=128,
+    parser.add_argument("--batch-size", type=_positive(int), default=128,
                         help="default: %(default)s")
-    parser.add_argument("--lr", type=_positive_float, default=0.1,
+    parser.add_argument("--lr", type=_positive(float), default=0.1,
                         help="SGD learning rate (default: %(default)s)")
     parser.add_argument("--plot", metavar="PATH",
                         help="write the loss and accuracy curves to this PNG file")
@@ -234,7 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m fusedgrad demo``; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Checked now rather than failing at the end, after the training.
+    if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
+        parser.error(f"--plot: the folder of {args.plot!r} does not exist")
     _, history = train(args)
     print(f"trained {args.epochs} epochs in {sum(history.seconds):.1f} s; the first took "
           f"{history.seconds[0]:.1f} s, as it compiles fusedgrad's kernels (or loads them from "
