@@ -84,7 +84,6 @@ from numba import njit, prange
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from . import torch as fgt
 from ._validate import (FLOAT_DTYPES_CPU, INT_DTYPES, as_host_array, check_dtype, check_int,
                         check_ndim, check_real, check_reduction, check_shape, check_writeable)
 from .cpu import batch_norm as _bn_cpu
@@ -640,11 +639,18 @@ class CollectiveCounter:
 # ============================================================================================
 # torch.distributed: SyncBatchNorm
 # ============================================================================================
+def _fused_torch():
+    """``fusedgrad.torch``, imported at first use: it re-exports this module's torch names, so
+    importing it at the top of this module would make the two imports circular."""
+    from . import torch as fused_torch
+    return fused_torch
+
+
 def _cpu_tensor(name, tensor):
     if isinstance(tensor, torch.Tensor) and tensor.device.type != "cpu":
         raise TypeError(f"{name} must be a CPU tensor (fusedgrad.distributed runs the CPU "
                         f"kernels), got device {tensor.device}")
-    return fgt._kernel_array(name, tensor)
+    return _fused_torch()._kernel_array(name, tensor)
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
@@ -657,7 +663,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group,
                 world_size):
-        layout = fgt._ChannelLayout(x)
+        layout = _fused_torch()._ChannelLayout(x)
         x_kernel = layout.to_kernel(x)
         x_array = _cpu_tensor("input", x_kernel)
         count, mean, m2 = bn_partial_stats(x_array, channel_axis=layout.channel_axis)
@@ -753,8 +759,8 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         group = self.process_group or (dist.group.WORLD if dist.is_initialized() else None)
         world_size = dist.get_world_size(group) if group is not None else 1
         if not (bn_training and self.training and world_size > 1):
-            return fgt.batch_norm(input, running_mean, running_var, self.weight, self.bias,
-                                  bn_training, momentum, self.eps)
+            return _fused_torch().batch_norm(input, running_mean, running_var, self.weight,
+                                             self.bias, bn_training, momentum, self.eps)
         return _SyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean,
                                             running_var, self.eps, momentum, group, world_size)
 
@@ -845,7 +851,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss):
         logits_shard, target, weight, lse = ctx.saved_tensors
-        options = dict(ctx.options, weight=fgt._kernel_array("weight", weight))
+        options = dict(ctx.options, weight=_cpu_tensor("weight", weight))
         upstream = grad_loss.to(torch.float64).contiguous().numpy()
         grad = ce_shard_grad(logits_shard.detach().numpy(), target.numpy(), ctx.offset,
                              lse.numpy(), ctx.n_classes, grad_loss=upstream, **options)
