@@ -52,7 +52,6 @@ class _Arrays:
 
     def __init__(self, location: str, backend):
         self.location = location
-        self.backend = backend
         self.float_dtypes = getattr(backend, "DTYPES", FLOAT_DTYPES_CPU)
 
     def wrap(self, name: str, value):

@@ -21,7 +21,6 @@ Every term is a difference from a piece's own mean, so a large common offset (me
 """
 from __future__ import annotations
 
-import numpy as np
 from numba import njit
 
 
