@@ -215,7 +215,8 @@ def _spatial_view(a):
 
 
 def _run(mode, logits, target, weights, grad, grad_scale, lse, loss, options):
-    """Choose the row kernel (2-D logits, index targets) or the (N, C, S) tile kernel.
+    """Choose a row kernel (2-D logits: few classes, index or probability targets) or an
+    (N, C, S) tile kernel (k-D logits).
 
     ``grad=None`` (forward) passes ``logits`` in its place: the kernels never write it in that
     mode, and one argument type less means one compiled specialisation less. When the strides
@@ -227,6 +228,10 @@ def _run(mode, logits, target, weights, grad, grad_scale, lse, loss, options):
                  and (grad is None or grad.flags.c_contiguous))
         _launch(_rows_small_kernel if small else _rows_index_kernel, mode, logits, target,
                 weights, grad, grad_scale, lse, loss, options)
+        return
+    if logits.ndim == 2:
+        _launch(_rows_prob_kernel, mode, logits, target, weights, grad, grad_scale, lse, loss,
+                options)
         return
     shape3 = (logits.shape[0], logits.shape[1], -1)
     logits3 = _spatial_view(logits)
@@ -403,9 +408,45 @@ def _index_coefficient(lse, w_t, weight_total, smoothing, z_loss, n_classes):
             + 2.0 * z_loss * w_t * lse)
 
 
+@njit(inline="always")
+def _prob_loss(lse, wy, wyz, wz, weight_total, smoothing, z_loss, n_classes):
+    """Loss of one sample with target probabilities y (q = (1 - s) y + s / C):
+
+        sum_c w_c q_c (lse - z_c) + z_loss lse^2
+          = (1 - s)(lse Y - sum_c w_c y_c z_c) + (s / C)(lse W - sum_c w_c z_c) + z_loss lse^2
+
+    with ``wy`` = Y = sum_c w_c y_c, ``wyz`` = sum_c w_c y_c z_c (terms with y_c = 0 left out,
+    so a -inf logit of probability 0 adds 0, not 0 * inf) and ``wz`` = sum_c w_c z_c (only
+    read when s > 0).
+    """
+    smooth_term = lse * weight_total - wz if smoothing > 0.0 else 0.0
+    return ((1.0 - smoothing) * (lse * wy - wyz) + smoothing / n_classes * smooth_term
+            + z_loss * lse * lse)
+
+
+@njit(inline="always")
+def _prob_coefficient(lse, wy, weight_total, smoothing, z_loss, n_classes):
+    """Factor of p_j in dloss/dz_j for probability targets: sum_c w_c q_c + 2 z_loss lse,
+    sum_c w_c q_c = (1 - s) Y + (s / C) W. The rest of the gradient is -w_j q_j."""
+    return ((1.0 - smoothing) * wy + smoothing / n_classes * weight_total
+            + 2.0 * z_loss * lse)
+
+
 # --------------------------------------------------------------------------------------------
 # Row kernel: (N, C) logits, class-index targets; vectorised along the row
 # --------------------------------------------------------------------------------------------
+@njit(inline="always")
+def _row_layout(n, c):
+    """Rows per chunk (about CHUNK_ELEMENTS logits), number of chunks, blocks per row, and
+    the per-chunk scratch of block shifts and sums (float64, n_chunks x n_blocks)."""
+    rows_per_chunk = max(1, CHUNK_ELEMENTS // c)
+    n_chunks = (n + rows_per_chunk - 1) // rows_per_chunk
+    n_blocks = (c + BLOCK - 1) // BLOCK
+    block_shift = np.empty((n_chunks, n_blocks), dtype=np.float64)
+    block_sum = np.empty((n_chunks, n_blocks), dtype=np.float64)
+    return rows_per_chunk, n_chunks, n_blocks, block_shift, block_sum
+
+
 @njit(inline="always", fastmath=FASTMATH)
 def _row_exp_blocks(z, g, store, inplace, w, with_weighted, block_shift, block_sum):
     """One trip over a row in L1-sized blocks; returns (M, S, sum_j w_j z_j).
@@ -475,11 +516,7 @@ def _rows_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
     n, c = logits.shape
     weight_total = _sum_in_order(weights)
     smooth_per_class = smoothing / c
-    rows_per_chunk = max(1, CHUNK_ELEMENTS // c)
-    n_chunks = (n + rows_per_chunk - 1) // rows_per_chunk
-    n_blocks = (c + BLOCK - 1) // BLOCK
-    block_shift = np.empty((n_chunks, n_blocks), dtype=np.float64)
-    block_sum = np.empty((n_chunks, n_blocks), dtype=np.float64)
+    rows_per_chunk, n_chunks, n_blocks, block_shift, block_sum = _row_layout(n, c)
     per_sample_scale = grad_scale.shape[0] > 1
     for chunk in prange(n_chunks):
         shifts = block_shift[chunk]
@@ -519,6 +556,83 @@ def _rows_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
                 _exp_scale_minus_weighted(z, g, lse, coef, scale * smooth_per_class, weights,
                                               inplace)
             g[t] -= cast_like(scale * (1.0 - smoothing) * w_t, g)
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _row_target_sums(z, y, w, with_logits):
+    """(Y, sum_c w_c y_c z_c, sum_c w_c z_c) for one row of probability targets, in float64;
+    the sums over z only ``with_logits`` (forward and fused), skipping y_c = 0 terms."""
+    wy = 0.0
+    wyz = 0.0
+    wz = 0.0
+    if with_logits:
+        for j in range(z.shape[0]):
+            wyj = w[j] * y[j]
+            wy += wyj
+            wyz += wyj * z[j] if wyj != 0.0 else 0.0
+            wz += w[j] * z[j]
+    else:
+        for j in range(y.shape[0]):
+            wy += w[j] * y[j]
+    return wy, wyz, wz
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _scale_minus_target(g, factor, y, w, keep, smooth_per_class, scale):
+    """g_j = factor * g_j - scale * w_j ((1 - s) y_j + s / C), with keep = 1 - s."""
+    f = cast_like(factor, g)
+    a = cast_like(scale * keep, g)
+    b = cast_like(scale * smooth_per_class, g)
+    for j in range(g.shape[0]):
+        g[j] = g[j] * f - cast_like(w[j], g) * (a * y[j] + b)
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def _rows_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out, loss_out,
+                      ignore_index, smoothing, z_loss, inplace):
+    """Probability targets y (N, C) with the row machinery of :func:`_rows_index_kernel`:
+    loss and gradient per :func:`_prob_loss` / :func:`_prob_coefficient`,
+    dloss/dz_j = p_j (sum_c w_c q_c + 2 z_loss lse) - w_j q_j. The target sums are taken in
+    a first trip over the row (before an inplace exp overwrites the logits); the exp trip and
+    the scaling then find the row in cache. ``ignore_index`` is unused."""
+    n, c = logits.shape
+    weight_total = _sum_in_order(weights)
+    smooth_per_class = smoothing / c
+    rows_per_chunk, n_chunks, n_blocks, block_shift, block_sum = _row_layout(n, c)
+    per_sample_scale = grad_scale.shape[0] > 1
+    for chunk in prange(n_chunks):
+        shifts = block_shift[chunk]
+        sums = block_sum[chunk]
+        for i in range(chunk * rows_per_chunk, min(n, (chunk + 1) * rows_per_chunk)):
+            z = logits[i]
+            y = target[i]
+            g = grad[i]
+            scale = grad_scale[i] if per_sample_scale else grad_scale[0]
+            wy, wyz, wz = _row_target_sums(z, y, weights, mode != MODE_BACKWARD)
+            if mode == MODE_BACKWARD:
+                lse = lse_out[i]
+            else:
+                top, total, unused = _row_exp_blocks(z, g, mode == MODE_FUSED, inplace, weights,
+                                                     False, shifts, sums)
+                lse = top + math.log(total)
+                lse_out[i] = lse
+                loss_out[i] = _prob_loss(lse, wy, wyz, wz, weight_total, smoothing, z_loss, c)
+                if mode == MODE_FORWARD:
+                    continue
+            coef = scale * _prob_coefficient(lse, wy, weight_total, smoothing, z_loss, c)
+            if mode == MODE_FUSED:
+                for b in range(n_blocks):
+                    lo = b * BLOCK
+                    hi = min(c, lo + BLOCK)
+                    block_factor = 0.0
+                    if sums[b] != 0.0:
+                        block_factor = coef * math.exp(shifts[b] - top) / total
+                    _scale_minus_target(g[lo:hi], block_factor, y[lo:hi], weights[lo:hi],
+                                        1.0 - smoothing, smooth_per_class, scale)
+            else:
+                _exp_scale_minus_weighted(z, g, lse, coef, 0.0, weights, inplace)
+                _scale_minus_target(g, 1.0, y, weights, 1.0 - smoothing, smooth_per_class,
+                                    scale)
 
 
 # --------------------------------------------------------------------------------------------
@@ -868,16 +982,15 @@ def _tiles_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
                 for k in range(width):
                     lse = shift[k] + math.log(total[k])
                     lse_out[first + k] = lse
-                    smooth_term = lse * weight_total - wz[k] if smoothing > 0.0 else 0.0
-                    loss_out[first + k] = ((1.0 - smoothing) * (lse * wy[k] - wyz[k])
-                                           + smooth_per_class * smooth_term + z_loss * lse * lse)
+                    loss_out[first + k] = _prob_loss(lse, wy[k], wyz[k], wz[k], weight_total,
+                                                     smoothing, z_loss, c)
                 if mode == MODE_FORWARD:
                     continue
             for k in range(width):
                 scale[k] = grad_scale[first + k] if per_sample_scale else grad_scale[0]
                 lse = shift[k] if mode == MODE_BACKWARD else shift[k] + math.log(total[k])
-                coef = scale[k] * ((1.0 - smoothing) * wy[k] + smooth_per_class * weight_total
-                                   + 2.0 * z_loss * lse)
+                coef = scale[k] * _prob_coefficient(lse, wy[k], weight_total, smoothing,
+                                                    z_loss, c)
                 factor[k] = coef / total[k] if mode == MODE_FUSED else coef
             for cls in range(c):
                 zc = z[cls]
