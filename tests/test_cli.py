@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import types
 
 import numba
@@ -195,6 +196,27 @@ def test_time_callable_warms_up_then_repeats_until_enough_time():
     calls.clear()
     capped = _bench.Settings(repeats=2, min_seconds=60.0, max_repeats=6)
     assert _bench.time_callable(lambda: calls.append(1), capped).repeats == 6
+
+
+def test_time_interleaved_alternates_until_each_has_enough():
+    calls = []
+    settings = _bench.Settings(repeats=3, min_seconds=0.0, max_repeats=10)
+
+    def slow():
+        calls.append("slow")
+        time.sleep(0.002)
+
+    timings = _bench.time_interleaved({"slow": slow, "fast": lambda: calls.append("fast")},
+                                      settings)
+    assert calls == ["slow", "fast"] * 4  # a warm-up round, then three timed rounds
+    assert timings["slow"].min_s >= 0.002 > timings["fast"].median_s
+    calls.clear()
+    by_time = _bench.Settings(repeats=1, min_seconds=0.01, max_repeats=50)
+    timings = _bench.time_interleaved({"slow": slow, "fast": lambda: calls.append("fast")},
+                                      by_time)
+    # The slow one stops after about 5 calls (0.01 s); the fast one runs on to max_repeats.
+    assert timings["slow"].repeats < 10 and timings["fast"].repeats == 50
+    assert calls[:4] == ["slow", "fast", "slow", "fast"]
 
 
 def test_reference_runs_on_a_row_subset_only_above_the_budget():

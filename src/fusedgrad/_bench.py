@@ -12,9 +12,11 @@ identical inputs:
   rows (samples) only and its time is scaled linearly to the full size; the printed table and the
   JSON record say so.
 
-Timing: one warm-up call (compilation, allocator, caches), then at least ``repeats`` timed calls
-and more until ``min_seconds`` have been spent (at most ``max_repeats``), each between two
-device synchronisations on the GPU; the minimum and the median are reported.
+Timing: one warm-up call per implementation (compilation, allocator, caches), then the
+implementations are timed in alternation, round by round, so that a noisy moment on a shared
+machine hits them alike: each gets at least ``repeats`` timed calls and more until it has spent
+``min_seconds`` (at most ``max_repeats``), each call between two device synchronisations on the
+GPU; the minimum and the median are reported.
 
 Memory roofline: the bytes an operation must move at least, divided by the copy bandwidth
 measured in the same run (a parallel copy of a buffer far larger than the last-level cache,
@@ -250,19 +252,34 @@ FULL_SETTINGS = Settings(repeats=7, min_seconds=1.0, max_repeats=100)
 QUICK_SETTINGS = Settings(repeats=3, min_seconds=0.2, max_repeats=30)
 
 
-def time_callable(fn: Callable[[], object], settings: Settings,
-                  synchronize: Callable[[], None] = lambda: None) -> Timing:
-    """Warm up once, then time ``fn`` (see the module docstring); returns min and median."""
-    fn()
-    synchronize()
-    times = []
-    while (len(times) < settings.repeats
-           or (sum(times) < settings.min_seconds and len(times) < settings.max_repeats)):
-        start = time.perf_counter()
+def time_interleaved(fns: dict, settings: Settings,
+                     synchronize: Callable[[], None] = lambda: None) -> dict:
+    """Warm each of ``fns`` (name -> callable) up once, then time them in alternation (see the
+    module docstring); returns name -> :class:`Timing`."""
+    for fn in fns.values():
         fn()
         synchronize()
-        times.append(time.perf_counter() - start)
-    return Timing(min(times), statistics.median(times), len(times))
+    times = {name: [] for name in fns}
+
+    def wants_more(samples):
+        return len(samples) < settings.repeats or (
+            sum(samples) < settings.min_seconds and len(samples) < settings.max_repeats)
+
+    while any(wants_more(samples) for samples in times.values()):
+        for name, fn in fns.items():
+            if wants_more(times[name]):
+                start = time.perf_counter()
+                fn()
+                synchronize()
+                times[name].append(time.perf_counter() - start)
+    return {name: Timing(min(samples), statistics.median(samples), len(samples))
+            for name, samples in times.items()}
+
+
+def time_callable(fn: Callable[[], object], settings: Settings,
+                  synchronize: Callable[[], None] = lambda: None) -> Timing:
+    """:func:`time_interleaved` of a single callable."""
+    return time_interleaved({"fn": fn}, settings, synchronize)["fn"]
 
 
 @njit(cache=True, parallel=True)
@@ -612,8 +629,9 @@ def run_case(case: Case, device: Device, quick: bool, settings: Settings) -> dic
               "dtype": case.dtype, "device": device.name, "timings": {}, "notes": []}
     try:
         runners = build_runners(case, device, quick)
+        timings = time_interleaved({r.impl: r.fn for r in runners}, settings, device.synchronize)
         for runner in runners:
-            timing = time_callable(runner.fn, settings, device.synchronize)
+            timing = timings[runner.impl]
             record["timings"][runner.impl] = {
                 "min_s": timing.min_s * runner.scale, "median_s": timing.median_s * runner.scale,
                 "repeats": timing.repeats, "scale": runner.scale}
