@@ -100,7 +100,7 @@ def test_bench_json_has_machine_bandwidth_and_result_records(quick_report):
         assert 0 < fused["min_s"] <= fused["median_s"]
         assert fused["repeats"] >= _bench.QUICK_SETTINGS.repeats
     ce, bn, model = report["results"]
-    assert ce["bytes"] == 2 * 64 * 100 * 4 and bn["bytes"] == 5 * 4 * 8 * 5 * 5 * 4
+    assert ce["bytes"] == 2 * 8 * 40 * 4 and bn["bytes"] == 5 * 2 * 4 * 3 * 3 * 4
     assert ce["roofline_pct"] == pytest.approx(
         100 * ce["bytes"] / (report["copy_bandwidth_GBps"] * 1e9) / ce["timings"]["fusedgrad"]
         ["min_s"])

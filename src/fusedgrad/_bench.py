@@ -105,8 +105,8 @@ CPU_CASES = (
     Case("bn_eval_nchw", "batch_norm_eval", "NCHW", (64, 256, 28, 28), (16, 256, 28, 28)),
     Case("model_cnn", "model", "NCHW", (64, 3, 32, 32), (16, 3, 32, 32)),
     # Smoke cases: only when named with --cases (tests, the CUDA simulator).
-    Case("ce_small", "cross_entropy", "NC", (64, 100), default=False),
-    Case("bn_small", "batch_norm_train", "NCHW", (4, 8, 5, 5), default=False),
+    Case("ce_small", "cross_entropy", "NC", (8, 40), default=False),
+    Case("bn_small", "batch_norm_train", "NCHW", (2, 4, 3, 3), default=False),
     Case("model_small", "model", "NCHW", (4, 3, 8, 8), default=False),
 )
 
