@@ -12,13 +12,14 @@ Method (Cody-Waite range reduction + polynomial + exponent bits)::
 ``r`` is computed as ``(x - k*LN2_HI) - k*LN2_LO`` where ``LN2_HI`` has few enough significant
 bits that ``k*LN2_HI`` is exact. ``exp(r) = 1 + r + r^2 g(r)`` with ``g`` a near-minimax
 polynomial for ``(exp(r) - 1 - r) / r^2`` on ``[-ln2/2, ln2/2]`` (fitted with mpmath's
-``chebyfit``; approximation error 0.17 ulp for float32 with 5 terms, 0.15 ulp for float64 with
-10 terms). ``2^k`` is built from its IEEE-754 bits. To keep gradual underflow correct, ``2^k``
+``chebyfit``; approximation error 0.17 ulp for float32 with 5 terms, 0.002 ulp for float64
+with 11 terms). ``2^k`` is built from its IEEE-754 bits. To keep gradual underflow correct, ``2^k``
 is applied as two factors ``2^(k//2) * 2^(k - k//2)``: each factor is a normal number over the
 whole clamped range, and the final product rounds into the subnormal range (or to 0) exactly
 as a correctly rounded result would, to within the polynomial's error.
 
-Range (measured in ``tests/test_cpu_math.py``):
+Accuracy and range (measured in ``tests/test_cpu_math.py``: at most 1.3 ulp over dense sweeps
+of both dtypes, subnormal results included):
 
 * float32: x < -104 returns +0.0 (exp(-104) = 6.8e-46 is below half the smallest subnormal),
   x > 89 returns +inf (float32 overflows at 88.72), ``exp(-inf) = 0``, ``exp(+inf) = inf``.
@@ -129,45 +130,6 @@ _F64_G0, _F64_G1, _F64_G2, _F64_G3, _F64_G4, _F64_G5, _F64_G6, _F64_G7, _F64_G8,
     _F64_G10 = _F64_G
 
 
-@intrinsic
-def _reduce_by_ln2_f32(typingctx, x, k):
-    """``x - k ln2`` in float32, ``k`` an integer-valued float32 in [-159, 128]."""
-    if x != types.float32 or k != types.float32:
-        return None
-    return types.float32(x, k), _reduce_by_ln2_codegen(float(_F32_LN2_HI), float(_F32_LN2_LO))
-
-
-@intrinsic
-def _reduce_by_ln2_f64(typingctx, x, k):
-    """``x - k ln2`` in float64, ``k`` an integer-valued float64 in [-1077, 1025]."""
-    if x != types.float64 or k != types.float64:
-        return None
-    return types.float64(x, k), _reduce_by_ln2_codegen(_F64_LN2_HI, _F64_LN2_LO)
-
-
-@njit(inline="always", fastmath=FASTMATH, cache=True)
-def exp_f32(x):
-    """exp(x) for a float32 ``x``, returned as float32; max error about 1 ulp (see module)."""
-    clamped = fmin(fmax(x, _F32_LOW), _F32_HIGH)
-    k = np.floor(clamped * _F32_LOG2E + _F32_HALF)
-    r = _reduce_by_ln2_f32(clamped, k)
-    g = _F32_G0 + r * (_F32_G1 + r * (_F32_G2 + r * (_F32_G3 + r * _F32_G4)))
-    p = _F32_ONE + r + (r * r) * g
-    return _scale_by_pow2_f32(p, k)
-
-
-@njit(inline="always", fastmath=FASTMATH, cache=True)
-def exp_f64(x):
-    """exp(x) for a float64 ``x``; max error about 1 ulp (see module)."""
-    clamped = fmin(fmax(x, _F64_LOW), _F64_HIGH)
-    k = np.floor(clamped * _F64_LOG2E + 0.5)
-    r = _reduce_by_ln2_f64(clamped, k)
-    g = _F64_G0 + r * (_F64_G1 + r * (_F64_G2 + r * (_F64_G3 + r * (_F64_G4 + r * (
-        _F64_G5 + r * (_F64_G6 + r * (_F64_G7 + r * (_F64_G8 + r * (_F64_G9 + r * _F64_G10)))))))))
-    p = 1.0 + r + (r * r) * g
-    return _scale_by_pow2_f64(p, k)
-
-
 def _nan_propagating_codegen(name):
     def codegen(context, builder, signature, args):
         float_type = args[0].type
@@ -208,6 +170,45 @@ def cast_like(value, array):
 def _cast_like_overload(value, array):
     dtype = array.dtype
     return lambda value, array: dtype(value)
+
+
+@intrinsic
+def _reduce_by_ln2_f32(typingctx, x, k):
+    """``x - k ln2`` in float32, ``k`` an integer-valued float32 in [-159, 128]."""
+    if x != types.float32 or k != types.float32:
+        return None
+    return types.float32(x, k), _reduce_by_ln2_codegen(float(_F32_LN2_HI), float(_F32_LN2_LO))
+
+
+@intrinsic
+def _reduce_by_ln2_f64(typingctx, x, k):
+    """``x - k ln2`` in float64, ``k`` an integer-valued float64 in [-1077, 1025]."""
+    if x != types.float64 or k != types.float64:
+        return None
+    return types.float64(x, k), _reduce_by_ln2_codegen(_F64_LN2_HI, _F64_LN2_LO)
+
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def exp_f32(x):
+    """exp(x) for a float32 ``x``, returned as float32; max error about 1 ulp (see module)."""
+    clamped = fmin(fmax(x, _F32_LOW), _F32_HIGH)
+    k = np.floor(clamped * _F32_LOG2E + _F32_HALF)
+    r = _reduce_by_ln2_f32(clamped, k)
+    g = _F32_G0 + r * (_F32_G1 + r * (_F32_G2 + r * (_F32_G3 + r * _F32_G4)))
+    p = _F32_ONE + r + (r * r) * g
+    return _scale_by_pow2_f32(p, k)
+
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def exp_f64(x):
+    """exp(x) for a float64 ``x``; max error about 1 ulp (see module)."""
+    clamped = fmin(fmax(x, _F64_LOW), _F64_HIGH)
+    k = np.floor(clamped * _F64_LOG2E + 0.5)
+    r = _reduce_by_ln2_f64(clamped, k)
+    g = _F64_G0 + r * (_F64_G1 + r * (_F64_G2 + r * (_F64_G3 + r * (_F64_G4 + r * (
+        _F64_G5 + r * (_F64_G6 + r * (_F64_G7 + r * (_F64_G8 + r * (_F64_G9 + r * _F64_G10)))))))))
+    p = 1.0 + r + (r * r) * g
+    return _scale_by_pow2_f64(p, k)
 
 
 def fast_exp(x):

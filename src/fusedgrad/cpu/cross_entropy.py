@@ -67,6 +67,19 @@ p_c = exp(z_c - lse):
     loss = sum_c w_c q_c (lse - z_c) + z_loss * w_t * lse^2
     dloss/dz_j = p_j * (sum_c w_c q_c + 2 z_loss w_t lse) - w_j q_j
 
+Kernels (chosen by ``_run``; each runs in one of three modes: fused, forward, backward):
+
+* ``_rows_index_kernel`` / ``_rows_prob_kernel``: (N, C) logits, vectorised along the row.
+  Online softmax over L1-sized blocks of BLOCK classes: block max, then exp(z - block max)
+  written straight into the gradient buffer while summing, then one in-place scaling of the
+  row (still in L1/L2). One exp per element, logits read from memory once.
+* ``_rows_small_kernel``: C-contiguous (N, C) with C <= SMALL_C (e.g. 65536 x 10): rows too
+  short to vectorise, so chunks of rows are processed as flat arrays (per-row scalars are
+  broadcast into a flat scratch) and the exp and scaling vectorise across rows.
+* ``_tiles_index_kernel`` / ``_tiles_prob_kernel``: (N, C, S) views of k-D logits (no
+  transposing copy), vectorised across TILE spatial positions, which are contiguous for a
+  fixed (n, c).
+
 Determinism: every sample is computed by one thread in a fixed order of blocks, and the only
 cross-sample reductions (``sum_samples``, ``target_weight_sum``) run in a fixed order, so results
 are bitwise identical for any number of threads.
