@@ -111,7 +111,7 @@ CHUNK_ELEMENTS = 1 << 15
 SMALL_C = 32
 #: Elements per chunk of the small-C kernel (its flat scratch: 2 x 16 KiB in float32).
 SMALL_CHUNK_ELEMENTS = 4096
-#: Fixed number of scratch-owning groups the small-C chunks are dealt to.
+#: Most scratch-owning groups the small-C chunks are dealt to (bounds the scratch memory).
 SMALL_GROUPS = 64
 #: Spatial positions handled together (the vector lanes) by the (N, C, S) kernels.
 TILE = 64
@@ -678,20 +678,21 @@ def _rows_small_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
     vectorise, so a chunk of rows is handled as one flat array of R * C elements: per-row
     scalars (max, then the gradient factor) are broadcast into a flat buffer, and the exp and
     the scaling run as flat, vectorised loops over the whole chunk. Chunks of
-    SMALL_CHUNK_ELEMENTS are shared out to SMALL_GROUPS fixed groups, each with its own
+    SMALL_CHUNK_ELEMENTS are shared out to at most SMALL_GROUPS groups, each with its own
     scratch (so the scratch does not grow with N; the result does not depend on the grouping).
     """
     n, c = logits.shape
     weight_total = _sum_in_order(weights)
     rows_per_chunk = max(1, SMALL_CHUNK_ELEMENTS // c)
     n_chunks = (n + rows_per_chunk - 1) // rows_per_chunk
-    chunks_per_group = (n_chunks + SMALL_GROUPS - 1) // SMALL_GROUPS
-    flat = np.empty((SMALL_GROUPS, 2, rows_per_chunk * c), dtype=logits.dtype)
-    row_stats = np.empty((SMALL_GROUPS, 3, rows_per_chunk), dtype=np.float64)
+    n_groups = max(1, min(SMALL_GROUPS, n_chunks))
+    chunks_per_group = (n_chunks + n_groups - 1) // n_groups
+    flat = np.empty((n_groups, 2, rows_per_chunk * c), dtype=logits.dtype)
+    row_stats = np.empty((n_groups, 3, rows_per_chunk), dtype=np.float64)
     per_sample_scale = grad_scale.shape[0] > 1
     store = mode != MODE_FORWARD
     with_smooth = smoothing > 0.0
-    for group in prange(SMALL_GROUPS):
+    for group in prange(n_groups):
         first_chunk = group * chunks_per_group
         for chunk in range(first_chunk, min(n_chunks, first_chunk + chunks_per_group)):
             r0 = chunk * rows_per_chunk
