@@ -438,6 +438,16 @@ def test_state_dict_round_trips_both_ways():
         assert torch.equal(a, b)
 
 
+def test_distributed_drop_ins_are_re_exported():
+    from fusedgrad import distributed
+    for name in ("SyncBatchNorm", "convert_sync_batchnorm",
+                 "vocab_parallel_softmax_cross_entropy"):
+        assert getattr(fgt, name) is getattr(distributed, name)
+        assert name in fgt.__all__
+    with pytest.raises(AttributeError, match="no_such_name"):
+        fgt.no_such_name
+
+
 def test_only_fusedgrad_torch_imports_torch():
     code = ("import sys, numpy as np, fusedgrad as fg, fusedgrad.demo\n"
             "fg.softmax_cross_entropy(np.zeros((2, 3)), np.array([0, 1]))\n"

@@ -34,7 +34,11 @@ constructor arguments, ``state_dict`` keys (including ``num_batches_tracked``), 
 loading in both directions, ``repr`` and ``isinstance`` checks are PyTorch's own; only
 ``forward`` differs.
 
-This module is the only part of fusedgrad that imports torch: ``import fusedgrad`` does not.
+The multi-process drop-ins ``SyncBatchNorm``, ``convert_sync_batchnorm`` and
+``vocab_parallel_softmax_cross_entropy`` live in ``fusedgrad.distributed`` and are re-exported
+here.
+
+Only this module and ``fusedgrad.distributed`` import torch: ``import fusedgrad`` does not.
 """
 from __future__ import annotations
 
@@ -46,8 +50,19 @@ from torch.autograd.function import once_differentiable
 import fusedgrad as fg
 from fusedgrad._validate import REDUCTIONS, check_real
 
+#: Multi-process drop-ins, defined in ``fusedgrad.distributed`` and re-exported here on first
+#: access (importing them eagerly would load torch.distributed for every user of this module).
+_DISTRIBUTED = ("SyncBatchNorm", "convert_sync_batchnorm", "vocab_parallel_softmax_cross_entropy")
+
 __all__ = ["softmax_cross_entropy", "CrossEntropyLoss", "batch_norm",
-           "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_model"]
+           "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_model", *_DISTRIBUTED]
+
+
+def __getattr__(name: str):
+    if name in _DISTRIBUTED:
+        from fusedgrad import distributed
+        return getattr(distributed, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------------------------
