@@ -821,6 +821,11 @@ class Table:
               file=self.out)
         if notes:
             print("* " + "\n* ".join(notes), file=self.out)
+        in_cache = [r["case"] for r in results if (r["roofline_pct"] or 0) > 100]
+        if in_cache:
+            print(f"{', '.join(in_cache)}: above 100% of the roofline: part of the data stayed in "
+                  "cache between passes (the roofline counts every pass at the memory copy "
+                  "bandwidth)", file=self.out)
         if any(r["op"] == "model" for r in results):
             print("model: forward + backward step of a small CNN; fusedgrad = the same model "
                   "converted with fusedgrad.torch.convert_model + fusedgrad.torch.CrossEntropyLoss;"
