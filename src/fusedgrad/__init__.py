@@ -24,6 +24,7 @@ _PUBLIC = {
     "batch_norm_forward": "batch_norm",
     "batch_norm_backward": "batch_norm",
     "cuda_available": "_device",
+    "empty_cache": "cpu._alloc",
     "reference": None,
 }
 

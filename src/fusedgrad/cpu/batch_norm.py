@@ -93,6 +93,7 @@ from numba import njit, prange
 
 from .._validate import FLOAT_DTYPES_CPU
 from ._reduce import chunk_bounds, chunk_count, merge_moments, sum_partials
+from . import _alloc
 
 #: Input dtypes the kernels are compiled for.
 DTYPES = FLOAT_DTYPES_CPU
@@ -675,5 +676,6 @@ def backward(dy3, x3, mean, invstd, weight, out3, *, training):
 
 
 def empty(shape, dtype):
-    """Uninitialised host array (the CUDA backend returns a device array)."""
-    return np.empty(shape, dtype)
+    """Uninitialised host array (the CUDA backend returns a device array); large ones are
+    reused from released outputs (see ``_alloc``)."""
+    return _alloc.empty(shape, dtype)

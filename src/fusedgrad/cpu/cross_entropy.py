@@ -94,6 +94,7 @@ from numba import njit, prange
 
 from .._validate import FLOAT_DTYPES_CPU, as_host_array
 from ._math import FASTMATH, cast_like, fast_exp, fmax
+from . import _alloc
 
 DTYPES = FLOAT_DTYPES_CPU
 
@@ -142,7 +143,8 @@ def is_writeable(a) -> bool:
 
 
 def empty_like(logits):
-    return np.empty(logits.shape, dtype=logits.dtype)
+    """The gradient's buffer: large ones are reused from released outputs (see ``_alloc``)."""
+    return _alloc.empty(logits.shape, logits.dtype)
 
 
 def index_target(target):
