@@ -327,6 +327,27 @@ def test_non_contiguous_inputs_match_torch():
     torch.testing.assert_close(dx_ours, dx_theirs, rtol=1e-10, atol=1e-12)
 
 
+def test_large_outputs_stay_valid_while_tensors_hold_them():
+    """Kernel outputs are wrapped without a copy (and large ones may come from fusedgrad's
+    buffer cache): a tensor must keep its memory to itself for as long as it lives."""
+    gen = _generator(15)
+    module = fgt.BatchNorm2d(16)
+    inputs = [torch.randn(8, 16, 64, 64, generator=gen, requires_grad=True) for _ in range(3)]
+    kept = []
+    for x in inputs:  # 2 MiB per activation and gradient
+        y = module(x)
+        y.backward(torch.ones_like(y))
+        kept.append((y, y.detach().clone(), x.grad, x.grad.clone()))
+        logits = torch.randn(4096, 80, generator=gen, requires_grad=True)
+        loss = fgt.softmax_cross_entropy(logits, torch.randint(0, 80, (4096,), generator=gen))
+        loss.backward()
+        kept.append((logits.grad, logits.grad.clone()))
+        del y, logits, loss
+    for tensors in kept:
+        for live, snapshot in zip(tensors[::2], tensors[1::2]):
+            assert torch.equal(live, snapshot)
+
+
 def test_batch_norm_saves_input_and_channel_statistics():
     module = fgt.BatchNorm2d(3, dtype=F64)
     x = torch.randn(4, 3, 2, 2, dtype=F64, requires_grad=True)
