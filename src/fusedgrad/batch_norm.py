@@ -108,10 +108,13 @@ def _host_like(x: np.ndarray, axis: int, channels_last: bool, arr: np.ndarray) -
     return np.moveaxis(np.ascontiguousarray(np.moveaxis(arr, axis, -1)), -1, axis)
 
 
-def _host_empty(x: np.ndarray, axis: int, channels_last: bool) -> np.ndarray:
+def _host_empty(backend, x: np.ndarray, axis: int, channels_last: bool) -> np.ndarray:
+    """An output of x's shape in x's memory layout, from ``backend.empty``: large outputs then
+    reuse released buffers instead of fresh pages the OS must zero on first write (that
+    zeroing cost as much as a whole pass over the data)."""
     if channels_last:
-        return np.moveaxis(np.empty(np.moveaxis(x, axis, -1).shape, x.dtype), -1, axis)
-    return np.empty(x.shape, x.dtype)
+        return np.moveaxis(backend.empty(np.moveaxis(x, axis, -1).shape, x.dtype), -1, axis)
+    return backend.empty(x.shape, x.dtype)
 
 
 def _check_x(arrays: _Arrays, x, channel_axis):
@@ -172,7 +175,7 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     kwargs = dict(training=training, momentum=momentum, eps=eps)
     if location == _device.HOST:
         x, channels_last = _host_layout(x, axis)
-        y = out if out is not None else _host_empty(x, axis, channels_last)
+        y = out if out is not None else _host_empty(backend, x, axis, channels_last)
         y_kernel = _host_like(x, axis, channels_last, y)
         mean, invstd = backend.forward(_host_view(x, axis, channels_last), weight, bias,
                                        running_mean, running_var,
@@ -222,7 +225,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, chan
     if location == _device.HOST:
         x, channels_last = _host_layout(x, axis)
         dy = _host_like(x, axis, channels_last, dy)
-        dx = out if out is not None else _host_empty(x, axis, channels_last)
+        dx = out if out is not None else _host_empty(backend, x, axis, channels_last)
         dx_kernel = _host_like(x, axis, channels_last, dx)
         dweight, dbias = backend.backward(
             _host_view(dy, axis, channels_last), _host_view(x, axis, channels_last), mean,
