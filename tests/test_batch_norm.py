@@ -529,3 +529,16 @@ def test_no_temporary_the_size_of_x(shape, axis):
     finally:
         tracemalloc.stop()
     assert peak < x.nbytes / 4
+
+
+@pytest.mark.parametrize("shape,axis", [((8, 64, 32, 32), 1), ((8, 32, 32, 64), -1)])
+def test_large_outputs_reuse_released_buffers(shape, axis, monkeypatch):
+    """y and dx of 2 MiB come from the backend's buffer cache: a released output's memory is
+    handed out again instead of fresh pages the OS must zero (a whole pass over the data)."""
+    monkeypatch.setenv("FUSEDGRAD_HOST_CACHE_MB", "1024")
+    x = np.random.default_rng(15).standard_normal(shape).astype(np.float32)
+    y, mean, invstd = fg.batch_norm_forward(x, channel_axis=axis)
+    address = y.ctypes.data
+    del y
+    dx, _, _ = fg.batch_norm_backward(np.ones_like(x), x, mean, invstd, channel_axis=axis)
+    assert dx.ctypes.data == address
