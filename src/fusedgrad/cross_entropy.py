@@ -177,7 +177,12 @@ def softmax_cross_entropy_forward(logits, target, *, weight=None, ignore_index=-
                                   reduction="mean", label_smoothing=0.0, z_loss=0.0):
     """``(loss, lse)``: the loss as in :func:`softmax_cross_entropy` and the per-sample
     log-sum-exp (shaped like the "none" loss), the only thing backward needs saved."""
-    call = _prepare(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss)
+    return _forward(_prepare(logits, target, weight, ignore_index, reduction, label_smoothing,
+                             z_loss))
+
+
+def _forward(call: _Call):
+    """``(loss, lse)`` of a validated call (``fusedgrad.torch`` keeps the call for backward)."""
     per_sample, lse = call.backend.forward(call.logits, call.target, call.weights,
                                            call.options)
     lse = call.backend.sample_result(lse, call.sample_shape, call.result_dtype)
@@ -213,8 +218,19 @@ def softmax_cross_entropy_backward(grad_loss, logits, target, lse, *, weight=Non
     if not _is_scalar(grad_loss):
         forbid += (("grad_loss", grad_loss),)
     grad = _gradient_buffer(call, logits, out, bool(inplace), forbid_alias=forbid)
+    return _backward(call, grad_loss, lse_array, grad)
+
+
+def _backward(call: _Call, grad_loss, lse, grad):
+    """Write ``grad_loss * d(loss)/d(logits)`` of a validated call into ``grad`` and return it.
+
+    ``fusedgrad.torch`` calls this with the call its forward validated: autograd hands back an
+    upstream gradient shaped like the loss and the ``lse`` that forward returned, so nothing
+    needs checking again (the target scan and the "mean" denominator are not recomputed).
+    """
+    be = call.backend
     scale = be.sample_scale(grad_loss, call.grad_factor(), call.n_samples)
-    lse_rows = be.per_sample(lse_array, call.n_samples)
+    lse_rows = be.per_sample(lse, call.n_samples)
     be.backward(call.logits, call.target, call.weights, lse_rows, grad, scale, call.options)
     return grad
 

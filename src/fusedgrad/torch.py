@@ -48,6 +48,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 import fusedgrad as fg
+from fusedgrad import cross_entropy as _ce
 from fusedgrad._validate import REDUCTIONS, check_real
 
 #: Multi-process drop-ins, defined in ``fusedgrad.distributed`` and re-exported here on first
@@ -79,15 +80,14 @@ def _kernel_array(name: str, tensor):
         return None
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    tensor = tensor.detach()
-    if tensor.device.type == "cuda":
-        return tensor
-    if tensor.device.type != "cpu":
-        raise TypeError(f"{name} must be a CPU or CUDA tensor, got device {tensor.device}")
-    if tensor.dtype == torch.bfloat16:
-        raise TypeError(f"{name} has dtype torch.bfloat16, which the CPU kernels do not take; "
-                        "use float32 or float64 on the CPU")
-    return tensor.numpy()
+    if tensor.is_cpu:
+        if tensor.dtype == torch.bfloat16:
+            raise TypeError(f"{name} has dtype torch.bfloat16, which the CPU kernels do not "
+                            "take; use float32 or float64 on the CPU")
+        return tensor.detach().numpy()
+    if tensor.is_cuda:
+        return tensor.detach()
+    raise TypeError(f"{name} must be a CPU or CUDA tensor, got device {tensor.device}")
 
 
 _UNTYPED_BFLOAT16 = np.dtype("V2")
@@ -111,16 +111,21 @@ def _channel_shape(tensor: torch.Tensor, ndim: int) -> tuple:
 # Softmax cross-entropy
 # --------------------------------------------------------------------------------------------
 class _SoftmaxCrossEntropy(torch.autograd.Function):
-    """Fused softmax cross-entropy; saves the logits, the target and lse per row."""
+    """Fused softmax cross-entropy; saves the logits, the target and lse per row.
+
+    The forward keeps the API's validated call (``fusedgrad.cross_entropy._prepare``: the
+    kernel arrays, the checked targets and the "mean" denominator) for the backward, which
+    therefore neither validates nor scans the targets again: at the loss sizes of a typical
+    model (64 x 10) that Python work cost more than the kernels.
+    """
 
     @staticmethod
     def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, z_loss):
-        options = dict(ignore_index=ignore_index, reduction=reduction,
-                       label_smoothing=label_smoothing, z_loss=z_loss)
-        loss, lse = fg.softmax_cross_entropy_forward(
-            _kernel_array("input", logits), _kernel_array("target", target),
-            weight=_kernel_array("weight", weight), **options)
-        ctx.options = options
+        call = _ce._prepare(_kernel_array("input", logits), _kernel_array("target", target),
+                            _kernel_array("weight", weight), ignore_index, reduction,
+                            label_smoothing, z_loss)
+        loss, lse = _ce._forward(call)
+        ctx.call = call
         ctx.save_for_backward(logits, target, weight, _as_tensor(lse, logits.device))
         # The kernels return float32 losses for half-precision logits; F.cross_entropy returns
         # the input's dtype (a no-op cast for float32 and float64).
@@ -129,25 +134,30 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
+        # Unpacking the saved tensors checks that none was modified in place since forward.
         logits, target, weight, lse = ctx.saved_tensors
-        options = ctx.options
+        call = ctx.call
+        backend = call.backend
         grad_logits = grad_target = None
         if ctx.needs_input_grad[0]:
-            if options["reduction"] == "none":
+            if call.reduction == "none":
                 # Autograd may hand over an expanded (stride-0) or half-precision gradient.
-                upstream = _kernel_array("grad_output", grad_loss.to(lse.dtype).contiguous())
+                upstream = backend.as_array("grad_output", _kernel_array(
+                    "grad_output", grad_loss.to(lse.dtype).contiguous()))
             else:
                 upstream = float(grad_loss)
-            grad = fg.softmax_cross_entropy_backward(
-                upstream, _kernel_array("input", logits), _kernel_array("target", target),
-                _kernel_array("lse", lse), weight=_kernel_array("weight", weight), **options)
+            grad = _ce._backward(call, upstream,
+                                 backend.as_array("lse", _kernel_array("lse", lse)),
+                                 backend.empty_like(call.logits))
             grad_logits = _as_tensor(grad, logits.device)
         if ctx.needs_input_grad[1]:
-            grad_target = _probability_target_grad(grad_loss, logits, weight, lse, options)
+            grad_target = _probability_target_grad(grad_loss, logits, weight, lse,
+                                                   call.reduction,
+                                                   call.options.label_smoothing)
         return grad_logits, grad_target, None, None, None, None, None
 
 
-def _probability_target_grad(grad_loss, logits, weight, lse, options):
+def _probability_target_grad(grad_loss, logits, weight, lse, reduction, label_smoothing):
     """d(loss)/d(target) for probability targets (PyTorch differentiates these too).
 
     Each sample's loss is sum_c w_c q_c (lse - z_c) with q = (1 - s) y + s / C, so
@@ -156,12 +166,12 @@ def _probability_target_grad(grad_loss, logits, weight, lse, options):
     samples for "mean".
     """
     neg_log_p = lse.unsqueeze(1).to(logits.dtype) - logits
-    grad = (1.0 - options["label_smoothing"]) * neg_log_p
+    grad = (1.0 - label_smoothing) * neg_log_p
     if weight is not None:
         grad = grad * weight.reshape(_channel_shape(weight, logits.dim()))
-    if options["reduction"] == "none":
+    if reduction == "none":
         return grad * grad_loss.unsqueeze(1)
-    scale = grad_loss / lse.numel() if options["reduction"] == "mean" else grad_loss
+    scale = grad_loss / lse.numel() if reduction == "mean" else grad_loss
     return grad * scale
 
 
