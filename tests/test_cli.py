@@ -1,6 +1,7 @@
 """The command line (``python -m fusedgrad {bench,demo,info}``) and the benchmark engine."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -250,3 +251,16 @@ def test_bench_cuda_path_runs_in_the_simulator(tmp_path):
         assert record["timings"]["fusedgrad"]["min_s"] > 0
         assert "reference" not in record["timings"]
         assert "NumPy reference not timed: it runs on the CPU only" in record["notes"]
+
+
+def test_default_run_without_torch_skips_the_model_case(monkeypatch):
+    """PyTorch is optional for ``bench``: the default run then skips the model-level case and
+    succeeds, instead of reporting it as a failure."""
+    smoke = [c for c in _bench.cases_for("cpu") if c.name in ("ce_small", "model_small")]
+    monkeypatch.setattr(_bench, "import_torch", lambda: None)
+    monkeypatch.setattr(_bench, "select_cases", lambda device, names=None: smoke)
+    out = io.StringIO()
+    report = _bench.run("cpu", quick=True, out=out, progress=io.StringIO())
+    assert [r["case"] for r in report["results"]] == ["ce_small"]
+    assert "error" not in report["results"][0]
+    assert "skipping model_small: the model-level case needs PyTorch" in out.getvalue()

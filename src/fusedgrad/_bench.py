@@ -703,6 +703,15 @@ def run(device_name: str, *, quick: bool = False, case_names=None, out=sys.stdou
     match_torch_threads(device.torch)
     machine = machine_info(device_name)
     print(_machine_header(machine), file=out, flush=True)
+    if not case_names and device.torch_device is None:
+        # PyTorch is optional: without it the default run skips the model-level case (naming
+        # that case explicitly still reports the missing dependency as a failure).
+        skipped = [c.name for c in cases if c.op == "model"]
+        cases = [c for c in cases if c.op != "model"]
+        if skipped:
+            print(f"skipping {', '.join(skipped)}: the model-level case needs PyTorch"
+                  + (" with CUDA" if device_name == "cuda" else " (pip install torch)"),
+                  file=out, flush=True)
     if device_name == "cuda":
         def measure():
             return device_copy_bandwidth(DEVICE_COPY_BYTES // (8 if quick else 1), settings)
