@@ -90,7 +90,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import numba
 from numba import njit, prange
 
 from .._validate import FLOAT_DTYPES_CPU, as_host_array
@@ -117,11 +116,6 @@ SMALL_CHUNK_ELEMENTS = 4096
 SMALL_GROUPS = 64
 #: Spatial positions handled together (the vector lanes) by the (N, C, S) kernels.
 TILE = 64
-#: Logits of at most this many elements are processed by the calling thread alone: the work
-#: is a few microseconds, less than waking the thread pool (and on a busy machine the parallel
-#: region can wait milliseconds for a descheduled worker, e.g. for a model's 64 x 10 loss).
-#: The chunking ignores the thread count, so the result has the same bits.
-SERIAL_ELEMENTS = CHUNK_ELEMENTS
 
 
 @dataclass(frozen=True)
@@ -280,17 +274,8 @@ def _launch(kernel, mode, logits, target, weights, grad, grad_scale, lse, loss, 
     ``grad``: with a single pointer LLVM needs no runtime overlap check, which would send the
     loops to their scalar fallback (slower, and rounding differently from the out= path)."""
     inplace = grad is not None and np.shares_memory(grad, logits)
-    args = (mode, logits, target, weights, logits if grad is None else grad, grad_scale, lse,
-            loss, options.ignore_index, options.label_smoothing, options.z_loss, inplace)
-    if logits.size > SERIAL_ELEMENTS:
-        kernel(*args)
-        return
-    threads = numba.get_num_threads()  # this thread's setting (Numba keeps it per thread)
-    numba.set_num_threads(1)
-    try:
-        kernel(*args)
-    finally:
-        numba.set_num_threads(threads)
+    kernel(mode, logits, target, weights, logits if grad is None else grad, grad_scale, lse,
+           loss, options.ignore_index, options.label_smoothing, options.z_loss, inplace)
 
 
 # --------------------------------------------------------------------------------------------
