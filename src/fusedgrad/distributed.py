@@ -86,6 +86,7 @@ from torch.autograd.function import once_differentiable
 
 from ._validate import (FLOAT_DTYPES_CPU, INT_DTYPES, as_host_array, check_dtype, check_int,
                         check_ndim, check_real, check_reduction, check_shape, check_writeable)
+from .cpu import _alloc
 from .cpu import batch_norm as _bn_cpu
 from .cpu import cross_entropy as _ce_cpu
 from .cpu._math import FASTMATH, cast_like
@@ -145,9 +146,10 @@ def _f64_vector(name, vec, n_channels):
 
 
 def _output(out, x, name="out"):
-    """``out`` checked (shape and dtype of x, C-contiguous, writeable) or a new array."""
+    """``out`` checked (shape and dtype of x, C-contiguous, writeable) or a new array (large
+    ones reuse released buffers, like the single-process operations' outputs)."""
     if out is None:
-        return np.empty(x.shape, x.dtype)
+        return _alloc.empty(x.shape, x.dtype)
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a NumPy array, got {type(out).__name__}")
     check_shape(name, out, x.shape)
