@@ -49,7 +49,7 @@ from torch.autograd.function import once_differentiable
 
 import fusedgrad as fg
 from fusedgrad import cross_entropy as _ce
-from fusedgrad._validate import REDUCTIONS, check_real
+from fusedgrad._validate import check_real, check_reduction
 
 #: Multi-process drop-ins, defined in ``fusedgrad.distributed`` and re-exported here on first
 #: access (importing them eagerly would load torch.distributed for every user of this module).
@@ -195,9 +195,7 @@ def softmax_cross_entropy(input, target, weight=None, ignore_index=-100, reducti
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, "
-                         f"got {reduction!r}")
+    check_reduction(reduction)
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
         raise ValueError("weight must not require grad: gradients with respect to the class "
                          "weights are not computed (pass weight.detach())")
