@@ -85,7 +85,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ._validate import (FLOAT_DTYPES_CPU, INT_DTYPES, as_host_array, check_dtype, check_int,
-                        check_ndim, check_real, check_reduction, check_shape, check_writeable)
+                        check_ndim, check_real, check_out, check_reduction, check_shape,
+                        check_writeable)
 from .cpu import _alloc
 from .cpu import batch_norm as _bn_cpu
 from .cpu import cross_entropy as _ce_cpu
@@ -150,15 +151,9 @@ def _output(out, x, name="out"):
     ones reuse released buffers, like the single-process operations' outputs)."""
     if out is None:
         return _alloc.empty(x.shape, x.dtype)
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"{name} must be a NumPy array, got {type(out).__name__}")
-    check_shape(name, out, x.shape)
-    if out.dtype != x.dtype:
-        raise TypeError(f"{name} must have dtype {x.dtype}, got {out.dtype}")
-    if not (out.flags.c_contiguous and out.flags.writeable):
-        raise ValueError(f"{name} must be a writeable C-contiguous array")
-    if np.shares_memory(out, x):
-        raise ValueError(f"{name} must not share memory with the input")
+    check_out(name, out, shape=x.shape, dtype=x.dtype, forbid_alias=(("the input", x),))
+    if not out.flags.c_contiguous:
+        raise ValueError(f"{name} must be a C-contiguous array")
     return out
 
 
