@@ -11,6 +11,8 @@ import functools
 import os
 import sys
 
+import numpy as np
+
 HOST = "cpu"
 DEVICE = "cuda"
 
@@ -38,6 +40,8 @@ def array_location(**arrays) -> str:
 
     Raises ``TypeError`` naming the arguments when host and device arrays are mixed.
     """
+    if all(a is None or type(a) is np.ndarray for a in arrays.values()):
+        return HOST  # the common case, decided without attribute lookups
     on_device = {name: is_device_array(a) for name, a in arrays.items() if a is not None}
     if not on_device:
         return HOST

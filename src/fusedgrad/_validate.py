@@ -6,6 +6,7 @@ leaves outputs and running buffers untouched.
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -61,10 +62,11 @@ def check_reduction(reduction) -> str:
 
 def check_real(name: str, value, *, low=None, high=None, low_open=False) -> float:
     """A finite Python float in ``[low, high]`` (``(low, high]`` when ``low_open``)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if type(value) is not float and (isinstance(value, bool)
+                                     or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     v = float(value)
-    if not np.isfinite(v):
+    if not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {v}")
     if low is not None and (v <= low if low_open else v < low):
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {v}")
@@ -74,6 +76,8 @@ def check_real(name: str, value, *, low=None, high=None, low_open=False) -> floa
 
 
 def check_int(name: str, value) -> int:
+    if type(value) is int:
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
     return int(value)

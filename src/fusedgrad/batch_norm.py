@@ -19,6 +19,7 @@ copied once to a contiguous array.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 
@@ -29,6 +30,7 @@ from ._validate import (FLOAT_DTYPES_CPU, as_host_array, check_dtype, check_int,
                         check_out, check_real, check_shape, check_writeable)
 
 
+@functools.cache
 def _backend(location: str):
     return importlib.import_module(f"fusedgrad.{location}.batch_norm")
 

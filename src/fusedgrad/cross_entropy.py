@@ -16,6 +16,7 @@ the number of samples (probability targets), as ``torch.nn.functional.cross_entr
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import numbers
@@ -33,6 +34,11 @@ __all__ = ["softmax_cross_entropy", "softmax_cross_entropy_forward",
 
 _BACKENDS = {_device.HOST: "fusedgrad.cpu.cross_entropy",
              _device.DEVICE: "fusedgrad.cuda.cross_entropy"}
+
+
+@functools.cache
+def _backend(location: str):
+    return importlib.import_module(_BACKENDS[location])
 
 
 @dataclass(frozen=True)
@@ -72,7 +78,7 @@ def _prepare(logits, target, weight, ignore_index, reduction, label_smoothing, z
              **other_arrays) -> _Call:
     location = _device.array_location(logits=logits, target=target, weight=weight,
                                       **other_arrays)
-    backend = importlib.import_module(_BACKENDS[location])
+    backend = _backend(location)
     logits = backend.as_array("logits", logits)
     check_dtype("logits", logits, backend.DTYPES)
     check_ndim("logits", logits, 2, "shaped (N, C) or (N, C, d1, ..., dk)")

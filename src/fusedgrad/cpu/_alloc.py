@@ -21,6 +21,7 @@ the oldest released buffers first. :func:`empty_cache` releases everything it ho
 from __future__ import annotations
 
 import collections
+import math
 import os
 import threading
 import weakref
@@ -77,8 +78,8 @@ def _give_back(arena: np.ndarray) -> None:
 def empty(shape, dtype) -> np.ndarray:
     """An uninitialised C-contiguous array, from a released buffer of the same size if any."""
     dtype = np.dtype(dtype)
-    shape = tuple(int(s) for s in np.atleast_1d(shape)) if np.ndim(shape) else (int(shape),)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    shape = tuple(int(s) for s in shape) if isinstance(shape, (tuple, list)) else (int(shape),)
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < MIN_BYTES or _limit_bytes() == 0:
         return np.empty(shape, dtype)
     arena = _take(nbytes)

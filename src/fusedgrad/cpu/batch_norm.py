@@ -88,6 +88,8 @@ recomputed from x, so no temporary of x's size is ever allocated.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numba import njit, prange
 
@@ -536,15 +538,21 @@ def _as_f64(vec, n_channels, default):
 
 
 class _Geometry:
-    """Shape, tile plan and row-block count of a kernel-layout array."""
+    """Shape, tile plan and row-block count of a kernel-layout array (immutable; one per shape
+    and item size, see :func:`_geometry`)."""
 
-    def __init__(self, x3):
-        self.n_outer, self.n_channels, self.n_inner = x3.shape
-        self.itemsize = x3.dtype.itemsize
-        self.q, self.sub, self.cb, self.block_rows = plan_tiles(x3.shape, x3.dtype.itemsize)
+    def __init__(self, shape3, itemsize):
+        self.n_outer, self.n_channels, self.n_inner = shape3
+        self.itemsize = itemsize
+        self.q, self.sub, self.cb, self.block_rows = plan_tiles(shape3, itemsize)
         self.n_row_blocks = chunk_count(self.n_outer * self.q, self.block_rows)
         self.fusable = self.n_row_blocks == 1
         self.count = self.n_outer * self.n_inner
+        rows = np.full(self.n_row_blocks, self.block_rows, dtype=np.int64)
+        if self.n_row_blocks:  # an empty batch (eval) has none
+            rows[-1] = self.n_outer * self.q - self.block_rows * (self.n_row_blocks - 1)
+        self._block_counts = rows * self.sub
+        self._block_counts.flags.writeable = False
 
     @property
     def args(self):
@@ -567,10 +575,19 @@ class _Geometry:
             np.empty((self.n_row_blocks, self.n_channels))
 
     def block_counts(self):
-        """Values per channel in each row block (the last block may be shorter)."""
-        rows = np.full(self.n_row_blocks, self.block_rows, dtype=np.int64)
-        rows[-1] = self.n_outer * self.q - self.block_rows * (self.n_row_blocks - 1)
-        return rows * self.sub
+        """Values per channel in each row block (the last block may be shorter); read-only."""
+        return self._block_counts
+
+
+@functools.lru_cache(maxsize=256)
+def _geometry_of(shape3, itemsize):
+    return _Geometry(shape3, itemsize)
+
+
+def _geometry(x3):
+    """The (cached) :class:`_Geometry` of ``x3``: a model calls its layers with the same few
+    shapes every step, and planning the tiles costs more than a small layer's kernel."""
+    return _geometry_of(x3.shape, x3.dtype.itemsize)
 
 
 def _flat(a):
@@ -584,12 +601,14 @@ def _unused_out(x3):
 
 def _moments(x3, gamma, beta, eps, out3):
     """(count, mean, m2, invstd or None): statistics, normalising into out3 when fusable."""
-    geo = _Geometry(x3)
+    geo = _geometry(x3)
     part_mean, part_m2 = geo.partials()
     fuse = out3 is not None and geo.fusable
     invstd = np.empty(geo.n_channels)
     _stats_sweep(_flat(x3), *geo.args, part_mean, part_m2, fuse,
                  gamma, beta, eps, invstd, _flat(out3) if fuse else _unused_out(x3))
+    if geo.n_row_blocks == 1:  # what merge_moments returns for one part, without the call
+        return geo.count, part_mean[0], part_m2[0], (invstd if fuse else None)
     count, mean, m2 = merge_moments(geo.block_counts(), part_mean, part_m2)
     return int(count), mean, m2, (invstd if fuse else None)
 
@@ -603,7 +622,7 @@ def channel_stats(x3):
 
 def normalize(x3, mean, invstd, weight, bias, out3):
     """out3 = (x - mean) * invstd * weight + bias per channel; returns out3."""
-    geo = _Geometry(x3)
+    geo = _geometry(x3)
     c = geo.n_channels
     _normalize_sweep(_flat(x3), _flat(out3), *geo.elementwise_args, _as_f64(mean, c, 0.0),
                      _as_f64(invstd, c, 1.0), _as_f64(weight, c, 1.0), _as_f64(bias, c, 0.0))
@@ -612,11 +631,13 @@ def normalize(x3, mean, invstd, weight, bias, out3):
 
 def _grad_sums(dy3, x3, mean, invstd, gamma, training, out3):
     """(sum_dy, sum_dy_xhat, fused): the sums, writing dx into out3 when fusable."""
-    geo = _Geometry(x3)
+    geo = _geometry(x3)
     part_dy, part_dy_xhat = geo.partials()
     fuse = out3 is not None and geo.fusable
     _grad_sweep(_flat(dy3), _flat(x3), *geo.args, mean, invstd, part_dy, part_dy_xhat,
                 fuse, gamma, training, _flat(out3) if fuse else _unused_out(x3))
+    if geo.n_row_blocks == 1:  # what sum_partials returns for one part, without the call
+        return part_dy[0], part_dy_xhat[0], fuse
     return sum_partials(part_dy), sum_partials(part_dy_xhat), fuse
 
 
@@ -631,12 +652,20 @@ def backward_reduce(dy3, x3, mean, invstd):
 def backward_elementwise(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, count, out3, *,
                          training=True):
     """dx into out3 from (global) sums and count; returns out3."""
-    geo = _Geometry(x3)
+    geo = _geometry(x3)
     c = geo.n_channels
     _dx_sweep(_flat(dy3), _flat(x3), _flat(out3), *geo.elementwise_args, _as_f64(mean, c, 0.0),
               _as_f64(invstd, c, 1.0), _as_f64(weight, c, 1.0), _as_f64(sum_dy, c, 0.0),
               _as_f64(sum_dy_xhat, c, 0.0), float(count), bool(training))
     return out3
+
+
+@njit(cache=True)
+def _update_running(running, stat, momentum, scale):
+    """running = (1 - momentum) running + momentum (stat * scale), in float64, stored in the
+    buffer's dtype; scale = m / (m - 1) turns the biased batch variance into the unbiased one."""
+    for c in range(running.shape[0]):
+        running[c] = (1.0 - momentum) * np.float64(running[c]) + momentum * (stat[c] * scale)
 
 
 def forward(x3, weight, bias, running_mean, running_var, out3, *, training, momentum, eps):
@@ -651,11 +680,9 @@ def forward(x3, weight, bias, running_mean, running_var, out3, *, training, mome
             invstd = 1.0 / np.sqrt(var + eps)
             normalize(x3, mean, invstd, gamma, beta, out3)
         if running_mean is not None:
-            running_mean[...] = (1.0 - momentum) * running_mean.astype(np.float64) \
-                + momentum * mean
+            _update_running(running_mean, mean, momentum, 1.0)
         if running_var is not None:
-            running_var[...] = (1.0 - momentum) * running_var.astype(np.float64) \
-                + momentum * (var * (count / (count - 1)))
+            _update_running(running_var, var, momentum, count / (count - 1))
     else:
         mean = _as_f64(running_mean, c, 0.0)
         invstd = 1.0 / np.sqrt(_as_f64(running_var, c, 1.0) + eps)
