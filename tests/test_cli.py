@@ -192,7 +192,7 @@ def test_time_callable_warms_up_then_repeats_until_enough_time():
     calls = []
     settings = _bench.Settings(repeats=4, min_seconds=0.0, max_repeats=10)
     timing = _bench.time_callable(lambda: calls.append(1), settings)
-    assert len(calls) == 1 + 4 and timing.repeats == 4
+    assert len(calls) == 1 + 2 * 4 and timing.repeats == 4  # warm-up, then untimed + timed
     assert 0 <= timing.min_s <= timing.median_s
     calls.clear()
     capped = _bench.Settings(repeats=2, min_seconds=60.0, max_repeats=6)
@@ -209,7 +209,8 @@ def test_time_interleaved_alternates_until_each_has_enough():
 
     timings = _bench.time_interleaved({"slow": slow, "fast": lambda: calls.append("fast")},
                                       settings)
-    assert calls == ["slow", "fast"] * 4  # a warm-up round, then three timed rounds
+    # A warm-up round, then three rounds in which each runs untimed, then timed.
+    assert calls == ["slow", "fast"] + ["slow", "slow", "fast", "fast"] * 3
     assert timings["slow"].min_s >= 0.002 > timings["fast"].median_s
     calls.clear()
     by_time = _bench.Settings(repeats=1, min_seconds=0.01, max_repeats=50)
@@ -217,7 +218,7 @@ def test_time_interleaved_alternates_until_each_has_enough():
                                       by_time)
     # The slow one stops after about 5 calls (0.01 s); the fast one runs on to max_repeats.
     assert timings["slow"].repeats < 10 and timings["fast"].repeats == 50
-    assert calls[:4] == ["slow", "fast", "slow", "fast"]
+    assert calls[:6] == ["slow", "fast", "slow", "slow", "fast", "fast"]
 
 
 def test_reference_runs_on_a_row_subset_only_above_the_budget():

@@ -12,11 +12,16 @@ identical inputs:
   rows (samples) only and its time is scaled linearly to the full size; the printed table and the
   JSON record say so.
 
-Timing: one warm-up call per implementation (compilation, allocator, caches), then the
-implementations are timed in alternation, round by round, so that a noisy moment on a shared
-machine hits them alike: each gets at least ``repeats`` timed calls and more until it has spent
-``min_seconds`` (at most ``max_repeats``), each call between two device synchronisations on the
-GPU; the minimum and the median are reported.
+Timing: one warm-up call per implementation (compilation, allocator), then the implementations
+are timed in alternation, round by round, so that a noisy moment on a shared machine hits them
+alike: each gets at least ``repeats`` timed calls and more until it has spent ``min_seconds`` (at
+most ``max_repeats``), each call between two device synchronisations on the GPU; the minimum and
+the median are reported. Every timed call directly follows an untimed call of the same
+implementation, so each one meets the caches as its own previous call left them, whichever
+implementation ran before. (Without that, the order decided who found the shared inputs in
+the cache: on a CPU whose last-level cache holds a whole mid-sized case, such as the 480 MiB one
+the 2026-11-29 figures were measured on, an implementation timed right after the float64
+reference read its inputs from memory, while the one after it found them cached.)
 
 Memory roofline: the bytes an operation must move at least, divided by the copy bandwidth
 measured in the same run (a parallel copy of a buffer far larger than the last-level cache,
@@ -268,6 +273,8 @@ def time_interleaved(fns: dict, settings: Settings,
     while any(wants_more(samples) for samples in times.values()):
         for name, fn in fns.items():
             if wants_more(times[name]):
+                fn()  # untimed: the timed call finds the caches as this implementation left them
+                synchronize()
                 start = time.perf_counter()
                 fn()
                 synchronize()
