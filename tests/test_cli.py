@@ -19,7 +19,7 @@ from fusedgrad.__main__ import main
 SMOKE_CASES = ["ce_small", "bn_small", "model_small"]
 RECORD_FIELDS = {"case", "op", "layout", "shape", "dtype", "device", "timings", "notes",
                  "speedup_vs_torch", "speedup_vs_reference", "bytes", "roofline_s", "GBps",
-                 "roofline_pct"}
+                 "roofline_pct", "speedup_at_roofline"}
 
 
 def run_cli(*args, env=None, timeout=120):
@@ -107,9 +107,13 @@ def test_bench_json_has_machine_bandwidth_and_result_records(quick_report):
         ["min_s"])
     assert ce["speedup_vs_reference"] == pytest.approx(
         ce["timings"]["reference"]["min_s"] / ce["timings"]["fusedgrad"]["min_s"])
+    if "torch" in bn["timings"]:
+        assert bn["speedup_at_roofline"] == pytest.approx(
+            bn["timings"]["torch"]["min_s"] / bn["roofline_s"])
     assert model["bytes"] is None and model["speedup_vs_reference"] is None
+    assert model["speedup_at_roofline"] is None
     if "torch" in model["timings"]:
-        assert model["speedup_vs_torch"] > 0
+        assert model["speedup_vs_torch"] > 0 and model["paired_speedup_vs_torch"] > 0
         assert set(model["fused_op_share"]) == {"fusedgrad", "torch"}
         assert all(0 < share < 1 for share in model["fused_op_share"].values())
 
@@ -219,6 +223,14 @@ def test_time_interleaved_alternates_until_each_has_enough():
     # The slow one stops after about 5 calls (0.01 s); the fast one runs on to max_repeats.
     assert timings["slow"].repeats < 10 and timings["fast"].repeats == 50
     assert calls[:6] == ["slow", "fast", "slow", "slow", "fast", "fast"]
+
+
+def test_paired_speedup_is_the_median_of_per_round_ratios():
+    torch_timing = _bench.Timing(1.0, 2.0, 4, [2.0, 4.0, 1.0, 9.0])
+    fused = _bench.Timing(1.0, 1.0, 3, [1.0, 1.0, 2.0])
+    # Rounds 1-3 only (fusedgrad stopped earlier): ratios 2, 4, 0.5 -> median 2.
+    assert _bench.paired_speedup(torch_timing, fused) == 2.0
+    assert _bench.paired_speedup(torch_timing, _bench.Timing(1.0, 1.0, 0, [])) is None
 
 
 def test_reference_runs_on_a_row_subset_only_above_the_budget():
