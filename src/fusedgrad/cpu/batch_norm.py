@@ -90,6 +90,7 @@ from __future__ import annotations
 
 import functools
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -435,6 +436,16 @@ def _tile(t, n_outer, n_channels, q, cb, block_rows):
 
 
 @njit(cache=True, inline="always")
+def _worker_tiles(worker, n_workers, n_tiles):
+    """Worker's contiguous share [lo, hi) of the tiles (the same split in every sweep of a call).
+
+    Only which thread computes a tile depends on it, never the tile's result (each tile writes
+    its own partials, merged in tile order), so any split gives the same bits.
+    """
+    return (worker * n_tiles) // n_workers, ((worker + 1) * n_tiles) // n_workers
+
+
+@njit(cache=True, inline="always")
 def _n_tiles(n_outer, n_channels, q, cb, block_rows):
     return ((n_outer * q + block_rows - 1) // block_rows) * ((n_channels + cb - 1) // cb)
 
@@ -445,87 +456,107 @@ def _n_tiles(n_outer, n_channels, q, cb, block_rows):
 # --------------------------------------------------------------------------------------------
 @njit(cache=True, parallel=True)
 def _stats_sweep(x, n_outer, n_channels, n_inner, q, sub, cb, block_rows,
-                 part_mean, part_m2, fuse, gamma, beta, eps, invstd_out, out):
+                 part_mean, part_m2, fuse, gamma, beta, eps, invstd_out, out, n_workers):
     """Per-tile mean and M2 (two passes over the cache-resident tile) into the partials.
 
     fuse (only when each tile holds whole channels): also normalise the tile with its final
     statistics, y = (x - mean) * invstd * gamma + beta, writing invstd_out for its channels.
     """
     row_stride = n_channels * n_inner
-    for t in prange(_n_tiles(n_outer, n_channels, q, cb, block_rows)):
-        rb, r0, r1, c0, nch = _tile(t, n_outer, n_channels, q, cb, block_rows)
-        j0 = c0 * n_inner
-        count = (r1 - r0) * sub
-        mean = part_mean[rb, c0:c0 + nch]
-        _tile_moment(x, r0, r1, q, row_stride, j0, sub, None, mean)
-        mean /= count
-        _tile_moment(x, r0, r1, q, row_stride, j0, sub, mean, part_m2[rb, c0:c0 + nch])
-        if fuse:
-            for c in range(c0, c0 + nch):
-                invstd_out[c] = 1.0 / np.sqrt(part_m2[rb, c] / count + eps)
-            coef = np.empty((3, nch), x.dtype)
-            _affine_coefficients(part_mean[rb], invstd_out, gamma, beta, c0,
-                                 coef[0], coef[1], coef[2])
-            _tile_affine(x, out, r0, r1, q, row_stride, j0, sub, coef[0], coef[1], coef[2])
+    n_tiles = _n_tiles(n_outer, n_channels, q, cb, block_rows)
+    for worker in prange(n_workers):
+        lo, hi = _worker_tiles(worker, n_workers, n_tiles)
+        for t in range(lo, hi):
+            rb, r0, r1, c0, nch = _tile(t, n_outer, n_channels, q, cb, block_rows)
+            j0 = c0 * n_inner
+            count = (r1 - r0) * sub
+            mean = part_mean[rb, c0:c0 + nch]
+            _tile_moment(x, r0, r1, q, row_stride, j0, sub, None, mean)
+            mean /= count
+            _tile_moment(x, r0, r1, q, row_stride, j0, sub, mean, part_m2[rb, c0:c0 + nch])
+            if fuse:
+                for c in range(c0, c0 + nch):
+                    invstd_out[c] = 1.0 / np.sqrt(part_m2[rb, c] / count + eps)
+                coef = np.empty((3, nch), x.dtype)
+                _affine_coefficients(part_mean[rb], invstd_out, gamma, beta, c0,
+                                     coef[0], coef[1], coef[2])
+                _tile_affine(x, out, r0, r1, q, row_stride, j0, sub, coef[0], coef[1], coef[2])
 
 
 @njit(cache=True, parallel=True)
 def _normalize_sweep(x, out, n_outer, n_channels, n_inner, q, sub, cb, block_rows,
-                     mean, invstd, gamma, beta):
+                     mean, invstd, gamma, beta, n_workers):
     """out = (x - mean) * invstd * gamma + beta, tile by tile."""
     row_stride = n_channels * n_inner
-    for t in prange(_n_tiles(n_outer, n_channels, q, cb, block_rows)):
-        rb, r0, r1, c0, nch = _tile(t, n_outer, n_channels, q, cb, block_rows)
-        coef = np.empty((3, nch), x.dtype)
-        _affine_coefficients(mean, invstd, gamma, beta, c0, coef[0], coef[1], coef[2])
-        _tile_affine(x, out, r0, r1, q, row_stride, c0 * n_inner, sub, coef[0], coef[1], coef[2])
+    n_tiles = _n_tiles(n_outer, n_channels, q, cb, block_rows)
+    for worker in prange(n_workers):
+        lo, hi = _worker_tiles(worker, n_workers, n_tiles)
+        for t in range(hi - 1, lo - 1, -1):
+            rb, r0, r1, c0, nch = _tile(t, n_outer, n_channels, q, cb, block_rows)
+            coef = np.empty((3, nch), x.dtype)
+            _affine_coefficients(mean, invstd, gamma, beta, c0, coef[0], coef[1], coef[2])
+            _tile_affine(x, out, r0, r1, q, row_stride, c0 * n_inner, sub,
+                         coef[0], coef[1], coef[2])
 
 
 @njit(cache=True, parallel=True)
 def _grad_sweep(dy, x, n_outer, n_channels, n_inner, q, sub, cb, block_rows, mean, invstd,
-                part_dy, part_dy_xhat, fuse, gamma, training, out):
+                part_dy, part_dy_xhat, fuse, gamma, training, out, n_workers):
     """Per-tile sum dy and sum dy * xhat into the partials (one pass over x and dy).
 
     fuse (only when each tile holds whole channels): also write the tile's dx, whose
     coefficients need just these (then complete) sums, while x and dy are still in cache.
     """
     row_stride = n_channels * n_inner
-    for t in prange(_n_tiles(n_outer, n_channels, q, cb, block_rows)):
-        rb, r0, r1, c0, nch = _tile(t, n_outer, n_channels, q, cb, block_rows)
-        j0 = c0 * n_inner
-        mean_hi = np.empty(nch, x.dtype)
-        mean_lo = np.empty(nch)
-        _split_mean(mean, c0, mean_hi, mean_lo)
-        sum_dy = part_dy[rb, c0:c0 + nch]
-        sum_dyd = part_dy_xhat[rb, c0:c0 + nch]
-        _tile_grad(dy, x, r0, r1, q, row_stride, j0, sub, mean_hi, sum_dy, sum_dyd)
-        # sum dy (x - mean) = sum dy (x - mean_hi) - mean_lo sum dy; times invstd: sum dy xhat
-        for k in range(nch):
-            sum_dyd[k] = (sum_dyd[k] - mean_lo[k] * sum_dy[k]) * np.float64(invstd[c0 + k])
-        if fuse:
-            coef = np.empty((4, nch), x.dtype)
-            _dx_coefficients(mean, invstd, gamma, part_dy[rb], part_dy_xhat[rb],
-                             n_outer * n_inner, training, c0, coef[0], coef[1], coef[2], coef[3])
-            _tile_dx(dy, x, out, r0, r1, q, row_stride, j0, sub,
-                     coef[0], coef[1], coef[2], coef[3])
+    n_tiles = _n_tiles(n_outer, n_channels, q, cb, block_rows)
+    for worker in prange(n_workers):
+        lo, hi = _worker_tiles(worker, n_workers, n_tiles)
+        for t in range(lo, hi):
+            rb, r0, r1, c0, nch = _tile(t, n_outer, n_channels, q, cb, block_rows)
+            j0 = c0 * n_inner
+            mean_hi = np.empty(nch, x.dtype)
+            mean_lo = np.empty(nch)
+            _split_mean(mean, c0, mean_hi, mean_lo)
+            sum_dy = part_dy[rb, c0:c0 + nch]
+            sum_dyd = part_dy_xhat[rb, c0:c0 + nch]
+            _tile_grad(dy, x, r0, r1, q, row_stride, j0, sub, mean_hi, sum_dy, sum_dyd)
+            # sum dy (x - mean) = sum dy (x - mean_hi) - mean_lo sum dy; times invstd: sum dy xhat
+            for k in range(nch):
+                sum_dyd[k] = (sum_dyd[k] - mean_lo[k] * sum_dy[k]) * np.float64(invstd[c0 + k])
+            if fuse:
+                coef = np.empty((4, nch), x.dtype)
+                _dx_coefficients(mean, invstd, gamma, part_dy[rb], part_dy_xhat[rb],
+                                 n_outer * n_inner, training, c0,
+                                 coef[0], coef[1], coef[2], coef[3])
+                _tile_dx(dy, x, out, r0, r1, q, row_stride, j0, sub,
+                         coef[0], coef[1], coef[2], coef[3])
 
 
 @njit(cache=True, parallel=True)
 def _dx_sweep(dy, x, out, n_outer, n_channels, n_inner, q, sub, cb, block_rows,
-              mean, invstd, gamma, sum_dy, sum_dy_xhat, count, training):
+              mean, invstd, gamma, sum_dy, sum_dy_xhat, count, training, n_workers):
     """dx from complete sums, tile by tile."""
     row_stride = n_channels * n_inner
-    for t in prange(_n_tiles(n_outer, n_channels, q, cb, block_rows)):
-        rb, r0, r1, c0, nch = _tile(t, n_outer, n_channels, q, cb, block_rows)
-        coef = np.empty((4, nch), x.dtype)
-        _dx_coefficients(mean, invstd, gamma, sum_dy, sum_dy_xhat, count, training, c0,
-                         coef[0], coef[1], coef[2], coef[3])
-        _tile_dx(dy, x, out, r0, r1, q, row_stride, c0 * n_inner, sub,
-                 coef[0], coef[1], coef[2], coef[3])
+    n_tiles = _n_tiles(n_outer, n_channels, q, cb, block_rows)
+    for worker in prange(n_workers):
+        lo, hi = _worker_tiles(worker, n_workers, n_tiles)
+        for t in range(hi - 1, lo - 1, -1):
+            rb, r0, r1, c0, nch = _tile(t, n_outer, n_channels, q, cb, block_rows)
+            coef = np.empty((4, nch), x.dtype)
+            _dx_coefficients(mean, invstd, gamma, sum_dy, sum_dy_xhat, count, training, c0,
+                             coef[0], coef[1], coef[2], coef[3])
+            _tile_dx(dy, x, out, r0, r1, q, row_stride, c0 * n_inner, sub,
+                     coef[0], coef[1], coef[2], coef[3])
 
 # --------------------------------------------------------------------------------------------
 # Python-level backend functions (the interface in the module docstring).
 # --------------------------------------------------------------------------------------------
+def _n_workers() -> int:
+    """One parallel worker per Numba thread (read here: inside a kernel the call would keep
+    Numba from caching it)."""
+    return numba.get_num_threads()
+
+
 def _stat_dtype(dtype):
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
@@ -606,7 +637,8 @@ def _moments(x3, gamma, beta, eps, out3):
     fuse = out3 is not None and geo.fusable
     invstd = np.empty(geo.n_channels)
     _stats_sweep(_flat(x3), *geo.args, part_mean, part_m2, fuse,
-                 gamma, beta, eps, invstd, _flat(out3) if fuse else _unused_out(x3))
+                 gamma, beta, eps, invstd, _flat(out3) if fuse else _unused_out(x3),
+                 _n_workers())
     if geo.n_row_blocks == 1:  # what merge_moments returns for one part, without the call
         return geo.count, part_mean[0], part_m2[0], (invstd if fuse else None)
     count, mean, m2 = merge_moments(geo.block_counts(), part_mean, part_m2)
@@ -625,7 +657,8 @@ def normalize(x3, mean, invstd, weight, bias, out3):
     geo = _geometry(x3)
     c = geo.n_channels
     _normalize_sweep(_flat(x3), _flat(out3), *geo.elementwise_args, _as_f64(mean, c, 0.0),
-                     _as_f64(invstd, c, 1.0), _as_f64(weight, c, 1.0), _as_f64(bias, c, 0.0))
+                     _as_f64(invstd, c, 1.0), _as_f64(weight, c, 1.0), _as_f64(bias, c, 0.0),
+                     _n_workers())
     return out3
 
 
@@ -635,7 +668,7 @@ def _grad_sums(dy3, x3, mean, invstd, gamma, training, out3):
     part_dy, part_dy_xhat = geo.partials()
     fuse = out3 is not None and geo.fusable
     _grad_sweep(_flat(dy3), _flat(x3), *geo.args, mean, invstd, part_dy, part_dy_xhat,
-                fuse, gamma, training, _flat(out3) if fuse else _unused_out(x3))
+                fuse, gamma, training, _flat(out3) if fuse else _unused_out(x3), _n_workers())
     if geo.n_row_blocks == 1:  # what sum_partials returns for one part, without the call
         return part_dy[0], part_dy_xhat[0], fuse
     return sum_partials(part_dy), sum_partials(part_dy_xhat), fuse
@@ -656,7 +689,7 @@ def backward_elementwise(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, cou
     c = geo.n_channels
     _dx_sweep(_flat(dy3), _flat(x3), _flat(out3), *geo.elementwise_args, _as_f64(mean, c, 0.0),
               _as_f64(invstd, c, 1.0), _as_f64(weight, c, 1.0), _as_f64(sum_dy, c, 0.0),
-              _as_f64(sum_dy_xhat, c, 0.0), float(count), bool(training))
+              _as_f64(sum_dy_xhat, c, 0.0), float(count), bool(training), _n_workers())
     return out3
 
 
