@@ -3,6 +3,7 @@ against torch.nn.functional.batch_norm, float64 finite differences, hypothesis, 
 validation, determinism across thread counts, memory, and the split building blocks."""
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -130,6 +131,11 @@ def test_many_small_tiles_against_reference(shape3, dtype, monkeypatch):
     """Tiny cache budgets force every loop shape and many partials through small arrays."""
     for name, value in SMALL_TILES.items():
         monkeypatch.setattr(cpu_bn, name, value)
+    # Tile plans are cached per shape: plan afresh under the small budgets, and leave no small
+    # plan behind for later tests.
+    cpu_bn._geometry_of.cache_clear()
+    monkeypatch.setattr(cpu_bn, "_geometry_of",
+                        functools.lru_cache(maxsize=None)(cpu_bn._geometry_of.__wrapped__))
     rng = np.random.default_rng(15)
     x3, dy3, weight, bias, _, _ = _inputs(rng, shape3, 1, dtype)
     y3 = np.empty_like(x3)
@@ -143,6 +149,14 @@ def test_many_small_tiles_against_reference(shape3, dtype, monkeypatch):
     for got, want in ((y3, y_r), (mean, mean_r), (invstd, invstd_r), (dx3, dx_r),
                       (dweight, dweight_r), (dbias, dbias_r)):
         np.testing.assert_allclose(got, want, rtol=tol["rtol"], atol=tol["atol"] * 10)
+
+
+@pytest.mark.parametrize("n_workers", [1, 2, 3, 5])
+def test_worker_shares_cover_every_tile_once(n_workers):
+    for n_tiles in range(0, 23):
+        shares = [cpu_bn._worker_tiles(w, n_workers, n_tiles) for w in range(n_workers)]
+        covered = [t for lo, hi in shares for t in range(lo, hi)]
+        assert covered == list(range(n_tiles))
 
 
 def test_eval_backward_is_dy_weight_invstd():
