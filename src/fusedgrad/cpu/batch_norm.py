@@ -65,6 +65,12 @@ When a tile holds whole channels (one row block, at most FUSE_BYTES of data per 
 the phases are fused: the forward computes the tile's statistics and normalises it while it is
 still in the L2 cache, and the backward reduces and writes dx the same way, so x and dy are read
 from memory once per direction. Otherwise a second parallel sweep applies the merged statistics.
+
+Each sweep starts one worker per thread, and worker w takes the w-th contiguous share of the
+tiles (``_worker_tiles``); the second sweep of an unfused call walks each share backwards, so a
+core begins with the tiles its first sweep read last, which are still in its L2 cache (4096 x 1024
+float32: 10% less kernel time than walking forwards). Which thread computes a tile never changes
+the tile's result.
 Sweeps that only apply per-channel coefficients (eval forward, and the second sweep of the
 unfused regimes) involve no reduction, so they may cut the work differently without changing a
 bit: with long runs they take whole rows across all channels, i.e. contiguous memory.
