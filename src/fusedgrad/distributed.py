@@ -84,6 +84,7 @@ from numba import njit, prange
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from ._torch_arrays import ChannelLayout, kernel_array
 from ._validate import (FLOAT_DTYPES_CPU, INT_DTYPES, as_host_array, check_dtype, check_int,
                         check_ndim, check_real, check_out, check_reduction, check_shape,
                         check_writeable)
@@ -647,7 +648,7 @@ def _cpu_tensor(name, tensor):
     if isinstance(tensor, torch.Tensor) and tensor.device.type != "cpu":
         raise TypeError(f"{name} must be a CPU tensor (fusedgrad.distributed runs the CPU "
                         f"kernels), got device {tensor.device}")
-    return _fused_torch()._kernel_array(name, tensor)
+    return kernel_array(name, tensor)
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
@@ -660,7 +661,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group,
                 world_size):
-        layout = _fused_torch()._ChannelLayout(x)
+        layout = ChannelLayout(x)
         x_kernel = layout.to_kernel(x)
         x_array = _cpu_tensor("input", x_kernel)
         count, mean, m2 = bn_partial_stats(x_array, channel_axis=layout.channel_axis)

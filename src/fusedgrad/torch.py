@@ -38,17 +38,18 @@ The multi-process drop-ins ``SyncBatchNorm``, ``convert_sync_batchnorm`` and
 ``vocab_parallel_softmax_cross_entropy`` live in ``fusedgrad.distributed`` and are re-exported
 here.
 
-Only this module and ``fusedgrad.distributed`` import torch: ``import fusedgrad`` does not.
+Only this module, ``fusedgrad.distributed`` and the tensor <-> array helpers they share
+(``fusedgrad._torch_arrays``) import torch: ``import fusedgrad`` does not.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
 import fusedgrad as fg
 from fusedgrad import cross_entropy as _ce
+from fusedgrad._torch_arrays import ChannelLayout, as_tensor, kernel_array
 from fusedgrad._validate import check_real, check_reduction
 
 #: Multi-process drop-ins, defined in ``fusedgrad.distributed`` and re-exported here on first
@@ -64,42 +65,6 @@ def __getattr__(name: str):
         from fusedgrad import distributed
         return getattr(distributed, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-# --------------------------------------------------------------------------------------------
-# Tensors <-> kernel arrays
-# --------------------------------------------------------------------------------------------
-def _kernel_array(name: str, tensor):
-    """The array the kernels read for ``tensor``, sharing its memory; ``None`` stays ``None``.
-
-    CPU tensors become NumPy views; CUDA tensors are passed as they are (the API reads their
-    ``__cuda_array_interface__``). ``detach()`` is needed because NumPy views and the CUDA array
-    interface are refused for tensors that require grad; it does not copy.
-    """
-    if tensor is None:
-        return None
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.is_cpu:
-        if tensor.dtype == torch.bfloat16:
-            raise TypeError(f"{name} has dtype torch.bfloat16, which the CPU kernels do not "
-                            "take; use float32 or float64 on the CPU")
-        return tensor.detach().numpy()
-    if tensor.is_cuda:
-        return tensor.detach()
-    raise TypeError(f"{name} must be a CPU or CUDA tensor, got device {tensor.device}")
-
-
-_UNTYPED_BFLOAT16 = np.dtype("V2")
-
-
-def _as_tensor(array, device: torch.device) -> torch.Tensor:
-    """Wrap a kernel result (NumPy array, or device array on ``device``) without a copy."""
-    if getattr(array, "dtype", None) == _UNTYPED_BFLOAT16:
-        # bfloat16 device arrays cross __cuda_array_interface__ as the untyped "<V2" (NumPy has
-        # no bfloat16), which torch.as_tensor cannot import: reinterpret the bits instead.
-        return torch.as_tensor(array.view(np.uint16), device=device).view(torch.bfloat16)
-    return torch.as_tensor(array, device=device)
 
 
 def _channel_shape(tensor: torch.Tensor, ndim: int) -> tuple:
@@ -121,15 +86,15 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, z_loss):
-        call = _ce._prepare(_kernel_array("input", logits), _kernel_array("target", target),
-                            _kernel_array("weight", weight), ignore_index, reduction,
+        call = _ce._prepare(kernel_array("input", logits), kernel_array("target", target),
+                            kernel_array("weight", weight), ignore_index, reduction,
                             label_smoothing, z_loss)
         loss, lse = _ce._forward(call)
         ctx.call = call
-        ctx.save_for_backward(logits, target, weight, _as_tensor(lse, logits.device))
+        ctx.save_for_backward(logits, target, weight, as_tensor(lse, logits.device))
         # The kernels return float32 losses for half-precision logits; F.cross_entropy returns
         # the input's dtype (a no-op cast for float32 and float64).
-        return _as_tensor(loss, logits.device).to(logits.dtype)
+        return as_tensor(loss, logits.device).to(logits.dtype)
 
     @staticmethod
     @once_differentiable
@@ -142,14 +107,14 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             if call.reduction == "none":
                 # Autograd may hand over an expanded (stride-0) or half-precision gradient.
-                upstream = backend.as_array("grad_output", _kernel_array(
+                upstream = backend.as_array("grad_output", kernel_array(
                     "grad_output", grad_loss.to(lse.dtype).contiguous()))
             else:
                 upstream = float(grad_loss)
             grad = _ce._backward(call, upstream,
-                                 backend.as_array("lse", _kernel_array("lse", lse)),
+                                 backend.as_array("lse", kernel_array("lse", lse)),
                                  backend.empty_like(call.logits))
-            grad_logits = _as_tensor(grad, logits.device)
+            grad_logits = as_tensor(grad, logits.device)
         if ctx.needs_input_grad[1]:
             grad_target = _probability_target_grad(grad_loss, logits, weight, lse,
                                                    call.reduction,
@@ -234,49 +199,23 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
 # --------------------------------------------------------------------------------------------
 # Batch normalization
 # --------------------------------------------------------------------------------------------
-class _ChannelLayout:
-    """How a batch-norm input is handed to the kernels: channels first, or channels last.
-
-    A 4-D / 5-D tensor stored channels-last is passed as its NHWC / NDHWC permutation, a
-    contiguous view of the same memory, with ``channel_axis=-1``; anything else as a
-    contiguous NC... tensor with ``channel_axis=1``. The same layout is applied to the upstream
-    gradient, and undone on the outputs.
-    """
-
-    def __init__(self, x: torch.Tensor):
-        self.ndim = x.dim()
-        self.channels_last = (not x.is_contiguous() and self.ndim in (4, 5) and x.is_contiguous(
-            memory_format=torch.channels_last if self.ndim == 4 else torch.channels_last_3d))
-        self.channel_axis = -1 if self.channels_last else 1
-
-    def to_kernel(self, t: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            t = t.permute(0, *range(2, self.ndim), 1)
-        return t.contiguous()
-
-    def from_kernel(self, t: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            return t.permute(0, self.ndim - 1, *range(1, self.ndim - 1))
-        return t
-
-
 class _BatchNorm(torch.autograd.Function):
     """Fused batch norm; saves the input, ``weight`` and mean / invstd per channel."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps):
-        layout = _ChannelLayout(x)
+        layout = ChannelLayout(x)
         x_kernel = layout.to_kernel(x)
         y, mean, invstd = fg.batch_norm_forward(
-            _kernel_array("input", x_kernel), _kernel_array("weight", weight),
-            _kernel_array("bias", bias), _kernel_array("running_mean", running_mean),
-            _kernel_array("running_var", running_var),
+            kernel_array("input", x_kernel), kernel_array("weight", weight),
+            kernel_array("bias", bias), kernel_array("running_mean", running_mean),
+            kernel_array("running_var", running_var),
             training=training, momentum=momentum, eps=eps, channel_axis=layout.channel_axis)
         ctx.layout = layout
         ctx.training = training
-        ctx.save_for_backward(x_kernel, weight, _as_tensor(mean, x.device),
-                              _as_tensor(invstd, x.device))
-        return layout.from_kernel(_as_tensor(y, x.device))
+        ctx.save_for_backward(x_kernel, weight, as_tensor(mean, x.device),
+                              as_tensor(invstd, x.device))
+        return layout.from_kernel(as_tensor(y, x.device))
 
     @staticmethod
     @once_differentiable
@@ -284,14 +223,14 @@ class _BatchNorm(torch.autograd.Function):
         x_kernel, weight, mean, invstd = ctx.saved_tensors
         layout = ctx.layout
         dx, dweight, dbias = fg.batch_norm_backward(
-            _kernel_array("grad_output", layout.to_kernel(grad_output)),
-            _kernel_array("input", x_kernel), _kernel_array("mean", mean),
-            _kernel_array("invstd", invstd), _kernel_array("weight", weight),
+            kernel_array("grad_output", layout.to_kernel(grad_output)),
+            kernel_array("input", x_kernel), kernel_array("mean", mean),
+            kernel_array("invstd", invstd), kernel_array("weight", weight),
             training=ctx.training, channel_axis=layout.channel_axis)
         device = grad_output.device
         # Autograd casts each gradient to its input's dtype (float32 weight, half input on CUDA).
-        grads = (layout.from_kernel(_as_tensor(dx, device)), _as_tensor(dweight, device),
-                 _as_tensor(dbias, device))
+        grads = (layout.from_kernel(as_tensor(dx, device)), as_tensor(dweight, device),
+                 as_tensor(dbias, device))
         grads = [g if needed else None for g, needed in zip(grads, ctx.needs_input_grad)]
         return (*grads, None, None, None, None, None)
 
