@@ -154,9 +154,12 @@ def test_many_small_tiles_against_reference(shape3, dtype, monkeypatch):
 @pytest.mark.parametrize("n_workers", [1, 2, 3, 5])
 def test_worker_shares_cover_every_tile_once(n_workers):
     for n_tiles in range(0, 23):
-        shares = [cpu_bn._worker_tiles(w, n_workers, n_tiles) for w in range(n_workers)]
-        covered = [t for lo, hi in shares for t in range(lo, hi)]
-        assert covered == list(range(n_tiles))
+        forwards = [list(range(*cpu_bn._worker_tiles(w, n_workers, n_tiles, False)))
+                    for w in range(n_workers)]
+        backwards = [list(range(*cpu_bn._worker_tiles(w, n_workers, n_tiles, True)))
+                     for w in range(n_workers)]
+        assert [t for share in forwards for t in share] == list(range(n_tiles))
+        assert backwards == [share[::-1] for share in forwards]
 
 
 def test_eval_backward_is_dy_weight_invstd():

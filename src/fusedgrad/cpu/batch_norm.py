@@ -442,13 +442,16 @@ def _tile(t, n_outer, n_channels, q, cb, block_rows):
 
 
 @njit(cache=True, inline="always")
-def _worker_tiles(worker, n_workers, n_tiles):
-    """Worker's contiguous share [lo, hi) of the tiles (the same split in every sweep of a call).
+def _worker_tiles(worker, n_workers, n_tiles, backwards):
+    """``range`` arguments for the worker's contiguous share of the tiles, the same share in
+    every sweep of a call, walked backwards if asked.
 
     Only which thread computes a tile depends on it, never the tile's result (each tile writes
     its own partials, merged in tile order), so any split gives the same bits.
     """
-    return (worker * n_tiles) // n_workers, ((worker + 1) * n_tiles) // n_workers
+    lo = (worker * n_tiles) // n_workers
+    hi = ((worker + 1) * n_tiles) // n_workers
+    return (hi - 1, lo - 1, -1) if backwards else (lo, hi, 1)
 
 
 @njit(cache=True, inline="always")
@@ -471,8 +474,7 @@ def _stats_sweep(x, n_outer, n_channels, n_inner, q, sub, cb, block_rows,
     row_stride = n_channels * n_inner
     n_tiles = _n_tiles(n_outer, n_channels, q, cb, block_rows)
     for worker in prange(n_workers):
-        lo, hi = _worker_tiles(worker, n_workers, n_tiles)
-        for t in range(lo, hi):
+        for t in range(*_worker_tiles(worker, n_workers, n_tiles, False)):
             rb, r0, r1, c0, nch = _tile(t, n_outer, n_channels, q, cb, block_rows)
             j0 = c0 * n_inner
             count = (r1 - r0) * sub
@@ -496,8 +498,7 @@ def _normalize_sweep(x, out, n_outer, n_channels, n_inner, q, sub, cb, block_row
     row_stride = n_channels * n_inner
     n_tiles = _n_tiles(n_outer, n_channels, q, cb, block_rows)
     for worker in prange(n_workers):
-        lo, hi = _worker_tiles(worker, n_workers, n_tiles)
-        for t in range(hi - 1, lo - 1, -1):
+        for t in range(*_worker_tiles(worker, n_workers, n_tiles, True)):
             rb, r0, r1, c0, nch = _tile(t, n_outer, n_channels, q, cb, block_rows)
             coef = np.empty((3, nch), x.dtype)
             _affine_coefficients(mean, invstd, gamma, beta, c0, coef[0], coef[1], coef[2])
@@ -516,8 +517,7 @@ def _grad_sweep(dy, x, n_outer, n_channels, n_inner, q, sub, cb, block_rows, mea
     row_stride = n_channels * n_inner
     n_tiles = _n_tiles(n_outer, n_channels, q, cb, block_rows)
     for worker in prange(n_workers):
-        lo, hi = _worker_tiles(worker, n_workers, n_tiles)
-        for t in range(lo, hi):
+        for t in range(*_worker_tiles(worker, n_workers, n_tiles, False)):
             rb, r0, r1, c0, nch = _tile(t, n_outer, n_channels, q, cb, block_rows)
             j0 = c0 * n_inner
             mean_hi = np.empty(nch, x.dtype)
@@ -545,8 +545,7 @@ def _dx_sweep(dy, x, out, n_outer, n_channels, n_inner, q, sub, cb, block_rows,
     row_stride = n_channels * n_inner
     n_tiles = _n_tiles(n_outer, n_channels, q, cb, block_rows)
     for worker in prange(n_workers):
-        lo, hi = _worker_tiles(worker, n_workers, n_tiles)
-        for t in range(hi - 1, lo - 1, -1):
+        for t in range(*_worker_tiles(worker, n_workers, n_tiles, True)):
             rb, r0, r1, c0, nch = _tile(t, n_outer, n_channels, q, cb, block_rows)
             coef = np.empty((4, nch), x.dtype)
             _dx_coefficients(mean, invstd, gamma, sum_dy, sum_dy_xhat, count, training, c0,
