@@ -352,10 +352,14 @@ def test_batch_norm_saves_input_and_channel_statistics():
     module = fgt.BatchNorm2d(3, dtype=F64)
     x = torch.randn(4, 3, 2, 2, dtype=F64, requires_grad=True)
     y = module(x)
-    saved_x, saved_weight, mean, invstd = y.grad_fn.saved_tensors
+    # The tensors autograd keeps (and version-checks): the input itself and weight, no copies.
+    saved_x, saved_weight = y.grad_fn.saved_tensors
     assert saved_x.data_ptr() == x.data_ptr() and saved_weight is module.weight
+    # The per-channel statistics, as the kernels returned them.
+    mean, invstd = (torch.from_numpy(a) for a in y.grad_fn.stats)
     assert mean.shape == invstd.shape == (3,)
     var = x.detach().var(dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(mean, x.detach().mean(dim=(0, 2, 3)))
     torch.testing.assert_close(invstd, 1.0 / torch.sqrt(var + module.eps))
 
 

@@ -224,6 +224,28 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, chan
                          (("dy", dy), ("x", x), ("mean", mean), ("invstd", invstd),
                           ("weight", weight)))
 
+    return _run_backward(location, backend, dy, x, mean, invstd, weight, out, axis, training)
+
+
+def _backward_of_checked(dy, x, mean, invstd, weight, *, training, channel_axis):
+    """:func:`batch_norm_backward` without the argument checks, for callers whose arguments are
+    consistent by construction: ``fusedgrad.torch`` passes the ``x``, ``weight``, ``mean`` and
+    ``invstd`` of a forward that :func:`batch_norm_forward` checked, and the upstream gradient
+    autograd hands over, which has the output's shape and dtype. (Checking them again cost more
+    than the kernel on a small layer.)"""
+    location = _device.HOST if type(x) is np.ndarray else _device.DEVICE
+    backend = _backend(location)
+    if location == _device.DEVICE:
+        arrays = _Arrays(location, backend)
+        dy, x = arrays.wrap("dy", dy), arrays.wrap("x", x)
+        mean, invstd = arrays.wrap("mean", mean), arrays.wrap("invstd", invstd)
+        weight = arrays.wrap("weight", weight)
+    return _run_backward(location, backend, dy, x, mean, invstd, weight, None,
+                         channel_axis % x.ndim, training)
+
+
+def _run_backward(location, backend, dy, x, mean, invstd, weight, out, axis, training):
+    """The backward on checked, backend-wrapped arguments; ``axis`` in [0, ndim)."""
     if location == _device.HOST:
         x, channels_last = _host_layout(x, axis)
         dy = _host_like(x, axis, channels_last, dy)

@@ -23,7 +23,8 @@ What is saved for backward is what the backward kernels need and nothing else:
 
 - cross-entropy: the logits and target (the inputs, kept by reference, not copied) and the
   log-sum-exp of each row, so the backward pass rebuilds ``p = exp(z - lse)`` on the fly;
-- batch norm: the input and ``weight`` (by reference) and ``mean`` / ``invstd`` per channel.
+- batch norm: the input and ``weight`` (by reference) and ``mean`` / ``invstd`` per channel
+  (kept on ``ctx`` as the kernels returned them).
 
 A channels-last tensor (``memory_format=torch.channels_last`` or ``channels_last_3d``) goes to the
 batch-norm kernels as its NHWC / NDHWC permutation, which is a contiguous zero-copy view, with
@@ -48,6 +49,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 import fusedgrad as fg
+from fusedgrad import batch_norm as _bn
 from fusedgrad import cross_entropy as _ce
 from fusedgrad._torch_arrays import ChannelLayout, as_tensor, kernel_array
 from fusedgrad._validate import check_real, check_reduction
@@ -200,7 +202,11 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
 # Batch normalization
 # --------------------------------------------------------------------------------------------
 class _BatchNorm(torch.autograd.Function):
-    """Fused batch norm; saves the input, ``weight`` and mean / invstd per channel."""
+    """Fused batch norm; saves the input, ``weight`` and mean / invstd per channel.
+
+    The backward reuses what the forward's checked call established (the layout, and mean /
+    invstd as the kernels returned them, kept on ``ctx``) and skips the argument checks.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps):
@@ -213,19 +219,19 @@ class _BatchNorm(torch.autograd.Function):
             training=training, momentum=momentum, eps=eps, channel_axis=layout.channel_axis)
         ctx.layout = layout
         ctx.training = training
-        ctx.save_for_backward(x_kernel, weight, as_tensor(mean, x.device),
-                              as_tensor(invstd, x.device))
+        ctx.stats = (mean, invstd)
+        ctx.save_for_backward(x_kernel, weight)
         return layout.from_kernel(as_tensor(y, x.device))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        x_kernel, weight, mean, invstd = ctx.saved_tensors
+        x_kernel, weight = ctx.saved_tensors
         layout = ctx.layout
-        dx, dweight, dbias = fg.batch_norm_backward(
+        mean, invstd = ctx.stats
+        dx, dweight, dbias = _bn._backward_of_checked(
             kernel_array("grad_output", layout.to_kernel(grad_output)),
-            kernel_array("input", x_kernel), kernel_array("mean", mean),
-            kernel_array("invstd", invstd), kernel_array("weight", weight),
+            kernel_array("input", x_kernel), mean, invstd, kernel_array("weight", weight),
             training=ctx.training, channel_axis=layout.channel_axis)
         device = grad_output.device
         # Autograd casts each gradient to its input's dtype (float32 weight, half input on CUDA).
