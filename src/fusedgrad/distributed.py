@@ -93,8 +93,8 @@ from .cpu import batch_norm as _bn_cpu
 from .cpu import cross_entropy as _ce_cpu
 from .cpu._math import FASTMATH, cast_like
 from .cpu._reduce import merge_moments
-from .cpu.cross_entropy import (BLOCK, _exp_scale_minus_weighted, _fill_zero,
-                                _index_coefficient, _max_of, _sum_exp_shifted, _weighted_sum)
+from .cpu.cross_entropy import (BLOCK, exp_scale_minus_weighted, fill_zero,
+                                index_coefficient, max_of, sum_exp_shifted, weighted_sum)
 
 __all__ = ["bn_partial_stats", "bn_merge_stats", "bn_forward_from_stats", "bn_backward_reduce",
            "bn_backward_elementwise", "ShardStats", "ce_shard_max", "ce_shard_stats",
@@ -302,7 +302,7 @@ def _shard_max_kernel(logits, out):
     rows, n_chunks = _row_chunks(n, c)
     for chunk in prange(n_chunks):
         for i in range(chunk * rows, min(n, (chunk + 1) * rows)):
-            out[i] = np.float64(_max_of(logits[i]))
+            out[i] = np.float64(max_of(logits[i]))
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
@@ -325,9 +325,9 @@ def _shard_stats_kernel(logits, target, offset, weights, shift, ignore_index, wi
             w_total = 0.0
             for lo in range(0, c, BLOCK):
                 zb = z[lo:min(c, lo + BLOCK)]
-                total += np.float64(_sum_exp_shifted(zb, zb, s_cast, False, False))
+                total += np.float64(sum_exp_shifted(zb, zb, s_cast, False, False))
                 if with_weighted:
-                    w_total += _weighted_sum(zb, weights[lo:min(c, lo + BLOCK)])
+                    w_total += weighted_sum(zb, weights[lo:min(c, lo + BLOCK)])
             sum_exp[i] = total
             weighted[i] = w_total
             local = target[i] - offset
@@ -352,11 +352,11 @@ def _shard_grad_kernel(logits, target, offset, weights, target_weights, lse, sca
             g = grad[i]
             sc = scale[i] if per_row_scale else scale[0]
             if target[i] == ignore_index or sc == 0.0:
-                _fill_zero(g)
+                fill_zero(g)
                 continue
             w_t = target_weights[i]
-            coef = _index_coefficient(lse[i], w_t, weight_total, smoothing, z_loss, n_classes)
-            _exp_scale_minus_weighted(logits[i], g, lse[i], sc * coef,
+            coef = index_coefficient(lse[i], w_t, weight_total, smoothing, z_loss, n_classes)
+            exp_scale_minus_weighted(logits[i], g, lse[i], sc * coef,
                                       sc * smoothing / n_classes, weights, False)
             local = target[i] - offset
             if 0 <= local < c:

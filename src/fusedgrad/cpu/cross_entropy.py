@@ -309,8 +309,10 @@ def _sum_in_order(values):
     return total
 
 
+# Row primitives without a leading underscore are shared with the vocabulary-parallel kernels
+# of ``fusedgrad.distributed``, which apply the same math to a slice of the classes.
 @njit(inline="always", fastmath=FASTMATH)
-def _max_of(z):
+def max_of(z):
     """max_j z_j (NaN if any z_j is NaN); vectorised through ``fmax``."""
     m = z[0]
     for j in range(z.shape[0]):
@@ -319,7 +321,7 @@ def _max_of(z):
 
 
 @njit(inline="always", fastmath=FASTMATH)
-def _sum_exp_shifted(z, g, shift, store, inplace):
+def sum_exp_shifted(z, g, shift, store, inplace):
     """sum_j exp(z_j - shift), accumulated in the dtype of z over one block.
 
     With ``store`` the exponentials are also written to ``g`` (the gradient buffer, later
@@ -345,7 +347,7 @@ def _sum_exp_shifted(z, g, shift, store, inplace):
 
 
 @njit(inline="always", fastmath=FASTMATH)
-def _weighted_sum(z, w):
+def weighted_sum(z, w):
     """sum_j w_j z_j in float64 (the label-smoothing term of the loss)."""
     total = 0.0
     for j in range(z.shape[0]):
@@ -354,7 +356,7 @@ def _weighted_sum(z, w):
 
 
 @njit(inline="always", fastmath=FASTMATH)
-def _fill_zero(g):
+def fill_zero(g):
     zero = cast_like(0.0, g)
     for j in range(g.shape[0]):
         g[j] = zero
@@ -374,9 +376,9 @@ def _scale_minus_weighted(g, factor, smooth, w):
 
 
 @njit(inline="always", fastmath=FASTMATH)
-def _exp_scale_minus_weighted(z, g, shift, factor, smooth, w, inplace):
+def exp_scale_minus_weighted(z, g, shift, factor, smooth, w, inplace):
     """g_j = factor * exp(z_j - shift) - smooth * w_j: the gradient from a saved lse
-    (``inplace``: z is g's memory, read through g as in :func:`_sum_exp_shifted`)."""
+    (``inplace``: z is g's memory, read through g as in :func:`sum_exp_shifted`)."""
     if inplace:
         _exp_scale_minus_weighted_loop(g, g, shift, factor, smooth, w)
     else:
@@ -411,7 +413,7 @@ def _index_loss(lse, z_t, w_t, weighted, weight_total, smoothing, z_loss, n_clas
 
 
 @njit(inline="always")
-def _index_coefficient(lse, w_t, weight_total, smoothing, z_loss, n_classes):
+def index_coefficient(lse, w_t, weight_total, smoothing, z_loss, n_classes):
     """The factor of p_j in dloss/dz_j for a class-index target:
 
         d/dz_j [lse sum_c w_c q_c + z_loss w_t lse^2] = p_j (sum_c w_c q_c + 2 z_loss w_t lse),
@@ -481,11 +483,11 @@ def _row_exp_blocks(z, g, store, inplace, w, with_weighted, block_shift, block_s
         lo = b * BLOCK
         hi = min(c, lo + BLOCK)
         zb = z[lo:hi]
-        m = _max_of(zb)
+        m = max_of(zb)
         shift = m if m > -np.inf else cast_like(0.0, z)
         if with_weighted:
-            weighted += _weighted_sum(zb, w[lo:hi])
-        block_sum[b] = _sum_exp_shifted(zb, g[lo:hi], shift, store, inplace)
+            weighted += weighted_sum(zb, w[lo:hi])
+        block_sum[b] = sum_exp_shifted(zb, g[lo:hi], shift, store, inplace)
         block_shift[b] = shift
         row_max = fmax(row_max, np.float64(m))
     top = row_max if row_max > -np.inf else 0.0
@@ -543,7 +545,7 @@ def _rows_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
             ignored = t == ignore_index
             scale = grad_scale[i] if per_sample_scale else grad_scale[0]
             if mode != MODE_FORWARD and (ignored or scale == 0.0):
-                _fill_zero(g)
+                fill_zero(g)
                 if mode == MODE_FUSED:
                     loss_out[i] = 0.0
                 continue
@@ -563,12 +565,12 @@ def _rows_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
                                           z_loss, c)
                 if mode == MODE_FORWARD:
                     continue
-            coef = scale * _index_coefficient(lse, w_t, weight_total, smoothing, z_loss, c)
+            coef = scale * index_coefficient(lse, w_t, weight_total, smoothing, z_loss, c)
             if mode == MODE_FUSED:
                 _row_scale_blocks(g, top, total, coef, scale * smooth_per_class, weights,
                                   shifts, sums)
             else:
-                _exp_scale_minus_weighted(z, g, lse, coef, scale * smooth_per_class, weights,
+                exp_scale_minus_weighted(z, g, lse, coef, scale * smooth_per_class, weights,
                                               inplace)
             g[t] -= cast_like(scale * (1.0 - smoothing) * w_t, g)
 
@@ -645,7 +647,7 @@ def _rows_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out, 
                     _scale_minus_target(g[lo:hi], block_factor, y[lo:hi], weights[lo:hi],
                                         1.0 - smoothing, smooth_per_class, scale)
             else:
-                _exp_scale_minus_weighted(z, g, lse, coef, 0.0, weights, inplace)
+                exp_scale_minus_weighted(z, g, lse, coef, 0.0, weights, inplace)
                 _scale_minus_target(g, 1.0, y, weights, 1.0 - smoothing, smooth_per_class,
                                     scale)
 
@@ -716,8 +718,8 @@ def _rows_small_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
                     zr = z[r * c:(r + 1) * c]
                     t = target[r0 + r]
                     target_logit[r] = 0.0 if t == ignore_index else np.float64(zr[t])
-                    weighted[r] = _weighted_sum(zr, weights) if with_smooth else 0.0
-                    shift = _max_of(zr)
+                    weighted[r] = weighted_sum(zr, weights) if with_smooth else 0.0
+                    shift = max_of(zr)
                     shift = shift if shift > -np.inf else cast_like(0.0, buf)
                 row_shift[r] = shift
                 for j in range(r * c, (r + 1) * c):
@@ -758,7 +760,7 @@ def _rows_small_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
                 factor = 0.0
                 smooth = 0.0
                 if not ignored:
-                    factor = scale * _index_coefficient(lse, w_t, weight_total, smoothing,
+                    factor = scale * index_coefficient(lse, w_t, weight_total, smoothing,
                                                         z_loss, c) / total
                     smooth = scale * smoothing / c
                 f = cast_like(factor, buf)
@@ -816,7 +818,7 @@ def _lanes_max(z, shift):
 @njit(inline="always", fastmath=FASTMATH)
 def _lanes_sum_exp(z, g, shift, total, store, inplace):
     """total_k = sum_c exp(z[c, k] - shift_k); the exponentials go to g when ``store``
-    (``inplace``: z is g's memory, read through g as in :func:`_sum_exp_shifted`)."""
+    (``inplace``: z is g's memory, read through g as in :func:`sum_exp_shifted`)."""
     for k in range(total.shape[0]):
         total[k] = 0.0
     for c in range(z.shape[0]):
@@ -928,7 +930,7 @@ def _tiles_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out
                     continue
                 w_t = weights[t]
                 lse = shift[k] if mode == MODE_BACKWARD else shift[k] + math.log(total[k])
-                coef = scale * _index_coefficient(lse, w_t, weight_total, smoothing, z_loss, c)
+                coef = scale * index_coefficient(lse, w_t, weight_total, smoothing, z_loss, c)
                 factor[k] = coef / total[k] if mode == MODE_FUSED else coef
                 smooth[k] = scale * smooth_per_class
             _lanes_gradient(z, g, shift, factor, smooth, weights, mode == MODE_FUSED,
