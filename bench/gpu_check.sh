@@ -3,7 +3,7 @@
 # (numba, numba-cuda, torch with CUDA, pytest; no network). Runs from the source tree with
 # PYTHONPATH=src, within 5 minutes:
 #   1. the CUDA tests for real (no simulator): test_cuda_cross_entropy.py, test_cuda_batch_norm.py,
-#      test_cuda_ptx.py;
+#      test_cuda_ptx.py, and the PyTorch drop-ins on CUDA tensors (test_torch.py);
 #   2. a correctness check at benchmark scale against PyTorch CUDA, with bitwise
 #      reproducibility (two runs give the same bytes);
 #   3. python -m fusedgrad bench --device cuda --json: fusedgrad vs PyTorch CUDA and the
@@ -36,7 +36,8 @@ nvidia-smi >"$out_dir/nvidia-smi.txt" 2>&1 || true
 step info 30 python -m fusedgrad info
 step tests 110 python -m pytest -q -p no:cacheprovider -ra \
     --junitxml="$out_dir/tests.xml" \
-    tests/test_cuda_cross_entropy.py tests/test_cuda_batch_norm.py tests/test_cuda_ptx.py
+    tests/test_cuda_cross_entropy.py tests/test_cuda_batch_norm.py tests/test_cuda_ptx.py \
+    "tests/test_torch.py::test_cuda_tensors_match_cpu"
 step scale_check 50 python - "$out_dir/scale_check.json" <<'PY'
 """Benchmark-sized inputs: fusedgrad on the GPU vs PyTorch CUDA, and run-to-run bit equality."""
 import json

@@ -501,7 +501,16 @@ def test_cuda_tensors_match_cpu():
 
     ours, theirs = _bn_pair(nn.BatchNorm2d, fgt.BatchNorm2d, 6, dtype=torch.float32)
     x = torch.randn(8, 6, 5, 5)
-    y_gpu = ours.cuda()(x.cuda())
-    torch.testing.assert_close(y_gpu.cpu(), theirs(x), rtol=1e-5, atol=1e-5)
+    dy = torch.randn(8, 6, 5, 5)
+    x_gpu = x.cuda().requires_grad_()
+    y_gpu = ours.cuda()(x_gpu)
+    x_cpu = x.clone().requires_grad_()
+    y_cpu = theirs(x_cpu)
+    torch.testing.assert_close(y_gpu.detach().cpu(), y_cpu.detach(), rtol=1e-5, atol=1e-5)
+    # The backward on the GPU: device statistics kept from the forward, no re-checks.
+    y_gpu.backward(dy.cuda())
+    y_cpu.backward(dy)
+    torch.testing.assert_close(x_gpu.grad.cpu(), x_cpu.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.weight.grad.cpu(), theirs.weight.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ours.running_mean.cpu(), theirs.running_mean,
                                rtol=1e-5, atol=1e-6)
