@@ -84,6 +84,7 @@ from numba import njit, prange
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from . import torch as fused_torch
 from ._torch_arrays import ChannelLayout, kernel_array
 from ._validate import (FLOAT_DTYPES_CPU, INT_DTYPES, as_host_array, check_dtype, check_int,
                         check_ndim, check_real, check_out, check_reduction, check_shape,
@@ -93,7 +94,7 @@ from .cpu import batch_norm as _bn_cpu
 from .cpu import cross_entropy as _ce_cpu
 from .cpu._math import FASTMATH, cast_like
 from .cpu._reduce import merge_moments
-from .cpu.cross_entropy import (BLOCK, exp_scale_minus_weighted, fill_zero,
+from .cpu.cross_entropy import (BLOCK, CHUNK_ELEMENTS, exp_scale_minus_weighted, fill_zero,
                                 index_coefficient, max_of, sum_exp_shifted, weighted_sum)
 
 __all__ = ["bn_partial_stats", "bn_merge_stats", "bn_forward_from_stats", "bn_backward_reduce",
@@ -284,14 +285,12 @@ def bn_backward_elementwise(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, co
 # ============================================================================================
 # Cross-entropy over class shards: kernels
 # ============================================================================================
-#: Rows per parallel chunk are chosen so that a chunk holds about this many logits; the chunking
-#: depends on the shape only (each row is computed by one thread, in a fixed order of blocks).
-_CHUNK_ELEMENTS = 1 << 15
-
-
 @njit(cache=True, inline="always")
 def _row_chunks(n_rows, n_cols):
-    rows = max(1, _CHUNK_ELEMENTS // max(1, n_cols))
+    """(rows per chunk, chunks): chunks of about CHUNK_ELEMENTS logits, as the single-process
+    row kernels cut them; the chunking depends on the shape only (each row is computed by one
+    thread, in a fixed order of blocks). A rank may hold no classes, hence max(1, n_cols)."""
+    rows = max(1, CHUNK_ELEMENTS // max(1, n_cols))
     return rows, (n_rows + rows - 1) // rows
 
 
@@ -637,13 +636,6 @@ class CollectiveCounter:
 # ============================================================================================
 # torch.distributed: SyncBatchNorm
 # ============================================================================================
-def _fused_torch():
-    """``fusedgrad.torch``, imported at first use: it re-exports this module's torch names, so
-    importing it at the top of this module would make the two imports circular."""
-    from . import torch as fused_torch
-    return fused_torch
-
-
 def _cpu_tensor(name, tensor):
     if isinstance(tensor, torch.Tensor) and tensor.device.type != "cpu":
         raise TypeError(f"{name} must be a CPU tensor (fusedgrad.distributed runs the CPU "
@@ -757,8 +749,8 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         group = self.process_group or (dist.group.WORLD if dist.is_initialized() else None)
         world_size = dist.get_world_size(group) if group is not None else 1
         if not (bn_training and self.training and world_size > 1):
-            return _fused_torch().batch_norm(input, running_mean, running_var, self.weight,
-                                             self.bias, bn_training, momentum, self.eps)
+            return fused_torch.batch_norm(input, running_mean, running_var, self.weight,
+                                          self.bias, bn_training, momentum, self.eps)
         return _SyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean,
                                             running_var, self.eps, momentum, group, world_size)
 
