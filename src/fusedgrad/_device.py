@@ -42,9 +42,8 @@ def array_location(**arrays) -> str:
     """
     if all(a is None or type(a) is np.ndarray for a in arrays.values()):
         return HOST  # the common case, decided without attribute lookups
+    # Not reached with only None and ndarrays (above), so on_device has at least one entry.
     on_device = {name: is_device_array(a) for name, a in arrays.items() if a is not None}
-    if not on_device:
-        return HOST
     if all(on_device.values()):
         return DEVICE
     if not any(on_device.values()):

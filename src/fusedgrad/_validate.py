@@ -16,6 +16,12 @@ INT_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 REDUCTIONS = ("mean", "sum", "none")
 
 
+def stat_dtype(dtype) -> np.dtype:
+    """dtype of the per-channel statistics, losses and accumulators for inputs of ``dtype``:
+    float64 for float64, float32 for the rest (float32; float16 and bfloat16 on the GPU)."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
 def _dtype_names(dtypes) -> str:
     return " or ".join(str(d) for d in dtypes)
 
@@ -93,8 +99,7 @@ def check_out(name: str, out, *, shape: tuple, dtype, forbid_alias=()) -> None:
     check_shape(name, out, shape)
     if out.dtype != np.dtype(dtype):
         raise TypeError(f"{name} must have dtype {np.dtype(dtype)}, got {out.dtype}")
-    if not out.flags.writeable:
-        raise ValueError(f"{name} must be writeable")
+    check_writeable(name, out)
     for other_name, other in forbid_alias:
         if other is not None and np.shares_memory(out, other):
             raise ValueError(f"{name} must not share memory with {other_name}")

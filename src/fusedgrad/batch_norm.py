@@ -26,7 +26,7 @@ import math
 import numpy as np
 
 from . import _device
-from ._validate import (FLOAT_DTYPES_CPU, as_host_array, check_dtype, check_int, check_ndim,
+from ._validate import (as_host_array, check_dtype, check_int, check_ndim,
                         check_out, check_real, check_shape, check_writeable)
 
 
@@ -54,7 +54,7 @@ class _Arrays:
 
     def __init__(self, location: str, backend):
         self.location = location
-        self.float_dtypes = getattr(backend, "DTYPES", FLOAT_DTYPES_CPU)
+        self.float_dtypes = backend.DTYPES
 
     def wrap(self, name: str, value):
         if value is None:

@@ -27,7 +27,7 @@ import numpy as np
 from . import _device
 from .cpu.cross_entropy import CrossEntropyOptions
 from ._validate import (FLOAT_DTYPES_CPU, INT_DTYPES, check_dtype, check_int, check_ndim,
-                        check_real, check_reduction, check_shape)
+                        check_real, check_reduction, check_shape, stat_dtype)
 
 __all__ = ["softmax_cross_entropy", "softmax_cross_entropy_forward",
            "softmax_cross_entropy_backward"]
@@ -109,7 +109,9 @@ def _prepare(logits, target, weight, ignore_index, reduction, label_smoothing, z
                         f"class probabilities, got dtype {target.dtype}")
     if weight is not None:
         weight = backend.as_array("weight", weight)
-        check_dtype("weight", weight, FLOAT_DTYPES_CPU + tuple(backend.DTYPES))
+        # Host float weights are taken on any backend; dict.fromkeys drops repeats in order.
+        weight_dtypes = tuple(dict.fromkeys(FLOAT_DTYPES_CPU + tuple(backend.DTYPES)))
+        check_dtype("weight", weight, weight_dtypes)
         check_shape("weight", weight, (n_classes,))
     weights = backend.class_weights(weight, n_classes)
 
@@ -121,7 +123,7 @@ def _prepare(logits, target, weight, ignore_index, reduction, label_smoothing, z
         denominator = backend.target_weight_sum(target, weights, ignore_index)
     options = CrossEntropyOptions(ignore_index=ignore_index, label_smoothing=label_smoothing,
                                   z_loss=z_loss)
-    result_dtype = np.dtype(np.float64 if logits.dtype == np.float64 else np.float32)
+    result_dtype = stat_dtype(logits.dtype)
     return _Call(backend, logits, target, weights, sample_shape, n_samples, denominator,
                  reduction, options, result_dtype)
 

@@ -65,15 +65,15 @@ When a tile holds whole channels (one row block, at most FUSE_BYTES of data per 
 the phases are fused: the forward computes the tile's statistics and normalises it while it is
 still in the L2 cache, and the backward reduces and writes dx the same way, so x and dy are read
 from memory once per direction. Otherwise a second parallel sweep applies the merged statistics.
-
-Each sweep starts one worker per thread, and worker w takes the w-th contiguous share of the
-tiles (``_worker_tiles``); the second sweep of an unfused call walks each share backwards, so a
-core begins with the tiles its first sweep read last, which are still in its L2 cache (4096 x 1024
-float32: 10% less kernel time than walking forwards). Which thread computes a tile never changes
-the tile's result.
 Sweeps that only apply per-channel coefficients (eval forward, and the second sweep of the
 unfused regimes) involve no reduction, so they may cut the work differently without changing a
 bit: with long runs they take whole rows across all channels, i.e. contiguous memory.
+
+Each sweep starts one worker per thread, and worker w takes the w-th contiguous share of the
+tiles (``_worker_tiles``). The second sweep of an unfused call walks each share backwards, so a
+core begins with the memory its first sweep read last, which is still in its L2 cache (4096 x 1024
+float32: 10% less kernel time than walking forwards). Which thread computes a tile never changes
+the tile's result.
 
 Numerics
 --------
@@ -100,7 +100,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .._validate import FLOAT_DTYPES_CPU
+from .._validate import FLOAT_DTYPES_CPU, stat_dtype
 from ._reduce import chunk_bounds, chunk_count, merge_moments, sum_partials
 from . import _alloc
 
@@ -562,10 +562,6 @@ def _n_workers() -> int:
     return numba.get_num_threads()
 
 
-def _stat_dtype(dtype):
-    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
-
-
 def _as_f64(vec, n_channels, default):
     """A (C,) float64 copy of weight/bias/statistics, or the constant `default` when None."""
     if vec is None:
@@ -587,8 +583,9 @@ class _Geometry:
         rows = np.full(self.n_row_blocks, self.block_rows, dtype=np.int64)
         if self.n_row_blocks:  # an empty batch (eval) has none
             rows[-1] = self.n_outer * self.q - self.block_rows * (self.n_row_blocks - 1)
-        self._block_counts = rows * self.sub
-        self._block_counts.flags.writeable = False
+        #: Values per channel in each row block (the last block may be shorter); read-only.
+        self.block_counts = rows * self.sub
+        self.block_counts.flags.writeable = False
 
     @property
     def args(self):
@@ -609,10 +606,6 @@ class _Geometry:
     def partials(self):
         return np.empty((self.n_row_blocks, self.n_channels)), \
             np.empty((self.n_row_blocks, self.n_channels))
-
-    def block_counts(self):
-        """Values per channel in each row block (the last block may be shorter); read-only."""
-        return self._block_counts
 
 
 @functools.lru_cache(maxsize=256)
@@ -644,10 +637,11 @@ def _moments(x3, gamma, beta, eps, out3):
     _stats_sweep(_flat(x3), *geo.args, part_mean, part_m2, fuse,
                  gamma, beta, eps, invstd, _flat(out3) if fuse else _unused_out(x3),
                  _n_workers())
-    if geo.n_row_blocks == 1:  # what merge_moments returns for one part, without the call
-        return geo.count, part_mean[0], part_m2[0], (invstd if fuse else None)
-    count, mean, m2 = merge_moments(geo.block_counts(), part_mean, part_m2)
-    return int(count), mean, m2, (invstd if fuse else None)
+    if geo.fusable:  # one row block: what merge_moments returns for one part, without the call
+        mean, m2 = part_mean[0], part_m2[0]
+    else:  # the merged count is the sum of the block counts, geo.count
+        _, mean, m2 = merge_moments(geo.block_counts, part_mean, part_m2)
+    return geo.count, mean, m2, (invstd if fuse else None)
 
 
 def channel_stats(x3):
@@ -674,7 +668,7 @@ def _grad_sums(dy3, x3, mean, invstd, gamma, training, out3):
     fuse = out3 is not None and geo.fusable
     _grad_sweep(_flat(dy3), _flat(x3), *geo.args, mean, invstd, part_dy, part_dy_xhat,
                 fuse, gamma, training, _flat(out3) if fuse else _unused_out(x3), _n_workers())
-    if geo.n_row_blocks == 1:  # what sum_partials returns for one part, without the call
+    if geo.fusable:  # one row block: what sum_partials returns for one part, without the call
         return part_dy[0], part_dy_xhat[0], fuse
     return sum_partials(part_dy), sum_partials(part_dy_xhat), fuse
 
@@ -709,7 +703,7 @@ def _update_running(running, stat, momentum, scale):
 def forward(x3, weight, bias, running_mean, running_var, out3, *, training, momentum, eps):
     """Fused forward; see the module docstring. Returns (mean, invstd) in the stat dtype."""
     c = x3.shape[1]
-    stat = _stat_dtype(x3.dtype)
+    stat = stat_dtype(x3.dtype)
     gamma, beta = _as_f64(weight, c, 1.0), _as_f64(bias, c, 0.0)
     if training:
         count, mean, m2, invstd = _moments(x3, gamma, beta, eps, out3)
@@ -731,7 +725,7 @@ def forward(x3, weight, bias, running_mean, running_var, out3, *, training, mome
 def backward(dy3, x3, mean, invstd, weight, out3, *, training):
     """Fused backward; see the module docstring. Returns (dweight, dbias) in the stat dtype."""
     c = x3.shape[1]
-    stat = _stat_dtype(x3.dtype)
+    stat = stat_dtype(x3.dtype)
     mean, invstd, gamma = _as_f64(mean, c, 0.0), _as_f64(invstd, c, 1.0), _as_f64(weight, c, 1.0)
     sum_dy, sum_dy_xhat, fused = _grad_sums(dy3, x3, mean, invstd, gamma, training, out3)
     if not fused:

@@ -929,7 +929,7 @@ def _tiles_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out
                     smooth[k] = 0.0
                     continue
                 w_t = weights[t]
-                lse = shift[k] if mode == MODE_BACKWARD else shift[k] + math.log(total[k])
+                lse = lse_out[first + k]  # given in backward, stored by the loop above otherwise
                 coef = scale * index_coefficient(lse, w_t, weight_total, smoothing, z_loss, c)
                 factor[k] = coef / total[k] if mode == MODE_FUSED else coef
                 smooth[k] = scale * smooth_per_class
@@ -1006,7 +1006,7 @@ def _tiles_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
                     continue
             for k in range(width):
                 scale[k] = grad_scale[first + k] if per_sample_scale else grad_scale[0]
-                lse = shift[k] if mode == MODE_BACKWARD else shift[k] + math.log(total[k])
+                lse = lse_out[first + k]  # given in backward, stored by the loop above otherwise
                 coef = scale[k] * _prob_coefficient(lse, wy[k], weight_total, smoothing,
                                                     z_loss, c)
                 factor[k] = coef / total[k] if mode == MODE_FUSED else coef

@@ -129,7 +129,7 @@ def kernel_signatures():
         ("batch_norm._sum_grad_parts", bn._sum_grad_parts.py_func,
          (_mat(f64), _mat(f64), _vec(f64), _vec(f64)), False),
         ("_reduce._sum_chunks", _reduce._sum_chunks.py_func,
-         (_vec(f64), _vec(f64), i64, _vec(f64), b1), False),
+         (_vec(f64), _vec(f64), i64), False),
     ]
     return sigs
 

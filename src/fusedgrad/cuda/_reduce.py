@@ -230,12 +230,11 @@ def segment_reduce(a, b, c, s_a, s_b, s_c, segment, op):
 # Deterministic sum of a 1-D array on the device (grid level, no atomics)
 # --------------------------------------------------------------------------------------------
 @cuda.jit
-def _sum_chunks(values, partials, chunk, divisor, divide):
+def _sum_chunks(values, partials, chunk):
     """``partials[b] = sum(values[b*chunk:(b+1)*chunk])`` (float64), one block per chunk.
 
     Each thread adds its strided elements in order, then :func:`group_reduce` folds the block's
-    threads in a fixed tree: the result does not depend on scheduling. With ``divide`` set the
-    sum is divided by ``divisor[0]`` (the weighted-mean denominator); ``0 / 0`` gives NaN.
+    threads in a fixed tree: the result does not depend on scheduling.
     """
     scratch = cuda.shared.array(SCRATCH_SIZE, float64)
     start = cuda.blockIdx.x * chunk
@@ -245,9 +244,6 @@ def _sum_chunks(values, partials, chunk, divisor, divide):
         total += float64(values[i])
     total = group_reduce(total, scratch, OP_SUM)
     if cuda.threadIdx.x == 0:
-        if divide:
-            den = divisor[0]
-            total = total / den if den != 0.0 else math.nan
         partials[cuda.blockIdx.x] = total
 
 
@@ -255,8 +251,8 @@ SUM_THREADS = 32 if SIMULATED else 256
 _SUM_CHUNK = 1 << 15
 
 
-def device_sum(values, out, stream, divisor=None):
-    """``out[0] = sum(values)`` (``/ divisor[0]`` if given), float64, in a fixed order.
+def device_sum(values, out, stream):
+    """``out[0] = sum(values)``, float64, in a fixed order.
 
     ``values``: 1-D device array (any float dtype); ``out``: device array of >= 1 float64 entry.
     Two launches: fixed chunks of ``2**15`` values -> float64 partials -> one block.
@@ -265,11 +261,9 @@ def device_sum(values, out, stream, divisor=None):
 
     n = values.shape[0]
     n_chunks = _arrays.launch_blocks(n, _SUM_CHUNK)
-    divide = divisor is not None
-    den = divisor if divide else out
     if n_chunks == 1:
-        _sum_chunks[1, SUM_THREADS, stream](values, out, _SUM_CHUNK, den, divide)
+        _sum_chunks[1, SUM_THREADS, stream](values, out, _SUM_CHUNK)
         return
     partials = _arrays.empty((n_chunks,), np.float64, stream)
-    _sum_chunks[n_chunks, SUM_THREADS, stream](values, partials, _SUM_CHUNK, den, False)
-    _sum_chunks[1, SUM_THREADS, stream](partials, out, n_chunks, den, divide)
+    _sum_chunks[n_chunks, SUM_THREADS, stream](values, partials, _SUM_CHUNK)
+    _sum_chunks[1, SUM_THREADS, stream](partials, out, n_chunks)

@@ -40,6 +40,7 @@ import math
 import numpy as np
 from numba import cuda, float64
 
+from .._validate import stat_dtype
 from . import _arrays
 from ._reduce import OP_CHAN, OP_SUM, SIMULATED, chan_merge, segment_reduce, shifted_moments
 
@@ -65,10 +66,6 @@ _MAX_GRID_Y = 65535
 
 # Rows of the per-channel coefficient array consumed by the elementwise kernel.
 _MEAN_HI, _MEAN_LO, _ALPHA, _BETA, _GAMMA, _N_COEF = range(6)
-
-
-def _stat_dtype(dtype) -> np.dtype:
-    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,7 +366,7 @@ def empty(shape, dtype, *, stream=None):
 
 def _moments(x3, plan, stream):
     """``(mean, m2)`` (C,) float64 device arrays: partials per (part, channel), then merged."""
-    acc_like = _arrays.empty((1, 1), _stat_dtype(x3.dtype), stream)
+    acc_like = _arrays.empty((1, 1), stat_dtype(x3.dtype), stream)
     unused = _arrays.empty((1,), np.float64, stream)
     parts = [_arrays.empty((plan.n_parts, plan.n_channels), np.float64, stream)
              for _ in range(3)]
@@ -393,7 +390,7 @@ def channel_stats(x3, *, stream=None):
 def _apply_normalize(x3, plan, mean, invstd, weight, bias, out3, stream):
     weight, has_weight = _optional_vector("weight", weight, stream)
     bias, has_bias = _optional_vector("bias", bias, stream)
-    coef = _arrays.empty((_N_COEF, plan.n_channels), _stat_dtype(x3.dtype), stream)
+    coef = _arrays.empty((_N_COEF, plan.n_channels), stat_dtype(x3.dtype), stream)
     _normalize_coefficients[plan.channel_blocks, _THREADS, stream](
         mean, invstd, weight, has_weight, bias, has_bias, coef)
     _apply[plan.apply_grid, plan.apply_block, stream](x3, x3, False, coef, out3)
@@ -415,7 +412,7 @@ def forward(x3, weight, bias, running_mean, running_var, out3, *, training, mome
     x3, out3 = _device3("x3", x3), _device3("out3", out3)
     stream = _arrays.resolve_stream(stream)
     plan = _Plan(x3)
-    stat = _stat_dtype(x3.dtype)
+    stat = stat_dtype(x3.dtype)
     has_running = running_mean is not None and running_var is not None
     if training:
         mean64, m2_64 = _moments(x3, plan, stream)
@@ -439,7 +436,7 @@ def forward(x3, weight, bias, running_mean, running_var, out3, *, training, mome
 
 
 def _grad_sums(dy3, x3, plan, mean, invstd, stream):
-    coef = _arrays.empty((_N_COEF, plan.n_channels), _stat_dtype(x3.dtype), stream)
+    coef = _arrays.empty((_N_COEF, plan.n_channels), stat_dtype(x3.dtype), stream)
     ones, _ = _optional_vector("weight", None, stream)
     _normalize_coefficients[plan.channel_blocks, _THREADS, stream](
         mean, invstd, ones, False, ones, False, coef)
@@ -465,7 +462,7 @@ def backward_reduce(dy3, x3, mean, invstd, *, stream=None):
 def _apply_dx(dy3, x3, plan, mean, invstd, weight, sum_dy, sum_dy_xhat, count, out3, training,
               stream):
     weight, has_weight = _optional_vector("weight", weight, stream)
-    coef = _arrays.empty((_N_COEF, plan.n_channels), _stat_dtype(x3.dtype), stream)
+    coef = _arrays.empty((_N_COEF, plan.n_channels), stat_dtype(x3.dtype), stream)
     _dx_coefficients[plan.channel_blocks, _THREADS, stream](
         mean, invstd, weight, has_weight, sum_dy, sum_dy_xhat, float(count), bool(training),
         coef)
@@ -493,7 +490,7 @@ def backward(dy3, x3, mean, invstd, weight, out3, *, training, stream=None):
     sum_dy, sum_dy_xhat = _grad_sums(dy3, x3, plan, mean, invstd, stream)
     _apply_dx(dy3, x3, plan, mean, invstd, weight, sum_dy, sum_dy_xhat, plan.count, out3,
               training, stream)
-    stat = _stat_dtype(x3.dtype)
+    stat = stat_dtype(x3.dtype)
     dweight = _arrays.empty((plan.n_channels,), stat, stream)
     dbias = _arrays.empty((plan.n_channels,), stat, stream)
     _cast_pair[plan.channel_blocks, _THREADS, stream](sum_dy_xhat, sum_dy, dweight, dbias)

@@ -55,6 +55,8 @@ import math
 import numpy as np
 from numba import cuda, float64
 
+from .._device import is_device_array
+from .._validate import stat_dtype
 from . import _arrays
 from ._reduce import (OP_MAX, OP_SUM, SCRATCH_SIZE, SIMULATED, device_sum, lse_parts,
                       group_reduce, online_lse_update, rescale_sum)
@@ -64,11 +66,6 @@ from ._reduce import (OP_MAX, OP_SUM, SCRATCH_SIZE, SIMULATED, device_sum, lse_p
 #: has no bfloat16).
 DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)) + (
     () if SIMULATED else (_arrays.BFLOAT16,))
-
-
-def accumulation_dtype(dtype) -> np.dtype:
-    """float64 for float64 logits, float32 otherwise (float16 is accumulated in float32)."""
-    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,7 +359,7 @@ def sample_scale(grad_loss, factor, n_samples, *, stream=None):
     """float64 per-sample gradient scale: length 1 (scalar ``grad_loss``, ``None`` = 1) or
     ``N * S`` (``factor * grad_loss`` flattened), as a device array."""
     stream = _arrays.resolve_stream(stream)
-    if grad_loss is None or np.ndim(grad_loss) == 0 and not _is_device(grad_loss):
+    if grad_loss is None or np.ndim(grad_loss) == 0 and not is_device_array(grad_loss):
         value = 1.0 if grad_loss is None else float(grad_loss)
         return cuda.to_device(np.array([factor * value], dtype=np.float64), stream=stream)
     values = _flat("grad_loss", _arrays.as_device("grad_loss", grad_loss))
@@ -371,13 +368,6 @@ def sample_scale(grad_loss, factor, n_samples, *, stream=None):
     out = _arrays.empty((values.shape[0],), np.float64, stream)
     _scaled_copy[_blocks(out.shape[0]), _THREADS, stream](values, out, float(factor))
     return out
-
-
-def _is_device(value) -> bool:
-    if SIMULATED:
-        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
-        return isinstance(value, FakeCUDAArray)
-    return cuda.is_cuda_array(value)
 
 
 def per_sample(values, n_samples, *, stream=None):
@@ -467,7 +457,7 @@ def _run(logits, target, weights, options, lse, loss, compute_lse, grad, grad_sc
     grad3 = _arrays.view3("grad", _arrays.as_device("grad", grad), 1) if write_grad else logits3
     if not write_grad:
         grad_scale = lse
-    acc_like = _arrays.empty((1,), accumulation_dtype(logits3.dtype), stream)
+    acc_like = _arrays.empty((1,), stat_dtype(logits3.dtype), stream)
 
     per_row = threads_per_row or _threads_per_row(n_classes, n_spatial)
     threads = max(_THREADS, per_row)
