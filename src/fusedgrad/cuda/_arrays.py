@@ -11,6 +11,9 @@ PyTorch work), else the default stream. A Numba stream is used as given; an inte
 as a raw ``cudaStream_t`` handle (e.g. ``cupy.cuda.get_current_stream().ptr``) and wrapped with
 ``cuda.external_stream``. The public API does not pass ``stream`` (yet); the backend functions
 take it as a keyword.
+
+Shared by both kernel modules: :data:`DTYPES` (the floating dtypes they take) and
+:func:`convert`, the one dtype-conversion kernel.
 """
 from __future__ import annotations
 
@@ -26,6 +29,13 @@ from ._reduce import SIMULATED
 #: (like ml_dtypes) describes bfloat16 data as the untyped two-byte ``"<V2"``. Device arrays of
 #: this dtype are wrapped as :class:`BFloat16Array`, which Numba types as numba-cuda's bfloat16.
 BFLOAT16 = np.dtype("V2")
+
+#: Floating dtypes the GPU kernels take for their big arrays (batch norm's x / dy / out,
+#: cross-entropy's logits / probability targets): float16 and bfloat16 (``V2``, see
+#: :data:`BFLOAT16`) are accumulated in float32; the simulator has no bfloat16. Each kernel
+#: module exposes it as ``DTYPES`` (the backend interface).
+DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)) + (
+    () if SIMULATED else (BFLOAT16,))
 
 if not SIMULATED:  # the simulator has no bfloat16 type at all
     from numba.cuda import types as _cuda_types
@@ -116,6 +126,15 @@ def empty(shape, dtype, stream):
     """Uninitialised C-contiguous device array (a :class:`BFloat16Array` for ``BFLOAT16``)."""
     out = cuda.device_array(tuple(int(s) for s in shape), dtype=np.dtype(dtype), stream=stream)
     return _as_bfloat16(out) if np.dtype(dtype) == BFLOAT16 else out
+
+
+@cuda.jit
+def convert(src, dst):
+    """``dst[i] = src[i]`` with dtype conversion (1-D): float64 results to an output dtype,
+    int32 class indices to int64, strided to contiguous."""
+    i = cuda.grid(1)
+    if i < dst.shape[0]:
+        dst[i] = src[i]
 
 
 def resolve_stream(stream):

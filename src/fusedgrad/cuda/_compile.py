@@ -71,7 +71,7 @@ def _arr3(dtype):
 
 def kernel_signatures():
     """``(label, python function, argument types, must_be_float32)`` for every launch form."""
-    from . import _reduce, batch_norm as bn, cross_entropy as ce
+    from . import _arrays, _reduce, batch_norm as bn, cross_entropy as ce
 
     f64, i64, b1 = types.float64, types.int64, types.boolean
     sigs = []
@@ -83,15 +83,13 @@ def kernel_signatures():
                       _vec(f64), _vec(f64), b1, _arr3(t), _vec(f64), b1), pure32))
         sigs.append((f"cross_entropy._scaled_copy[{name}]", ce._scaled_copy.py_func,
                      (_vec(t), _vec(f64), f64), False))
-        sigs.append((f"cross_entropy._convert[{name}->float64]", ce._convert.py_func,
+        sigs.append((f"_arrays.convert[{name}->float64]", _arrays.convert.py_func,
                      (_vec(t), _vec(f64)), False))
         if name != "float64":
-            sigs.append((f"cross_entropy._convert[float64->{name}]", ce._convert.py_func,
+            sigs.append((f"_arrays.convert[float64->{name}]", _arrays.convert.py_func,
                          (_vec(f64), _vec(t)), False))
         sigs.append((f"batch_norm._apply[{name}]", bn._apply.py_func,
                      (_arr3(t), _arr3(t), b1, _mat(acc), _arr3(t)), pure32))
-        sigs.append((f"batch_norm._cast_pair[{name}]", bn._cast_pair.py_func,
-                     (_vec(f64), _vec(f64), _vec(acc), _vec(acc)), False))
         stat = "float64" if name == "float64" else "float32"
         sigs.append((f"batch_norm._partials[{name},{stat}]", bn._partials.py_func,
                      (_arr3(t), _arr3(t), b1, _mat(acc), _vec(PARAMS[stat]), i64, i64,
@@ -116,7 +114,7 @@ def kernel_signatures():
                          (_vec(p), _vec(p), _vec(p), b1, _vec(f64), _vec(f64), f64, b1,
                           _mat(acc)), False))
     for iname, it in (("int32", types.int32), ("int64", types.int64)):
-        sigs.append((f"cross_entropy._convert[{iname}->int64]", ce._convert.py_func,
+        sigs.append((f"_arrays.convert[{iname}->int64]", _arrays.convert.py_func,
                      (_vec(it), _vec(i64)), False))
     sigs += [
         ("cross_entropy._first_bad_target", ce._first_bad_target.py_func,

@@ -52,6 +52,10 @@ OP_CHAN = 2
 #: Shared-memory scratch entries a kernel must provide per block (the largest block size).
 SCRATCH_SIZE = 1024
 WARP_SIZE = 32
+#: Threads per block of the 1-D launches of every kernel module (a power of two and whole warps
+#: on a GPU, as :func:`group_reduce` needs); small under the simulator, which runs one Python
+#: thread per GPU thread.
+THREADS = 32 if SIMULATED else 256
 _FULL_MASK = 0xFFFFFFFF
 
 
@@ -247,7 +251,6 @@ def _sum_chunks(values, partials, chunk):
         partials[cuda.blockIdx.x] = total
 
 
-SUM_THREADS = 32 if SIMULATED else 256
 _SUM_CHUNK = 1 << 15
 
 
@@ -262,8 +265,8 @@ def device_sum(values, out, stream):
     n = values.shape[0]
     n_chunks = _arrays.launch_blocks(n, _SUM_CHUNK)
     if n_chunks == 1:
-        _sum_chunks[1, SUM_THREADS, stream](values, out, _SUM_CHUNK)
+        _sum_chunks[1, THREADS, stream](values, out, _SUM_CHUNK)
         return
     partials = _arrays.empty((n_chunks,), np.float64, stream)
-    _sum_chunks[n_chunks, SUM_THREADS, stream](values, partials, _SUM_CHUNK)
-    _sum_chunks[1, SUM_THREADS, stream](partials, out, n_chunks)
+    _sum_chunks[n_chunks, THREADS, stream](values, partials, _SUM_CHUNK)
+    _sum_chunks[1, THREADS, stream](partials, out, n_chunks)

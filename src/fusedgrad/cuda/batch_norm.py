@@ -18,9 +18,9 @@ Work decomposition (fixed by the shape only, so results are bitwise reproducible
 
 * Reductions (statistics; backward sums) run on a grid ``(channel blocks, parts)``. The m
   positions ``j = p * S + s`` of a channel are cut into ``parts`` contiguous ranges. A block of
-  ``_THREADS`` threads serves ``seg`` channels: ``seg = 1`` when ``S > 1`` (consecutive threads
-  read consecutive ``s``: coalesced) and ``seg = 32`` for the rows / channels-last layout
-  ``(P, C, 1)`` (consecutive threads read consecutive channels of one row: coalesced).
+  ``_reduce.THREADS`` threads serves ``seg`` channels: ``seg = 1`` when ``S > 1`` (consecutive
+  threads read consecutive ``s``: coalesced) and ``seg = 32`` for the rows / channels-last
+  layout ``(P, C, 1)`` (consecutive threads read consecutive channels of one row: coalesced).
   Each thread accumulates in the accumulation dtype (float32 for float16/32 input), then the
   block merges its threads in float64 with a fixed shared-memory tree
   (:func:`~fusedgrad.cuda._reduce.segment_reduce`: for the statistics shifted sums ->
@@ -42,25 +42,19 @@ from numba import cuda, float64
 
 from .._validate import stat_dtype
 from . import _arrays
-from ._reduce import OP_CHAN, OP_SUM, SIMULATED, chan_merge, segment_reduce, shifted_moments
+from ._arrays import DTYPES  # noqa: F401  (backend interface: the API reads backend.DTYPES)
+from ._reduce import (OP_CHAN, OP_SUM, SCRATCH_SIZE, SIMULATED, THREADS, WARP_SIZE, chan_merge,
+                      segment_reduce, shifted_moments)
 
-#: Floating dtypes the GPU kernels take for x / dy / out (float16 and bfloat16 (``V2``, see
-#: ``_arrays.BFLOAT16``; not in the simulator) are accumulated in float32).
-DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)) + (
-    () if SIMULATED else (_arrays.BFLOAT16,))
-
-#: Threads per block of the reduction and elementwise kernels (small under the simulator, which
-#: runs one Python thread per GPU thread).
-_THREADS = 32 if SIMULATED else 256
 #: Values a thread accumulates per part, on average: sets the number of parts per channel.
 _ITEMS_PER_THREAD = 4 if SIMULATED else 16
 #: Upper bound on the parts of one channel (the merge kernel walks them sequentially).
 _MAX_PARTS = 1024
 #: Channels per block in the rows / channels-last layout (a warp reads 32 adjacent channels).
-_ROW_SEGMENT = 8 if SIMULATED else 32
+_ROW_SEGMENT = 8 if SIMULATED else WARP_SIZE
 
 #: Narrowest row segment of the elementwise kernel's blocks (a warp on a GPU).
-_MIN_APPLY_WIDTH = 4 if SIMULATED else 32
+_MIN_APPLY_WIDTH = 4 if SIMULATED else WARP_SIZE
 #: gridDim.y limit of CUDA; the elementwise kernel loops over further rows.
 _MAX_GRID_Y = 65535
 
@@ -139,9 +133,9 @@ def _partials(x3, dy3, with_grad, coef, invstd, seg, n_parts, part_a, part_b, pa
       ``xhat`` from the centring in ``coef`` and ``invstd``.
     """
     acc = coef.dtype.type
-    s_a = cuda.shared.array(1024, float64)
-    s_b = cuda.shared.array(1024, float64)
-    s_c = cuda.shared.array(1024, float64)
+    s_a = cuda.shared.array(SCRATCH_SIZE, float64)
+    s_b = cuda.shared.array(SCRATCH_SIZE, float64)
+    s_c = cuda.shared.array(SCRATCH_SIZE, float64)
     n_inner = x3.shape[2]
     c, lane, lanes, valid = _block_channel(seg, x3.shape[1])
     start, stop = _part_positions(x3.shape[0] * n_inner, n_parts, cuda.blockIdx.y)
@@ -279,15 +273,6 @@ def _dx_coefficients(mean, invstd, weight, has_weight, sum_dy, sum_dy_xhat, coun
 
 
 @cuda.jit
-def _cast_pair(a, b, a_out, b_out):
-    """``a_out[:] = a``, ``b_out[:] = b`` with dtype conversion (float64 sums -> stat dtype)."""
-    i = cuda.grid(1)
-    if i < a.shape[0]:
-        a_out[i] = a[i]
-        b_out[i] = b[i]
-
-
-@cuda.jit
 def _apply(x3, dy3, has_dy, coef, out3):
     """``out = alpha dy + beta ((x - mean_hi) - mean_lo) + gamma`` per channel, every element.
 
@@ -330,18 +315,18 @@ class _Plan:
         while seg > 1 and seg // 2 >= self.n_channels:
             seg //= 2
         self.seg = seg
-        lanes = _THREADS // seg
+        lanes = THREADS // seg
         self.n_parts = int(min(_MAX_PARTS, max(1, -(-self.count // (lanes * _ITEMS_PER_THREAD)))))
         self.grid = (_arrays.launch_blocks(self.n_channels, seg), self.n_parts)
-        self.channel_blocks = _arrays.launch_blocks(self.n_channels, _THREADS)
+        self.channel_blocks = _arrays.launch_blocks(self.n_channels, THREADS)
         rows, length = ((n_outer * self.n_channels, n_inner) if n_inner > 1
                         else (n_outer, self.n_channels))
-        width = _THREADS
+        width = THREADS
         while width > _MIN_APPLY_WIDTH and width // 2 >= length:
             width //= 2
-        self.apply_block = (width, _THREADS // width)
+        self.apply_block = (width, THREADS // width)
         self.apply_grid = (_arrays.launch_blocks(length, width),
-                           int(min(_arrays.launch_blocks(rows, _THREADS // width), _MAX_GRID_Y)))
+                           int(min(_arrays.launch_blocks(rows, THREADS // width), _MAX_GRID_Y)))
 
 
 def _optional_vector(name, vec, stream):
@@ -370,11 +355,11 @@ def _moments(x3, plan, stream):
     unused = _arrays.empty((1,), np.float64, stream)
     parts = [_arrays.empty((plan.n_parts, plan.n_channels), np.float64, stream)
              for _ in range(3)]
-    _partials[plan.grid, _THREADS, stream](x3, x3, False, acc_like, unused, plan.seg,
-                                           plan.n_parts, *parts)
+    _partials[plan.grid, THREADS, stream](x3, x3, False, acc_like, unused, plan.seg,
+                                          plan.n_parts, *parts)
     mean = _arrays.empty((plan.n_channels,), np.float64, stream)
     m2 = _arrays.empty((plan.n_channels,), np.float64, stream)
-    _merge_stat_parts[plan.channel_blocks, _THREADS, stream](*parts, mean, m2)
+    _merge_stat_parts[plan.channel_blocks, THREADS, stream](*parts, mean, m2)
     return mean, m2
 
 
@@ -391,7 +376,7 @@ def _apply_normalize(x3, plan, mean, invstd, weight, bias, out3, stream):
     weight, has_weight = _optional_vector("weight", weight, stream)
     bias, has_bias = _optional_vector("bias", bias, stream)
     coef = _arrays.empty((_N_COEF, plan.n_channels), stat_dtype(x3.dtype), stream)
-    _normalize_coefficients[plan.channel_blocks, _THREADS, stream](
+    _normalize_coefficients[plan.channel_blocks, THREADS, stream](
         mean, invstd, weight, has_weight, bias, has_bias, coef)
     _apply[plan.apply_grid, plan.apply_block, stream](x3, x3, False, coef, out3)
 
@@ -428,7 +413,7 @@ def forward(x3, weight, bias, running_mean, running_var, out3, *, training, mome
     invstd64 = _arrays.empty((plan.n_channels,), np.float64, stream)
     mean_out = _arrays.empty((plan.n_channels,), stat, stream)
     invstd_out = _arrays.empty((plan.n_channels,), stat, stream)
-    _finish_stats[plan.channel_blocks, _THREADS, stream](
+    _finish_stats[plan.channel_blocks, THREADS, stream](
         mean64, m2_64, float(plan.count), bool(training), float(eps), running_mean_d,
         running_var_d, has_running, float(momentum), invstd64, mean_out, invstd_out)
     _apply_normalize(x3, plan, mean64, invstd64, weight, bias, out3, stream)
@@ -438,32 +423,34 @@ def forward(x3, weight, bias, running_mean, running_var, out3, *, training, mome
 def _grad_sums(dy3, x3, plan, mean, invstd, stream):
     coef = _arrays.empty((_N_COEF, plan.n_channels), stat_dtype(x3.dtype), stream)
     ones, _ = _optional_vector("weight", None, stream)
-    _normalize_coefficients[plan.channel_blocks, _THREADS, stream](
+    _normalize_coefficients[plan.channel_blocks, THREADS, stream](
         mean, invstd, ones, False, ones, False, coef)
     part_dy = _arrays.empty((plan.n_parts, plan.n_channels), np.float64, stream)
     part_dy_xhat = _arrays.empty((plan.n_parts, plan.n_channels), np.float64, stream)
-    _partials[plan.grid, _THREADS, stream](x3, dy3, True, coef, invstd, plan.seg, plan.n_parts,
-                                           part_dy, part_dy_xhat, part_dy)
-    sum_dy = _arrays.empty((plan.n_channels,), np.float64, stream)
-    sum_dy_xhat = _arrays.empty((plan.n_channels,), np.float64, stream)
-    _sum_grad_parts[plan.channel_blocks, _THREADS, stream](part_dy, part_dy_xhat, sum_dy,
-                                                           sum_dy_xhat)
-    return sum_dy, sum_dy_xhat
+    _partials[plan.grid, THREADS, stream](x3, dy3, True, coef, invstd, plan.seg, plan.n_parts,
+                                          part_dy, part_dy_xhat, part_dy)
+    # One (2, C) array, rows (sum_dy, sum_dy_xhat), so the backward converts both to the
+    # stat dtype in a single launch.
+    sums = _arrays.empty((2, plan.n_channels), np.float64, stream)
+    _sum_grad_parts[plan.channel_blocks, THREADS, stream](part_dy, part_dy_xhat, sums[0],
+                                                          sums[1])
+    return sums
 
 
 def backward_reduce(dy3, x3, mean, invstd, *, stream=None):
     """``(sum_dy, sum_dy_xhat)``: (C,) float64 device arrays."""
     dy3, x3 = _device3("dy3", dy3), _device3("x3", x3)
     stream = _arrays.resolve_stream(stream)
-    return _grad_sums(dy3, x3, _Plan(x3), _arrays.as_device("mean", mean),
+    sums = _grad_sums(dy3, x3, _Plan(x3), _arrays.as_device("mean", mean),
                       _arrays.as_device("invstd", invstd), stream)
+    return sums[0], sums[1]
 
 
 def _apply_dx(dy3, x3, plan, mean, invstd, weight, sum_dy, sum_dy_xhat, count, out3, training,
               stream):
     weight, has_weight = _optional_vector("weight", weight, stream)
     coef = _arrays.empty((_N_COEF, plan.n_channels), stat_dtype(x3.dtype), stream)
-    _dx_coefficients[plan.channel_blocks, _THREADS, stream](
+    _dx_coefficients[plan.channel_blocks, THREADS, stream](
         mean, invstd, weight, has_weight, sum_dy, sum_dy_xhat, float(count), bool(training),
         coef)
     _apply[plan.apply_grid, plan.apply_block, stream](x3, dy3, True, coef, out3)
@@ -487,11 +474,11 @@ def backward(dy3, x3, mean, invstd, weight, out3, *, training, stream=None):
     stream = _arrays.resolve_stream(stream)
     plan = _Plan(x3)
     mean, invstd = _arrays.as_device("mean", mean), _arrays.as_device("invstd", invstd)
-    sum_dy, sum_dy_xhat = _grad_sums(dy3, x3, plan, mean, invstd, stream)
-    _apply_dx(dy3, x3, plan, mean, invstd, weight, sum_dy, sum_dy_xhat, plan.count, out3,
+    sums = _grad_sums(dy3, x3, plan, mean, invstd, stream)
+    _apply_dx(dy3, x3, plan, mean, invstd, weight, sums[0], sums[1], plan.count, out3,
               training, stream)
-    stat = stat_dtype(x3.dtype)
-    dweight = _arrays.empty((plan.n_channels,), stat, stream)
-    dbias = _arrays.empty((plan.n_channels,), stat, stream)
-    _cast_pair[plan.channel_blocks, _THREADS, stream](sum_dy_xhat, sum_dy, dweight, dbias)
-    return dweight, dbias
+    n_sums = 2 * plan.n_channels
+    grads = _arrays.empty((2, plan.n_channels), stat_dtype(x3.dtype), stream)
+    _arrays.convert[_arrays.launch_blocks(n_sums, THREADS), THREADS, stream](
+        sums.reshape(n_sums), grads.reshape(n_sums))
+    return grads[1], grads[0]  # (dweight = sum dy xhat, dbias = sum dy)

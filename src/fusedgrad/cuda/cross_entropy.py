@@ -58,14 +58,9 @@ from numba import cuda, float64
 from .._device import is_device_array
 from .._validate import stat_dtype
 from . import _arrays
-from ._reduce import (OP_MAX, OP_SUM, SCRATCH_SIZE, SIMULATED, device_sum, lse_parts,
-                      group_reduce, online_lse_update, rescale_sum)
-
-#: Floating dtypes the GPU kernels take for logits / probability targets (float16 and bfloat16,
-#: which crosses ``__cuda_array_interface__`` as ``V2``, are accumulated in float32; the simulator
-#: has no bfloat16).
-DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)) + (
-    () if SIMULATED else (_arrays.BFLOAT16,))
+from ._arrays import DTYPES  # noqa: F401  (backend interface: the API reads backend.DTYPES)
+from ._reduce import (OP_MAX, OP_SUM, SCRATCH_SIZE, SIMULATED, THREADS, WARP_SIZE, device_sum,
+                      lse_parts, group_reduce, online_lse_update, rescale_sum)
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,22 +223,10 @@ def _scaled_copy(src, dst, factor):
 
 
 @cuda.jit
-def _convert(src, dst):
-    """``dst[i] = src[i]`` with dtype conversion (1-D)."""
-    i = cuda.grid(1)
-    if i < dst.shape[0]:
-        dst[i] = src[i]
-
-
-@cuda.jit
 def _fill(dst, value):
     i = cuda.grid(1)
     if i < dst.shape[0]:
         dst[i] = value
-
-
-#: Threads per block; the simulator runs one Python thread per GPU thread, so it gets fewer.
-_THREADS = 32 if SIMULATED else 256
 
 
 def _threads_per_row(n_classes: int, n_spatial: int) -> int:
@@ -251,7 +234,7 @@ def _threads_per_row(n_classes: int, n_spatial: int) -> int:
     if n_spatial > 1 or n_classes <= 32:
         return 1
     if n_classes <= 2048:
-        return 32
+        return WARP_SIZE
     return 1024 if n_classes >= 32768 and not SIMULATED else 256
 
 
@@ -302,7 +285,7 @@ def _flat(name, a):
 
 
 def _blocks(n):
-    return _arrays.launch_blocks(n, _THREADS)
+    return _arrays.launch_blocks(n, THREADS)
 
 
 def index_target(target, *, stream=None):
@@ -312,7 +295,7 @@ def index_target(target, *, stream=None):
     if flat.dtype == np.int64 and flat.strides[0] == 8:
         return flat
     out = _arrays.empty((flat.shape[0],), np.int64, stream)
-    _convert[_blocks(out.shape[0]), _THREADS, stream](flat, out)
+    _arrays.convert[_blocks(out.shape[0]), THREADS, stream](flat, out)
     return out
 
 
@@ -320,7 +303,7 @@ def check_index_target(target, n_classes, ignore_index, *, stream=None) -> None:
     stream = _arrays.resolve_stream(stream)
     n = target.shape[0]
     first_bad = cuda.to_device(np.array([n], dtype=np.int64), stream=stream)
-    _first_bad_target[_blocks(n), _THREADS, stream](target, n_classes, ignore_index, first_bad)
+    _first_bad_target[_blocks(n), THREADS, stream](target, n_classes, ignore_index, first_bad)
     bad = int(first_bad.copy_to_host(stream=stream)[0])
     if bad < n:
         value = int(target[bad:bad + 1].copy_to_host(stream=stream)[0])
@@ -334,9 +317,9 @@ def class_weights(weight, n_classes, *, stream=None):
     stream = _arrays.resolve_stream(stream)
     out = _arrays.empty((n_classes,), np.float64, stream)
     if weight is None:
-        _fill[_blocks(n_classes), _THREADS, stream](out, 1.0)
+        _fill[_blocks(n_classes), THREADS, stream](out, 1.0)
     else:
-        _convert[_blocks(n_classes), _THREADS, stream](
+        _arrays.convert[_blocks(n_classes), THREADS, stream](
             _flat("weight", _arrays.as_device("weight", weight)), out)
     return out
 
@@ -349,7 +332,7 @@ def target_weight_sum(target, weights, ignore_index, *, stream=None) -> float:
     stream = _arrays.resolve_stream(stream)
     n = target.shape[0]
     sample_weight = _arrays.empty((n,), np.float64, stream)
-    _target_weights[_blocks(n), _THREADS, stream](target, weights, ignore_index, sample_weight)
+    _target_weights[_blocks(n), THREADS, stream](target, weights, ignore_index, sample_weight)
     total = _arrays.empty((1,), np.float64, stream)
     device_sum(sample_weight, total, stream)
     return _to_host_float(total, stream)
@@ -366,7 +349,7 @@ def sample_scale(grad_loss, factor, n_samples, *, stream=None):
     if values.shape[0] != 1 and values.shape[0] != n_samples:
         raise ValueError(f"grad_loss must hold 1 or {n_samples} values, got {values.shape[0]}")
     out = _arrays.empty((values.shape[0],), np.float64, stream)
-    _scaled_copy[_blocks(out.shape[0]), _THREADS, stream](values, out, float(factor))
+    _scaled_copy[_blocks(out.shape[0]), THREADS, stream](values, out, float(factor))
     return out
 
 
@@ -377,7 +360,7 @@ def per_sample(values, n_samples, *, stream=None):
     if flat.dtype == np.float64 and flat.strides[0] == 8:
         return flat
     out = _arrays.empty((n_samples,), np.float64, stream)
-    _convert[_blocks(n_samples), _THREADS, stream](flat, out)
+    _arrays.convert[_blocks(n_samples), THREADS, stream](flat, out)
     return out
 
 
@@ -400,7 +383,7 @@ def sample_result(values, sample_shape, dtype, *, stream=None):
     if np.dtype(dtype) == values.dtype:
         return values.reshape(tuple(sample_shape))
     out = _arrays.empty((values.shape[0],), dtype, stream)
-    _convert[_blocks(values.shape[0]), _THREADS, stream](values, out)
+    _arrays.convert[_blocks(values.shape[0]), THREADS, stream](values, out)
     return out.reshape(tuple(sample_shape))
 
 
@@ -460,7 +443,7 @@ def _run(logits, target, weights, options, lse, loss, compute_lse, grad, grad_sc
     acc_like = _arrays.empty((1,), stat_dtype(logits3.dtype), stream)
 
     per_row = threads_per_row or _threads_per_row(n_classes, n_spatial)
-    threads = max(_THREADS, per_row)
+    threads = max(THREADS, per_row)
     rows_per_block = threads // per_row
     blocks = _arrays.launch_blocks(_n_samples(logits), rows_per_block)
     _ce_rows[blocks, (per_row, rows_per_block), stream](
