@@ -144,6 +144,21 @@ def test_batch_norm_blocks_reject_bad_arguments_before_writing():
         fgd.bn_backward_reduce(np.ones((4, 3), np.float32), x, np.zeros(3), np.ones(3))
 
 
+def test_batch_norm_blocks_refuse_missing_statistics():
+    """The statistics have no default: None is a TypeError naming it, not a read past the end
+    of a placeholder (which it was)."""
+    x = np.ones((4, 3))
+    stats = np.zeros(3)
+    with pytest.raises(TypeError, match="mean must be a \\(3,\\) array, got None"):
+        fgd.bn_forward_from_stats(x, 4, None, stats)
+    with pytest.raises(TypeError, match="m2"):
+        fgd.bn_forward_from_stats(x, 4, stats, None)
+    with pytest.raises(TypeError, match="invstd"):
+        fgd.bn_backward_reduce(x, x, stats, None)
+    with pytest.raises(TypeError, match="sum_dy_xhat"):
+        fgd.bn_backward_elementwise(x, x, stats, np.ones(3), None, stats, None, 4)
+
+
 # --------------------------------------------------------------------------------------------
 # Cross-entropy building blocks (one process)
 # --------------------------------------------------------------------------------------------
@@ -244,6 +259,54 @@ def test_building_blocks_are_bitwise_identical_for_any_thread_count():
         numba.set_num_threads(previous)
     for a, b in zip(single, threaded):
         assert np.array_equal(a, b)
+
+
+@pytest.fixture
+def one_rank_world(monkeypatch):
+    """torch.distributed as a world of one rank, without a process group: an all-reduce over
+    one rank leaves its tensor as it is."""
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, op=None, group=None: None)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_vocab_parallel_checks_once_and_equals_building_blocks(one_rank_world, monkeypatch,
+                                                               reduction):
+    rng = np.random.default_rng(9)
+    logits, target = rng.normal(size=(7, 5)), rng.integers(0, 5, 7)
+    target[::3] = -100
+    weight = rng.uniform(0.5, 2.0, 5)
+    options = dict(weight=weight, reduction=reduction, label_smoothing=0.1, z_loss=1e-3)
+    checks = []
+    checked = fgd._target_and_weights
+    monkeypatch.setattr(fgd, "_target_and_weights",
+                        lambda *args: checks.append(1) or checked(*args))
+    shard = torch.tensor(logits, requires_grad=True)
+    loss = fgd.vocab_parallel_softmax_cross_entropy(
+        shard, torch.from_numpy(target), **dict(options, weight=torch.from_numpy(weight)))
+    upstream = rng.normal(size=loss.shape)
+    loss.backward(torch.from_numpy(upstream))
+    assert len(checks) == 1  # in forward; the backward reuses what it checked
+
+    stats = fgd.ce_shard_stats(logits, target, 0, 5, shift=fgd.ce_shard_max(logits),
+                               weight=weight, label_smoothing=0.1)
+    lse, target_logit, weighted = fgd.ce_combine([stats])
+    want_loss = fgd.ce_loss(lse, target_logit, weighted, target, 5, **options)
+    want_grad = fgd.ce_shard_grad(logits, target, 0, lse, 5, grad_loss=upstream, **options)
+    assert np.array_equal(loss.detach().numpy(), want_loss)
+    assert np.array_equal(shard.grad.numpy(), want_grad)
+
+
+def test_vocab_parallel_rejects_bad_target_and_in_place_changes(one_rank_world):
+    shard = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="target values"):
+        fgd.vocab_parallel_softmax_cross_entropy(shard, torch.tensor([0, 3]))
+    target = torch.tensor([0, 2])
+    loss = fgd.vocab_parallel_softmax_cross_entropy(shard, target)
+    target[1] = 1  # after forward: backward refuses it (it uses the target forward checked)
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
 
 
 # --------------------------------------------------------------------------------------------

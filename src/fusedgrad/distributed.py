@@ -85,6 +85,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import torch as fused_torch
+from .batch_norm import _host_view
 from ._torch_arrays import ChannelLayout, kernel_array
 from ._validate import (FLOAT_DTYPES_CPU, INT_DTYPES, as_host_array, check_dtype, check_int,
                         check_ndim, check_real, check_out, check_reduction, check_shape,
@@ -115,11 +116,13 @@ def _channel_axis(x, channel_axis) -> int:
 
 
 def _kernel_view(x, axis: int):
-    """(P, C, S) C-contiguous view (a copy only if ``x`` is not contiguous); see cpu.batch_norm."""
-    x = np.ascontiguousarray(x)
-    if axis == 1:
-        return x.reshape(x.shape[0], x.shape[1], -1)
-    return x.reshape(-1, x.shape[-1], 1)
+    """(P, C, S) C-contiguous view (a copy only if ``x`` is not contiguous); see cpu.batch_norm.
+
+    ``x`` is made C-contiguous first, so ``_host_view``'s channels-last case never applies
+    (``channels_last=False``): channels on axis 1 give (N, C, S), channels on the last axis
+    (P, C, 1).
+    """
+    return _host_view(np.ascontiguousarray(x), axis, False)
 
 
 def _bn_input(name, x, channel_axis):
@@ -134,6 +137,8 @@ def _bn_input(name, x, channel_axis):
 
 
 def _channel_vector(name, vec, n_channels, *, writeable=False):
+    """``vec`` checked as a float32/float64 ``(n_channels,)`` array (also the class weights),
+    or None."""
     if vec is None:
         return None
     vec = as_host_array(name, vec)
@@ -145,6 +150,10 @@ def _channel_vector(name, vec, n_channels, *, writeable=False):
 
 
 def _f64_vector(name, vec, n_channels):
+    """A required (C,) statistic as a contiguous float64 array (``None`` is refused: unlike
+    weight or bias it has no default)."""
+    if vec is None:
+        raise TypeError(f"{name} must be a ({n_channels},) array, got None")
     return np.ascontiguousarray(_channel_vector(name, vec, n_channels), dtype=np.float64)
 
 
@@ -395,21 +404,17 @@ def _index_target(target, n_rows):
                         "supported over class shards")
     check_dtype("target", target, INT_DTYPES)
     check_shape("target", target, (n_rows,))
-    return np.ascontiguousarray(target, dtype=np.int64)
+    return _ce_cpu.index_target(target)
 
 
-def _checked_target(target, n_rows, n_classes, ignore_index):
+def _target_and_weights(target, n_rows, n_classes, weight, ignore_index):
+    """``(target, weights, ignore_index)`` checked in that order: int64 ``(N,)`` class indices
+    or ignore_index, the full ``(C,)`` float64 class weights, the int ignore_index."""
+    ignore_index = check_int("ignore_index", ignore_index)
     target = _index_target(target, n_rows)
     _ce_cpu.check_index_target(target, n_classes, ignore_index)
-    return target
-
-
-def _class_weights(weight, n_classes):
-    if weight is not None:
-        weight = as_host_array("weight", weight)
-        check_dtype("weight", weight, FLOAT_DTYPES_CPU)
-        check_shape("weight", weight, (n_classes,))
-    return _ce_cpu.class_weights(weight, n_classes)
+    weights = _ce_cpu.class_weights(_channel_vector("weight", weight, n_classes), n_classes)
+    return target, weights, ignore_index
 
 
 def _shard_bounds(class_offset, n_classes, width):
@@ -421,12 +426,16 @@ def _shard_bounds(class_offset, n_classes, width):
     return offset, n_classes
 
 
-def ce_shard_max(logits_shard):
-    """Row maxima of one shard's logits ``(N, C_shard)``: ``(N,)`` float64."""
-    logits = _shard_logits(logits_shard)
+def _row_max(logits):
+    """:func:`ce_shard_max` of checked (C-contiguous) logits."""
     out = np.empty(logits.shape[0])
     _shard_max_kernel(logits, out)
     return out
+
+
+def ce_shard_max(logits_shard):
+    """Row maxima of one shard's logits ``(N, C_shard)``: ``(N,)`` float64."""
+    return _row_max(_shard_logits(logits_shard))
 
 
 def ce_shard_stats(logits_shard, target, class_offset, n_classes, *, shift=None, weight=None,
@@ -443,19 +452,23 @@ def ce_shard_stats(logits_shard, target, class_offset, n_classes, *, shift=None,
     logits = _shard_logits(logits_shard)
     n, width = logits.shape
     offset, n_classes = _shard_bounds(class_offset, n_classes, width)
-    ignore_index = check_int("ignore_index", ignore_index)
-    target = _checked_target(target, n, n_classes, ignore_index)
-    weights = _class_weights(weight, n_classes)[offset:offset + width]
+    target, weights, ignore_index = _target_and_weights(target, n, n_classes, weight,
+                                                        ignore_index)
     smoothing = check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
     if shift is None:
-        row_max = np.empty(n)
-        _shard_max_kernel(logits, row_max)
+        row_max = _row_max(logits)
     else:
         row_max = np.ascontiguousarray(as_host_array("shift", shift), dtype=np.float64)
         check_shape("shift", row_max, (n,))
+    return _shard_stats(logits, target, offset, weights, row_max, ignore_index, smoothing)
+
+
+def _shard_stats(logits, target, offset, weights, row_max, ignore_index, smoothing):
+    """:func:`ce_shard_stats` of checked arguments (``weights``: the full ``(C,)`` float64)."""
+    n, width = logits.shape
     sum_exp, target_logit, weighted = np.empty(n), np.empty(n), np.empty(n)
-    _shard_stats_kernel(logits, target, offset, weights, row_max, ignore_index, smoothing > 0.0,
-                        sum_exp, target_logit, weighted)
+    _shard_stats_kernel(logits, target, offset, weights[offset:offset + width], row_max,
+                        ignore_index, smoothing > 0.0, sum_exp, target_logit, weighted)
     return ShardStats(row_max, sum_exp, target_logit, weighted)
 
 
@@ -507,9 +520,8 @@ def _ce_options(target, n_rows, n_classes, weight, ignore_index, reduction, labe
     n_classes = check_int("n_classes", n_classes)
     if n_classes < 1:
         raise ValueError(f"n_classes must be >= 1, got {n_classes}")
-    ignore_index = check_int("ignore_index", ignore_index)
-    target = _checked_target(target, n_rows, n_classes, ignore_index)
-    weights = _class_weights(weight, n_classes)
+    target, weights, ignore_index = _target_and_weights(target, n_rows, n_classes, weight,
+                                                        ignore_index)
     ignored = target == ignore_index
     target_weights = np.where(ignored, 0.0, weights[np.where(ignored, 0, target)])
     return _CeOptions(target, n_classes, weights, target_weights, ignore_index,
@@ -534,8 +546,12 @@ def ce_loss(lse, target_logit, weighted_sum, target, n_classes, *, weight=None,
     lse = np.asarray(lse, dtype=np.float64)
     opts = _ce_options(target, lse.shape[0], n_classes, weight, ignore_index, reduction,
                        label_smoothing, z_loss)
-    target_logit = np.asarray(target_logit, dtype=np.float64)
-    weighted_sum = np.asarray(weighted_sum, dtype=np.float64)
+    return _loss(lse, np.asarray(target_logit, dtype=np.float64),
+                 np.asarray(weighted_sum, dtype=np.float64), opts)
+
+
+def _loss(lse, target_logit, weighted_sum, opts: _CeOptions):
+    """:func:`ce_loss` of float64 ``(N,)`` statistics and checked options."""
     s, w_t = opts.smoothing, opts.target_weights
     per_row = ((1.0 - s) * w_t * (lse - target_logit)
                + (s / opts.n_classes) * (lse * opts.weights.sum() - weighted_sum)
@@ -572,14 +588,21 @@ def ce_shard_grad(logits_shard, target, class_offset, lse, n_classes, *, weight=
         scale = np.asarray(as_host_array("grad_loss", grad_loss), dtype=np.float64)
         check_shape("grad_loss", scale, (n,) if opts.reduction == "none" else ())
         scale = np.ascontiguousarray(scale.reshape(-1))
-    grad = _output(out, logits)
+    return _shard_grad(logits, offset, lse, scale, opts, _output(out, logits))
+
+
+def _shard_grad(logits, offset, lse, scale, opts: _CeOptions, grad):
+    """:func:`ce_shard_grad` of checked arguments, written into ``grad``: ``lse`` ``(N,)``
+    float64, ``scale`` the upstream gradient as a contiguous float64 ``(1,)`` or (for "none")
+    ``(N,)`` vector."""
+    width = logits.shape[1]
     if opts.reduction == "mean":
         denominator = _mean_denominator(opts)
         scale = scale / denominator if denominator != 0.0 else np.zeros(1)
     _shard_grad_kernel(logits, opts.target, offset,
                        np.ascontiguousarray(opts.weights[offset:offset + width]),
                        opts.target_weights, lse, scale, scale.shape[0] > 1,
-                       n_classes, float(opts.weights.sum()), opts.smoothing,
+                       opts.n_classes, float(opts.weights.sum()), opts.smoothing,
                        opts.z_loss, opts.ignore_index, grad)
     return grad
 
@@ -796,8 +819,10 @@ def convert_sync_batchnorm(module, process_group=None):
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Cross-entropy whose classes are split over the ranks of ``group``, in rank order.
 
-    Saves the logits shard and target (by reference) and the global lse per row; the backward
-    needs no communication.
+    Saves the logits shard and target (by reference) and the global lse per row, and keeps the
+    options its forward checked (``_CeOptions``: the checked target, the class weights) on
+    ``ctx``, as ``fusedgrad.torch`` keeps its validated call: the backward needs no
+    communication and checks nothing again.
     """
 
     @staticmethod
@@ -809,17 +834,20 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         # All-reduce 1 (MAX): the row maxima, and each rank's shard width in its own slot
         # (zeros elsewhere), so the maximum over ranks is the list of all widths.
         packed = torch.zeros(n_rows + world_size, dtype=torch.float64)
-        packed[:n_rows] = torch.from_numpy(ce_shard_max(logits))
+        logits = _shard_logits(logits)
+        packed[:n_rows] = torch.from_numpy(_row_max(logits))
         packed[n_rows + rank] = width
         dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
         row_max = packed[:n_rows].numpy()
         widths = packed[n_rows:].numpy().astype(np.int64)
         offset, n_classes = int(widths[:rank].sum()), int(widths.sum())
-        target_array = _cpu_tensor("target", target)
-        weight_array = _cpu_tensor("weight", weight)
-        options = dict(weight=weight_array, ignore_index=ignore_index,
-                       label_smoothing=label_smoothing)
-        stats = ce_shard_stats(logits, target_array, offset, n_classes, shift=row_max, **options)
+        # Target and weight checked once, here, for the statistics, the loss and the backward's
+        # gradient (the public building blocks would check them again in each).
+        opts = _ce_options(_cpu_tensor("target", target), n_rows, n_classes,
+                           _cpu_tensor("weight", weight), ignore_index, reduction,
+                           label_smoothing, z_loss)
+        stats = _shard_stats(logits, opts.target, offset, opts.weights, row_max,
+                             opts.ignore_index, opts.smoothing)
         # All-reduce 2 (SUM): exponentials against the common shift, the target logit (one
         # rank contributes it, the others an exact 0), and sum_j w_j z_j for label smoothing.
         sums = [stats.sum_exp, stats.target_logit]
@@ -830,21 +858,21 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         summed = summed.numpy()
         weighted = summed[2] if label_smoothing > 0.0 else np.zeros(n_rows)
         lse = _lse(row_max, summed[0])
-        loss = ce_loss(lse, summed[1], weighted, target_array, n_classes, reduction=reduction,
-                       z_loss=z_loss, **options)
-        ctx.options = dict(options, reduction=reduction, z_loss=z_loss)
-        ctx.offset, ctx.n_classes = offset, n_classes
+        loss = _loss(lse, summed[1], weighted, opts)
+        ctx.opts, ctx.offset = opts, offset
         ctx.save_for_backward(logits_shard, target, weight, torch.from_numpy(lse))
         return torch.from_numpy(loss).to(logits_shard.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
-        logits_shard, target, weight, lse = ctx.saved_tensors
-        options = dict(ctx.options, weight=_cpu_tensor("weight", weight))
-        upstream = grad_loss.to(torch.float64).contiguous().numpy()
-        grad = ce_shard_grad(logits_shard.detach().numpy(), target.numpy(), ctx.offset,
-                             lse.numpy(), ctx.n_classes, grad_loss=upstream, **options)
+        # Unpacking the saved tensors checks that none was modified in place since forward.
+        logits_shard, _, _, lse = ctx.saved_tensors
+        logits = np.ascontiguousarray(logits_shard.detach().numpy())
+        # Autograd hands over a gradient shaped like the loss: () or, for "none", (N,).
+        scale = grad_loss.to(torch.float64).contiguous().numpy().reshape(-1)
+        grad = _shard_grad(logits, ctx.offset, lse.numpy(), scale, ctx.opts,
+                           _output(None, logits))
         return torch.from_numpy(grad), None, None, None, None, None, None, None
 
 
