@@ -33,6 +33,8 @@ UNTYPED_BFLOAT16 = np.dtype("V2")
 
 def as_tensor(array, device: torch.device) -> torch.Tensor:
     """Wrap a kernel result (NumPy array, or device array on ``device``) without a copy."""
+    if type(array) is np.ndarray and device.type == "cpu":  # 3x cheaper than as_tensor
+        return torch.from_numpy(array)
     if getattr(array, "dtype", None) == UNTYPED_BFLOAT16:
         # bfloat16 device arrays cross __cuda_array_interface__ as the untyped "<V2" (NumPy has
         # no bfloat16), which torch.as_tensor cannot import: reinterpret the bits instead.
