@@ -116,6 +116,19 @@ def test_bench_json_has_machine_bandwidth_and_result_records(quick_report):
         assert model["speedup_vs_torch"] > 0 and model["paired_speedup_vs_torch"] > 0
         assert set(model["fused_op_share"]) == {"fusedgrad", "torch"}
         assert all(0 < share < 1 for share in model["fused_op_share"].values())
+        # Timed in a fresh process (the headline), then again in the benchmark's own.
+        assert model["process"] == "fresh"
+        faults = model["minor_faults_per_step"]
+        assert set(faults) == {"fusedgrad", "torch"} and all(f >= 0 for f in faults.values())
+        again = model["in_bench_process"]
+        assert "error" not in again
+        assert set(again["timings"]) == {"fusedgrad", "torch"}
+        assert again["speedup_vs_torch"] == pytest.approx(
+            again["timings"]["torch"]["min_s"] / again["timings"]["fusedgrad"]["min_s"])
+        assert again["paired_speedup_vs_torch"] > 0
+        assert set(again["minor_faults_per_step"]) == {"fusedgrad", "torch"}
+        assert "model_small in a fresh process: median over" in result.stdout
+        assert "model_small in the benchmark process, after the other cases" in result.stdout
 
 
 def test_bench_plot_is_a_png(quick_report):
@@ -231,6 +244,19 @@ def test_paired_speedup_is_the_median_of_per_round_ratios():
     # Rounds 1-3 only (fusedgrad stopped earlier): ratios 2, 4, 0.5 -> median 2.
     assert _bench.paired_speedup(torch_timing, fused) == 2.0
     assert _bench.paired_speedup(torch_timing, _bench.Timing(1.0, 1.0, 0, [])) is None
+
+
+def test_minor_faults_per_call_counts_pages_touched_for_the_first_time():
+    import mmap
+    pages = 64
+
+    def touch_new_pages():
+        with mmap.mmap(-1, pages * mmap.PAGESIZE) as fresh:  # anonymous: no page mapped yet
+            for offset in range(0, pages * mmap.PAGESIZE, mmap.PAGESIZE):
+                fresh[offset] = 1
+
+    assert _bench.minor_faults_per_call(touch_new_pages, 3) >= pages
+    assert _bench.minor_faults_per_call(lambda: None, 3) < pages
 
 
 def test_reference_runs_on_a_row_subset_only_above_the_budget():
