@@ -760,22 +760,16 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def forward(self, input):
         self._check_input_dim(input)
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average over all batches so far
-                momentum = 1.0 / float(self.num_batches_tracked)
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        tracked = not self.training or self.track_running_stats
-        running_mean = self.running_mean if tracked else None
-        running_var = self.running_var if tracked else None
+        step = fused_torch.step_options(self)
         group = self.process_group or (dist.group.WORLD if dist.is_initialized() else None)
         world_size = dist.get_world_size(group) if group is not None else 1
-        if not (bn_training and self.training and world_size > 1):
-            return fused_torch.batch_norm(input, running_mean, running_var, self.weight,
-                                          self.bias, bn_training, momentum, self.eps)
-        return _SyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean,
-                                            running_var, self.eps, momentum, group, world_size)
+        if not (self.training and world_size > 1):
+            return fused_torch.batch_norm(input, step.running_mean, step.running_var,
+                                          self.weight, self.bias, step.use_batch_stats,
+                                          step.momentum, self.eps)
+        return _SyncBatchNormFunction.apply(input, self.weight, self.bias, step.running_mean,
+                                            step.running_var, self.eps, step.momentum, group,
+                                            world_size)
 
     @classmethod
     def convert_sync_batchnorm(cls, module, process_group=None):
@@ -799,13 +793,12 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 def _sync_copy(bn, cls, process_group):
     # Built on the meta device (no throwaway parameters), then handed the original tensors.
-    sync = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-               process_group, device="meta", bias=bn.bias is not None)
-    for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-        setattr(sync, name, getattr(bn, name))
+    sync = fused_torch.adopt_state(bn, cls(bn.num_features, bn.eps, bn.momentum, bn.affine,
+                                           bn.track_running_stats, process_group,
+                                           device="meta", bias=bn.bias is not None))
     if hasattr(bn, "qconfig"):
         sync.qconfig = bn.qconfig
-    return sync.train(bn.training)
+    return sync
 
 
 def convert_sync_batchnorm(module, process_group=None):

@@ -44,6 +44,8 @@ Only this module, ``fusedgrad.distributed`` and the tensor <-> array helpers the
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
@@ -267,19 +269,36 @@ class _FusedBatchNorm:
 
     def forward(self, input):
         self._check_input_dim(input)
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average over all batches so far
-                momentum = 1.0 / float(self.num_batches_tracked)
-        # Batch statistics in training, and in eval when there are no running buffers.
-        use_batch_stats = self.training or (self.running_mean is None
-                                            and self.running_var is None)
-        # Buffers are updated only when tracked; in eval they are read, if present.
-        pass_buffers = not self.training or self.track_running_stats
-        return batch_norm(input, self.running_mean if pass_buffers else None,
-                          self.running_var if pass_buffers else None,
-                          self.weight, self.bias, use_batch_stats, momentum, self.eps)
+        step = step_options(self)
+        return batch_norm(input, step.running_mean, step.running_var, self.weight, self.bias,
+                          step.use_batch_stats, step.momentum, self.eps)
+
+
+class StepOptions(NamedTuple):
+    """What one forward call of a batch-norm module passes to the functional form."""
+
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    use_batch_stats: bool
+    momentum: float
+
+
+def step_options(module: nn.Module) -> StepOptions:
+    """PyTorch's ``_BatchNorm.forward`` bookkeeping for ``module`` (counts the batch in
+    ``num_batches_tracked`` when training with tracked statistics); shared with
+    ``fusedgrad.distributed.SyncBatchNorm``."""
+    momentum = 0.0 if module.momentum is None else module.momentum
+    if module.training and module.track_running_stats and module.num_batches_tracked is not None:
+        module.num_batches_tracked.add_(1)
+        if module.momentum is None:  # cumulative moving average over all batches so far
+            momentum = 1.0 / float(module.num_batches_tracked)
+    # Batch statistics in training, and in eval when there are no running buffers.
+    use_batch_stats = module.training or (module.running_mean is None
+                                          and module.running_var is None)
+    # Buffers are updated only when tracked; in eval they are read, if present.
+    pass_buffers = not module.training or module.track_running_stats
+    return StepOptions(module.running_mean if pass_buffers else None,
+                       module.running_var if pass_buffers else None, use_batch_stats, momentum)
 
 
 class BatchNorm1d(_FusedBatchNorm, nn.BatchNorm1d):
@@ -322,8 +341,14 @@ def convert_model(module: nn.Module) -> nn.Module:
 def _fused_copy(bn: nn.Module, fused_class) -> nn.Module:
     # Built on the meta device so that no throwaway parameters are allocated, then handed the
     # original tensors (Module.__setattr__ registers them as parameters / buffers).
-    fused = fused_class(bn.num_features, bn.eps, bn.momentum, bn.affine,
-                        bn.track_running_stats, device="meta", bias=bn.bias is not None)
+    return adopt_state(bn, fused_class(bn.num_features, bn.eps, bn.momentum, bn.affine,
+                                       bn.track_running_stats, device="meta",
+                                       bias=bn.bias is not None))
+
+
+def adopt_state(bn: nn.Module, replacement: nn.Module) -> nn.Module:
+    """``replacement`` (built on the meta device) takes over ``bn``'s very parameter and buffer
+    tensors and its train/eval flag; shared with ``fusedgrad.distributed``."""
     for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-        setattr(fused, name, getattr(bn, name))
-    return fused.train(bn.training)
+        setattr(replacement, name, getattr(bn, name))
+    return replacement.train(bn.training)
