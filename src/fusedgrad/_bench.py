@@ -248,6 +248,18 @@ class Timing:
     median_s: float
     repeats: int
     samples: list = dataclasses.field(default_factory=list, repr=False)
+    #: Median minor page faults per timed call (None where the OS does not count them).
+    faults: float | None = None
+
+
+def minor_faults() -> int | None:
+    """This process's minor page faults so far (all threads): pages the OS had to map, and
+    zero, on first touch. None where ``resource`` is missing (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def paired_speedup(baseline: Timing, candidate: Timing) -> float | None:
@@ -282,6 +294,7 @@ def time_interleaved(fns: dict, settings: Settings,
         fn()
         synchronize()
     times = {name: [] for name in fns}
+    faults = {name: [] for name in fns}
 
     def wants_more(samples):
         return len(samples) < settings.repeats or (
@@ -292,11 +305,15 @@ def time_interleaved(fns: dict, settings: Settings,
             if wants_more(times[name]):
                 fn()  # untimed: the timed call finds the caches as this implementation left them
                 synchronize()
+                faults_before = minor_faults()
                 start = time.perf_counter()
                 fn()
                 synchronize()
                 times[name].append(time.perf_counter() - start)
-    return {name: Timing(min(samples), statistics.median(samples), len(samples), samples)
+                if faults_before is not None:
+                    faults[name].append(minor_faults() - faults_before)
+    return {name: Timing(min(samples), statistics.median(samples), len(samples), samples,
+                         statistics.median(faults[name]) if faults[name] else None)
             for name, samples in times.items()}
 
 
@@ -673,32 +690,18 @@ def run_case(case: Case, device: Device, quick: bool, settings: Settings) -> dic
             timing = timings[runner.impl]
             record["timings"][runner.impl] = {
                 "min_s": timing.min_s * runner.scale, "median_s": timing.median_s * runner.scale,
-                "repeats": timing.repeats, "scale": runner.scale}
+                "repeats": timing.repeats, "scale": runner.scale,
+                "minor_faults_per_call": timing.faults}
             if runner.note:
                 record["notes"].append(runner.note)
         if case.op == "model":
             record["fused_op_share"] = {r.impl: r.fused_op_share(settings) for r in runners}
-            record["minor_faults_per_step"] = {
-                r.impl: minor_faults_per_call(r.fn, settings.repeats) for r in runners}
         record["notes"] += _missing_comparisons(case, device, record["timings"])
     except Exception as exc:  # one failing case must not hide the others' results
         record["error"] = f"{type(exc).__name__}: {exc}"
     finally:
         gc.collect()
     return record
-
-
-def minor_faults_per_call(fn: Callable[[], object], calls: int) -> float | None:
-    """Minor page faults of this process per call of ``fn`` (pages the OS had to map, and
-    zero, on first touch), averaged over ``calls`` calls; None where ``resource`` is missing."""
-    try:
-        import resource
-    except ImportError:  # not on Windows
-        return None
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(calls):
-        fn()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
 
 
 def _run_case_in_child(case: Case, device_name: str, quick: bool, settings: Settings,
@@ -746,8 +749,8 @@ def _summary(record: dict) -> dict:
     """The model-level figures of a second run of a case (see :func:`run`)."""
     timings = record["timings"]
     fused, torch_timing = timings.get("fusedgrad"), timings.get("torch")
-    summary = {key: record[key] for key in ("timings", "paired_speedup_vs_torch",
-                                            "minor_faults_per_step", "error") if key in record}
+    summary = {key: record[key] for key in ("timings", "paired_speedup_vs_torch", "error")
+               if key in record}
     summary["speedup_vs_torch"] = (torch_timing["min_s"] / fused["min_s"]
                                    if fused and torch_timing else None)
     return summary
@@ -785,14 +788,14 @@ def run(device_name: str, *, quick: bool = False, case_names=None, out=sys.stdou
     Returns ``{"machine": {...}, "copy_bandwidth_GBps": float,
     "copy_bandwidth_samples_GBps": [before, after], "results": [record, ...]}``; each record has
     ``case, op, layout, shape, dtype, device, timings`` (per implementation: ``min_s, median_s,
-    repeats, scale``), ``speedup_vs_torch, speedup_vs_reference, bytes, roofline_s, GBps,
-    roofline_pct, speedup_at_roofline, notes``, ``paired_speedup_vs_torch`` when PyTorch was timed
+    repeats, scale, minor_faults_per_call``, the last the median over the timed calls),
+    ``speedup_vs_torch, speedup_vs_reference, bytes, roofline_s, GBps, roofline_pct,
+    speedup_at_roofline, notes``, ``paired_speedup_vs_torch`` when PyTorch was timed
     (see :func:`paired_speedup`) and, when the case failed, ``error``; the model case adds
-    ``fused_op_share`` and ``minor_faults_per_step`` (``{"fusedgrad": f, "torch": f}`` each).
-    On the CPU the model case is timed in a fresh process (``"process": "fresh"``, see
-    :func:`run_case_in_fresh_process`) and then again in this one, after the other cases, whose
-    figures are under ``in_bench_process`` (``timings``, ``speedup_vs_torch``,
-    ``paired_speedup_vs_torch``, ``minor_faults_per_step``).
+    ``fused_op_share`` (``{"fusedgrad": f, "torch": f}``). On the CPU the model case is timed
+    in a fresh process (``"process": "fresh"``, see :func:`run_case_in_fresh_process`) and then
+    again in this one, after the other cases, whose figures are under ``in_bench_process``
+    (``timings``, ``speedup_vs_torch``, ``paired_speedup_vs_torch``).
     """
     cases = select_cases(device_name, case_names)
     settings = QUICK_SETTINGS if quick else FULL_SETTINGS
@@ -868,6 +871,11 @@ def _ratio(value) -> str:
 
 def _number(value, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
+
+
+#: Page faults per timed call above which the table's notes list a case's counts (a thousand
+#: 4 KiB pages, 4 MB of fresh memory, cost a visible fraction of a millisecond).
+FAULTS_WORTH_A_NOTE = 1000
 
 
 class Table:
@@ -950,7 +958,8 @@ class Table:
 
     @staticmethod
     def _faults(record: dict) -> str:
-        faults = record.get("minor_faults_per_step") or {}
+        faults = {impl: timing.get("minor_faults_per_call")
+                  for impl, timing in record["timings"].items()}
         if faults.get("fusedgrad") is None or faults.get("torch") is None:
             return ""
         return (f"; page faults per step: fusedgrad {faults['fusedgrad']:.0f}, "
@@ -968,6 +977,16 @@ class Table:
               "of the roofline", file=self.out)
         if notes:
             print("* " + "\n* ".join(notes), file=self.out)
+        for record in results:
+            faults = {impl: timing.get("minor_faults_per_call")
+                      for impl, timing in record["timings"].items()}
+            if record["op"] != "model" and any((f or 0) >= FAULTS_WORTH_A_NOTE
+                                               for f in faults.values()):
+                counts = ", ".join(f"{impl} {f:.0f}" for impl, f in faults.items()
+                                   if f is not None)
+                print(f"{record['case']}: page faults per timed call: {counts} (fresh pages "
+                      "for new outputs, mapped and zeroed by the OS inside the timed call)",
+                      file=self.out)
         in_cache = [r["case"] for r in results if (r["roofline_pct"] or 0) > 100]
         if in_cache:
             print(f"{', '.join(in_cache)}: above 100% of the roofline: part of the data stayed in "
