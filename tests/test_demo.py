@@ -82,9 +82,11 @@ def test_hand_written_backward_matches_finite_differences():
                                        rtol=1e-6, atol=1e-9, err_msg=name)
 
 
-def test_bad_arguments_exit_with_status_2(capsys):
+def test_bad_arguments_exit_with_status_2(capsys, tmp_path):
+    # --plot is checked before training, as the bench's --json and --plot are.
     for argv in (["--epochs", "0"], ["--epochs", "two"], ["--lr", "-1"],
-                 ["--plot", "/no/such/folder/curves.png"], ["--bogus"]):
+                 ["--plot", "/no/such/folder/curves.png"], ["--plot", str(tmp_path)],
+                 ["--bogus"]):
         with pytest.raises(SystemExit) as exc:
             demo.main(argv)
         assert exc.value.code == 2

@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import sys
+
+from fusedgrad._cli import check_output_path
 
 
 def _parsers() -> tuple:
@@ -59,25 +60,12 @@ def _comma_list(text: str) -> list:
     return names
 
 
-def _check_output_path(parser, option: str, path: str | None) -> None:
-    """Fail with exit status 2 now, not after minutes of measuring, if ``path`` can't be written."""
-    if path is None:
-        return
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        parser.error(f"{option}: {path!r} is a directory; expected a file path")
-    if not os.path.isdir(folder):
-        parser.error(f"{option}: folder {folder!r} does not exist")
-    if not os.access(folder, os.W_OK):
-        parser.error(f"{option}: folder {folder!r} is not writable")
-
-
 def _run_bench(parser, args) -> int:
     from fusedgrad import _bench
     from fusedgrad._device import cuda_available
 
-    _check_output_path(parser, "--json", args.json)
-    _check_output_path(parser, "--plot", args.plot)
+    check_output_path(parser, "--json", args.json)
+    check_output_path(parser, "--plot", args.plot)
     if args.plot:
         try:
             import matplotlib  # noqa: F401  (checked now so that no measurement is wasted)

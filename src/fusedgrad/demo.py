@@ -28,7 +28,6 @@ run is reproducible.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import fusedgrad as fg
+from fusedgrad._cli import check_output_path
 
 N_CLASSES = 10
 
@@ -236,9 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m fusedgrad demo``; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    # Checked now rather than failing at the end, after the training.
-    if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
-        parser.error(f"--plot: the folder of {args.plot!r} does not exist")
+    check_output_path(parser, "--plot", args.plot)  # now, not after the training
     _, history = train(args)
     print(f"trained {args.epochs} epochs in {sum(history.seconds):.1f} s; the first took "
           f"{history.seconds[0]:.1f} s, as it compiles fusedgrad's kernels (or loads them from "
