@@ -669,12 +669,16 @@ def build_runners(case: Case, device: Device, quick: bool, seed: int = 0) -> lis
     return _RUNNER_BUILDERS[case.op](case, case.shape(quick), device, rng)
 
 
+def _empty_record(case: Case, quick: bool, device_name: str) -> dict:
+    return {"case": case.name, "op": case.op, "layout": case.layout,
+            "shape": list(case.shape(quick)), "dtype": case.dtype, "device": device_name,
+            "timings": {}, "notes": []}
+
+
 def run_case(case: Case, device: Device, quick: bool, settings: Settings) -> dict:
     """Time every implementation of ``case``; returns its record, without the ratios that need
     the copy bandwidth (see :func:`_add_ratios` and ``run``)."""
-    shape = case.shape(quick)
-    record = {"case": case.name, "op": case.op, "layout": case.layout, "shape": list(shape),
-              "dtype": case.dtype, "device": device.name, "timings": {}, "notes": []}
+    record = _empty_record(case, quick, device.name)
     if case.op == "model":
         # A training step's time spreads widely from step to step (allocator page faults,
         # a shared machine): more rounds, and the paired ratio below.
@@ -730,8 +734,12 @@ def run_case_in_fresh_process(case: Case, device_name: str, quick: bool,
 
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
-        return pool.submit(_run_case_in_child, case, device_name, quick, settings,
-                           numba.get_num_threads()).result()
+        try:
+            return pool.submit(_run_case_in_child, case, device_name, quick, settings,
+                               numba.get_num_threads()).result()
+        except Exception as exc:  # the child died (run_case reports its own failures)
+            return dict(_empty_record(case, quick, device_name),
+                        error=f"fresh process: {type(exc).__name__}: {exc}")
 
 
 def _missing_comparisons(case: Case, device: Device, timings: dict) -> list:
