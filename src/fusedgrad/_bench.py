@@ -886,6 +886,10 @@ def _number(value, fmt: str) -> str:
 FAULTS_WORTH_A_NOTE = 1000
 
 
+def _faults_by_impl(record: dict) -> dict:
+    return {impl: timing.get("minor_faults_per_call") for impl, timing in record["timings"].items()}
+
+
 class Table:
     """The printed result table: one aligned row per case, then the notes.
 
@@ -966,8 +970,7 @@ class Table:
 
     @staticmethod
     def _faults(record: dict) -> str:
-        faults = {impl: timing.get("minor_faults_per_call")
-                  for impl, timing in record["timings"].items()}
+        faults = _faults_by_impl(record)
         if faults.get("fusedgrad") is None or faults.get("torch") is None:
             return ""
         return (f"; page faults per step: fusedgrad {faults['fusedgrad']:.0f}, "
@@ -986,8 +989,7 @@ class Table:
         if notes:
             print("* " + "\n* ".join(notes), file=self.out)
         for record in results:
-            faults = {impl: timing.get("minor_faults_per_call")
-                      for impl, timing in record["timings"].items()}
+            faults = _faults_by_impl(record)
             if record["op"] != "model" and any((f or 0) >= FAULTS_WORTH_A_NOTE
                                                for f in faults.values()):
                 counts = ", ".join(f"{impl} {f:.0f}" for impl, f in faults.items()
