@@ -8,6 +8,7 @@ the CPU path never pays for it.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import sys
 
@@ -15,6 +16,15 @@ import numpy as np
 
 HOST = "cpu"
 DEVICE = "cuda"
+
+
+@functools.cache
+def backend(operation: str, location: str):
+    """The kernel module of ``operation`` ("cross_entropy", "batch_norm") for ``location``
+    (:data:`HOST` or :data:`DEVICE`): ``fusedgrad.cpu.<operation>`` or
+    ``fusedgrad.cuda.<operation>``, imported on first use (so the CPU path never imports
+    numba-cuda) and then looked up in a cache."""
+    return importlib.import_module(f"fusedgrad.{location}.{operation}")
 
 
 def is_device_array(obj) -> bool:

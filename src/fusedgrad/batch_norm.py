@@ -19,8 +19,6 @@ copied once to a contiguous array.
 """
 from __future__ import annotations
 
-import functools
-import importlib
 import math
 
 import numpy as np
@@ -30,9 +28,8 @@ from ._validate import (as_host_array, check_dtype, check_int, check_ndim,
                         check_out, check_real, check_shape, check_writeable)
 
 
-@functools.cache
 def _backend(location: str):
-    return importlib.import_module(f"fusedgrad.{location}.batch_norm")
+    return _device.backend("batch_norm", location)
 
 
 def _check_bool(name: str, value) -> bool:

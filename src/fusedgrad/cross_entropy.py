@@ -16,8 +16,6 @@ the number of samples (probability targets), as ``torch.nn.functional.cross_entr
 """
 from __future__ import annotations
 
-import functools
-import importlib
 import math
 import numbers
 from dataclasses import dataclass
@@ -32,13 +30,9 @@ from ._validate import (FLOAT_DTYPES_CPU, INT_DTYPES, check_dtype, check_int, ch
 __all__ = ["softmax_cross_entropy", "softmax_cross_entropy_forward",
            "softmax_cross_entropy_backward"]
 
-_BACKENDS = {_device.HOST: "fusedgrad.cpu.cross_entropy",
-             _device.DEVICE: "fusedgrad.cuda.cross_entropy"}
 
-
-@functools.cache
 def _backend(location: str):
-    return importlib.import_module(_BACKENDS[location])
+    return _device.backend("cross_entropy", location)
 
 
 @dataclass(frozen=True)
