@@ -365,7 +365,7 @@ def _shard_grad_kernel(logits, target, offset, weights, target_weights, lse, sca
             w_t = target_weights[i]
             coef = index_coefficient(lse[i], w_t, weight_total, smoothing, z_loss, n_classes)
             exp_scale_minus_weighted(logits[i], g, lse[i], sc * coef,
-                                      sc * smoothing / n_classes, weights, False)
+                                     sc * smoothing / n_classes, weights, False)
             local = target[i] - offset
             if 0 <= local < c:
                 g[local] -= cast_like(sc * (1.0 - smoothing) * w_t, g)

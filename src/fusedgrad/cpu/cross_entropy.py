@@ -571,7 +571,7 @@ def _rows_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
                                   shifts, sums)
             else:
                 exp_scale_minus_weighted(z, g, lse, coef, scale * smooth_per_class, weights,
-                                              inplace)
+                                         inplace)
             g[t] -= cast_like(scale * (1.0 - smoothing) * w_t, g)
 
 
@@ -761,7 +761,7 @@ def _rows_small_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
                 smooth = 0.0
                 if not ignored:
                     factor = scale * index_coefficient(lse, w_t, weight_total, smoothing,
-                                                        z_loss, c) / total
+                                                       z_loss, c) / total
                     smooth = scale * smoothing / c
                 f = cast_like(factor, buf)
                 for j in range(c):
