@@ -755,13 +755,16 @@ def _missing_comparisons(case: Case, device: Device, timings: dict) -> list:
 
 def _summary(record: dict) -> dict:
     """The model-level figures of a second run of a case (see :func:`run`)."""
-    timings = record["timings"]
-    fused, torch_timing = timings.get("fusedgrad"), timings.get("torch")
     summary = {key: record[key] for key in ("timings", "paired_speedup_vs_torch", "error")
                if key in record}
-    summary["speedup_vs_torch"] = (torch_timing["min_s"] / fused["min_s"]
-                                   if fused and torch_timing else None)
+    summary["speedup_vs_torch"] = _speedup(record["timings"], "torch")
     return summary
+
+
+def _speedup(timings: dict, other: str) -> float | None:
+    """``other``'s best time / fusedgrad's, when both were timed."""
+    fused = timings.get("fusedgrad")
+    return timings[other]["min_s"] / fused["min_s"] if fused and other in timings else None
 
 
 def _add_ratios(record: dict, nbytes: int | None, copy_bandwidth: float) -> None:
@@ -769,8 +772,7 @@ def _add_ratios(record: dict, nbytes: int | None, copy_bandwidth: float) -> None
     timings = record["timings"]
     fused = timings.get("fusedgrad")
     for other in ("torch", "reference"):
-        record[f"speedup_vs_{other}"] = (timings[other]["min_s"] / fused["min_s"]
-                                         if fused and other in timings else None)
+        record[f"speedup_vs_{other}"] = _speedup(timings, other)
     record["bytes"] = nbytes
     record["roofline_s"] = nbytes / copy_bandwidth if nbytes else None
     # The speed-up over PyTorch that a kernel running exactly at the roofline would show: a
