@@ -431,17 +431,28 @@ def test_convert_model_swaps_layers_and_keeps_tensors():
         fgt.convert_model("not a module")
 
 
-def test_converted_cnn_trains_like_torch():
-    reference_model = _small_cnn()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_converted_cnn_trains_like_torch(device, monkeypatch):
+    # On the GPU, TF32 and cuDNN's autotuned algorithms would let the two models' convolutions
+    # round differently; in full float32 with deterministic algorithms only the fused layers
+    # differ.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    reference_model = _small_cnn().to(device)
     fused_model = fgt.convert_model(copy.deepcopy(reference_model))
-    batches = _batches(6)
+    batches = [(x.to(device), t.to(device)) for x, t in _batches(6)]
     torch_losses = _train(reference_model, nn.CrossEntropyLoss(), batches)
     fused_losses = _train(fused_model, fgt.CrossEntropyLoss(), batches)
     np.testing.assert_allclose(fused_losses, torch_losses, rtol=1e-5, atol=1e-5)
     for (name, a), (_, b) in zip(fused_model.state_dict().items(),
                                  reference_model.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
-    x, _ = _batches(1, seed=12)[0]
+    x = _batches(1, seed=12)[0][0].to(device)
     torch.testing.assert_close(fused_model.eval()(x), reference_model.eval()(x),
                                rtol=1e-5, atol=1e-5)
 
