@@ -431,6 +431,16 @@ def test_convert_model_swaps_layers_and_keeps_tensors():
         fgt.convert_model("not a module")
 
 
+def test_copies_pass_bias_only_where_older_pytorch_accepts_it():
+    """``bias=`` is new in PyTorch 2.13's batch norm: a copy of a layer with a bias (the default)
+    must not pass it, or convert_model fails on PyTorch 2.11 (seen on the GPU machine)."""
+    assert "bias" not in fgt.meta_copy_arguments(nn.BatchNorm2d(4))
+    assert "bias" not in fgt.meta_copy_arguments(nn.BatchNorm2d(4, affine=False))
+    assert fgt.meta_copy_arguments(nn.BatchNorm2d(4, bias=False))["bias"] is False
+    converted = fgt.convert_model(nn.Sequential(nn.BatchNorm2d(4, bias=False)))
+    assert converted[0].bias is None and converted[0].weight is not None
+
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
 

@@ -24,7 +24,7 @@ _PUBLIC = {
     "batch_norm_forward": "batch_norm",
     "batch_norm_backward": "batch_norm",
     "cuda_available": "_device",
-    "empty_cache": "cpu._alloc",
+    "empty_cache": "_buffer_cache",
     "reference": None,
 }
 

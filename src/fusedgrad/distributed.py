@@ -749,7 +749,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
                  track_running_stats=True, process_group=None, device=None, dtype=None, *,
                  bias=True):
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
-                         device=device, dtype=dtype, bias=bias)
+                         device=device, dtype=dtype, **fused_torch.bias_keyword(bias))
         self.process_group = process_group
 
     def _check_input_dim(self, input):
@@ -793,9 +793,8 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 def _sync_copy(bn, cls, process_group):
     # Built on the meta device (no throwaway parameters), then handed the original tensors.
-    sync = fused_torch.adopt_state(bn, cls(bn.num_features, bn.eps, bn.momentum, bn.affine,
-                                           bn.track_running_stats, process_group,
-                                           device="meta", bias=bn.bias is not None))
+    sync = fused_torch.adopt_state(
+        bn, cls(process_group=process_group, **fused_torch.meta_copy_arguments(bn)))
     if hasattr(bn, "qconfig"):
         sync.qconfig = bn.qconfig
     return sync

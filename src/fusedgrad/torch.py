@@ -339,11 +339,22 @@ def convert_model(module: nn.Module) -> nn.Module:
 
 
 def _fused_copy(bn: nn.Module, fused_class) -> nn.Module:
-    # Built on the meta device so that no throwaway parameters are allocated, then handed the
-    # original tensors (Module.__setattr__ registers them as parameters / buffers).
-    return adopt_state(bn, fused_class(bn.num_features, bn.eps, bn.momentum, bn.affine,
-                                       bn.track_running_stats, device="meta",
-                                       bias=bn.bias is not None))
+    return adopt_state(bn, fused_class(**meta_copy_arguments(bn)))
+
+
+def meta_copy_arguments(bn: nn.Module) -> dict:
+    """Constructor keywords for a copy of ``bn`` built on the meta device, so that no throwaway
+    parameters are allocated before :func:`adopt_state` hands it the original tensors; shared
+    with ``fusedgrad.distributed``."""
+    return dict(num_features=bn.num_features, eps=bn.eps, momentum=bn.momentum,
+                affine=bn.affine, track_running_stats=bn.track_running_stats, device="meta",
+                **bias_keyword(not (bn.affine and bn.bias is None)))
+
+
+def bias_keyword(bias: bool) -> dict:
+    """The batch-norm constructor's ``bias`` keyword, for ``**``: empty for the default (True),
+    because PyTorch releases before 2.13 have no such keyword and would refuse it."""
+    return {} if bias else {"bias": False}
 
 
 def adopt_state(bn: nn.Module, replacement: nn.Module) -> nn.Module:

@@ -12,16 +12,23 @@ as a raw ``cudaStream_t`` handle (e.g. ``cupy.cuda.get_current_stream().ptr``) a
 ``cuda.external_stream``. The public API does not pass ``stream`` (yet); the backend functions
 take it as a keyword.
 
-Shared by both kernel modules: :data:`DTYPES` (the floating dtypes they take) and
-:func:`convert`, the one dtype-conversion kernel.
+Shared by both kernel modules: :data:`DTYPES` (the floating dtypes they take),
+:func:`convert`, the one dtype-conversion kernel, and :func:`empty`, which takes large outputs
+from a pool of released buffers (``FUSEDGRAD_DEVICE_CACHE_MB``, default 4096 MiB; 0 disables
+it; ``fusedgrad.empty_cache()`` releases it). As with PyTorch's caching allocator, a buffer whose
+last user was a kernel on another stream must be kept alive by the caller until that kernel
+has run (PyTorch: ``Tensor.record_stream``).
 """
 from __future__ import annotations
 
+import functools
+import math
 import sys
 
 import numpy as np
 from numba import cuda
 
+from .._buffer_cache import MIN_BYTES, ReleasedBuffers
 from ._reduce import SIMULATED
 
 
@@ -37,9 +44,36 @@ BFLOAT16 = np.dtype("V2")
 DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)) + (
     () if SIMULATED else (BFLOAT16,))
 
+def _check_numpy_support() -> None:
+    """Fail with the fix instead of deep inside the first kernel compilation.
+
+    numba-cuda 0.30.4 and earlier register an overload of ``np.row_stack``, which NumPy 2.5
+    removed, in a module the CUDA target loads before compiling anything (NVIDIA/numba-cuda#907,
+    not fixed upstream: the package is in maintenance mode). Seen on an H200 machine with
+    numpy 2.5.2: every kernel launch raised ``AttributeError: ... 'row_stack'``.
+    """
+    if hasattr(np, "row_stack"):
+        return
+    try:
+        import numba.cuda.np.arrayobj  # noqa: F401
+    except AttributeError as exc:
+        if "row_stack" not in str(exc):
+            raise
+        from importlib.metadata import version
+        raise ImportError(
+            f"numba-cuda {version('numba-cuda')} cannot compile GPU kernels with NumPy "
+            f"{np.__version__} (it needs np.row_stack, removed in NumPy 2.5; "
+            "NVIDIA/numba-cuda#907): install numpy<2.5 to use fusedgrad on CUDA, e.g. "
+            "pip install 'fusedgrad[cuda]'") from exc
+
+
 if not SIMULATED:  # the simulator has no bfloat16 type at all
+    _check_numpy_support()
     from numba.cuda import types as _cuda_types
     from numba.cuda.cudadrv.devicearray import DeviceNDArray
+    from numba.cuda.cudadrv.driver import CudaAPIError, MemoryPointer, binding
+
+    _OUT_OF_MEMORY = binding.CUresult.CUDA_ERROR_OUT_OF_MEMORY
 
     class BFloat16Array(DeviceNDArray):
         """A device array of bfloat16 values (``dtype`` ``V2``, see :data:`BFLOAT16`)."""
@@ -122,10 +156,60 @@ def view3(name: str, arr, axis: int):
                         (outer_stride, strides[axis], inner_stride))
 
 
+#: Released device buffers (see ``fusedgrad._buffer_cache``), keyed by
+#: ``(device id, stream handle, bytes)``: a buffer is only reused on the stream that last wrote
+#: it, where the new kernels queue after every earlier use. The default bound of 4096 MiB
+#: covers a training step's large activations and gradients for typical layer sizes.
+_POOL = ReleasedBuffers("FUSEDGRAD_DEVICE_CACHE_MB", default_mb=4096)
+
+
 def empty(shape, dtype, stream):
-    """Uninitialised C-contiguous device array (a :class:`BFloat16Array` for ``BFLOAT16``)."""
-    out = cuda.device_array(tuple(int(s) for s in shape), dtype=np.dtype(dtype), stream=stream)
-    return _as_bfloat16(out) if np.dtype(dtype) == BFLOAT16 else out
+    """Uninitialised C-contiguous device array (a :class:`BFloat16Array` for ``BFLOAT16``).
+
+    Arrays of at least ``MIN_BYTES`` reuse a released buffer of the same size on the same
+    device and stream when there is one. The memory is a fresh ``MemoryPointer`` (the lease)
+    over a pooled allocation (the arena), and every view or slice Numba makes of the result
+    holds the lease (a view's ``owner``), as does any PyTorch tensor or CuPy array made from it
+    through ``__cuda_array_interface__``; the lease's finalizer hands the arena back to the
+    pool when the last of them is gone.
+    """
+    shape = tuple(int(s) for s in shape)
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if SIMULATED or nbytes < MIN_BYTES or _POOL.limit_bytes() == 0:
+        out = cuda.device_array(shape, dtype=dtype, stream=stream)
+    else:
+        context = cuda.current_context()
+        key = (context.device.id, int(stream) if stream else 0, nbytes)
+        arena = _POOL.take(key)
+        if arena is None:
+            arena = _allocate(context, nbytes)
+        lease = MemoryPointer(context, arena.device_pointer, nbytes,
+                              finalizer=functools.partial(_POOL.give_back, key, arena, nbytes))
+        out = DeviceNDArray(shape, _c_strides(shape, dtype.itemsize), dtype, stream=stream,
+                            gpu_data=lease)
+    return _as_bfloat16(out) if dtype == BFLOAT16 else out
+
+
+def _allocate(context, nbytes: int):
+    """A new device allocation; when the device is out of memory, the released buffers go back
+    to the driver first and the allocation is tried once more."""
+    try:
+        return context.memalloc(nbytes)
+    except CudaAPIError as exc:
+        if exc.code != _OUT_OF_MEMORY or not _POOL.clear():
+            raise
+        context.memory_manager.deallocations.clear()  # Numba frees dropped buffers lazily
+        return context.memalloc(nbytes)
+
+
+def _c_strides(shape, itemsize: int) -> tuple:
+    strides = []
+    step = itemsize
+    for extent in reversed(shape):
+        strides.append(step)
+        step *= max(extent, 1)
+    return tuple(reversed(strides))
 
 
 @cuda.jit
