@@ -82,30 +82,6 @@ def _block_channel(seg, n_channels):
 
 
 @cuda.jit(device=True, inline=True)
-def _next_position(p, s, dp, ds, n_inner):
-    """``(p, s)`` advanced by one step, ``divmod(step, S) = (dp, ds)``, with one carry."""
-    p += dp
-    s += ds
-    if s >= n_inner:
-        s -= n_inner
-        p += 1
-    return p, s
-
-
-@cuda.jit(device=True, inline=True)
-def _fold(with_grad, x, g, u, v, shift, mean_hi, mean_lo, invstd):
-    """Add one value to a thread's sums (see :func:`_accumulate_pair`)."""
-    if with_grad:
-        u += g
-        v += g * (((x - mean_hi) - mean_lo) * invstd)
-    else:
-        d = x - shift
-        u += d
-        v += d * d
-    return u, v
-
-
-@cuda.jit(device=True, inline=True)
 def _accumulate_pair(x3, dy3, with_grad, c, start, stop, step, n_inner, shift, mean_hi, mean_lo,
                      invstd, acc_zero):
     """A thread's sums over positions ``j = start, start+step, .. < stop`` of channel ``c``.
@@ -115,45 +91,30 @@ def _accumulate_pair(x3, dy3, with_grad, c, start, stop, step, n_inner, shift, m
     Returns ``(count, u, v)``. Position ``j`` is element ``(p, s) = divmod(j, S)``; ``(p, s)``
     advance by a precomputed ``divmod(step, S)`` with one carry, so the loop has no integer
     division (64-bit division costs far more than the memory access on a GPU).
-
-    Four positions are loaded before any of them is added (in the same order as one at a time,
-    so the sums are unchanged): a thread then has four loads in flight instead of waiting out
-    the memory latency once per value, which a reduction that reads each value once needs to
-    come near the device's bandwidth.
     """
     u = acc_zero
     v = acc_zero
-    count = (stop - start + step - 1) // step if stop > start else 0
+    count = 0
     p = start // n_inner
     s = start - p * n_inner
     dp = step // n_inner
     ds = step - dp * n_inner
-    g0 = g1 = g2 = g3 = acc_zero
-    n_unrolled = count - count % 4
-    for _ in range(0, n_unrolled, 4):
-        p1, s1 = _next_position(p, s, dp, ds, n_inner)
-        p2, s2 = _next_position(p1, s1, dp, ds, n_inner)
-        p3, s3 = _next_position(p2, s2, dp, ds, n_inner)
-        x0 = x3[p, c, s] + acc_zero
-        x1 = x3[p1, c, s1] + acc_zero
-        x2 = x3[p2, c, s2] + acc_zero
-        x3_value = x3[p3, c, s3] + acc_zero
+    for _ in range(start, stop, step):
+        x = x3[p, c, s] + acc_zero
         if with_grad:
-            g0 = dy3[p, c, s] + acc_zero
-            g1 = dy3[p1, c, s1] + acc_zero
-            g2 = dy3[p2, c, s2] + acc_zero
-            g3 = dy3[p3, c, s3] + acc_zero
-        u, v = _fold(with_grad, x0, g0, u, v, shift, mean_hi, mean_lo, invstd)
-        u, v = _fold(with_grad, x1, g1, u, v, shift, mean_hi, mean_lo, invstd)
-        u, v = _fold(with_grad, x2, g2, u, v, shift, mean_hi, mean_lo, invstd)
-        u, v = _fold(with_grad, x3_value, g3, u, v, shift, mean_hi, mean_lo, invstd)
-        p, s = _next_position(p3, s3, dp, ds, n_inner)
-    for _ in range(n_unrolled, count):
-        x0 = x3[p, c, s] + acc_zero
-        if with_grad:
-            g0 = dy3[p, c, s] + acc_zero
-        u, v = _fold(with_grad, x0, g0, u, v, shift, mean_hi, mean_lo, invstd)
-        p, s = _next_position(p, s, dp, ds, n_inner)
+            g = dy3[p, c, s] + acc_zero
+            u += g
+            v += g * (((x - mean_hi) - mean_lo) * invstd)
+        else:
+            d = x - shift
+            u += d
+            v += d * d
+        count += 1
+        p += dp
+        s += ds
+        if s >= n_inner:
+            s -= n_inner
+            p += 1
     return count, u, v
 
 

@@ -84,120 +84,28 @@ def _class_coefficient(c, n, s, target_class, target_prob, is_prob, weight, keep
 
 
 @cuda.jit(device=True, inline=True)
-def _fold_class(c, z, n, s, shift, read_logits, target_class, target_prob, is_prob, weight, keep,
-                smooth_per_class, acc_like, neg_inf, running_max, running_sum, a, b):
-    """Fold class ``c`` (logit ``z``, ignored unless ``read_logits``) into a thread's online
-    ``(max, sum exp)``, ``A`` and ``B``."""
-    coef = _class_coefficient(c, n, s, target_class, target_prob, is_prob, weight, keep,
-                              smooth_per_class, acc_like)
-    a += coef
-    if read_logits:
-        running_max, running_sum = online_lse_update(running_max, running_sum, z, neg_inf)
-        if coef != acc_like.dtype.type(0.0):  # q_c = 0 must not meet a -inf mask (0 * inf)
-            b += coef * (z - shift)
-    return running_max, running_sum, a, b
-
-
-@cuda.jit(device=True, inline=True)
 def _row_statistics(logits, n, s, c_begin, c_step, shift, read_logits, target_class, target_prob,
                     is_prob, weight, keep, smooth_per_class, acc_like, neg_inf):
     """One thread's share of a sample: online ``(max, sum exp)``, ``A`` and ``B`` (see top).
 
     With ``read_logits`` false (backward from a saved lse) only ``A`` is accumulated and the
-    logits are not touched. Four logits are loaded before any is folded in (in class order, so
-    the results are those of one at a time): four loads in flight per thread instead of one
-    memory latency per logit.
+    logits are not touched.
     """
     acc_zero = acc_like.dtype.type(0.0)
     running_max = neg_inf
     running_sum = acc_zero
     a = acc_zero
     b = acc_zero
-    n_classes = logits.shape[1]
-    n_mine = (n_classes - c_begin + c_step - 1) // c_step if c_begin < n_classes else 0
-    c = c_begin
-    z0 = z1 = z2 = z3 = acc_zero
-    for _ in range(n_mine // 4):
+    for c in range(c_begin, logits.shape[1], c_step):
+        coef = _class_coefficient(c, n, s, target_class, target_prob, is_prob, weight, keep,
+                                  smooth_per_class, acc_like)
+        a += coef
         if read_logits:
-            z0 = logits[n, c, s] + acc_zero
-            z1 = logits[n, c + c_step, s] + acc_zero
-            z2 = logits[n, c + 2 * c_step, s] + acc_zero
-            z3 = logits[n, c + 3 * c_step, s] + acc_zero
-        running_max, running_sum, a, b = _fold_class(
-            c, z0, n, s, shift, read_logits, target_class, target_prob, is_prob, weight, keep,
-            smooth_per_class, acc_like, neg_inf, running_max, running_sum, a, b)
-        running_max, running_sum, a, b = _fold_class(
-            c + c_step, z1, n, s, shift, read_logits, target_class, target_prob, is_prob, weight,
-            keep, smooth_per_class, acc_like, neg_inf, running_max, running_sum, a, b)
-        running_max, running_sum, a, b = _fold_class(
-            c + 2 * c_step, z2, n, s, shift, read_logits, target_class, target_prob, is_prob,
-            weight, keep, smooth_per_class, acc_like, neg_inf, running_max, running_sum, a, b)
-        running_max, running_sum, a, b = _fold_class(
-            c + 3 * c_step, z3, n, s, shift, read_logits, target_class, target_prob, is_prob,
-            weight, keep, smooth_per_class, acc_like, neg_inf, running_max, running_sum, a, b)
-        c += 4 * c_step
-    for c in range(c, n_classes, c_step):
-        if read_logits:
-            z0 = logits[n, c, s] + acc_zero
-        running_max, running_sum, a, b = _fold_class(
-            c, z0, n, s, shift, read_logits, target_class, target_prob, is_prob, weight, keep,
-            smooth_per_class, acc_like, neg_inf, running_max, running_sum, a, b)
+            z = logits[n, c, s] + acc_zero
+            running_max, running_sum = online_lse_update(running_max, running_sum, z, neg_inf)
+            if coef != acc_zero:  # q_c = 0 must not meet a -inf mask logit (0 * inf = nan)
+                b += coef * (z - shift)
     return running_max, running_sum, a, b
-
-
-@cuda.jit(device=True, inline=True)
-def _grad_value(c, z, n, s, scale, center, log_sum, coef, target_class, target_prob, is_prob,
-                weight, keep, smooth_per_class, acc_like):
-    """``dloss/dz_c`` times the sample's scale: ``scale (p_c coef - w_c q_c)``."""
-    wq = _class_coefficient(c, n, s, target_class, target_prob, is_prob, weight, keep,
-                            smooth_per_class, acc_like)
-    return scale * (math.exp((z - center) - log_sum) * coef - wq)
-
-
-@cuda.jit(device=True, inline=True)
-def _write_row_grad(logits, grad, n, s, c_begin, c_step, scale, center, log_sum, coef,
-                    target_class, target_prob, is_prob, weight, keep, smooth_per_class,
-                    acc_like):
-    """A thread's share of a sample's gradient row (0 where ``scale`` is 0: ignored samples).
-
-    Four logits are loaded before any gradient is stored, as in :func:`_row_statistics`; the
-    thread reads each element it then overwrites, so ``grad`` may alias ``logits``.
-    """
-    acc_zero = acc_like.dtype.type(0.0)
-    n_classes = logits.shape[1]
-    n_mine = (n_classes - c_begin + c_step - 1) // c_step if c_begin < n_classes else 0
-    live = scale != acc_zero
-    c = c_begin
-    g0 = g1 = g2 = g3 = acc_zero
-    for _ in range(n_mine // 4):
-        c1 = c + c_step
-        c2 = c1 + c_step
-        c3 = c2 + c_step
-        if live:
-            z0 = logits[n, c, s] + acc_zero
-            z1 = logits[n, c1, s] + acc_zero
-            z2 = logits[n, c2, s] + acc_zero
-            z3 = logits[n, c3, s] + acc_zero
-            g0 = _grad_value(c, z0, n, s, scale, center, log_sum, coef, target_class,
-                             target_prob, is_prob, weight, keep, smooth_per_class, acc_like)
-            g1 = _grad_value(c1, z1, n, s, scale, center, log_sum, coef, target_class,
-                             target_prob, is_prob, weight, keep, smooth_per_class, acc_like)
-            g2 = _grad_value(c2, z2, n, s, scale, center, log_sum, coef, target_class,
-                             target_prob, is_prob, weight, keep, smooth_per_class, acc_like)
-            g3 = _grad_value(c3, z3, n, s, scale, center, log_sum, coef, target_class,
-                             target_prob, is_prob, weight, keep, smooth_per_class, acc_like)
-        grad[n, c, s] = g0
-        grad[n, c1, s] = g1
-        grad[n, c2, s] = g2
-        grad[n, c3, s] = g3
-        c = c3 + c_step
-    for c in range(c, n_classes, c_step):
-        g0 = acc_zero
-        if live:
-            g0 = _grad_value(c, logits[n, c, s] + acc_zero, n, s, scale, center, log_sum, coef,
-                             target_class, target_prob, is_prob, weight, keep, smooth_per_class,
-                             acc_like)
-        grad[n, c, s] = g0
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,9 +184,14 @@ def _ce_rows(logits, target_index, target_prob, is_prob, weight, ignore_index, s
         if valid:
             scale = acc(grad_scale[row if grad_scale.shape[0] > 1 else 0])
         coef = a + acc(2.0) * acc(z_loss) * w_target * row_lse
-        _write_row_grad(logits, grad, n, s, cuda.threadIdx.x, cuda.blockDim.x, scale, center,
-                        log_sum, coef, target_class, target_prob, is_prob, weight, keep,
-                        smooth_per_class, acc_like)
+        for c in range(cuda.threadIdx.x, n_classes, cuda.blockDim.x):
+            g = acc_zero
+            if scale != acc_zero:
+                z = logits[n, c, s] + acc_zero
+                wq = _class_coefficient(c, n, s, target_class, target_prob, is_prob, weight,
+                                        keep, smooth_per_class, acc_like)
+                g = scale * (math.exp((z - center) - log_sum) * coef - wq)
+            grad[n, c, s] = g
 
 
 @cuda.jit
