@@ -38,6 +38,10 @@ RUN_HERE = SIMULATED or _real_gpu()
 real_gpu_only = pytest.mark.skipif(
     SIMULATED or not RUN_HERE, reason="bfloat16 needs a real GPU (the simulator has none)")
 
+#: Mark for tests of real launches and allocations: sizes the simulator cannot run in time,
+#: launch-resource limits and the device buffer pool, which the simulator does not have.
+real_gpu = pytest.mark.skipif(SIMULATED or not RUN_HERE, reason="runs only on a real GPU")
+
 #: Mark for the direct tests of a CUDA test file.
 direct = pytest.mark.skipif(
     not RUN_HERE, reason="runs in the CUDA-simulator subprocess (test_*_in_simulator)")

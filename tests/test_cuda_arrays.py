@@ -17,8 +17,6 @@ import pytest
 import cuda_support as cs
 import fusedgrad as fg
 
-real_gpu = pytest.mark.skipif(cs.SIMULATED or not cs.RUN_HERE,
-                              reason="the device buffer pool needs a real GPU")
 
 LARGE = (1024, 512)  # 2 MiB of float32: above MIN_BYTES
 NBYTES = 1024 * 512 * 4
@@ -40,7 +38,7 @@ def _address(array) -> int:
     return array.__cuda_array_interface__["data"][0]
 
 
-@real_gpu
+@cs.real_gpu
 def test_released_device_buffer_is_reused_on_the_same_stream(empty_cache):
     from numba import cuda
     arrays = _arrays()
@@ -57,7 +55,7 @@ def test_released_device_buffer_is_reused_on_the_same_stream(empty_cache):
     assert second.shape == LARGE and second.is_c_contiguous()
 
 
-@real_gpu
+@cs.real_gpu
 def test_device_buffer_stays_leased_while_any_view_lives(empty_cache):
     torch = pytest.importorskip("torch")
     arrays = _arrays()
@@ -77,7 +75,7 @@ def test_device_buffer_stays_leased_while_any_view_lives(empty_cache):
     assert arrays._POOL.cached_bytes == NBYTES
 
 
-@real_gpu
+@cs.real_gpu
 def test_device_cache_can_be_switched_off(empty_cache, monkeypatch):
     arrays = _arrays()
     monkeypatch.setenv("FUSEDGRAD_DEVICE_CACHE_MB", "0")
@@ -87,7 +85,7 @@ def test_device_cache_can_be_switched_off(empty_cache, monkeypatch):
     assert arrays._POOL.cached_bytes == 0
 
 
-@real_gpu
+@cs.real_gpu
 def test_gradients_from_reused_device_buffers_are_fresh(empty_cache):
     """A reused buffer holds the previous call's values: every element must be overwritten."""
     rng = np.random.default_rng(0)

@@ -90,6 +90,25 @@ def test_fused_forward_backward_match_reference(api, shape, prob, weighted, redu
     _close(cs.to_host(grad2), expected_grad, dtype)
 
 
+@cs.real_gpu
+@pytest.mark.parametrize("n_classes", [10, 1000, 4096, 40000])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_every_launch_shape_at_the_size_that_selects_it(api, n_classes, dtype):
+    """C = 10, 1000, 4096 and 40000 choose a thread, a warp, 256 and 1024 threads per sample.
+    Label smoothing and class weights take the most registers: a kernel that needs more than a
+    1024-thread block can hold fails only at launch, on a real GPU (seen on the H200)."""
+    rng = np.random.default_rng(n_classes)
+    logits, target, weight = _problem(rng, (3, n_classes), ignore_every=3, weighted=True)
+    logits = logits.astype(dtype)
+    kwargs = dict(label_smoothing=0.1, z_loss=1e-3)
+    expected_loss, expected_grad, _ = ref.softmax_cross_entropy(logits, target, weight=weight,
+                                                                 **kwargs)
+    loss, grad = api.softmax_cross_entropy(cs.to_device(logits), cs.to_device(target),
+                                           weight=cs.to_device(weight), **kwargs)
+    _close(cs.to_host(loss), expected_loss, dtype)
+    _close(cs.to_host(grad), expected_grad, dtype)
+
+
 @cs.direct
 def test_float16_logits_accumulate_in_float32(api):
     rng = np.random.default_rng(1)

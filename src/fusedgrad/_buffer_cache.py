@@ -1,12 +1,14 @@
 """Released output buffers, kept for reuse: the bookkeeping shared by the host and device caches.
 
 Why reuse at all: a training loop frees the previous step's gradient or activation just before
-asking for the next one of the same size, and a fresh buffer costs more than the kernel that
-fills it on both backends. On the host the operating system zeroes every new page on first
-write (about half the fused cross-entropy kernel's time at 1024 x 128256). On the GPU Numba
-allocates with ``cuMemAlloc`` and frees with ``cuMemFree``, which synchronises the device; on an
-H200 that cost about 3 ms per call for a 1 GB output, several times the kernel (issue 4's GPU
-check). PyTorch's caching allocator avoids the same costs on CUDA.
+asking for the next one of the same size, and a fresh buffer costs time on both backends. On
+the host the operating system zeroes every new page on first write (about half the fused
+cross-entropy kernel's time at 1024 x 128256). On the GPU Numba allocates with ``cuMemAlloc``
+and frees with ``cuMemFree`` (deferred, then synchronising the device). Measured on an H200: a
+1 GiB allocation and free took 0.12 ms (0.43 ms with the free carried out at once) against
+0.02 ms from the pool, and the full cross-entropy call at 4096 x 65536 went from 5.42 to 4.07 ms
+with the pool, more than the allocation alone accounts for; what the rest is (first writes to
+new memory, say) was not measured. PyTorch's caching allocator works the same way on CUDA.
 
 A :class:`ReleasedBuffers` pool only keeps buffers that their backend has handed back (the
 backend decides when no view of an output is left, see ``cpu/_alloc.py`` and

@@ -157,9 +157,9 @@ def view3(name: str, arr, axis: int):
 
 
 #: Released device buffers (see ``fusedgrad._buffer_cache``), keyed by
-#: ``(device id, stream handle, bytes)``: a buffer is only reused on the stream that last wrote
-#: it, where the new kernels queue after every earlier use. The default bound of 4096 MiB
-#: covers a training step's large activations and gradients for typical layer sizes.
+#: ``(device id, stream handle, bytes)``: a buffer is only reused on the stream it was
+#: allocated for, where new kernels queue behind the earlier ones that used it there. Bounded
+#: by ``FUSEDGRAD_DEVICE_CACHE_MB`` (default 4096 MiB).
 _POOL = ReleasedBuffers("FUSEDGRAD_DEVICE_CACHE_MB", default_mb=4096)
 
 
