@@ -151,6 +151,72 @@ def test_many_small_tiles_against_reference(shape3, dtype, monkeypatch):
         np.testing.assert_allclose(got, want, rtol=tol["rtol"], atol=tol["atol"] * 10)
 
 
+# --------------------------------------------------------------------------------------------
+# The fused ReLU (relu=True / relu_output): max(BN(x), 0) and its backward in the same passes
+# --------------------------------------------------------------------------------------------
+def _check_fused_relu(x, dy, weight, bias, axis, training, tol, rm=None, rv=None):
+    """relu=True against the reference batch norm, clamped; the backward against the reference
+    backward of dy masked by the output's sign (our output's: the mask must be the one the
+    forward produced, also for values within rounding of 0)."""
+    y, mean, invstd = fg.batch_norm_forward(x, weight, bias, rm, rv, training=training,
+                                            channel_axis=axis, relu=True)
+    y_bn, _, _, _ = reference.batch_norm_forward(x, weight, bias, rm, rv, training=training,
+                                                 channel_axis=axis)
+    np.testing.assert_allclose(y, np.maximum(y_bn, 0.0), **tol)
+    assert (y >= 0).all() and (y == 0).any() and (y > 0).any()
+    dx, dweight, dbias = fg.batch_norm_backward(dy, x, mean, invstd, weight, training=training,
+                                                channel_axis=axis, relu_output=y)
+    masked = np.where(y > 0, dy, 0.0)
+    dx_r, dweight_r, dbias_r = reference.batch_norm_backward(masked, x, mean, invstd, weight,
+                                                             training=training,
+                                                             channel_axis=axis)
+    np.testing.assert_allclose(dx, dx_r, **tol)
+    scale = np.abs(dy).sum() / x.shape[axis]
+    for got, want in ((dweight, dweight_r), (dbias, dbias_r)):
+        np.testing.assert_allclose(got, want, rtol=tol["rtol"], atol=tol["atol"] * scale)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape,axis", [s for s in REGIME_SHAPES if s[0] != (3, 2, 50021)])
+def test_fused_relu_in_every_regime(shape, axis, training):
+    rng = np.random.default_rng(8)
+    x, dy, weight, bias, rm, rv = _inputs(rng, shape, axis, np.float32)
+    _check_fused_relu(x, dy, weight, bias, axis, training, TOL[np.float32],
+                      rm=None if training else rm, rv=None if training else rv)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape3", [(9, 5, 7), (5, 3, 48), (6, 2, 256), (300, 6, 1)])
+def test_fused_relu_with_many_small_tiles(shape3, dtype, monkeypatch):
+    """Small cache budgets: the ReLU in every loop shape and across row-block partials."""
+    for name, value in SMALL_TILES.items():
+        monkeypatch.setattr(cpu_bn, name, value)
+    cpu_bn._geometry_of.cache_clear()
+    monkeypatch.setattr(cpu_bn, "_geometry_of",
+                        functools.lru_cache(maxsize=None)(cpu_bn._geometry_of.__wrapped__))
+    rng = np.random.default_rng(16)
+    x, dy, weight, bias, _, _ = _inputs(rng, shape3, 1, dtype)
+    _check_fused_relu(x, dy, weight, bias, 1, True, dict(rtol=TOL[dtype]["rtol"],
+                                                         atol=TOL[dtype]["atol"] * 10))
+
+
+def test_fused_relu_keeps_nan_like_torch_relu():
+    x = np.arange(24.0).reshape(4, 3, 2)
+    x[1, 2, 0] = np.nan
+    rm, rv = np.full(3, 5.0), np.ones(3)
+    y, _, _ = fg.batch_norm_forward(x, running_mean=rm, running_var=rv, training=False,
+                                    relu=True)
+    expected = torch.relu(torch.nn.functional.batch_norm(
+        torch.tensor(x), torch.tensor(rm), torch.tensor(rv), training=False)).numpy()
+    np.testing.assert_allclose(y, expected, rtol=1e-12, atol=0)
+    assert np.isnan(y[1, 2, 0]) and np.isnan(y).sum() == 1
+
+
+def test_fused_relu_must_be_a_bool():
+    with pytest.raises(TypeError, match="relu"):
+        fg.batch_norm_forward(np.ones((4, 3)), relu="yes")
+
+
 @pytest.mark.parametrize("n_workers", [1, 2, 3, 5])
 def test_worker_shares_cover_every_tile_once(n_workers):
     for n_tiles in range(0, 23):
@@ -416,6 +482,8 @@ def test_forward_read_only_running_buffer_is_rejected_before_writing():
     (dict(weight=np.ones(5)), ValueError, "weight"),
     (dict(channel_axis=-4), ValueError, "channel_axis"),
     (dict(out=np.ones((4, 3, 2), np.float32)), TypeError, "out"),
+    (dict(relu_output=np.ones((4, 3, 3))), ValueError, "relu_output"),
+    (dict(relu_output=np.ones((4, 3, 2), np.float32)), TypeError, "relu_output"),
 ])
 def test_backward_validation(change, exc, name):
     args = dict(dy=np.ones((4, 3, 2)), x=np.ones((4, 3, 2)), mean=np.zeros(3),

@@ -282,6 +282,60 @@ def test_batch_norm_gradcheck_via_module(training, channels_last):
     assert torch.autograd.gradcheck(forward, (x.requires_grad_(), weight, bias))
 
 
+RELU_CASES = [
+    (nn.BatchNorm1d, fgt.BatchNormReLU1d, (16, 5), None),
+    (nn.BatchNorm2d, fgt.BatchNormReLU2d, (3, 4, 5, 6), None),
+    (nn.BatchNorm2d, fgt.BatchNormReLU2d, (3, 4, 5, 6), torch.channels_last),
+    (nn.BatchNorm3d, fgt.BatchNormReLU3d, (2, 3, 4, 3, 5), None),
+]
+
+
+@pytest.mark.parametrize("options", BN_OPTIONS[:4], ids=lambda o: ",".join(o) or "default")
+@pytest.mark.parametrize("torch_class,fused_class,shape,memory_format", RELU_CASES,
+                         ids=["1d", "2d", "2d-channels-last", "3d"])
+def test_batch_norm_relu_module_is_batch_norm_then_relu(torch_class, fused_class, shape,
+                                                         memory_format, options):
+    ours, bn = _bn_pair(torch_class, fused_class, shape[1], **options)
+    theirs = nn.Sequential(bn, nn.ReLU())
+    gen = _generator(17)
+    for step in range(3):
+        x = 1.0 + 2.0 * torch.randn(shape, generator=gen, dtype=F64)
+        if memory_format is not None:
+            x = x.to(memory_format=memory_format)
+        upstream = torch.randn(shape, generator=gen, dtype=F64)
+        for mode in ("train", "eval") if step == 2 else ("train",):
+            ours.train(mode == "train")
+            theirs.train(mode == "train")
+            y_ours, dx_ours = _run_bn(ours, x, upstream)
+            y_theirs, dx_theirs = _run_bn(theirs, x, upstream)
+            assert (y_ours == 0).any()
+            torch.testing.assert_close(y_ours, y_theirs, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(dx_ours, dx_theirs, rtol=1e-10, atol=1e-12)
+    for (name, a), (_, b) in zip(ours.named_parameters(), bn.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12, msg=name)
+    for (name, a), (_, b) in zip(ours.named_buffers(), bn.named_buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+    assert ours.state_dict().keys() == bn.state_dict().keys()
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_relu_gradcheck(training):
+    module = fgt.BatchNormReLU2d(3, dtype=F64)
+    with torch.no_grad():
+        module.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        module.running_var.copy_(torch.tensor([2.0, 0.5, 1.5]))
+    module.train(training)
+    x = torch.randn(3, 3, 2, 3, dtype=F64, generator=_generator(18))
+    weight = torch.tensor([0.7, 1.3, -0.4], dtype=F64, requires_grad=True)
+    bias = torch.tensor([0.1, -0.2, 0.3], dtype=F64, requires_grad=True)
+
+    def forward(x, weight, bias):
+        return torch.func.functional_call(module, {"weight": weight, "bias": bias}, (x,))
+
+    assert (forward(x, weight, bias) == 0).any()  # the ReLU's kink is inside the data
+    assert torch.autograd.gradcheck(forward, (x.requires_grad_(), weight, bias))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 @pytest.mark.parametrize("torch_class,fused_class,shape",
                          [(nn.BatchNorm2d, fgt.BatchNorm2d, (4, 6, 5, 3)),
@@ -445,8 +499,9 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
 
 
+@pytest.mark.parametrize("fuse_relu", [False, True], ids=["convert", "fuse_relu"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_converted_cnn_trains_like_torch(device, monkeypatch):
+def test_converted_cnn_trains_like_torch(device, fuse_relu, monkeypatch):
     # On the GPU, TF32 and cuDNN's autotuned algorithms would let the two models' convolutions
     # round differently; in full float32 with deterministic algorithms only the fused layers
     # differ.
@@ -454,7 +509,8 @@ def test_converted_cnn_trains_like_torch(device, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     reference_model = _small_cnn().to(device)
-    fused_model = fgt.convert_model(copy.deepcopy(reference_model))
+    fused_model = fgt.convert_model(copy.deepcopy(reference_model), fuse_relu=fuse_relu)
+    assert any(isinstance(m, fgt.BatchNormReLU2d) for m in fused_model.modules()) == fuse_relu
     batches = [(x.to(device), t.to(device)) for x, t in _batches(6)]
     torch_losses = _train(reference_model, nn.CrossEntropyLoss(), batches)
     fused_losses = _train(fused_model, fgt.CrossEntropyLoss(), batches)
@@ -465,6 +521,36 @@ def test_converted_cnn_trains_like_torch(device, monkeypatch):
     x = _batches(1, seed=12)[0][0].to(device)
     torch.testing.assert_close(fused_model.eval()(x), reference_model.eval()(x),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_convert_model_fuses_relu_only_after_batch_norm_in_sequentials():
+    class Branchy(nn.Module):  # children order is not call order: never fused
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(4)
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.bn(x))
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),  # fused
+        nn.BatchNorm2d(4), nn.GELU(),                                  # not a ReLU
+        nn.ReLU(),                                                     # not after a BN
+        Branchy(),
+        nn.Sequential(nn.Flatten(), nn.Linear(4 * 9, 5), nn.BatchNorm1d(5), nn.ReLU()))
+    keys = model.state_dict().keys()
+    tensors = [model[1].weight, model[1].running_mean, model[7][2].weight]
+    fgt.convert_model(model, fuse_relu=True)
+    kinds = [type(m).__name__ for m in model.modules() if not isinstance(m, nn.Sequential)]
+    assert type(model[3]) is fgt.BatchNorm2d
+    assert kinds == ["Conv2d", "BatchNormReLU2d", "Identity", "BatchNorm2d", "GELU", "ReLU",
+                     "Branchy", "BatchNorm2d", "ReLU", "Flatten", "Linear", "BatchNormReLU1d",
+                     "Identity"]
+    assert model.state_dict().keys() == keys
+    assert all(a is b for a, b in zip(tensors, [model[1].weight, model[1].running_mean,
+                                               model[7][2].weight]))
+    model(torch.randn(2, 3, 3, 3)).sum().backward()  # runs, with gradients
 
 
 def test_state_dict_round_trips_both_ways():

@@ -130,7 +130,8 @@ def _check_running(arrays, name, buf, n_channels, *, written: bool) -> None:
 
 
 def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
-                       training=True, momentum=0.1, eps=1e-5, channel_axis=1, out=None):
+                       training=True, momentum=0.1, eps=1e-5, channel_axis=1, out=None,
+                       relu=False):
     """Normalise ``x`` per channel; returns ``(y, mean, invstd)`` (see ``shared/API.md``).
 
     x: float32/float64 array, ndim >= 2, channels on ``channel_axis``; weight, bias,
@@ -138,6 +139,10 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     updated in place (momentum, unbiased variance); fewer than 2 values per channel raises
     ValueError. Eval: running statistics (both required). ``out``: optional array for y.
     Returns y (x's shape and dtype), mean and invstd (C,) (float64 for float64 x, else float32).
+
+    ``relu=True`` (an addition to the contract; host arrays only): y = max(BN(x), 0), a batch
+    norm followed by a ReLU in one pass over memory (NaN stays NaN, as in ``torch.relu``).
+    Pass this y as ``relu_output`` to :func:`batch_norm_backward`.
     """
     location = _device.array_location(x=x, weight=weight, bias=bias, running_mean=running_mean,
                                       running_var=running_var, out=out)
@@ -151,6 +156,10 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
 
     axis, n_channels = _check_x(arrays, x, channel_axis)
     training = _check_bool("training", training)
+    relu = _check_bool("relu", relu)
+    if relu and location != _device.HOST:
+        raise NotImplementedError("relu=True (the fused ReLU) runs on the CPU kernels only; on "
+                                  "the GPU apply the ReLU separately")
     momentum = check_real("momentum", momentum)
     eps = check_real("eps", eps, low=0.0, low_open=True)
     arrays.check_vector("weight", weight, n_channels)
@@ -178,7 +187,8 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
         y_kernel = _host_like(x, axis, channels_last, y)
         mean, invstd = backend.forward(_host_view(x, axis, channels_last), weight, bias,
                                        running_mean, running_var,
-                                       _host_view(y_kernel, axis, channels_last), **kwargs)
+                                       _host_view(y_kernel, axis, channels_last), relu=relu,
+                                       **kwargs)
         if y_kernel is not y:
             np.copyto(y, y_kernel)
         return y, mean, invstd
@@ -191,25 +201,36 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
 
 
 def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, channel_axis=1,
-                        out=None):
+                        out=None, relu_output=None):
     """Gradients of :func:`batch_norm_forward`; returns ``(dx, dweight, dbias)``.
 
     dy, x: same shape and dtype (float32/float64); mean, invstd: (C,) as returned by the
     forward; weight: (C,) or None. ``out``: optional array for dx. dweight = sum dy xhat and
     dbias = sum dy are (C,) (float64 for float64 x, else float32); dx has x's shape and dtype.
+
+    ``relu_output`` (an addition to the contract; host arrays only): the y of a forward with
+    ``relu=True``. dy is then the gradient of that ReLU's output, and the ReLU's backward
+    (dy where ``relu_output > 0``, else 0) is fused in: every formula above uses that masked
+    dy.
     """
     location = _device.array_location(dy=dy, x=x, mean=mean, invstd=invstd, weight=weight,
-                                      out=out)
+                                      out=out, relu_output=relu_output)
     backend = _backend(location)
     arrays = _Arrays(location, backend)
     dy, x = arrays.wrap("dy", dy), arrays.wrap("x", x)
     mean, invstd = arrays.wrap("mean", mean), arrays.wrap("invstd", invstd)
     weight, out = arrays.wrap("weight", weight), arrays.wrap("out", out)
+    relu_output = arrays.wrap("relu_output", relu_output)
 
     axis, n_channels = _check_x(arrays, x, channel_axis)
-    check_shape("dy", dy, tuple(x.shape))
-    if np.dtype(dy.dtype) != np.dtype(x.dtype):
-        raise TypeError(f"dy must have x's dtype {x.dtype}, got {dy.dtype}")
+    for name, arr in (("dy", dy), ("relu_output", relu_output)):
+        if arr is None:
+            continue
+        check_shape(name, arr, tuple(x.shape))
+        if np.dtype(arr.dtype) != np.dtype(x.dtype):
+            raise TypeError(f"{name} must have x's dtype {x.dtype}, got {arr.dtype}")
+    if relu_output is not None and location != _device.HOST:
+        raise NotImplementedError("relu_output (the fused ReLU) runs on the CPU kernels only")
     training = _check_bool("training", training)
     for name, vec in (("mean", mean), ("invstd", invstd)):
         if vec is None:
@@ -219,12 +240,14 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, chan
     if out is not None:
         arrays.check_out(out, tuple(x.shape), x.dtype,
                          (("dy", dy), ("x", x), ("mean", mean), ("invstd", invstd),
-                          ("weight", weight)))
+                          ("weight", weight), ("relu_output", relu_output)))
 
-    return _run_backward(location, backend, dy, x, mean, invstd, weight, out, axis, training)
+    return _run_backward(location, backend, dy, x, mean, invstd, weight, out, axis, training,
+                         relu_output)
 
 
-def _backward_of_checked(dy, x, mean, invstd, weight, *, training, channel_axis):
+def _backward_of_checked(dy, x, mean, invstd, weight, *, training, channel_axis,
+                         relu_output=None):
     """:func:`batch_norm_backward` without the argument checks, for callers whose arguments are
     consistent by construction: ``fusedgrad.torch`` passes the ``x``, ``weight``, ``mean`` and
     ``invstd`` of a forward that :func:`batch_norm_forward` checked, and the upstream gradient
@@ -238,19 +261,24 @@ def _backward_of_checked(dy, x, mean, invstd, weight, *, training, channel_axis)
         mean, invstd = arrays.wrap("mean", mean), arrays.wrap("invstd", invstd)
         weight = arrays.wrap("weight", weight)
     return _run_backward(location, backend, dy, x, mean, invstd, weight, None,
-                         channel_axis % x.ndim, training)
+                         channel_axis % x.ndim, training, relu_output)
 
 
-def _run_backward(location, backend, dy, x, mean, invstd, weight, out, axis, training):
-    """The backward on checked, backend-wrapped arguments; ``axis`` in [0, ndim)."""
+def _run_backward(location, backend, dy, x, mean, invstd, weight, out, axis, training,
+                  relu_output=None):
+    """The backward on checked, backend-wrapped arguments; ``axis`` in [0, ndim);
+    ``relu_output`` (host only) fuses a ReLU's backward."""
     if location == _device.HOST:
         x, channels_last = _host_layout(x, axis)
         dy = _host_like(x, axis, channels_last, dy)
         dx = out if out is not None else _host_empty(backend, x, axis, channels_last)
         dx_kernel = _host_like(x, axis, channels_last, dx)
+        relu_kernel = None if relu_output is None else _host_view(
+            _host_like(x, axis, channels_last, relu_output), axis, channels_last)
         dweight, dbias = backend.backward(
             _host_view(dy, axis, channels_last), _host_view(x, axis, channels_last), mean,
-            invstd, weight, _host_view(dx_kernel, axis, channels_last), training=training)
+            invstd, weight, _host_view(dx_kernel, axis, channels_last), training=training,
+            relu_output3=relu_kernel)
         if dx_kernel is not dx:
             np.copyto(dx, dx_kernel)
         return dx, dweight, dbias

@@ -48,6 +48,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.autograd.function import once_differentiable
 
 import fusedgrad as fg
@@ -61,7 +62,8 @@ from fusedgrad._validate import check_real, check_reduction
 _DISTRIBUTED = ("SyncBatchNorm", "convert_sync_batchnorm", "vocab_parallel_softmax_cross_entropy")
 
 __all__ = ["softmax_cross_entropy", "CrossEntropyLoss", "batch_norm",
-           "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_model", *_DISTRIBUTED]
+           "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormReLU1d", "BatchNormReLU2d",
+           "BatchNormReLU3d", "convert_model", *_DISTRIBUTED]
 
 
 def __getattr__(name: str):
@@ -208,39 +210,48 @@ class _BatchNorm(torch.autograd.Function):
 
     The backward reuses what the forward's checked call established (the layout, and mean /
     invstd as the kernels returned them, kept on ``ctx``) and skips the argument checks.
+
+    With ``relu`` (CPU tensors) the output is ``max(BN(x), 0)`` and the function also saves
+    that output, whose sign masks the upstream gradient in the backward: the ReLU costs no pass
+    over memory of its own, and no memory either, since the next layer keeps the output alive
+    anyway.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps):
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, relu):
         layout = ChannelLayout(x)
         x_kernel = layout.to_kernel(x)
         y, mean, invstd = fg.batch_norm_forward(
             kernel_array("input", x_kernel), kernel_array("weight", weight),
             kernel_array("bias", bias), kernel_array("running_mean", running_mean),
-            kernel_array("running_var", running_var),
-            training=training, momentum=momentum, eps=eps, channel_axis=layout.channel_axis)
+            kernel_array("running_var", running_var), training=training, momentum=momentum,
+            eps=eps, channel_axis=layout.channel_axis, relu=relu)
+        output = layout.from_kernel(as_tensor(y, x.device))
         ctx.layout = layout
         ctx.training = training
         ctx.stats = (mean, invstd)
-        ctx.save_for_backward(x_kernel, weight)
-        return layout.from_kernel(as_tensor(y, x.device))
+        ctx.relu = relu
+        ctx.save_for_backward(x_kernel, weight, output if relu else None)
+        return output
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        x_kernel, weight = ctx.saved_tensors
+        x_kernel, weight, output = ctx.saved_tensors
         layout = ctx.layout
         mean, invstd = ctx.stats
         dx, dweight, dbias = _bn._backward_of_checked(
             kernel_array("grad_output", layout.to_kernel(grad_output)),
             kernel_array("input", x_kernel), mean, invstd, kernel_array("weight", weight),
-            training=ctx.training, channel_axis=layout.channel_axis)
+            training=ctx.training, channel_axis=layout.channel_axis,
+            relu_output=None if output is None else kernel_array("output",
+                                                                 layout.to_kernel(output)))
         device = grad_output.device
         # Autograd casts each gradient to its input's dtype (float32 weight, half input on CUDA).
         grads = (layout.from_kernel(as_tensor(dx, device)), as_tensor(dweight, device),
                  as_tensor(dbias, device))
         grads = [g if needed else None for g, needed in zip(grads, ctx.needs_input_grad)]
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
@@ -254,24 +265,37 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     variance); otherwise the running statistics are used. Gradients flow to ``input``,
     ``weight`` and ``bias``.
     """
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                       relu=False)
+
+
+def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, *,
+                relu):
+    """:func:`batch_norm`, followed by a ReLU if ``relu``: fused into the kernels for CPU
+    tensors, a separate ``F.relu`` on CUDA (the GPU kernels have no fused ReLU)."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    return _BatchNorm.apply(input, weight, bias, running_mean, running_var, bool(training),
-                            momentum, eps)
+    fuse = relu and input.device.type == "cpu"
+    output = _BatchNorm.apply(input, weight, bias, running_mean, running_var, bool(training),
+                              momentum, eps, fuse)
+    return F.relu(output) if relu and not fuse else output
 
 
 class _FusedBatchNorm:
     """``forward`` shared by the BatchNorm classes: PyTorch's module logic, fused kernels.
 
     Mixed in before ``nn.BatchNormXd``, which supplies everything else (parameters, buffers,
-    ``_check_input_dim``, ``state_dict`` handling).
+    ``_check_input_dim``, ``state_dict`` handling). ``_relu``: the ``BatchNormReLU`` classes
+    apply a ReLU to the output, fused into the kernels (see :func:`convert_model`).
     """
+
+    _relu = False
 
     def forward(self, input):
         self._check_input_dim(input)
         step = step_options(self)
-        return batch_norm(input, step.running_mean, step.running_var, self.weight, self.bias,
-                          step.use_batch_stats, step.momentum, self.eps)
+        return _batch_norm(input, step.running_mean, step.running_var, self.weight, self.bias,
+                           step.use_batch_stats, step.momentum, self.eps, relu=self._relu)
 
 
 class StepOptions(NamedTuple):
@@ -313,11 +337,34 @@ class BatchNorm3d(_FusedBatchNorm, nn.BatchNorm3d):
     """``torch.nn.BatchNorm3d`` on (N, C, D, H, W) (or channels-last-3d), fusedgrad's kernels."""
 
 
+class BatchNormReLU1d(BatchNorm1d):
+    """:class:`BatchNorm1d` followed by a ReLU, fused (same parameters, buffers and
+    ``state_dict`` keys as the batch norm alone)."""
+
+    _relu = True
+
+
+class BatchNormReLU2d(BatchNorm2d):
+    """:class:`BatchNorm2d` followed by a ReLU, fused (same parameters, buffers and
+    ``state_dict`` keys as the batch norm alone)."""
+
+    _relu = True
+
+
+class BatchNormReLU3d(BatchNorm3d):
+    """:class:`BatchNorm3d` followed by a ReLU, fused (same parameters, buffers and
+    ``state_dict`` keys as the batch norm alone)."""
+
+    _relu = True
+
+
 _FUSED_CLASS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d,
                 nn.BatchNorm3d: BatchNorm3d}
+_WITH_RELU = {BatchNorm1d: BatchNormReLU1d, BatchNorm2d: BatchNormReLU2d,
+              BatchNorm3d: BatchNormReLU3d}
 
 
-def convert_model(module: nn.Module) -> nn.Module:
+def convert_model(module: nn.Module, *, fuse_relu: bool = False) -> nn.Module:
     """Replace every ``nn.BatchNorm1d/2d/3d`` in ``module`` with fusedgrad's, in place.
 
     The replacements take over the very same parameter and buffer tensors (so device, dtype,
@@ -325,6 +372,14 @@ def convert_model(module: nn.Module) -> nn.Module:
     Subclasses of PyTorch's batch norm are left alone (they may change ``forward``), as are
     hooks registered on the replaced layers. Returns ``module``, or its replacement when
     ``module`` itself is a batch-norm layer.
+
+    ``fuse_relu=True`` (an addition to ``shared/API.md``): inside ``nn.Sequential`` containers,
+    a batch norm directly followed by an ``nn.ReLU`` becomes one ``BatchNormReLU1d/2d/3d``
+    and the ReLU an ``nn.Identity``, so that the ReLU's forward and backward make no passes
+    over memory of their own (CPU tensors; on CUDA the ReLU runs as ``F.relu``). The
+    ``state_dict`` keys do not change (neither module holds state), so checkpoints still load
+    both ways. Only a ``Sequential``'s order is known to be its call order, so batch norms in
+    other containers are converted without fusing; hooks on a fused ReLU are dropped.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
@@ -332,10 +387,23 @@ def convert_model(module: nn.Module) -> nn.Module:
     if fused_class is not None:
         return _fused_copy(module, fused_class)
     for name, child in module.named_children():
-        converted = convert_model(child)
+        converted = convert_model(child, fuse_relu=fuse_relu)
         if converted is not child:
             module.add_module(name, converted)
+    if fuse_relu and isinstance(module, nn.Sequential):
+        _fuse_relus(module)
     return module
+
+
+def _fuse_relus(sequential: nn.Sequential) -> None:
+    """Each (fusedgrad batch norm, nn.ReLU) pair of adjacent children -> (BatchNormReLU,
+    nn.Identity), in place."""
+    children = list(sequential.named_children())
+    for (bn_name, bn), (relu_name, relu) in zip(children, children[1:]):
+        with_relu = _WITH_RELU.get(type(bn))
+        if with_relu is not None and type(relu) is nn.ReLU:
+            sequential.add_module(bn_name, _fused_copy(bn, with_relu))
+            sequential.add_module(relu_name, nn.Identity())
 
 
 def _fused_copy(bn: nn.Module, fused_class) -> nn.Module:

@@ -193,31 +193,62 @@ def _run_squares(x, i0, n, center):
     return total
 
 
+@njit(cache=True, inline="always")
+def _relu(v, zero):
+    """max(v, 0) that keeps NaN, as ``torch.relu`` does."""
+    return zero if v < zero else v
+
+
+@njit(cache=True, inline="always")
+def _masked(g, y, zero):
+    """The ReLU's backward: the upstream gradient where the ReLU's output is positive, else 0."""
+    return g if y > zero else zero
+
+
 @njit(cache=True, fastmath=_FASTMATH)
-def _run_grad(dy, x, i0, n, mean_hi):
-    """(sum dy, sum dy * (x - mean_hi)) over one run, in float64."""
+def _run_grad(dy, x, relu_y, i0, n, mean_hi):
+    """(sum g, sum g * (x - mean_hi)) over one run, in float64; g = dy, or with a fused ReLU
+    (``relu_y`` its output, else None) dy masked where the output is not positive."""
     g_run, x_run = dy[i0:i0 + n], x[i0:i0 + n]
     total_dy = 0.0
     total_dyd = 0.0
-    for i in range(n):
-        g = np.float64(g_run[i])
-        total_dy += g
-        total_dyd += g * (x_run[i] - mean_hi)
+    if relu_y is None:
+        for i in range(n):
+            g = np.float64(g_run[i])
+            total_dy += g
+            total_dyd += g * (x_run[i] - mean_hi)
+    else:
+        y_run = relu_y[i0:i0 + n]
+        for i in range(n):
+            g = np.float64(_masked(g_run[i], y_run[i], y_run.dtype.type(0)))
+            total_dy += g
+            total_dyd += g * (x_run[i] - mean_hi)
     return total_dy, total_dyd
 
 
 @njit(cache=True, fastmath=_FASTMATH)
-def _run_affine(x, out, i0, n, mean_hi, scale, shift):
+def _run_affine(x, out, i0, n, mean_hi, scale, shift, relu):
     x_run, o_run = x[i0:i0 + n], out[i0:i0 + n]
-    for i in range(n):
-        o_run[i] = (x_run[i] - mean_hi) * scale + shift
+    zero = out.dtype.type(0)
+    if relu:
+        for i in range(n):
+            o_run[i] = _relu((x_run[i] - mean_hi) * scale + shift, zero)
+    else:
+        for i in range(n):
+            o_run[i] = (x_run[i] - mean_hi) * scale + shift
 
 
 @njit(cache=True, fastmath=_FASTMATH)
-def _run_dx(dy, x, out, i0, n, mean_hi, a, b, c):
+def _run_dx(dy, x, relu_y, out, i0, n, mean_hi, a, b, c):
     g_run, x_run, o_run = dy[i0:i0 + n], x[i0:i0 + n], out[i0:i0 + n]
-    for i in range(n):
-        o_run[i] = a * g_run[i] + b * (x_run[i] - mean_hi) + c
+    if relu_y is None:
+        for i in range(n):
+            o_run[i] = a * g_run[i] + b * (x_run[i] - mean_hi) + c
+    else:
+        y_run = relu_y[i0:i0 + n]
+        zero = y_run.dtype.type(0)
+        for i in range(n):
+            o_run[i] = a * _masked(g_run[i], y_run[i], zero) + b * (x_run[i] - mean_hi) + c
 
 
 @njit(cache=True, inline="always")
@@ -256,37 +287,61 @@ def _cols_squares(x, r0, r1, q, row_stride, j0, sub, center, acc):
 
 
 @njit(cache=True, fastmath=_FASTMATH)
-def _cols_grad(dy, x, r0, r1, q, row_stride, j0, sub, mean_hi, acc_dy, acc_dyd):
-    """acc_dy[j] += dy, acc_dyd[j] += dy * (x - mean_hi[j]) over the tile rows (float64)."""
+def _cols_grad(dy, x, relu_y, r0, r1, q, row_stride, j0, sub, mean_hi, acc_dy, acc_dyd):
+    """acc_dy[j] += g, acc_dyd[j] += g * (x - mean_hi[j]) over the tile rows (float64); g as in
+    :func:`_run_grad`."""
     width = acc_dy.shape[0]
     for i in range((r1 - r0 + 1) // 2):
         s0, s1, weight = _row_pair(i, r0, r1, q, row_stride, j0, sub)
         g0, g1 = dy[s0:s0 + width], dy[s1:s1 + width]
         row0, row1 = x[s0:s0 + width], x[s1:s1 + width]
-        for j in range(width):
-            a0, a1 = np.float64(g0[j]), np.float64(g1[j])
-            acc_dy[j] += (a0 + a1) * weight
-            acc_dyd[j] += (a0 * (row0[j] - mean_hi[j]) + a1 * (row1[j] - mean_hi[j])) * weight
+        if relu_y is None:
+            for j in range(width):
+                a0, a1 = np.float64(g0[j]), np.float64(g1[j])
+                acc_dy[j] += (a0 + a1) * weight
+                acc_dyd[j] += (a0 * (row0[j] - mean_hi[j])
+                               + a1 * (row1[j] - mean_hi[j])) * weight
+        else:
+            y0, y1 = relu_y[s0:s0 + width], relu_y[s1:s1 + width]
+            zero = y0.dtype.type(0)
+            for j in range(width):
+                a0 = np.float64(_masked(g0[j], y0[j], zero))
+                a1 = np.float64(_masked(g1[j], y1[j], zero))
+                acc_dy[j] += (a0 + a1) * weight
+                acc_dyd[j] += (a0 * (row0[j] - mean_hi[j])
+                               + a1 * (row1[j] - mean_hi[j])) * weight
 
 
 @njit(cache=True, fastmath=_FASTMATH)
-def _cols_affine(x, out, r0, r1, q, row_stride, j0, sub, mean_hi, scale, shift):
+def _cols_affine(x, out, r0, r1, q, row_stride, j0, sub, mean_hi, scale, shift, relu):
     width = scale.shape[0]
+    zero = out.dtype.type(0)
     for r in range(r0, r1):
         s0 = _row_start(r, q, row_stride, j0, sub)
         x_row, o_row = x[s0:s0 + width], out[s0:s0 + width]
-        for j in range(width):
-            o_row[j] = (x_row[j] - mean_hi[j]) * scale[j] + shift[j]
+        if relu:
+            for j in range(width):
+                o_row[j] = _relu((x_row[j] - mean_hi[j]) * scale[j] + shift[j], zero)
+        else:
+            for j in range(width):
+                o_row[j] = (x_row[j] - mean_hi[j]) * scale[j] + shift[j]
 
 
 @njit(cache=True, fastmath=_FASTMATH)
-def _cols_dx(dy, x, out, r0, r1, q, row_stride, j0, sub, mean_hi, a, b, c):
+def _cols_dx(dy, x, relu_y, out, r0, r1, q, row_stride, j0, sub, mean_hi, a, b, c):
     width = a.shape[0]
     for r in range(r0, r1):
         s0 = _row_start(r, q, row_stride, j0, sub)
         g_row, x_row, o_row = dy[s0:s0 + width], x[s0:s0 + width], out[s0:s0 + width]
-        for j in range(width):
-            o_row[j] = a[j] * g_row[j] + b[j] * (x_row[j] - mean_hi[j]) + c[j]
+        if relu_y is None:
+            for j in range(width):
+                o_row[j] = a[j] * g_row[j] + b[j] * (x_row[j] - mean_hi[j]) + c[j]
+        else:
+            y_row = relu_y[s0:s0 + width]
+            zero = y_row.dtype.type(0)
+            for j in range(width):
+                o_row[j] = (a[j] * _masked(g_row[j], y_row[j], zero)
+                            + b[j] * (x_row[j] - mean_hi[j]) + c[j])
 
 
 @njit(cache=True)
@@ -333,7 +388,7 @@ def _tile_moment(x, r0, r1, q, row_stride, j0, sub, center, totals):
 
 
 @njit(cache=True)
-def _tile_grad(dy, x, r0, r1, q, row_stride, j0, sub, mean_hi, totals_dy, totals_dyd):
+def _tile_grad(dy, x, relu_y, r0, r1, q, row_stride, j0, sub, mean_hi, totals_dy, totals_dyd):
     nch = totals_dy.shape[0]
     totals_dy[:] = 0.0
     totals_dyd[:] = 0.0
@@ -341,7 +396,7 @@ def _tile_grad(dy, x, r0, r1, q, row_stride, j0, sub, mean_hi, totals_dy, totals
         for r in range(r0, r1):
             start = _row_start(r, q, row_stride, j0, sub)
             for k in range(nch):
-                s_dy, s_dyd = _run_grad(dy, x, start + k * sub, sub, mean_hi[k])
+                s_dy, s_dyd = _run_grad(dy, x, relu_y, start + k * sub, sub, mean_hi[k])
                 totals_dy[k] += s_dy
                 totals_dyd[k] += s_dyd
     else:
@@ -349,42 +404,43 @@ def _tile_grad(dy, x, r0, r1, q, row_stride, j0, sub, mean_hi, totals_dy, totals
         _expand(mean_hi, sub, mean_cols)
         acc_dy = np.zeros(nch * sub)
         acc_dyd = np.zeros(nch * sub)
-        _cols_grad(dy, x, r0, r1, q, row_stride, j0, sub, mean_cols, acc_dy, acc_dyd)
+        _cols_grad(dy, x, relu_y, r0, r1, q, row_stride, j0, sub, mean_cols, acc_dy, acc_dyd)
         _fold(acc_dy, sub, totals_dy)
         _fold(acc_dyd, sub, totals_dyd)
 
 
 @njit(cache=True)
-def _tile_affine(x, out, r0, r1, q, row_stride, j0, sub, mean_hi, scale, shift):
+def _tile_affine(x, out, r0, r1, q, row_stride, j0, sub, mean_hi, scale, shift, relu):
     nch = scale.shape[0]
     if sub >= RUN_MIN_WIDTH:
         for r in range(r0, r1):
             start = _row_start(r, q, row_stride, j0, sub)
             for k in range(nch):
-                _run_affine(x, out, start + k * sub, sub, mean_hi[k], scale[k], shift[k])
+                _run_affine(x, out, start + k * sub, sub, mean_hi[k], scale[k], shift[k], relu)
     else:
         cols = np.empty((3, nch * sub), x.dtype)
         _expand(mean_hi, sub, cols[0])
         _expand(scale, sub, cols[1])
         _expand(shift, sub, cols[2])
-        _cols_affine(x, out, r0, r1, q, row_stride, j0, sub, cols[0], cols[1], cols[2])
+        _cols_affine(x, out, r0, r1, q, row_stride, j0, sub, cols[0], cols[1], cols[2], relu)
 
 
 @njit(cache=True)
-def _tile_dx(dy, x, out, r0, r1, q, row_stride, j0, sub, mean_hi, a, b, c):
+def _tile_dx(dy, x, relu_y, out, r0, r1, q, row_stride, j0, sub, mean_hi, a, b, c):
     nch = a.shape[0]
     if sub >= RUN_MIN_WIDTH:
         for r in range(r0, r1):
             start = _row_start(r, q, row_stride, j0, sub)
             for k in range(nch):
-                _run_dx(dy, x, out, start + k * sub, sub, mean_hi[k], a[k], b[k], c[k])
+                _run_dx(dy, x, relu_y, out, start + k * sub, sub, mean_hi[k], a[k], b[k], c[k])
     else:
         cols = np.empty((4, nch * sub), x.dtype)
         _expand(mean_hi, sub, cols[0])
         _expand(a, sub, cols[1])
         _expand(b, sub, cols[2])
         _expand(c, sub, cols[3])
-        _cols_dx(dy, x, out, r0, r1, q, row_stride, j0, sub, cols[0], cols[1], cols[2], cols[3])
+        _cols_dx(dy, x, relu_y, out, r0, r1, q, row_stride, j0, sub, cols[0], cols[1], cols[2],
+                 cols[3])
 
 
 # --------------------------------------------------------------------------------------------
@@ -465,11 +521,12 @@ def _n_tiles(n_outer, n_channels, q, cb, block_rows):
 # --------------------------------------------------------------------------------------------
 @njit(cache=True, parallel=True)
 def _stats_sweep(x, n_outer, n_channels, n_inner, q, sub, cb, block_rows,
-                 part_mean, part_m2, fuse, gamma, beta, eps, invstd_out, out, n_workers):
+                 part_mean, part_m2, fuse, gamma, beta, eps, invstd_out, out, relu, n_workers):
     """Per-tile mean and M2 (two passes over the cache-resident tile) into the partials.
 
     fuse (only when each tile holds whole channels): also normalise the tile with its final
-    statistics, y = (x - mean) * invstd * gamma + beta, writing invstd_out for its channels.
+    statistics, y = (x - mean) * invstd * gamma + beta (then max(y, 0) with ``relu``), writing
+    invstd_out for its channels.
     """
     row_stride = n_channels * n_inner
     n_tiles = _n_tiles(n_outer, n_channels, q, cb, block_rows)
@@ -488,13 +545,15 @@ def _stats_sweep(x, n_outer, n_channels, n_inner, q, sub, cb, block_rows,
                 coef = np.empty((3, nch), x.dtype)
                 _affine_coefficients(part_mean[rb], invstd_out, gamma, beta, c0,
                                      coef[0], coef[1], coef[2])
-                _tile_affine(x, out, r0, r1, q, row_stride, j0, sub, coef[0], coef[1], coef[2])
+                _tile_affine(x, out, r0, r1, q, row_stride, j0, sub, coef[0], coef[1], coef[2],
+                             relu)
 
 
 @njit(cache=True, parallel=True)
 def _normalize_sweep(x, out, n_outer, n_channels, n_inner, q, sub, cb, block_rows,
-                     mean, invstd, gamma, beta, n_workers):
-    """out = (x - mean) * invstd * gamma + beta, tile by tile."""
+                     mean, invstd, gamma, beta, relu, n_workers):
+    """out = (x - mean) * invstd * gamma + beta (then max(out, 0) with ``relu``), tile by
+    tile."""
     row_stride = n_channels * n_inner
     n_tiles = _n_tiles(n_outer, n_channels, q, cb, block_rows)
     for worker in prange(n_workers):
@@ -503,13 +562,15 @@ def _normalize_sweep(x, out, n_outer, n_channels, n_inner, q, sub, cb, block_row
             coef = np.empty((3, nch), x.dtype)
             _affine_coefficients(mean, invstd, gamma, beta, c0, coef[0], coef[1], coef[2])
             _tile_affine(x, out, r0, r1, q, row_stride, c0 * n_inner, sub,
-                         coef[0], coef[1], coef[2])
+                         coef[0], coef[1], coef[2], relu)
 
 
 @njit(cache=True, parallel=True)
-def _grad_sweep(dy, x, n_outer, n_channels, n_inner, q, sub, cb, block_rows, mean, invstd,
-                part_dy, part_dy_xhat, fuse, gamma, training, out, n_workers):
-    """Per-tile sum dy and sum dy * xhat into the partials (one pass over x and dy).
+def _grad_sweep(dy, x, relu_y, n_outer, n_channels, n_inner, q, sub, cb, block_rows, mean,
+                invstd, part_dy, part_dy_xhat, fuse, gamma, training, out, n_workers):
+    """Per-tile sum dy and sum dy * xhat into the partials (one pass over x and dy). With a
+    fused ReLU (``relu_y`` its output, else None), dy is masked where the output is not
+    positive, here and in the dx this sweep writes.
 
     fuse (only when each tile holds whole channels): also write the tile's dx, whose
     coefficients need just these (then complete) sums, while x and dy are still in cache.
@@ -525,7 +586,7 @@ def _grad_sweep(dy, x, n_outer, n_channels, n_inner, q, sub, cb, block_rows, mea
             _split_mean(mean, c0, mean_hi, mean_lo)
             sum_dy = part_dy[rb, c0:c0 + nch]
             sum_dyd = part_dy_xhat[rb, c0:c0 + nch]
-            _tile_grad(dy, x, r0, r1, q, row_stride, j0, sub, mean_hi, sum_dy, sum_dyd)
+            _tile_grad(dy, x, relu_y, r0, r1, q, row_stride, j0, sub, mean_hi, sum_dy, sum_dyd)
             # sum dy (x - mean) = sum dy (x - mean_hi) - mean_lo sum dy; times invstd: sum dy xhat
             for k in range(nch):
                 sum_dyd[k] = (sum_dyd[k] - mean_lo[k] * sum_dy[k]) * np.float64(invstd[c0 + k])
@@ -534,14 +595,14 @@ def _grad_sweep(dy, x, n_outer, n_channels, n_inner, q, sub, cb, block_rows, mea
                 _dx_coefficients(mean, invstd, gamma, part_dy[rb], part_dy_xhat[rb],
                                  n_outer * n_inner, training, c0,
                                  coef[0], coef[1], coef[2], coef[3])
-                _tile_dx(dy, x, out, r0, r1, q, row_stride, j0, sub,
+                _tile_dx(dy, x, relu_y, out, r0, r1, q, row_stride, j0, sub,
                          coef[0], coef[1], coef[2], coef[3])
 
 
 @njit(cache=True, parallel=True)
-def _dx_sweep(dy, x, out, n_outer, n_channels, n_inner, q, sub, cb, block_rows,
+def _dx_sweep(dy, x, relu_y, out, n_outer, n_channels, n_inner, q, sub, cb, block_rows,
               mean, invstd, gamma, sum_dy, sum_dy_xhat, count, training, n_workers):
-    """dx from complete sums, tile by tile."""
+    """dx from complete sums, tile by tile (dy masked by a fused ReLU's output ``relu_y``)."""
     row_stride = n_channels * n_inner
     n_tiles = _n_tiles(n_outer, n_channels, q, cb, block_rows)
     for worker in prange(n_workers):
@@ -550,7 +611,7 @@ def _dx_sweep(dy, x, out, n_outer, n_channels, n_inner, q, sub, cb, block_rows,
             coef = np.empty((4, nch), x.dtype)
             _dx_coefficients(mean, invstd, gamma, sum_dy, sum_dy_xhat, count, training, c0,
                              coef[0], coef[1], coef[2], coef[3])
-            _tile_dx(dy, x, out, r0, r1, q, row_stride, c0 * n_inner, sub,
+            _tile_dx(dy, x, relu_y, out, r0, r1, q, row_stride, c0 * n_inner, sub,
                      coef[0], coef[1], coef[2], coef[3])
 
 # --------------------------------------------------------------------------------------------
@@ -623,19 +684,23 @@ def _flat(a):
     return a.reshape(-1)
 
 
+def _flat_or_none(a):
+    return None if a is None else a.reshape(-1)
+
+
 def _unused_out(x3):
     """Placeholder output for a sweep that only reduces (its fused write is switched off)."""
     return np.empty(1, x3.dtype)
 
 
-def _moments(x3, gamma, beta, eps, out3):
+def _moments(x3, gamma, beta, eps, out3, relu=False):
     """(count, mean, m2, invstd or None): statistics, normalising into out3 when fusable."""
     geo = _geometry(x3)
     part_mean, part_m2 = geo.partials()
     fuse = out3 is not None and geo.fusable
     invstd = np.empty(geo.n_channels)
     _stats_sweep(_flat(x3), *geo.args, part_mean, part_m2, fuse,
-                 gamma, beta, eps, invstd, _flat(out3) if fuse else _unused_out(x3),
+                 gamma, beta, eps, invstd, _flat(out3) if fuse else _unused_out(x3), relu,
                  _n_workers())
     if geo.fusable:  # one row block: what merge_moments returns for one part, without the call
         mean, m2 = part_mean[0], part_m2[0]
@@ -651,23 +716,25 @@ def channel_stats(x3):
     return count, mean, m2
 
 
-def normalize(x3, mean, invstd, weight, bias, out3):
-    """out3 = (x - mean) * invstd * weight + bias per channel; returns out3."""
+def normalize(x3, mean, invstd, weight, bias, out3, *, relu=False):
+    """out3 = (x - mean) * invstd * weight + bias per channel, then max(out3, 0) with ``relu``
+    (CPU only); returns out3."""
     geo = _geometry(x3)
     c = geo.n_channels
     _normalize_sweep(_flat(x3), _flat(out3), *geo.elementwise_args, _as_f64(mean, c, 0.0),
                      _as_f64(invstd, c, 1.0), _as_f64(weight, c, 1.0), _as_f64(bias, c, 0.0),
-                     _n_workers())
+                     relu, _n_workers())
     return out3
 
 
-def _grad_sums(dy3, x3, mean, invstd, gamma, training, out3):
+def _grad_sums(dy3, x3, mean, invstd, gamma, training, out3, relu_output3=None):
     """(sum_dy, sum_dy_xhat, fused): the sums, writing dx into out3 when fusable."""
     geo = _geometry(x3)
     part_dy, part_dy_xhat = geo.partials()
     fuse = out3 is not None and geo.fusable
-    _grad_sweep(_flat(dy3), _flat(x3), *geo.args, mean, invstd, part_dy, part_dy_xhat,
-                fuse, gamma, training, _flat(out3) if fuse else _unused_out(x3), _n_workers())
+    _grad_sweep(_flat(dy3), _flat(x3), _flat_or_none(relu_output3), *geo.args, mean, invstd,
+                part_dy, part_dy_xhat, fuse, gamma, training,
+                _flat(out3) if fuse else _unused_out(x3), _n_workers())
     if geo.fusable:  # one row block: what sum_partials returns for one part, without the call
         return part_dy[0], part_dy_xhat[0], fuse
     return sum_partials(part_dy), sum_partials(part_dy_xhat), fuse
@@ -682,11 +749,14 @@ def backward_reduce(dy3, x3, mean, invstd):
 
 
 def backward_elementwise(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, count, out3, *,
-                         training=True):
-    """dx into out3 from (global) sums and count; returns out3."""
+                         training=True, relu_output3=None):
+    """dx into out3 from (global) sums and count; returns out3. ``relu_output3`` (CPU only):
+    the output of a forward with a fused ReLU, whose backward masks dy where it is not
+    positive (the sums must then be those of the masked dy)."""
     geo = _geometry(x3)
     c = geo.n_channels
-    _dx_sweep(_flat(dy3), _flat(x3), _flat(out3), *geo.elementwise_args, _as_f64(mean, c, 0.0),
+    _dx_sweep(_flat(dy3), _flat(x3), _flat_or_none(relu_output3), _flat(out3),
+              *geo.elementwise_args, _as_f64(mean, c, 0.0),
               _as_f64(invstd, c, 1.0), _as_f64(weight, c, 1.0), _as_f64(sum_dy, c, 0.0),
               _as_f64(sum_dy_xhat, c, 0.0), float(count), bool(training), _n_workers())
     return out3
@@ -700,17 +770,19 @@ def _update_running(running, stat, momentum, scale):
         running[c] = (1.0 - momentum) * np.float64(running[c]) + momentum * (stat[c] * scale)
 
 
-def forward(x3, weight, bias, running_mean, running_var, out3, *, training, momentum, eps):
-    """Fused forward; see the module docstring. Returns (mean, invstd) in the stat dtype."""
+def forward(x3, weight, bias, running_mean, running_var, out3, *, training, momentum, eps,
+            relu=False):
+    """Fused forward; see the module docstring. Returns (mean, invstd) in the stat dtype.
+    ``relu`` (CPU only): write max(y, 0), a batch norm followed by a ReLU in one pass."""
     c = x3.shape[1]
     stat = stat_dtype(x3.dtype)
     gamma, beta = _as_f64(weight, c, 1.0), _as_f64(bias, c, 0.0)
     if training:
-        count, mean, m2, invstd = _moments(x3, gamma, beta, eps, out3)
+        count, mean, m2, invstd = _moments(x3, gamma, beta, eps, out3, relu)
         var = m2 / count
         if invstd is None:
             invstd = 1.0 / np.sqrt(var + eps)
-            normalize(x3, mean, invstd, gamma, beta, out3)
+            normalize(x3, mean, invstd, gamma, beta, out3, relu=relu)
         if running_mean is not None:
             _update_running(running_mean, mean, momentum, 1.0)
         if running_var is not None:
@@ -718,19 +790,23 @@ def forward(x3, weight, bias, running_mean, running_var, out3, *, training, mome
     else:
         mean = _as_f64(running_mean, c, 0.0)
         invstd = 1.0 / np.sqrt(_as_f64(running_var, c, 1.0) + eps)
-        normalize(x3, mean, invstd, gamma, beta, out3)
+        normalize(x3, mean, invstd, gamma, beta, out3, relu=relu)
     return mean.astype(stat), invstd.astype(stat)
 
 
-def backward(dy3, x3, mean, invstd, weight, out3, *, training):
-    """Fused backward; see the module docstring. Returns (dweight, dbias) in the stat dtype."""
+def backward(dy3, x3, mean, invstd, weight, out3, *, training, relu_output3=None):
+    """Fused backward; see the module docstring. Returns (dweight, dbias) in the stat dtype.
+    ``relu_output3`` (CPU only): the output of a forward with ``relu=True``; the ReLU's
+    backward (dy where that output is positive, else 0) is fused in."""
     c = x3.shape[1]
     stat = stat_dtype(x3.dtype)
     mean, invstd, gamma = _as_f64(mean, c, 0.0), _as_f64(invstd, c, 1.0), _as_f64(weight, c, 1.0)
-    sum_dy, sum_dy_xhat, fused = _grad_sums(dy3, x3, mean, invstd, gamma, training, out3)
+    sum_dy, sum_dy_xhat, fused = _grad_sums(dy3, x3, mean, invstd, gamma, training, out3,
+                                            relu_output3)
     if not fused:
         backward_elementwise(dy3, x3, mean, invstd, gamma, sum_dy, sum_dy_xhat,
-                             x3.shape[0] * x3.shape[2], out3, training=training)
+                             x3.shape[0] * x3.shape[2], out3, training=training,
+                             relu_output3=relu_output3)
     return sum_dy_xhat.astype(stat), sum_dy.astype(stat)
 
 
