@@ -10,6 +10,7 @@ import time
 import types
 
 import numba
+import numpy as np
 import pytest
 
 import fusedgrad
@@ -192,6 +193,20 @@ def test_roofline_bytes_count_the_passes_the_issues_define():
     assert _bench.roofline_bytes(bn, (64, 256, 28, 28)) == 5 * 64 * 256 * 28 * 28 * 4
     assert _bench.roofline_bytes(bn_eval, (64, 256, 28, 28)) == 2 * 64 * 256 * 28 * 28 * 4
     assert _bench.roofline_bytes(by_name["model_cnn"], (64, 3, 32, 32)) is None
+
+
+def test_fuse_relu_model_case_converts_with_fused_relus():
+    torch = pytest.importorskip("torch")
+    import fusedgrad.torch as fgt
+    by_name = {case.name: case for case in _bench.CPU_CASES}
+    assert by_name["model_cnn_fuse_relu"].fuse_relu and not by_name["model_cnn"].fuse_relu
+    rng = np.random.default_rng(0)
+    for fuse_relu, expected in ((False, fgt.BatchNorm2d), (True, fgt.BatchNormReLU2d)):
+        (baseline, _), (converted, _), x, _ = _bench._model_pair(torch, (2, 3, 8, 8), "cpu",
+                                                                 rng, fuse_relu)
+        norms = [type(m) for m in converted.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert norms == [expected] * 3
+        torch.testing.assert_close(converted(x), baseline(x), rtol=1e-5, atol=1e-5)
 
 
 def test_issue_shapes_are_the_full_size_cases():

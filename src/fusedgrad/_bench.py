@@ -82,7 +82,8 @@ class Case:
     ``op`` is "cross_entropy", "batch_norm_train", "batch_norm_eval" or "model"; ``layout`` names
     where the channels are ("NC", "NCHW", "NHWC") or, for the model case, its input layout;
     ``default`` cases run when no ``--cases`` are named (the others are small smoke cases);
-    ``dtype`` is the floating dtype of the input.
+    ``dtype`` is the floating dtype of the input; ``fuse_relu``: the model case converts with
+    ``convert_model(..., fuse_relu=True)``.
     """
 
     name: str
@@ -92,6 +93,7 @@ class Case:
     quick: tuple | None = None
     dtype: str = "float32"
     default: bool = True
+    fuse_relu: bool = False
 
     def shape(self, quick: bool) -> tuple:
         return self.quick if quick and self.quick is not None else self.full
@@ -112,10 +114,13 @@ CPU_CASES = (
     Case("bn_nhwc", "batch_norm_train", "NHWC", (64, 28, 28, 256), (16, 28, 28, 256)),
     Case("bn_eval_nchw", "batch_norm_eval", "NCHW", (64, 256, 28, 28), (16, 256, 28, 28)),
     Case("model_cnn", "model", "NCHW", (64, 3, 32, 32), (16, 3, 32, 32)),
+    Case("model_cnn_fuse_relu", "model", "NCHW", (64, 3, 32, 32), (16, 3, 32, 32),
+         fuse_relu=True),
     # Smoke cases: only when named with --cases (tests, the CUDA simulator).
     Case("ce_small", "cross_entropy", "NC", (8, 40), default=False),
     Case("bn_small", "batch_norm_train", "NCHW", (2, 4, 3, 3), default=False),
     Case("model_small", "model", "NCHW", (4, 3, 8, 8), default=False),
+    Case("model_small_fuse_relu", "model", "NCHW", (4, 3, 8, 8), default=False, fuse_relu=True),
 )
 
 # The GPU cases are large enough to saturate an H100/H200-class device (issue 4 asks for
@@ -568,12 +573,12 @@ def _training_step(model, loss_fn, x, y):
     return step
 
 
-def _model_pair(torch, shape: tuple, on: str, rng):
+def _model_pair(torch, shape: tuple, on: str, rng, fuse_relu: bool = False):
     """(baseline model + loss, converted model + loss, input, target), same initial weights."""
     import fusedgrad.torch as fgt
     torch.manual_seed(0)
     baseline = small_cnn(torch, in_channels=shape[1]).to(on)
-    converted = fgt.convert_model(copy.deepcopy(baseline))
+    converted = fgt.convert_model(copy.deepcopy(baseline), fuse_relu=fuse_relu)
     x = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)).to(on)
     y = torch.from_numpy(rng.integers(0, 10, size=shape[0], dtype=np.int64)).to(on)
     return ((baseline, torch.nn.CrossEntropyLoss()), (converted, fgt.CrossEntropyLoss()), x, y)
@@ -584,7 +589,7 @@ def _model_runners(case: Case, shape: tuple, device: Device, rng) -> list:
         raise RuntimeError("the model-level case needs PyTorch"
                            + (" with CUDA" if device.name == "cuda" else ""))
     (baseline, base_loss), (converted, fused_loss), x, y = _model_pair(
-        device.torch, shape, device.torch_device, rng)
+        device.torch, shape, device.torch_device, rng, case.fuse_relu)
 
     def runner(impl, model, loss_fn):
         def share(settings):
@@ -1007,9 +1012,11 @@ class Table:
         if any(r["op"] == "model" for r in results):
             print("model: forward + backward step of a small CNN; fusedgrad = the same model "
                   "converted with fusedgrad.torch.convert_model + fusedgrad.torch.CrossEntropyLoss;"
-                  " share measured with module hooks in separate instrumented steps; on the "
-                  "CPU timed in a fresh process, as a training script runs, and again in this "
-                  "one after the other cases", file=self.out)
+                  " *_fuse_relu: converted with fuse_relu=True (batch norm and the ReLU after it "
+                  "in one module, whose time the share then includes); share measured with "
+                  "module hooks in separate instrumented steps; on the CPU timed in a fresh "
+                  "process, as a training script runs, and again in this one after the other "
+                  "cases", file=self.out)
 
 
 def write_plot(report: dict, path: str) -> None:
