@@ -124,10 +124,8 @@ SMALL_TILES = dict(MAX_TILE_WIDTH=64, MIN_TILE_WIDTH=16, RUN_MIN_WIDTH=32, FUSE_
                    ROW_BLOCK_BYTES=1024, MIN_ROW_VALUES=8)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape3", [(9, 5, 7), (5, 3, 48), (6, 2, 256), (4, 3, 67), (300, 6, 1),
-                                    (7, 40, 3), (2, 1, 1000)])
-def test_many_small_tiles_against_reference(shape3, dtype, monkeypatch):
+@pytest.fixture
+def small_tiles(monkeypatch):
     """Tiny cache budgets force every loop shape and many partials through small arrays."""
     for name, value in SMALL_TILES.items():
         monkeypatch.setattr(cpu_bn, name, value)
@@ -136,6 +134,12 @@ def test_many_small_tiles_against_reference(shape3, dtype, monkeypatch):
     cpu_bn._geometry_of.cache_clear()
     monkeypatch.setattr(cpu_bn, "_geometry_of",
                         functools.lru_cache(maxsize=None)(cpu_bn._geometry_of.__wrapped__))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape3", [(9, 5, 7), (5, 3, 48), (6, 2, 256), (4, 3, 67), (300, 6, 1),
+                                    (7, 40, 3), (2, 1, 1000)])
+def test_many_small_tiles_against_reference(shape3, dtype, small_tiles):
     rng = np.random.default_rng(15)
     x3, dy3, weight, bias, _, _ = _inputs(rng, shape3, 1, dtype)
     y3 = np.empty_like(x3)
@@ -187,13 +191,8 @@ def test_fused_relu_in_every_regime(shape, axis, training):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape3", [(9, 5, 7), (5, 3, 48), (6, 2, 256), (300, 6, 1)])
-def test_fused_relu_with_many_small_tiles(shape3, dtype, monkeypatch):
-    """Small cache budgets: the ReLU in every loop shape and across row-block partials."""
-    for name, value in SMALL_TILES.items():
-        monkeypatch.setattr(cpu_bn, name, value)
-    cpu_bn._geometry_of.cache_clear()
-    monkeypatch.setattr(cpu_bn, "_geometry_of",
-                        functools.lru_cache(maxsize=None)(cpu_bn._geometry_of.__wrapped__))
+def test_fused_relu_with_many_small_tiles(shape3, dtype, small_tiles):
+    """The ReLU in every loop shape and across row-block partials."""
     rng = np.random.default_rng(16)
     x, dy, weight, bias, _, _ = _inputs(rng, shape3, 1, dtype)
     _check_fused_relu(x, dy, weight, bias, 1, True, dict(rtol=TOL[dtype]["rtol"],

@@ -147,6 +147,16 @@ def test_results_are_bitwise_reproducible(api):
     assert outputs[0] == outputs[1]
 
 
+@cs.direct
+def test_fused_relu_is_cpu_only_and_says_so(api):
+    x = cs.to_device(np.arange(24.0).reshape(4, 3, 2))
+    with pytest.raises(NotImplementedError, match="CPU kernels only"):
+        api.batch_norm_forward(x, relu=True)
+    y, mean, invstd = api.batch_norm_forward(x)
+    with pytest.raises(NotImplementedError, match="CPU kernels only"):
+        api.batch_norm_backward(x, x, mean, invstd, relu_output=y)
+
+
 @cs.real_gpu_only
 def test_bfloat16_input_from_pytorch(api):
     rng = np.random.default_rng(12)

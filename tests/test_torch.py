@@ -240,14 +240,14 @@ def _run_bn(module, x, upstream):
     return y, x.grad
 
 
-@pytest.mark.parametrize("options", BN_OPTIONS, ids=lambda o: ",".join(o) or "default")
-@pytest.mark.parametrize("torch_class,fused_class,shape", BN_CASES,
-                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else "")
-def test_batch_norm_module_matches_torch(torch_class, fused_class, shape, options):
-    ours, theirs = _bn_pair(torch_class, fused_class, shape[1], **options)
-    gen = _generator(7)
-    for step in range(3):  # training steps update the running buffers, then eval uses them
-        x = 2.0 + 3.0 * torch.randn(shape, generator=gen, dtype=F64)
+def _train_then_eval_side_by_side(ours, theirs, shape, seed, memory_format=None):
+    """Three training steps (updating the running buffers), then one in eval, on the same
+    inputs: outputs and input gradients agree at every step; returns the last outputs."""
+    gen = _generator(seed)
+    for step in range(3):
+        x = 1.0 + 2.0 * torch.randn(shape, generator=gen, dtype=F64)
+        if memory_format is not None:
+            x = x.to(memory_format=memory_format)
         upstream = torch.randn(shape, generator=gen, dtype=F64)
         for mode in ("train", "eval") if step == 2 else ("train",):
             ours.train(mode == "train")
@@ -256,16 +256,30 @@ def test_batch_norm_module_matches_torch(torch_class, fused_class, shape, option
             y_theirs, dx_theirs = _run_bn(theirs, x, upstream)
             torch.testing.assert_close(y_ours, y_theirs, rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(dx_ours, dx_theirs, rtol=1e-10, atol=1e-12)
+    return y_ours
+
+
+def _assert_same_grads_and_buffers(ours, theirs):
     for (name, a), (_, b) in zip(ours.named_parameters(), theirs.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12, msg=name)
     for (name, a), (_, b) in zip(ours.named_buffers(), theirs.named_buffers()):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("options", BN_OPTIONS, ids=lambda o: ",".join(o) or "default")
+@pytest.mark.parametrize("torch_class,fused_class,shape", BN_CASES,
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else "")
+def test_batch_norm_module_matches_torch(torch_class, fused_class, shape, options):
+    ours, theirs = _bn_pair(torch_class, fused_class, shape[1], **options)
+    _train_then_eval_side_by_side(ours, theirs, shape, seed=7)
+    _assert_same_grads_and_buffers(ours, theirs)
+
+
+@pytest.mark.parametrize("module_class", [fgt.BatchNorm2d, fgt.BatchNormReLU2d])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_batch_norm_gradcheck_via_module(training, channels_last):
-    module = fgt.BatchNorm2d(3, dtype=F64)
+def test_batch_norm_gradcheck_via_module(module_class, training, channels_last):
+    module = module_class(3, dtype=F64)
     with torch.no_grad():
         module.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
         module.running_var.copy_(torch.tensor([2.0, 0.5, 1.5]))
@@ -279,6 +293,8 @@ def test_batch_norm_gradcheck_via_module(training, channels_last):
     def forward(x, weight, bias):
         return torch.func.functional_call(module, {"weight": weight, "bias": bias}, (x,))
 
+    if module_class is fgt.BatchNormReLU2d:  # the ReLU's kink is inside the data
+        assert (forward(x, weight, bias) == 0).any()
     assert torch.autograd.gradcheck(forward, (x.requires_grad_(), weight, bias))
 
 
@@ -296,44 +312,11 @@ RELU_CASES = [
 def test_batch_norm_relu_module_is_batch_norm_then_relu(torch_class, fused_class, shape,
                                                          memory_format, options):
     ours, bn = _bn_pair(torch_class, fused_class, shape[1], **options)
-    theirs = nn.Sequential(bn, nn.ReLU())
-    gen = _generator(17)
-    for step in range(3):
-        x = 1.0 + 2.0 * torch.randn(shape, generator=gen, dtype=F64)
-        if memory_format is not None:
-            x = x.to(memory_format=memory_format)
-        upstream = torch.randn(shape, generator=gen, dtype=F64)
-        for mode in ("train", "eval") if step == 2 else ("train",):
-            ours.train(mode == "train")
-            theirs.train(mode == "train")
-            y_ours, dx_ours = _run_bn(ours, x, upstream)
-            y_theirs, dx_theirs = _run_bn(theirs, x, upstream)
-            assert (y_ours == 0).any()
-            torch.testing.assert_close(y_ours, y_theirs, rtol=1e-12, atol=1e-12)
-            torch.testing.assert_close(dx_ours, dx_theirs, rtol=1e-10, atol=1e-12)
-    for (name, a), (_, b) in zip(ours.named_parameters(), bn.named_parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12, msg=name)
-    for (name, a), (_, b) in zip(ours.named_buffers(), bn.named_buffers()):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+    y = _train_then_eval_side_by_side(ours, nn.Sequential(bn, nn.ReLU()), shape, seed=17,
+                                      memory_format=memory_format)
+    assert (y == 0).any()
+    _assert_same_grads_and_buffers(ours, bn)
     assert ours.state_dict().keys() == bn.state_dict().keys()
-
-
-@pytest.mark.parametrize("training", [True, False])
-def test_batch_norm_relu_gradcheck(training):
-    module = fgt.BatchNormReLU2d(3, dtype=F64)
-    with torch.no_grad():
-        module.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
-        module.running_var.copy_(torch.tensor([2.0, 0.5, 1.5]))
-    module.train(training)
-    x = torch.randn(3, 3, 2, 3, dtype=F64, generator=_generator(18))
-    weight = torch.tensor([0.7, 1.3, -0.4], dtype=F64, requires_grad=True)
-    bias = torch.tensor([0.1, -0.2, 0.3], dtype=F64, requires_grad=True)
-
-    def forward(x, weight, bias):
-        return torch.func.functional_call(module, {"weight": weight, "bias": bias}, (x,))
-
-    assert (forward(x, weight, bias) == 0).any()  # the ReLU's kink is inside the data
-    assert torch.autograd.gradcheck(forward, (x.requires_grad_(), weight, bias))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
@@ -402,13 +385,19 @@ def test_large_outputs_stay_valid_while_tensors_hold_them():
             assert torch.equal(live, snapshot)
 
 
-def test_batch_norm_saves_input_and_channel_statistics():
-    module = fgt.BatchNorm2d(3, dtype=F64)
+@pytest.mark.parametrize("module_class", [fgt.BatchNorm2d, fgt.BatchNormReLU2d])
+def test_batch_norm_saves_input_and_channel_statistics(module_class):
+    module = module_class(3, dtype=F64)
     x = torch.randn(4, 3, 2, 2, dtype=F64, requires_grad=True)
     y = module(x)
-    # The tensors autograd keeps (and version-checks): the input itself and weight, no copies.
-    saved_x, saved_weight = y.grad_fn.saved_tensors
+    # The tensors autograd keeps (and version-checks): the input itself and weight, no copies;
+    # with the fused ReLU also the output, whose sign is the ReLU's mask.
+    saved_x, saved_weight, saved_output = y.grad_fn.saved_tensors
     assert saved_x.data_ptr() == x.data_ptr() and saved_weight is module.weight
+    if module_class is fgt.BatchNormReLU2d:
+        assert saved_output.data_ptr() == y.data_ptr()
+    else:
+        assert saved_output is None
     # The per-channel statistics, as the kernels returned them.
     mean, invstd = (torch.from_numpy(a) for a in y.grad_fn.stats)
     assert mean.shape == invstd.shape == (3,)
