@@ -333,6 +333,16 @@ def test_sync_batch_norm_state_dict_and_conversion_match_torch():
         fgd.convert_sync_batchnorm("not a module")
 
 
+def test_sync_conversion_refuses_a_fused_relu_instead_of_dropping_it():
+    import fusedgrad.torch as fgt
+    model = fgt.convert_model(nn.Sequential(nn.BatchNorm1d(3), nn.Sequential(
+        nn.BatchNorm2d(3), nn.ReLU())), fuse_relu=True)
+    with pytest.raises(ValueError, match="fused ReLU.*fuse_relu=False"):
+        fgd.convert_sync_batchnorm(model)
+    # refused before anything was converted
+    assert [type(m) for m in (model[0], model[1][0])] == [fgt.BatchNorm1d, fgt.BatchNormReLU2d]
+
+
 def test_sync_batch_norm_without_process_group_is_batch_norm():
     x = torch.randn(6, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     ours, theirs = fgd.SyncBatchNorm(3, dtype=torch.float64), nn.BatchNorm1d(3,

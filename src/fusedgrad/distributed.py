@@ -778,10 +778,18 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         Like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: any ``_BatchNorm`` (torch's,
         fusedgrad's, torch's SyncBatchNorm) becomes a :class:`SyncBatchNorm` holding the very
         same parameter and buffer tensors and train/eval flag. Returns ``module``, or its
-        replacement when ``module`` itself is a batch-norm layer.
+        replacement when ``module`` itself is a batch-norm layer. A model holding
+        ``fusedgrad.torch.BatchNormReLU*d`` layers is refused (``ValueError``): converting them
+        would drop their ReLU.
         """
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        fused_relu = next((m for m in module.modules() if getattr(m, "_relu", False)), None)
+        if fused_relu is not None:  # checked before anything is converted
+            raise ValueError(
+                f"{type(fused_relu).__name__} applies a fused ReLU, which SyncBatchNorm does not: "
+                "convert the model with fusedgrad.torch.convert_model(model) (fuse_relu=False) "
+                "before convert_sync_batchnorm")
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and type(module) is not cls:
             return _sync_copy(module, cls, process_group)
         for name, child in module.named_children():
