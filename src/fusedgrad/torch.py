@@ -230,7 +230,6 @@ class _BatchNorm(torch.autograd.Function):
         ctx.layout = layout
         ctx.training = training
         ctx.stats = (mean, invstd)
-        ctx.relu = relu
         ctx.save_for_backward(x_kernel, weight, output if relu else None)
         return output
 
