@@ -136,7 +136,8 @@ ok = all(r["reproducible"] for r in results) and all(
     v < 1e-3 for r in results for k, v in r.items() if k.endswith("_err"))
 sys.exit(0 if ok else 1)
 PY
-# The bench gets what is left of the budget (GPU_CHECK_SECONDS, default 290 s: 5 minutes with a margin).
+# The bench gets what is left of the budget (GPU_CHECK_SECONDS, default 290 s: 5 minutes with
+# a margin).
 budget=${GPU_CHECK_SECONDS:-290}
 step bench "$((budget - SECONDS > 60 ? budget - SECONDS : 60))" \
     "$python" -m fusedgrad bench --device cuda --json "$out_dir/bench_cuda.json"
