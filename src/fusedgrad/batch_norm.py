@@ -123,6 +123,13 @@ def _check_x(arrays: _Arrays, x, channel_axis):
     return axis, int(x.shape[axis])
 
 
+def _check_like_x(name: str, arr, x) -> None:
+    """``arr`` must have ``x``'s shape (``ValueError``) and dtype (``TypeError``)."""
+    check_shape(name, arr, tuple(x.shape))
+    if np.dtype(arr.dtype) != np.dtype(x.dtype):
+        raise TypeError(f"{name} must have x's dtype {x.dtype}, got {arr.dtype}")
+
+
 def _check_running(arrays, name, buf, n_channels, *, written: bool) -> None:
     arrays.check_vector(name, buf, n_channels)
     if written and arrays.location == _device.HOST:
@@ -223,12 +230,9 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, chan
     relu_output = arrays.wrap("relu_output", relu_output)
 
     axis, n_channels = _check_x(arrays, x, channel_axis)
-    for name, arr in (("dy", dy), ("relu_output", relu_output)):
-        if arr is None:
-            continue
-        check_shape(name, arr, tuple(x.shape))
-        if np.dtype(arr.dtype) != np.dtype(x.dtype):
-            raise TypeError(f"{name} must have x's dtype {x.dtype}, got {arr.dtype}")
+    _check_like_x("dy", dy, x)
+    if relu_output is not None:
+        _check_like_x("relu_output", relu_output, x)
     if relu_output is not None and location != _device.HOST:
         raise NotImplementedError("relu_output (the fused ReLU) runs on the CPU kernels only")
     training = _check_bool("training", training)

@@ -44,6 +44,7 @@ BFLOAT16 = np.dtype("V2")
 DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)) + (
     () if SIMULATED else (BFLOAT16,))
 
+
 def _check_numpy_support() -> None:
     """Fail with the fix instead of deep inside the first kernel compilation.
 
