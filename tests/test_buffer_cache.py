@@ -4,15 +4,30 @@ from __future__ import annotations
 import pytest
 
 import fusedgrad as fg
+from fusedgrad import _buffer_cache
 from fusedgrad._buffer_cache import ReleasedBuffers
 
 MIB = 1 << 20
 
 
 @pytest.fixture
-def pool(monkeypatch):
+def make_pool():
+    """Pools for one test, taken off the module's list of pools (which fg.empty_cache walks)
+    afterwards."""
+    made = []
+
+    def make(default_mb):
+        made.append(ReleasedBuffers("FUSEDGRAD_TEST_CACHE_MB", default_mb=default_mb))
+        return made[-1]
+    yield make
+    for pool in made:
+        _buffer_cache._POOLS.remove(pool)
+
+
+@pytest.fixture
+def pool(monkeypatch, make_pool):
     monkeypatch.setenv("FUSEDGRAD_TEST_CACHE_MB", "10")
-    return ReleasedBuffers("FUSEDGRAD_TEST_CACHE_MB", default_mb=1)
+    return make_pool(default_mb=1)
 
 
 def test_buffers_come_back_only_under_their_own_key(pool):
@@ -47,9 +62,9 @@ def test_a_buffer_larger_than_the_limit_is_not_kept(pool, monkeypatch):
     assert pool.cached_bytes == 0
 
 
-def test_default_limit_and_bad_values(monkeypatch):
+def test_default_limit_and_bad_values(monkeypatch, make_pool):
     monkeypatch.delenv("FUSEDGRAD_TEST_CACHE_MB", raising=False)
-    pool = ReleasedBuffers("FUSEDGRAD_TEST_CACHE_MB", default_mb=3)
+    pool = make_pool(default_mb=3)
     assert pool.limit_bytes() == 3 * MIB
     monkeypatch.setenv("FUSEDGRAD_TEST_CACHE_MB", "-5")
     assert pool.limit_bytes() == 0
@@ -59,6 +74,7 @@ def test_default_limit_and_bad_values(monkeypatch):
 
 
 def test_public_empty_cache_empties_every_pool(pool):
+    assert pool in _buffer_cache._POOLS
     pool.give_back(MIB, "a", MIB)
     pool.give_back(2 * MIB, "b", 2 * MIB)
     assert fg.empty_cache() >= 3 * MIB
