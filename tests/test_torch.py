@@ -488,15 +488,31 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
 
 
+@pytest.fixture
+def exact_float32():
+    """Full float32 with deterministic algorithms on the GPU, restored afterwards.
+
+    TF32 and cuDNN's autotuned algorithms would let two models' convolutions round differently;
+    without them only the fused layers differ. The flags are set and restored by plain
+    assignment: ``monkeypatch.setattr`` (pytest >= 9.2) restores by deleting the attribute,
+    which ``torch.backends.cuda.matmul`` does not support.
+    """
+    flags = ((torch.backends.cudnn, "allow_tf32", False),
+             (torch.backends.cudnn, "deterministic", True),
+             (torch.backends.cuda.matmul, "allow_tf32", False))
+    saved = [getattr(owner, name) for owner, name, _ in flags]
+    for owner, name, value in flags:
+        setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for (owner, name, _), value in zip(flags, saved):
+            setattr(owner, name, value)
+
+
 @pytest.mark.parametrize("fuse_relu", [False, True], ids=["convert", "fuse_relu"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_converted_cnn_trains_like_torch(device, fuse_relu, monkeypatch):
-    # On the GPU, TF32 and cuDNN's autotuned algorithms would let the two models' convolutions
-    # round differently; in full float32 with deterministic algorithms only the fused layers
-    # differ.
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def test_converted_cnn_trains_like_torch(device, fuse_relu, exact_float32):
     reference_model = _small_cnn().to(device)
     fused_model = fgt.convert_model(copy.deepcopy(reference_model), fuse_relu=fuse_relu)
     assert any(isinstance(m, fgt.BatchNormReLU2d) for m in fused_model.modules()) == fuse_relu
