@@ -80,6 +80,7 @@ def test_forward_backward_match_reference(api, shape, axis, dtype, affine, train
 
 @cs.direct
 def test_split_building_blocks_compose_to_fused(api):
+    from fusedgrad.cuda import _arrays
     from fusedgrad.cuda import batch_norm as backend
     rng = np.random.default_rng(7)
     x3 = rng.normal(size=(3, 4, 6)).astype(np.float32)
@@ -87,21 +88,21 @@ def test_split_building_blocks_compose_to_fused(api):
     weight = cs.to_device(rng.normal(size=4).astype(np.float32))
     d_x, d_dy = cs.to_device(x3), cs.to_device(dy3)
 
-    y_fused = backend.empty(x3.shape, np.float32)
+    y_fused = _arrays.empty(x3.shape, np.float32)
     mean, invstd = backend.forward(d_x, weight, None, None, None, y_fused, training=True,
                                    momentum=0.1, eps=1e-5)
     count, mean64, m2 = backend.channel_stats(d_x)
     assert count == 18
     invstd64 = cs.to_device(1.0 / np.sqrt(cs.to_host(m2) / count + 1e-5))
     y_split = backend.normalize(d_x, mean64, invstd64, weight, None,
-                                backend.empty(x3.shape, np.float32))
+                                _arrays.empty(x3.shape, np.float32))
     assert cs.to_host(y_split).tobytes() == cs.to_host(y_fused).tobytes()
 
-    dx_fused = backend.empty(x3.shape, np.float32)
+    dx_fused = _arrays.empty(x3.shape, np.float32)
     dweight, dbias = backend.backward(d_dy, d_x, mean, invstd, weight, dx_fused, training=True)
     sum_dy, sum_dy_xhat = backend.backward_reduce(d_dy, d_x, mean, invstd)
     dx_split = backend.backward_elementwise(d_dy, d_x, mean, invstd, weight, sum_dy, sum_dy_xhat,
-                                            count, backend.empty(x3.shape, np.float32))
+                                            count, _arrays.empty(x3.shape, np.float32))
     assert cs.to_host(dx_split).tobytes() == cs.to_host(dx_fused).tobytes()
     np.testing.assert_array_equal(cs.to_host(dbias), cs.to_host(sum_dy).astype(np.float32))
     np.testing.assert_array_equal(cs.to_host(dweight),
@@ -145,6 +146,60 @@ def test_results_are_bitwise_reproducible(api):
         outputs.append(b"".join(cs.to_host(a).tobytes() for a in (y, mean, invstd, dx, dweight,
                                                                     dbias)))
     assert outputs[0] == outputs[1]
+
+
+class _ReadOnlyExport:
+    """A device array's memory exported read-only through ``__cuda_array_interface__``."""
+
+    def __init__(self, array):
+        self._array = array
+
+    @property
+    def __cuda_array_interface__(self):
+        desc = dict(self._array.__cuda_array_interface__)
+        desc["data"] = (desc["data"][0], True)
+        return desc
+
+
+def _read_only(device_array):
+    """``device_array`` as a read-only device array: under the simulator its host memory made
+    read-only (simulated arrays have no ``__cuda_array_interface__``), else a read-only export."""
+    if cs.SIMULATED:
+        device_array._ary.flags.writeable = False
+        return device_array
+    return _ReadOnlyExport(device_array)
+
+
+@cs.direct
+def test_out_and_running_buffers_are_checked_as_on_the_cpu(api):
+    """out= must be writeable and must not overlap an input, and running buffers updated in
+    training must be writeable, on the GPU as on the CPU; nothing is written before the
+    checks pass."""
+    rng = np.random.default_rng(13)
+    x_host, dy_host = rng.normal(size=(4, 3, 5)), rng.normal(size=(4, 3, 5))
+    x, dy = cs.to_device(x_host), cs.to_device(dy_host)
+    running_mean, running_var = cs.to_device(np.zeros(3)), cs.to_device(np.ones(3))
+    with pytest.raises(ValueError, match="out must not share memory with x"):
+        api.batch_norm_forward(x, running_mean=running_mean, running_var=running_var, out=x)
+    frozen = _read_only(cs.to_device(np.full((4, 3, 5), 7.0)))
+    with pytest.raises(ValueError, match="out must be writeable"):
+        api.batch_norm_forward(x, running_mean=running_mean, running_var=running_var,
+                               out=frozen)
+    with pytest.raises(ValueError, match="running_var must be writeable"):
+        api.batch_norm_forward(x, running_mean=running_mean,
+                               running_var=_read_only(cs.to_device(np.ones(3))))
+    assert (cs.to_host(running_mean) == 0.0).all() and (cs.to_host(running_var) == 1.0).all()
+    assert (cs.to_host(x) == x_host).all()
+
+    _, mean, invstd = api.batch_norm_forward(x)
+    with pytest.raises(ValueError, match="out must not share memory with dy"):
+        api.batch_norm_backward(dy, x, mean, invstd, out=dy)
+    with pytest.raises(ValueError, match="out must be writeable"):
+        api.batch_norm_backward(dy, x, mean, invstd, out=frozen)
+    assert (cs.to_host(dy) == dy_host).all()
+    out = cs.to_device(np.full((4, 3, 5), 7.0))
+    dx, _, _ = api.batch_norm_backward(dy, x, mean, invstd, out=out)
+    assert dx is out
 
 
 @cs.direct

@@ -83,7 +83,8 @@ def test_merge_float32_large_offset_keeps_the_variance():
     np.testing.assert_allclose(m2 / count, exact, rtol=1e-6)
 
 
-@pytest.mark.parametrize("channel_axis,shape", [(1, (9, 3, 4, 2)), (-1, (9, 2, 3)), (1, (9, 4))])
+@pytest.mark.parametrize("channel_axis,shape", [(1, (9, 3, 4, 2)), (-1, (9, 2, 3)), (1, (9, 4)),
+                                               (2, (9, 2, 3, 4))])
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
 def test_split_forward_and_backward_equal_whole_batch(channel_axis, shape, dtype, tol):
     rng = np.random.default_rng(3)
@@ -135,7 +136,7 @@ def test_batch_norm_blocks_reject_bad_arguments_before_writing():
                                   running_var=np.ones(2))
     assert np.all(running == 7.0)
     with pytest.raises(ValueError, match="channel_axis"):
-        fgd.bn_partial_stats(np.ones((2, 3, 4)), channel_axis=0)
+        fgd.bn_partial_stats(np.ones((2, 3, 4)), channel_axis=3)
     with pytest.raises(ValueError, match="counts"):
         fgd.bn_merge_stats([3, -1], np.zeros((2, 3)), np.zeros((2, 3)))
     with pytest.raises(ValueError, match="means"):

@@ -68,7 +68,7 @@ def test_cross_entropy_gradient_matches_finite_differences(probabilities):
 
 
 def test_cross_entropy_gradient_is_p_minus_y():
-    """Seed question 1(b): with one-hot targets and no options, dL/dz = p - y (sum reduction)."""
+    """``docs/derivations.md``, 1(b): one-hot targets, no options: dL/dz = p - y (sum reduction)."""
     rng = np.random.default_rng(2)
     logits = rng.normal(size=(5, 7))
     target = rng.integers(0, 7, size=5)

@@ -15,6 +15,7 @@ from torch import nn  # noqa: E402
 
 import fusedgrad.torch as fgt  # noqa: E402
 from fusedgrad import reference  # noqa: E402
+from fusedgrad._torch_ops import meta_copy_arguments  # noqa: E402
 
 F64 = torch.float64
 
@@ -477,9 +478,9 @@ def test_convert_model_swaps_layers_and_keeps_tensors():
 def test_copies_pass_bias_only_where_older_pytorch_accepts_it():
     """``bias=`` is new in PyTorch 2.13's batch norm: a copy of a layer with a bias (the default)
     must not pass it, or convert_model fails on PyTorch 2.11 (seen on the GPU machine)."""
-    assert "bias" not in fgt.meta_copy_arguments(nn.BatchNorm2d(4))
-    assert "bias" not in fgt.meta_copy_arguments(nn.BatchNorm2d(4, affine=False))
-    assert fgt.meta_copy_arguments(nn.BatchNorm2d(4, bias=False))["bias"] is False
+    assert "bias" not in meta_copy_arguments(nn.BatchNorm2d(4))
+    assert "bias" not in meta_copy_arguments(nn.BatchNorm2d(4, affine=False))
+    assert meta_copy_arguments(nn.BatchNorm2d(4, bias=False))["bias"] is False
     converted = fgt.convert_model(nn.Sequential(nn.BatchNorm2d(4, bias=False)))
     assert converted[0].bias is None and converted[0].weight is not None
 

@@ -1,7 +1,7 @@
 """fusedgrad: fused softmax cross-entropy and batch normalization, forward and backward.
 
-Numba kernels for the CPU (``@njit``) and NVIDIA GPUs (``@cuda.jit``) behind one API, the
-contract in ``shared/API.md``::
+Numba kernels for the CPU (``@njit``) and NVIDIA GPUs (``@cuda.jit``) behind one API, described
+in ``docs/api.md``::
 
     import fusedgrad as fg
     loss, grad = fg.softmax_cross_entropy(logits, target)

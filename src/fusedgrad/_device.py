@@ -2,8 +2,9 @@
 
 Host arrays (NumPy, or anything ``np.asarray`` accepts) run the ``@njit`` kernels; arrays that
 expose ``__cuda_array_interface__`` (Numba device arrays, CuPy, PyTorch CUDA tensors) run the
-``@cuda.jit`` kernels. Nothing here imports numba-cuda unless a device array is actually seen, so
-the CPU path never pays for it.
+``@cuda.jit`` kernels. The API modules find, for a call's location, the array interface
+(:func:`arrays`) and the operation's kernels (:func:`backend`). Nothing here imports numba-cuda
+unless a device array is actually seen, so the CPU path never pays for it.
 """
 from __future__ import annotations
 
@@ -25,6 +26,36 @@ def backend(operation: str, location: str):
     ``fusedgrad.cuda.<operation>``, imported on first use (so the CPU path never imports
     numba-cuda) and then looked up in a cache."""
     return importlib.import_module(f"fusedgrad.{location}.{operation}")
+
+
+@functools.cache
+def arrays(location: str):
+    """The array interface of ``location`` (:data:`HOST` or :data:`DEVICE`):
+    ``fusedgrad.cpu._arrays`` or ``fusedgrad.cuda._arrays``, imported on first use.
+
+    The API modules handle every array argument through it, whatever the device; the two
+    modules provide the same names:
+
+    ``DTYPES``
+        Tuple of the floating NumPy dtypes the device's kernels take (logits, x, and the
+        per-class and per-channel vectors).
+    ``as_array(name, value) -> array``
+        The device's array for an argument, sharing its memory (host: ``np.ndarray``, anything
+        ``np.asarray`` takes; GPU: a Numba device array, for any object with
+        ``__cuda_array_interface__``). Raises ``TypeError`` naming ``name`` for anything else.
+        The result has ``.shape``, ``.ndim`` and a NumPy ``.dtype``.
+    ``empty(shape, dtype) -> array``
+        Uninitialised C-contiguous array on the device; large ones reuse released outputs
+        (``fusedgrad._buffer_cache``).
+    ``empty_like(arr) -> array``
+        ``empty(arr.shape, arr.dtype)``.
+    ``is_writeable(arr) -> bool``
+        False for a read-only array (an output or running buffer must not be one).
+    ``shares_memory(a, b) -> bool``
+        Whether two arrays of the device may overlap in memory (used to refuse an ``out=`` that
+        aliases an input).
+    """
+    return importlib.import_module(f"fusedgrad.{location}._arrays")
 
 
 def is_device_array(obj) -> bool:

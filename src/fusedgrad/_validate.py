@@ -2,7 +2,9 @@
 
 Every check raises ``ValueError`` or ``TypeError`` whose message names the argument and what was
 expected. The API modules run all checks before any kernel writes anything, so a failed call
-leaves outputs and running buffers untouched.
+leaves outputs and running buffers untouched. The checks of writeable and overlapping arrays
+take the array interface of the call's device (``fusedgrad._device.arrays``) as ``arrays``, so
+they hold on the GPU as on the host.
 """
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ import numbers
 
 import numpy as np
 
-FLOAT_DTYPES_CPU = (np.dtype(np.float32), np.dtype(np.float64))
 INT_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -24,20 +25,6 @@ def stat_dtype(dtype) -> np.dtype:
 
 def _dtype_names(dtypes) -> str:
     return " or ".join(str(d) for d in dtypes)
-
-
-def as_host_array(name: str, value) -> np.ndarray:
-    """``np.asarray(value)`` with a clear error for objects NumPy cannot take."""
-    if isinstance(value, np.ndarray):
-        return value
-    try:
-        arr = np.asarray(value)
-    except Exception as exc:  # e.g. a ragged list
-        raise TypeError(f"{name} must be an array, got {type(value).__name__}: {exc}") from None
-    if arr.dtype == object:
-        raise TypeError(f"{name} must be a numeric array, got an object array "
-                        f"from {type(value).__name__}")
-    return arr
 
 
 def check_dtype(name: str, arr, allowed) -> None:
@@ -89,22 +76,26 @@ def check_int(name: str, value) -> int:
     return int(value)
 
 
-def check_out(name: str, out, *, shape: tuple, dtype, forbid_alias=()) -> None:
-    """Check a caller-provided output array: shape, dtype, writeable, not aliasing inputs.
+def check_out(arrays, name: str, out, *, shape: tuple, dtype, dtype_of=None,
+              forbid_alias=()) -> None:
+    """Check a caller-provided output array of the ``arrays`` interface (already its array
+    type): shape (``ValueError``), dtype (``TypeError``; ``dtype_of`` names the input whose
+    dtype it must have), writeable, not overlapping the inputs (``ValueError``).
 
-    ``forbid_alias`` holds ``(argument name, array)`` pairs that ``out`` must not overlap.
+    ``forbid_alias`` holds ``(what the message calls it, array)`` pairs, usually the argument's
+    name, that ``out`` must not overlap; ``None`` arrays are skipped.
     """
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"{name} must be a NumPy array, got {type(out).__name__}")
     check_shape(name, out, shape)
-    if out.dtype != np.dtype(dtype):
-        raise TypeError(f"{name} must have dtype {np.dtype(dtype)}, got {out.dtype}")
-    check_writeable(name, out)
+    if np.dtype(out.dtype) != np.dtype(dtype):
+        source = f" (that of {dtype_of})" if dtype_of else ""
+        raise TypeError(f"{name} must have dtype {np.dtype(dtype)}{source}, got {out.dtype}")
+    check_writeable(arrays, name, out)
     for other_name, other in forbid_alias:
-        if other is not None and np.shares_memory(out, other):
+        if other is not None and arrays.shares_memory(out, other):
             raise ValueError(f"{name} must not share memory with {other_name}")
 
 
-def check_writeable(name: str, arr) -> None:
-    if isinstance(arr, np.ndarray) and not arr.flags.writeable:
+def check_writeable(arrays, name: str, arr) -> None:
+    """Raise ``ValueError`` if ``arr``, an array the call will write, is read-only."""
+    if not arrays.is_writeable(arr):
         raise ValueError(f"{name} must be writeable")

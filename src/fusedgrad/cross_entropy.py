@@ -1,9 +1,10 @@
-"""Softmax cross-entropy, forward and backward, fused (the public API of ``shared/API.md``).
+"""Softmax cross-entropy, forward and backward, fused: the public API (``docs/api.md``).
 
 This module validates arguments, then dispatches by device to the backend with the same
 function names (``fusedgrad.cpu.cross_entropy`` for host arrays, ``fusedgrad.cuda.cross_entropy``
 for arrays exposing ``__cuda_array_interface__``; see the CPU module's docstring for the backend
-interface). Every check runs before any backend kernel writes anything.
+interface). Arrays are handled through the device's array interface
+(``fusedgrad._device.arrays``). Every check runs before any backend kernel writes anything.
 
 Per sample, with q = (1 - s) y + s / C the smoothed target distribution and w the class
 weights (w_t: the target-class weight, 1 for probability targets)::
@@ -12,7 +13,13 @@ weights (w_t: the target-class weight, 1 for probability targets)::
     dloss/dz_j = p_j (sum_c w_c q_c + 2 z_loss w_t lse) - w_j q_j,  p = softmax(z)
 
 "mean" divides by the summed target-class weights of non-ignored samples (index targets) or by
-the number of samples (probability targets), as ``torch.nn.functional.cross_entropy`` does.
+the number of samples (probability targets), as ``torch.nn.functional.cross_entropy`` does
+(derived in ``docs/derivations.md``, section 1(d)).
+
+Internal interface, for ``fusedgrad.torch``'s autograd Function (``fusedgrad._torch_ops``),
+which keeps the forward's validated call for its backward: :func:`prepare` checks a call and
+returns a :class:`CheckedCall`; :func:`forward_of_checked` and :func:`backward_of_checked` run
+the kernels on one.
 """
 from __future__ import annotations
 
@@ -22,10 +29,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _device
-from .cpu.cross_entropy import CrossEntropyOptions
-from ._validate import (FLOAT_DTYPES_CPU, INT_DTYPES, check_dtype, check_int, check_ndim,
-                        check_real, check_reduction, check_shape, stat_dtype)
+from . import _device, _options
+from ._options import CrossEntropyOptions
+from ._validate import (INT_DTYPES, check_dtype, check_int, check_ndim, check_out, check_real,
+                        check_reduction, check_shape, stat_dtype)
 
 __all__ = ["softmax_cross_entropy", "softmax_cross_entropy_forward",
            "softmax_cross_entropy_backward"]
@@ -36,9 +43,11 @@ def _backend(location: str):
 
 
 @dataclass(frozen=True)
-class _Call:
-    """A validated call: backend, kernel-ready arrays and the reduction's constants."""
+class CheckedCall:
+    """A validated call: array interface, backend, kernel-ready arrays and the reduction's
+    constants."""
 
+    arrays: object            # fusedgrad._device.arrays of the call's device
     backend: object
     logits: object
     target: object            # int64 flat indices, or probabilities shaped like logits
@@ -68,27 +77,30 @@ class _Call:
         return be.scalar_result(total, self.result_dtype)
 
 
-def _prepare(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-             **other_arrays) -> _Call:
+def prepare(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+            **other_arrays) -> CheckedCall:
+    """Check the arguments common to every entry point (``other_arrays``: further array
+    arguments, only for the host / device check) and prepare the kernels' arrays."""
     location = _device.array_location(logits=logits, target=target, weight=weight,
                                       **other_arrays)
+    arrays = _device.arrays(location)
     backend = _backend(location)
-    logits = backend.as_array("logits", logits)
-    check_dtype("logits", logits, backend.DTYPES)
+    logits = arrays.as_array("logits", logits)
+    check_dtype("logits", logits, arrays.DTYPES)
     check_ndim("logits", logits, 2, "shaped (N, C) or (N, C, d1, ..., dk)")
     n_classes = logits.shape[1]
     if n_classes < 1:
         raise ValueError(f"logits must have at least one class on axis 1, "
                          f"got shape {tuple(logits.shape)}")
     sample_shape = (logits.shape[0],) + tuple(logits.shape[2:])
-    n_samples = math.prod(sample_shape)
+    n_samples = _options.sample_count(logits.shape)
 
     reduction = check_reduction(reduction)
     ignore_index = check_int("ignore_index", ignore_index)
     label_smoothing = check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
     z_loss = check_real("z_loss", z_loss, low=0.0)
 
-    target = backend.as_array("target", target)
+    target = arrays.as_array("target", target)
     if target.dtype.kind in "iu":
         check_dtype("target", target, INT_DTYPES)
         check_shape("target", target, sample_shape)
@@ -102,10 +114,8 @@ def _prepare(logits, target, weight, ignore_index, reduction, label_smoothing, z
         raise TypeError(f"target must be integer class indices ({int_names}) or floating "
                         f"class probabilities, got dtype {target.dtype}")
     if weight is not None:
-        weight = backend.as_array("weight", weight)
-        # Host float weights are taken on any backend; dict.fromkeys drops repeats in order.
-        weight_dtypes = tuple(dict.fromkeys(FLOAT_DTYPES_CPU + tuple(backend.DTYPES)))
-        check_dtype("weight", weight, weight_dtypes)
+        weight = arrays.as_array("weight", weight)
+        check_dtype("weight", weight, arrays.DTYPES)
         check_shape("weight", weight, (n_classes,))
     weights = backend.class_weights(weight, n_classes)
 
@@ -118,13 +128,13 @@ def _prepare(logits, target, weight, ignore_index, reduction, label_smoothing, z
     options = CrossEntropyOptions(ignore_index=ignore_index, label_smoothing=label_smoothing,
                                   z_loss=z_loss)
     result_dtype = stat_dtype(logits.dtype)
-    return _Call(backend, logits, target, weights, sample_shape, n_samples, denominator,
-                 reduction, options, result_dtype)
+    return CheckedCall(arrays, backend, logits, target, weights, sample_shape, n_samples,
+                       denominator, reduction, options, result_dtype)
 
 
-def _gradient_buffer(call: _Call, original_logits, out, inplace, *, forbid_alias=()):
+def _gradient_buffer(call: CheckedCall, original_logits, out, inplace, *, forbid_alias=()):
     """The array the gradient goes to: ``out``, the logits themselves, or a new one."""
-    be = call.backend
+    arrays = call.arrays
     if out is not None and inplace:
         raise ValueError("out and inplace=True are mutually exclusive: give one of them")
     if inplace:
@@ -132,25 +142,18 @@ def _gradient_buffer(call: _Call, original_logits, out, inplace, *, forbid_alias
             raise TypeError("inplace=True needs logits to be an array of the backend "
                             f"(got {type(original_logits).__name__}), so the gradient can be "
                             "written over it")
-        if not be.is_writeable(call.logits):
+        if not arrays.is_writeable(call.logits):
             raise ValueError("inplace=True needs logits to be writeable")
         return call.logits
     if out is None:
-        return be.empty_like(call.logits)
-    out_array = be.as_array("out", out)
+        return arrays.empty_like(call.logits)
+    out_array = arrays.as_array("out", out)
     if out_array is not out:
         raise TypeError(f"out must be an array of the backend, got {type(out).__name__}")
-    check_shape("out", out_array, tuple(call.logits.shape))
-    if out_array.dtype != call.logits.dtype:
-        raise TypeError(f"out must have dtype {call.logits.dtype} (that of logits), "
-                        f"got {out_array.dtype}")
-    if not be.is_writeable(out_array):
-        raise ValueError("out must be writeable")
-    for name, other in (("logits", call.logits),) + tuple(forbid_alias):
-        if other is not None and be.shares_memory(out_array, other):
-            raise ValueError(f"out must not share memory with {name}"
-                             + (" (use inplace=True to overwrite logits)"
-                                if name == "logits" else ""))
+    check_out(arrays, "out", out_array, shape=tuple(call.logits.shape), dtype=call.logits.dtype,
+              dtype_of="logits",
+              forbid_alias=(("logits (use inplace=True to overwrite logits)", call.logits),)
+              + tuple(forbid_alias))
     return out_array
 
 
@@ -165,8 +168,8 @@ def softmax_cross_entropy(logits, target, *, weight=None, ignore_index=-100, red
     per-sample losses for "none"), shaped like ``logits``; written into ``out`` or, with
     ``inplace=True``, over ``logits`` (no allocation of that size).
     """
-    call = _prepare(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                    out=out)
+    call = prepare(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                   out=out)
     forbid = (("target", call.target), ("weight", weight))
     grad = _gradient_buffer(call, logits, out, bool(inplace), forbid_alias=forbid)
     be = call.backend
@@ -179,12 +182,13 @@ def softmax_cross_entropy_forward(logits, target, *, weight=None, ignore_index=-
                                   reduction="mean", label_smoothing=0.0, z_loss=0.0):
     """``(loss, lse)``: the loss as in :func:`softmax_cross_entropy` and the per-sample
     log-sum-exp (shaped like the "none" loss), the only thing backward needs saved."""
-    return _forward(_prepare(logits, target, weight, ignore_index, reduction, label_smoothing,
-                             z_loss))
+    return forward_of_checked(prepare(logits, target, weight, ignore_index, reduction,
+                                      label_smoothing, z_loss))
 
 
-def _forward(call: _Call):
-    """``(loss, lse)`` of a validated call (``fusedgrad.torch`` keeps the call for backward)."""
+def forward_of_checked(call: CheckedCall):
+    """``(loss, lse)`` of a validated call (internal interface: ``fusedgrad.torch``'s autograd
+    Function keeps the call for its backward)."""
     per_sample, lse = call.backend.forward(call.logits, call.target, call.weights,
                                            call.options)
     lse = call.backend.sample_result(lse, call.sample_shape, call.result_dtype)
@@ -198,10 +202,9 @@ def softmax_cross_entropy_backward(grad_loss, logits, target, lse, *, weight=Non
 
     ``grad_loss``: a scalar for "mean"/"sum", an array shaped like the loss for "none".
     """
-    call = _prepare(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                    lse=lse, grad_loss=None if _is_scalar(grad_loss) else grad_loss, out=out)
-    be = call.backend
-    lse_array = be.as_array("lse", lse)
+    call = prepare(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                   lse=lse, grad_loss=None if _is_scalar(grad_loss) else grad_loss, out=out)
+    lse_array = call.arrays.as_array("lse", lse)
     check_shape("lse", lse_array, call.sample_shape)
     if lse_array.dtype.kind != "f":
         raise TypeError(f"lse must be a floating array, got dtype {lse_array.dtype}")
@@ -209,7 +212,7 @@ def softmax_cross_entropy_backward(grad_loss, logits, target, lse, *, weight=Non
         if _is_scalar(grad_loss):
             raise ValueError(f"grad_loss must be an array of shape {call.sample_shape} for "
                              "reduction='none', got a scalar")
-        grad_loss = be.as_array("grad_loss", grad_loss)
+        grad_loss = call.arrays.as_array("grad_loss", grad_loss)
         check_shape("grad_loss", grad_loss, call.sample_shape)
         if grad_loss.dtype.kind != "f":
             raise TypeError(f"grad_loss must be floating, got dtype {grad_loss.dtype}")
@@ -220,15 +223,16 @@ def softmax_cross_entropy_backward(grad_loss, logits, target, lse, *, weight=Non
     if not _is_scalar(grad_loss):
         forbid += (("grad_loss", grad_loss),)
     grad = _gradient_buffer(call, logits, out, bool(inplace), forbid_alias=forbid)
-    return _backward(call, grad_loss, lse_array, grad)
+    return backward_of_checked(call, grad_loss, lse_array, grad)
 
 
-def _backward(call: _Call, grad_loss, lse, grad):
+def backward_of_checked(call: CheckedCall, grad_loss, lse, grad):
     """Write ``grad_loss * d(loss)/d(logits)`` of a validated call into ``grad`` and return it.
 
-    ``fusedgrad.torch`` calls this with the call its forward validated: autograd hands back an
-    upstream gradient shaped like the loss and the ``lse`` that forward returned, so nothing
-    needs checking again (the target scan and the "mean" denominator are not recomputed).
+    ``fusedgrad.torch``'s autograd Function calls this with the call its forward validated
+    (internal interface): autograd hands back an upstream gradient shaped like the loss and the
+    ``lse`` that forward returned, so nothing needs checking again (the target scan and the
+    "mean" denominator are not recomputed).
     """
     be = call.backend
     scale = be.sample_scale(grad_loss, call.grad_factor(), call.n_samples)

@@ -1,4 +1,4 @@
-"""``python -m fusedgrad demo``: the seed's programming assignment, backprop written out by hand.
+"""``python -m fusedgrad demo``: a small network trained with backprop written out by hand.
 
 Trains a multilayer perceptron on scikit-learn's bundled 8x8 handwritten digits (1797 images,
 10 classes, no download) with nothing but NumPy and fusedgrad's two fused operations. For a
@@ -8,16 +8,18 @@ mini-batch of B rows x [B, 64] with class indices t [B]:
     a = x W1                                  [B, H]     NumPy (no bias: batch norm subtracts
                                                          the batch mean, which would cancel it;
                                                          beta takes its role)
-    h, mean, invstd = BN(a; gamma, beta)      [B, H]     fg.batch_norm_forward (seed eqs. 4-5)
+    h, mean, invstd = BN(a; gamma, beta)      [B, H]     fg.batch_norm_forward (derivations, 2)
     r = max(h, 0)                             [B, H]     NumPy
     z = r W2 + b2                             [B, 10]    NumPy
-    L = mean_b CE(z_b, t_b), dz = (p - y)/B   [B, 10]    fg.softmax_cross_entropy (question 1)
+    L = mean_b CE(z_b, t_b), dz = (p - y)/B   [B, 10]    fg.softmax_cross_entropy (derivations, 1)
 
     backward (the chain rule, layer by layer, from dz)
     dW2 = r^T dz,  db2 = sum_b dz,  dr = dz W2^T         NumPy
     dh  = dr * [h > 0]                                   NumPy (ReLU passes gradient where h > 0)
-    da, dgamma, dbeta = BN'(dh; a, mean, invstd, gamma)  fg.batch_norm_backward (question 2)
+    da, dgamma, dbeta = BN'(dh; a, mean, invstd, gamma)  fg.batch_norm_backward (derivations, 2)
     dW1 = x^T da                                         NumPy
+
+"(derivations, N)" is section N of ``docs/derivations.md``, where both gradients are derived.
 
 Parameters are updated by SGD with momentum and a cosine learning-rate decay; evaluation uses
 batch norm in eval mode (running statistics). Every epoch prints a progress bar with the loss
@@ -78,7 +80,8 @@ class MLP:
         return logits, (x, a, mean, invstd, h, r)
 
     def backward(self, dlogits: np.ndarray, cache) -> dict:
-        """Gradients of the loss for every parameter, given dL/dlogits (seed's p - y)."""
+        """Gradients of the loss for every parameter, given dL/dlogits (p - y, see
+        ``docs/derivations.md``, section 1(b))."""
         x, a, mean, invstd, h, r = cache
         p = self.params
         grads = {"W2": r.T @ dlogits, "b2": dlogits.sum(axis=0)}

@@ -84,16 +84,16 @@ from numba import njit, prange
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from . import torch as fused_torch
-from .batch_norm import _host_view
+from . import _layout
+from ._options import CrossEntropyOptions
 from ._torch_arrays import ChannelLayout, kernel_array
-from ._validate import (FLOAT_DTYPES_CPU, INT_DTYPES, as_host_array, check_dtype, check_int,
-                        check_ndim, check_real, check_out, check_reduction, check_shape,
-                        check_writeable)
-from .cpu import _alloc
+from ._torch_ops import adopt_state, batch_norm, bias_keyword, meta_copy_arguments, step_options
+from ._validate import (INT_DTYPES, check_dtype, check_int, check_ndim, check_real, check_out,
+                        check_reduction, check_shape, check_writeable)
+from .cpu import _arrays as host_arrays
 from .cpu import batch_norm as _bn_cpu
 from .cpu import cross_entropy as _ce_cpu
-from .cpu._math import FASTMATH, cast_like
+from .cpu._math import FASTMATH_SOFTMAX, cast_like
 from .cpu._reduce import merge_moments
 from .cpu.cross_entropy import (BLOCK, CHUNK_ELEMENTS, exp_scale_minus_weighted, fill_zero,
                                 index_coefficient, max_of, sum_exp_shifted, weighted_sum)
@@ -108,29 +108,22 @@ __all__ = ["bn_partial_stats", "bn_merge_stats", "bn_forward_from_stats", "bn_ba
 # ============================================================================================
 # Batch norm building blocks
 # ============================================================================================
-def _channel_axis(x, channel_axis) -> int:
-    axis = check_int("channel_axis", channel_axis)
-    if axis not in (1, -1, x.ndim - 1):
-        raise ValueError(f"channel_axis must be 1 or -1, got {channel_axis}")
-    return 1 if axis == 1 else x.ndim - 1
-
-
 def _kernel_view(x, axis: int):
     """(P, C, S) C-contiguous view (a copy only if ``x`` is not contiguous); see cpu.batch_norm.
 
-    ``x`` is made C-contiguous first, so ``_host_view``'s channels-last case never applies
-    (``channels_last=False``): channels on axis 1 give (N, C, S), channels on the last axis
-    (P, C, 1).
+    ``x`` is made C-contiguous first, so ``host_view``'s channels-last case never applies
+    (``channels_last=False``): P is the product of the axes before the channel axis, S of those
+    after it, for any channel axis.
     """
-    return _host_view(np.ascontiguousarray(x), axis, False)
+    return _layout.host_view(np.ascontiguousarray(x), axis, False)
 
 
 def _bn_input(name, x, channel_axis):
-    """Validated float array and its channel axis."""
-    x = as_host_array(name, x)
-    check_dtype(name, x, FLOAT_DTYPES_CPU)
-    check_ndim(name, x, 2, "(N, C, ...) or channels-last (N, ..., C)")
-    axis = _channel_axis(x, channel_axis)
+    """Validated float array and its channel axis (in [0, ndim), as in ``fg.batch_norm_*``)."""
+    x = host_arrays.as_array(name, x)
+    check_dtype(name, x, host_arrays.DTYPES)
+    check_ndim(name, x, 2, "an array with channels on channel_axis")
+    axis = _layout.channel_axis(channel_axis, x.ndim)
     if x.shape[axis] == 0:
         raise ValueError(f"{name} must have at least one channel, got shape {x.shape}")
     return x, axis
@@ -141,11 +134,11 @@ def _channel_vector(name, vec, n_channels, *, writeable=False):
     or None."""
     if vec is None:
         return None
-    vec = as_host_array(name, vec)
-    check_dtype(name, vec, FLOAT_DTYPES_CPU)
+    vec = host_arrays.as_array(name, vec)
+    check_dtype(name, vec, host_arrays.DTYPES)
     check_shape(name, vec, (n_channels,))
     if writeable:
-        check_writeable(name, vec)
+        check_writeable(host_arrays, name, vec)
     return vec
 
 
@@ -161,8 +154,11 @@ def _output(out, x, name="out"):
     """``out`` checked (shape and dtype of x, C-contiguous, writeable) or a new array (large
     ones reuse released buffers, like the single-process operations' outputs)."""
     if out is None:
-        return _alloc.empty(x.shape, x.dtype)
-    check_out(name, out, shape=x.shape, dtype=x.dtype, forbid_alias=(("the input", x),))
+        return host_arrays.empty(x.shape, x.dtype)
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy array, got {type(out).__name__}")
+    check_out(host_arrays, name, out, shape=x.shape, dtype=x.dtype, dtype_of="the input",
+              forbid_alias=(("the input", x),))
     if not out.flags.c_contiguous:
         raise ValueError(f"{name} must be a C-contiguous array")
     return out
@@ -171,9 +167,9 @@ def _output(out, x, name="out"):
 def bn_partial_stats(x, *, channel_axis=1):
     """One part's per-channel statistics ``(count, mean, m2)``.
 
-    x: float32/float64 ``(N, C, ...)`` (``channel_axis=1``) or channels-last ``(N, ..., C)``
-    (``channel_axis=-1``); N may be 0. Returns count = values per channel (int), mean and
-    m2 = sum (x - mean)^2, ``(C,)`` float64 (zeros for an empty part).
+    x: float32/float64 with channels on ``channel_axis``, any axis (1 for ``(N, C, ...)``, -1
+    for channels-last ``(N, ..., C)``); N may be 0. Returns count = values per channel (int),
+    mean and m2 = sum (x - mean)^2, ``(C,)`` float64 (zeros for an empty part).
     """
     x, axis = _bn_input("x", x, channel_axis)
     n_channels = x.shape[axis]
@@ -189,9 +185,9 @@ def bn_merge_stats(counts, means, m2s):
     Parts with count 0 are skipped (their mean and m2 are not read); a single non-empty part is
     returned bitwise unchanged. With every part empty the result is ``(0, zeros, zeros)``.
     """
-    counts = as_host_array("counts", counts)
-    means = as_host_array("means", means)
-    m2s = as_host_array("m2s", m2s)
+    counts = host_arrays.as_array("counts", counts)
+    means = host_arrays.as_array("means", means)
+    m2s = host_arrays.as_array("m2s", m2s)
     if counts.ndim != 1:
         raise ValueError(f"counts must be 1-D (K,), got shape {counts.shape}")
     if means.ndim != 2 or means.shape[0] != counts.shape[0]:
@@ -250,7 +246,7 @@ def bn_forward_from_stats(x, count, mean, m2, weight=None, bias=None, running_me
 
 def _bn_grad_inputs(dy, x, mean, invstd, channel_axis):
     x, axis = _bn_input("x", x, channel_axis)
-    dy = as_host_array("dy", dy)
+    dy = host_arrays.as_array("dy", dy)
     check_shape("dy", dy, x.shape)
     check_dtype("dy", dy, (x.dtype,))
     n_channels = x.shape[axis]
@@ -303,9 +299,12 @@ def _row_chunks(n_rows, n_cols):
     return rows, (n_rows + rows - 1) // rows
 
 
-@njit(cache=True, parallel=True, fastmath=FASTMATH)
+@njit(cache=True, parallel=True, fastmath=FASTMATH_SOFTMAX)
 def _shard_max_kernel(logits, out):
-    """out[i] = max_j logits[i, j] (NaN if any is NaN), in float64."""
+    """out[i] = max_j logits[i, j] (NaN if any is NaN), in float64.
+
+    logits: (N, C_shard) float32 / float64, C-contiguous; out: (N,) float64, written.
+    """
     n, c = logits.shape
     rows, n_chunks = _row_chunks(n, c)
     for chunk in prange(n_chunks):
@@ -313,7 +312,7 @@ def _shard_max_kernel(logits, out):
             out[i] = np.float64(max_of(logits[i]))
 
 
-@njit(cache=True, parallel=True, fastmath=FASTMATH)
+@njit(cache=True, parallel=True, fastmath=FASTMATH_SOFTMAX)
 def _shard_stats_kernel(logits, target, offset, weights, shift, ignore_index, with_weighted,
                         sum_exp, target_logit, weighted):
     """Per row: sum_j exp(z_j - shift_i), z_target (0 if not on this shard), sum_j w_j z_j.
@@ -321,6 +320,10 @@ def _shard_stats_kernel(logits, target, offset, weights, shift, ignore_index, wi
     ``shift`` holds the row maxima (the shard's or the global); a row whose maximum is -inf
     (every class masked) is shifted by 0 instead, so its sum is an exact 0. Each BLOCK of the
     row is summed in the logits' dtype (vectorised exp) and the blocks in float64.
+
+    logits: (N, C_shard) float32 / float64, C-contiguous; target: (N,) int64 global class
+    indices; weights: (C_shard,) float64, this shard's slice; shift: (N,) float64;
+    sum_exp, target_logit, weighted: (N,) float64, written.
     """
     n, c = logits.shape
     rows, n_chunks = _row_chunks(n, c)
@@ -343,7 +346,7 @@ def _shard_stats_kernel(logits, target, offset, weights, shift, ignore_index, wi
             target_logit[i] = np.float64(z[local]) if on_shard else 0.0
 
 
-@njit(cache=True, parallel=True, fastmath=FASTMATH)
+@njit(cache=True, parallel=True, fastmath=FASTMATH_SOFTMAX)
 def _shard_grad_kernel(logits, target, offset, weights, target_weights, lse, scale,
                        per_row_scale, n_classes, weight_total, smoothing, z_loss, ignore_index,
                        grad):
@@ -352,6 +355,10 @@ def _shard_grad_kernel(logits, target, offset, weights, target_weights, lse, sca
     coef_i = (1 - s) w_t + (s / C) W + 2 z_loss w_t lse_i; p_ij = exp(z_ij - lse_i); rows that
     are ignored, or whose scale is 0, get zeros. ``weights`` is this shard's slice of w,
     ``target_weights`` holds w_t per row (0 for ignored rows).
+
+    logits: (N, C_shard) float32 / float64, C-contiguous; target: (N,) int64 global class
+    indices; weights: (C_shard,) float64; target_weights: (N,) float64; lse: (N,) float64;
+    scale: (1,) or (N,) float64; grad: (N, C_shard), the dtype of logits, written.
     """
     n, c = logits.shape
     rows, n_chunks = _row_chunks(n, c)
@@ -389,8 +396,8 @@ class ShardStats(NamedTuple):
 
 
 def _shard_logits(logits_shard):
-    logits = as_host_array("logits_shard", logits_shard)
-    check_dtype("logits_shard", logits, FLOAT_DTYPES_CPU)
+    logits = host_arrays.as_array("logits_shard", logits_shard)
+    check_dtype("logits_shard", logits, host_arrays.DTYPES)
     if logits.ndim != 2 or logits.shape[1] == 0:
         raise ValueError(f"logits_shard must be 2-D (N, C_shard) with C_shard >= 1, "
                          f"got shape {logits.shape}")
@@ -398,7 +405,7 @@ def _shard_logits(logits_shard):
 
 
 def _index_target(target, n_rows):
-    target = as_host_array("target", target)
+    target = host_arrays.as_array("target", target)
     if target.dtype.kind == "f":
         raise TypeError("target must hold integer class indices: probability targets are not "
                         "supported over class shards")
@@ -458,7 +465,7 @@ def ce_shard_stats(logits_shard, target, class_offset, n_classes, *, shift=None,
     if shift is None:
         row_max = _row_max(logits)
     else:
-        row_max = np.ascontiguousarray(as_host_array("shift", shift), dtype=np.float64)
+        row_max = np.ascontiguousarray(host_arrays.as_array("shift", shift), dtype=np.float64)
         check_shape("shift", row_max, (n,))
     return _shard_stats(logits, target, offset, weights, row_max, ignore_index, smoothing)
 
@@ -504,19 +511,21 @@ def ce_combine(shard_stats):
     return _lse(top, total), target_logit, weighted
 
 
-class _CeOptions(NamedTuple):
-    target: np.ndarray
-    n_classes: int
-    weights: np.ndarray
-    target_weights: np.ndarray
-    ignore_index: int
+class _CheckedCall(NamedTuple):
+    """The checked arguments of a class-sharded cross-entropy call, shared by its statistics,
+    loss and gradient (each public building block checks its own; the autograd Function checks
+    once in forward and keeps this for backward)."""
+
+    target: np.ndarray          # (N,) int64 global class indices or ignore_index
+    n_classes: int              # C over all shards
+    weights: np.ndarray         # (C,) float64, the full class weights
+    target_weights: np.ndarray  # (N,) float64 w_t, 0 for ignored rows
     reduction: str
-    smoothing: float
-    z_loss: float
+    options: CrossEntropyOptions
 
 
-def _ce_options(target, n_rows, n_classes, weight, ignore_index, reduction, label_smoothing,
-                z_loss):
+def _check_call(target, n_rows, n_classes, weight, ignore_index, reduction, label_smoothing,
+                z_loss) -> _CheckedCall:
     n_classes = check_int("n_classes", n_classes)
     if n_classes < 1:
         raise ValueError(f"n_classes must be >= 1, got {n_classes}")
@@ -524,14 +533,16 @@ def _ce_options(target, n_rows, n_classes, weight, ignore_index, reduction, labe
                                                         ignore_index)
     ignored = target == ignore_index
     target_weights = np.where(ignored, 0.0, weights[np.where(ignored, 0, target)])
-    return _CeOptions(target, n_classes, weights, target_weights, ignore_index,
-                      check_reduction(reduction),
-                      check_real("label_smoothing", label_smoothing, low=0.0, high=1.0),
-                      check_real("z_loss", z_loss, low=0.0))
+    reduction = check_reduction(reduction)
+    options = CrossEntropyOptions(
+        ignore_index=ignore_index,
+        label_smoothing=check_real("label_smoothing", label_smoothing, low=0.0, high=1.0),
+        z_loss=check_real("z_loss", z_loss, low=0.0))
+    return _CheckedCall(target, n_classes, weights, target_weights, reduction, options)
 
 
-def _mean_denominator(opts: _CeOptions) -> float:
-    return _ce_cpu.target_weight_sum(opts.target, opts.weights, opts.ignore_index)
+def _mean_denominator(call: _CheckedCall) -> float:
+    return _ce_cpu.target_weight_sum(call.target, call.weights, call.options.ignore_index)
 
 
 def ce_loss(lse, target_logit, weighted_sum, target, n_classes, *, weight=None,
@@ -544,25 +555,26 @@ def ce_loss(lse, target_logit, weighted_sum, target, n_classes, *, weight=None,
     ``(N,)`` float64 per-row losses ("none", 0 for ignored rows).
     """
     lse = np.asarray(lse, dtype=np.float64)
-    opts = _ce_options(target, lse.shape[0], n_classes, weight, ignore_index, reduction,
+    call = _check_call(target, lse.shape[0], n_classes, weight, ignore_index, reduction,
                        label_smoothing, z_loss)
     return _loss(lse, np.asarray(target_logit, dtype=np.float64),
-                 np.asarray(weighted_sum, dtype=np.float64), opts)
+                 np.asarray(weighted_sum, dtype=np.float64), call)
 
 
-def _loss(lse, target_logit, weighted_sum, opts: _CeOptions):
-    """:func:`ce_loss` of float64 ``(N,)`` statistics and checked options."""
-    s, w_t = opts.smoothing, opts.target_weights
+def _loss(lse, target_logit, weighted_sum, call: _CheckedCall):
+    """:func:`ce_loss` of float64 ``(N,)`` statistics and a checked call."""
+    options = call.options
+    s, w_t = options.label_smoothing, call.target_weights
     per_row = ((1.0 - s) * w_t * (lse - target_logit)
-               + (s / opts.n_classes) * (lse * opts.weights.sum() - weighted_sum)
-               + opts.z_loss * w_t * lse * lse)
-    per_row = np.where(opts.target == opts.ignore_index, 0.0, per_row)
-    if opts.reduction == "none":
+               + (s / call.n_classes) * (lse * call.weights.sum() - weighted_sum)
+               + options.z_loss * w_t * lse * lse)
+    per_row = np.where(call.target == options.ignore_index, 0.0, per_row)
+    if call.reduction == "none":
         return per_row
     total = _ce_cpu.sum_samples(per_row)
-    if opts.reduction == "sum":
+    if call.reduction == "sum":
         return np.array(total)
-    denominator = _mean_denominator(opts)
+    denominator = _mean_denominator(call)
     return np.array(total / denominator if denominator != 0.0 else np.nan)
 
 
@@ -578,32 +590,33 @@ def ce_shard_grad(logits_shard, target, class_offset, lse, n_classes, *, weight=
     logits = _shard_logits(logits_shard)
     n, width = logits.shape
     offset, n_classes = _shard_bounds(class_offset, n_classes, width)
-    opts = _ce_options(target, n, n_classes, weight, ignore_index, reduction, label_smoothing,
+    call = _check_call(target, n, n_classes, weight, ignore_index, reduction, label_smoothing,
                        z_loss)
-    lse = np.ascontiguousarray(as_host_array("lse", lse), dtype=np.float64)
+    lse = np.ascontiguousarray(host_arrays.as_array("lse", lse), dtype=np.float64)
     check_shape("lse", lse, (n,))
     if grad_loss is None:
         scale = np.ones(1)
     else:
-        scale = np.asarray(as_host_array("grad_loss", grad_loss), dtype=np.float64)
-        check_shape("grad_loss", scale, (n,) if opts.reduction == "none" else ())
+        scale = np.asarray(host_arrays.as_array("grad_loss", grad_loss), dtype=np.float64)
+        check_shape("grad_loss", scale, (n,) if call.reduction == "none" else ())
         scale = np.ascontiguousarray(scale.reshape(-1))
-    return _shard_grad(logits, offset, lse, scale, opts, _output(out, logits))
+    return _shard_grad(logits, offset, lse, scale, call, _output(out, logits))
 
 
-def _shard_grad(logits, offset, lse, scale, opts: _CeOptions, grad):
+def _shard_grad(logits, offset, lse, scale, call: _CheckedCall, grad):
     """:func:`ce_shard_grad` of checked arguments, written into ``grad``: ``lse`` ``(N,)``
     float64, ``scale`` the upstream gradient as a contiguous float64 ``(1,)`` or (for "none")
     ``(N,)`` vector."""
     width = logits.shape[1]
-    if opts.reduction == "mean":
-        denominator = _mean_denominator(opts)
+    options = call.options
+    if call.reduction == "mean":
+        denominator = _mean_denominator(call)
         scale = scale / denominator if denominator != 0.0 else np.zeros(1)
-    _shard_grad_kernel(logits, opts.target, offset,
-                       np.ascontiguousarray(opts.weights[offset:offset + width]),
-                       opts.target_weights, lse, scale, scale.shape[0] > 1,
-                       opts.n_classes, float(opts.weights.sum()), opts.smoothing,
-                       opts.z_loss, opts.ignore_index, grad)
+    _shard_grad_kernel(logits, call.target, offset,
+                       np.ascontiguousarray(call.weights[offset:offset + width]),
+                       call.target_weights, lse, scale, scale.shape[0] > 1,
+                       call.n_classes, float(call.weights.sum()), options.label_smoothing,
+                       options.z_loss, options.ignore_index, grad)
     return grad
 
 
@@ -749,7 +762,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
                  track_running_stats=True, process_group=None, device=None, dtype=None, *,
                  bias=True):
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
-                         device=device, dtype=dtype, **fused_torch.bias_keyword(bias))
+                         device=device, dtype=dtype, **bias_keyword(bias))
         self.process_group = process_group
 
     def _check_input_dim(self, input):
@@ -760,13 +773,12 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def forward(self, input):
         self._check_input_dim(input)
-        step = fused_torch.step_options(self)
+        step = step_options(self)
         group = self.process_group or (dist.group.WORLD if dist.is_initialized() else None)
         world_size = dist.get_world_size(group) if group is not None else 1
         if not (self.training and world_size > 1):
-            return fused_torch.batch_norm(input, step.running_mean, step.running_var,
-                                          self.weight, self.bias, step.use_batch_stats,
-                                          step.momentum, self.eps)
+            return batch_norm(input, step.running_mean, step.running_var, self.weight,
+                              self.bias, step.use_batch_stats, step.momentum, self.eps)
         return _SyncBatchNormFunction.apply(input, self.weight, self.bias, step.running_mean,
                                             step.running_var, self.eps, step.momentum, group,
                                             world_size)
@@ -801,8 +813,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 def _sync_copy(bn, cls, process_group):
     # Built on the meta device (no throwaway parameters), then handed the original tensors.
-    sync = fused_torch.adopt_state(
-        bn, cls(process_group=process_group, **fused_torch.meta_copy_arguments(bn)))
+    sync = adopt_state(bn, cls(process_group=process_group, **meta_copy_arguments(bn)))
     if hasattr(bn, "qconfig"):
         sync.qconfig = bn.qconfig
     return sync
@@ -820,7 +831,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Cross-entropy whose classes are split over the ranks of ``group``, in rank order.
 
     Saves the logits shard and target (by reference) and the global lse per row, and keeps the
-    options its forward checked (``_CeOptions``: the checked target, the class weights) on
+    call its forward checked (``_CheckedCall``: the checked target, the class weights) on
     ``ctx``, as ``fusedgrad.torch`` keeps its validated call: the backward needs no
     communication and checks nothing again.
     """
@@ -843,11 +854,11 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         offset, n_classes = int(widths[:rank].sum()), int(widths.sum())
         # Target and weight checked once, here, for the statistics, the loss and the backward's
         # gradient (the public building blocks would check them again in each).
-        opts = _ce_options(_cpu_tensor("target", target), n_rows, n_classes,
+        call = _check_call(_cpu_tensor("target", target), n_rows, n_classes,
                            _cpu_tensor("weight", weight), ignore_index, reduction,
                            label_smoothing, z_loss)
-        stats = _shard_stats(logits, opts.target, offset, opts.weights, row_max,
-                             opts.ignore_index, opts.smoothing)
+        stats = _shard_stats(logits, call.target, offset, call.weights, row_max,
+                             call.options.ignore_index, call.options.label_smoothing)
         # All-reduce 2 (SUM): exponentials against the common shift, the target logit (one
         # rank contributes it, the others an exact 0), and sum_j w_j z_j for label smoothing.
         sums = [stats.sum_exp, stats.target_logit]
@@ -858,8 +869,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         summed = summed.numpy()
         weighted = summed[2] if label_smoothing > 0.0 else np.zeros(n_rows)
         lse = _lse(row_max, summed[0])
-        loss = _loss(lse, summed[1], weighted, opts)
-        ctx.opts, ctx.offset = opts, offset
+        loss = _loss(lse, summed[1], weighted, call)
+        ctx.call, ctx.offset = call, offset
         ctx.save_for_backward(logits_shard, target, weight, torch.from_numpy(lse))
         return torch.from_numpy(loss).to(logits_shard.dtype)
 
@@ -871,7 +882,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         logits = np.ascontiguousarray(logits_shard.detach().numpy())
         # Autograd hands over a gradient shaped like the loss: () or, for "none", (N,).
         scale = grad_loss.to(torch.float64).contiguous().numpy().reshape(-1)
-        grad = _shard_grad(logits, ctx.offset, lse.numpy(), scale, ctx.opts,
+        grad = _shard_grad(logits, ctx.offset, lse.numpy(), scale, ctx.call,
                            _output(None, logits))
         return torch.from_numpy(grad), None, None, None, None, None, None, None
 

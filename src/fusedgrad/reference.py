@@ -1,21 +1,24 @@
-"""Readable float64 NumPy versions of the seed's equations: the test oracle and the baseline.
+"""Readable float64 NumPy versions of the equations of ``docs/derivations.md``: the test oracle
+and the baseline.
 
-Nothing here is fast or fused; every function computes in float64 and follows the homework's
-notation (``../shared/seed``) and PyTorch's conventions for the options the homework does not
-cover (class weights, ``ignore_index``, label smoothing, reductions).
+Nothing here is fast or fused; every function computes in float64, follows the notation of
+``docs/derivations.md`` and PyTorch's conventions for the options (class weights,
+``ignore_index``, label smoothing, reductions; see ``docs/api.md``).
 
-Softmax cross-entropy (seed, question 1), for one sample with logits ``z`` (C,):
+Softmax cross-entropy (``docs/derivations.md``, section 1), for one sample with logits ``z``
+(C,):
 
-    p_i = exp(z_i) / sum_j exp(z_j)                      (1)
-    L   = -sum_i y_i log p_i = lse(z) - sum_i y_i z_i    (2), lse = log sum_j exp(z_j)
-    dL/dz_i = p_i - y_i                                  (question 1b)
+    p_i = exp(z_i) / sum_j exp(z_j)
+    L   = -sum_i y_i log p_i = lse(z) - sum_i y_i z_i,    lse = log sum_j exp(z_j)
+    dL/dz_i = p_i - y_i                                  (section 1(b))
 
-Batch normalization (seed, question 2), per channel over the m reduced values:
+Batch normalization (section 2), per channel over the m reduced values:
 
-    mu = mean(z),  var = mean((z - mu)^2)                (4)
-    zhat = (z - mu) / sqrt(var + eps),  y = gamma zhat + beta      (5)
-    dL/dbeta = sum dy,  dL/dgamma = sum dy zhat
+    mu = mean(z),  var = mean((z - mu)^2)
+    zhat = (z - mu) / sqrt(var + eps),  y = gamma zhat + beta
+    dL/dbeta = sum dy,  dL/dgamma = sum dy zhat                              (section 2(a))
     dL/dz_i = gamma / (m sqrt(var + eps)) * (m dy_i - sum_j dy_j - zhat_i sum_j dy_j zhat_j)
+                                                                             (section 2(b))
 """
 from __future__ import annotations
 
@@ -54,7 +57,7 @@ def logsumexp(z: np.ndarray, axis: int = -1, keepdims: bool = False) -> np.ndarr
 
 
 def softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
-    """p_i = exp(z_i) / sum_j exp(z_j)  (seed eq. 1), float64."""
+    """p_i = exp(z_i) / sum_j exp(z_j)  (``docs/derivations.md``, section 1), float64."""
     return np.exp(log_softmax(z, axis=axis))
 
 
@@ -64,7 +67,7 @@ def softmax_cross_entropy(logits, target, *, weight=None, ignore_index=-100, red
 
     ``logits`` (N, C) or (N, C, d1, ..., dk); ``target`` integer class indices (N, d1, ...) or
     class probabilities shaped like ``logits``. Semantics are PyTorch's
-    ``F.cross_entropy`` plus PaLM's ``z_loss * lse**2`` term (see ``shared/API.md``).
+    ``F.cross_entropy`` plus PaLM's ``z_loss * lse**2`` term (see ``docs/api.md``).
 
     With q the smoothed target distribution, q_c = (1 - s) y_c + s / C, and class weights w,
     each sample's loss and gradient are
@@ -73,7 +76,8 @@ def softmax_cross_entropy(logits, target, *, weight=None, ignore_index=-100, red
                                                                      1 for probability targets)
         dloss/dz_j = p_j (sum_c w_c q_c + 2 z_loss w_t lse) - w_j q_j
 
-    which is p - y (seed, question 1b) when w = 1, s = 0 and z_loss = 0.
+    which is p - y (``docs/derivations.md``, section 1(b)) when w = 1, s = 0 and z_loss = 0;
+    the general form is derived in section 1(d).
     Returns ``(loss, grad, lse)``: loss is a float for "mean"/"sum" and an array shaped like
     the per-sample target for "none"; grad has the shape of ``logits`` and is the gradient of
     the reduced loss (of the summed losses for "none"); lse is shaped like the per-sample loss.
@@ -174,7 +178,9 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
 
 
 def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, channel_axis=1):
-    """Gradients of seed eq. (5) through eq. (4), float64. Returns ``(dx, dweight, dbias)``.
+    """Gradients of y = gamma zhat + beta through the statistics (``docs/derivations.md``,
+    sections 2(a), 2(b) and, for eval, 2(b)'s last paragraph), float64. Returns
+    ``(dx, dweight, dbias)``.
 
         dbias   = sum_i dy_i
         dweight = sum_i dy_i zhat_i

@@ -27,9 +27,10 @@ of both dtypes, subnormal results included):
 * NaN in, NaN out: the clamps are written so that a NaN fails both comparisons and flows
   through the polynomial.
 
-The kernels are compiled with ``FASTMATH`` below: reassociation (to vectorise sums), contraction
-to FMA and approximate reciprocals, but *not* ``nnan``/``ninf``, because ``-inf`` logits are a
-supported way to mask classes and NaN must propagate.
+This module also holds the two sets of LLVM fast-math flags the CPU kernels are compiled with,
+:data:`FASTMATH_SUMS` and :data:`FASTMATH_SOFTMAX` (below). Neither has ``nnan``/``ninf``:
+``-inf`` logits are a supported way to mask classes, and NaN and inf inputs must propagate as
+they do in PyTorch.
 """
 from __future__ import annotations
 
@@ -38,8 +39,20 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-#: LLVM fast-math flags used by every CPU kernel (no ``nnan``/``ninf``: see the module doc).
-FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+#: Fast-math flags of loops that only add, subtract and multiply (batch norm's kernels):
+#: ``reassoc`` lets LLVM vectorise the float64 accumulations (the order it picks is fixed at
+#: compile time, so results stay deterministic), ``contract`` forms FMAs, ``nsz`` ignores the
+#: sign of zero. Nothing more, because ``arcp`` and ``afn`` act only on divisions and on
+#: library functions (exp, log, sqrt, ...), and these loops have neither (their divisions and
+#: square roots are in the per-channel coefficients, computed outside them): compiled with
+#: :data:`FASTMATH_SOFTMAX` instead, they give the same machine code.
+FASTMATH_SUMS = {"nsz", "contract", "reassoc"}
+
+#: Fast-math flags of the softmax kernels (cross-entropy, its class-sharded form in
+#: ``fusedgrad.distributed``, and the exp of this module): :data:`FASTMATH_SUMS` plus
+#: ``arcp``, so that a division by a row's sum of exponentials may become a multiplication by
+#: its reciprocal, and ``afn``, which lets LLVM approximate the ``exp`` / ``log`` calls.
+FASTMATH_SOFTMAX = FASTMATH_SUMS | {"arcp", "afn"}
 
 
 def _scale_by_pow2_codegen(int_bits: int, mantissa_bits: int, bias: int, float_type):
@@ -188,7 +201,7 @@ def _reduce_by_ln2_f64(typingctx, x, k):
     return types.float64(x, k), _reduce_by_ln2_codegen(_F64_LN2_HI, _F64_LN2_LO)
 
 
-@njit(inline="always", fastmath=FASTMATH, cache=True)
+@njit(inline="always", fastmath=FASTMATH_SOFTMAX, cache=True)
 def exp_f32(x):
     """exp(x) for a float32 ``x``, returned as float32; max error about 1 ulp (see module)."""
     clamped = fmin(fmax(x, _F32_LOW), _F32_HIGH)
@@ -199,7 +212,7 @@ def exp_f32(x):
     return _scale_by_pow2_f32(p, k)
 
 
-@njit(inline="always", fastmath=FASTMATH, cache=True)
+@njit(inline="always", fastmath=FASTMATH_SOFTMAX, cache=True)
 def exp_f64(x):
     """exp(x) for a float64 ``x``; max error about 1 ulp (see module)."""
     clamped = fmin(fmax(x, _F64_LOW), _F64_HIGH)
@@ -229,7 +242,7 @@ def _fast_exp_overload(x):
     return None
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, fastmath=FASTMATH_SOFTMAX)
 def exp_array(x, out):
     """``out[i] = exp(x[i])`` for 1-D float32 or float64 arrays (test and benchmark helper)."""
     for i in range(x.shape[0]):

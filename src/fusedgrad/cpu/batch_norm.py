@@ -23,8 +23,9 @@ Fused single-process entry points (what ``fusedgrad.batch_norm`` calls):
     unbiased variance. Eval: ``running_mean`` / ``running_var`` normalise (both required).
 ``backward(dy3, x3, mean, invstd, weight, out3, *, training)``
     Writes dx into out3 and returns ``(dweight, dbias)``, new ``(C,)`` arrays of the stat dtype.
-``empty(shape, dtype)``
-    An uninitialised array on this backend's device (here ``np.empty``).
+
+The caller allocates the outputs, with the device's array interface (``fusedgrad._device.arrays``;
+here ``fusedgrad.cpu._arrays.empty``).
 
 Split building blocks (for SyncBatchNorm: reduce locally, merge across processes, apply):
 
@@ -95,8 +96,8 @@ term, so x - mean is as accurate as in float64 (y keeps float32 precision at mea
     dx = a dy + b (x - mean_hi) + (c - b mean_lo),   a = weight invstd,
          b = -a invstd sum_dy_xhat / m,  c = -a sum_dy / m                  (training)
 
-which is the seed's dx = gamma invstd / m (m dy - sum dy - xhat sum dy xhat) with xhat
-recomputed from x, so no temporary of x's size is ever allocated.
+which is dx = gamma invstd / m (m dy - sum dy - xhat sum dy xhat) (``docs/derivations.md``,
+section 2(b)) with xhat recomputed from x, so no temporary of x's size is ever allocated.
 """
 from __future__ import annotations
 
@@ -106,12 +107,9 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .._validate import FLOAT_DTYPES_CPU, stat_dtype
+from .._validate import stat_dtype
+from ._math import FASTMATH_SUMS
 from ._reduce import chunk_bounds, chunk_count, merge_moments, sum_partials
-from . import _alloc
-
-#: Input dtypes the kernels are compiled for.
-DTYPES = FLOAT_DTYPES_CPU
 
 #: Widest tile row, in values: the float64 column accumulators (2 x 8 bytes per column) and the
 #: per-column coefficient vectors (4 x 4 bytes) of a tile, 32 KB, stay inside the 48 KB L1.
@@ -130,11 +128,6 @@ ROW_BLOCK_BYTES = 1024 * 1024
 MIN_TILES = 8
 #: ...but keep at least this many contiguous values per tile row (vector loops, cache lines).
 MIN_ROW_VALUES = 64
-
-# reassoc lets LLVM vectorise the float64 accumulations (their order is then fixed at compile
-# time, so results stay deterministic); contract allows FMAs. No nnan/ninf: NaN and inf inputs
-# must propagate as they do in PyTorch.
-_FASTMATH = {"reassoc", "contract", "nsz"}
 
 
 def plan_tiles(shape3, itemsize):
@@ -180,7 +173,7 @@ def _row_start(r, q, row_stride, j0, sub):
     return (r // q) * row_stride + j0 + (r % q) * sub
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@njit(cache=True, fastmath=FASTMATH_SUMS)
 def _run_sum(x, i0, n):
     run = x[i0:i0 + n]
     total = 0.0
@@ -189,7 +182,7 @@ def _run_sum(x, i0, n):
     return total
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@njit(cache=True, fastmath=FASTMATH_SUMS)
 def _run_squares(x, i0, n, center):
     run = x[i0:i0 + n]
     total = 0.0
@@ -211,7 +204,7 @@ def _masked(g, y, zero):
     return g if y > zero else zero
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@njit(cache=True, fastmath=FASTMATH_SUMS)
 def _run_grad(dy, x, relu_y, i0, n, mean_hi):
     """(sum g, sum g * (x - mean_hi)) over one run, in float64; g = dy, or with a fused ReLU
     (``relu_y`` its output, else None) dy masked where the output is not positive."""
@@ -232,7 +225,7 @@ def _run_grad(dy, x, relu_y, i0, n, mean_hi):
     return total_dy, total_dyd
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@njit(cache=True, fastmath=FASTMATH_SUMS)
 def _run_affine(x, out, i0, n, mean_hi, scale, shift, relu):
     x_run, o_run = x[i0:i0 + n], out[i0:i0 + n]
     zero = out.dtype.type(0)
@@ -244,7 +237,7 @@ def _run_affine(x, out, i0, n, mean_hi, scale, shift, relu):
             o_run[i] = (x_run[i] - mean_hi) * scale + shift
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@njit(cache=True, fastmath=FASTMATH_SUMS)
 def _run_dx(dy, x, relu_y, out, i0, n, mean_hi, a, b, c):
     g_run, x_run, o_run = dy[i0:i0 + n], x[i0:i0 + n], out[i0:i0 + n]
     if relu_y is None:
@@ -268,7 +261,7 @@ def _row_pair(i, r0, r1, q, row_stride, j0, sub):
     return s0, s0, 0.5
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@njit(cache=True, fastmath=FASTMATH_SUMS)
 def _cols_sum(x, r0, r1, q, row_stride, j0, sub, acc):
     """acc[j] += x over the tile rows, column by column (float64), two rows per update."""
     width = acc.shape[0]
@@ -279,7 +272,7 @@ def _cols_sum(x, r0, r1, q, row_stride, j0, sub, acc):
             acc[j] += (np.float64(row0[j]) + np.float64(row1[j])) * weight
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@njit(cache=True, fastmath=FASTMATH_SUMS)
 def _cols_squares(x, r0, r1, q, row_stride, j0, sub, center, acc):
     """acc[j] += (x - center[j])^2 over the tile rows (float64), two rows per update."""
     width = acc.shape[0]
@@ -292,7 +285,7 @@ def _cols_squares(x, r0, r1, q, row_stride, j0, sub, center, acc):
             acc[j] += (d0 * d0 + d1 * d1) * weight
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@njit(cache=True, fastmath=FASTMATH_SUMS)
 def _cols_grad(dy, x, relu_y, r0, r1, q, row_stride, j0, sub, mean_hi, acc_dy, acc_dyd):
     """acc_dy[j] += g, acc_dyd[j] += g * (x - mean_hi[j]) over the tile rows (float64); g as in
     :func:`_run_grad`."""
@@ -318,7 +311,7 @@ def _cols_grad(dy, x, relu_y, r0, r1, q, row_stride, j0, sub, mean_hi, acc_dy, a
                                + a1 * (row1[j] - mean_hi[j])) * weight
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@njit(cache=True, fastmath=FASTMATH_SUMS)
 def _cols_affine(x, out, r0, r1, q, row_stride, j0, sub, mean_hi, scale, shift, relu):
     width = scale.shape[0]
     zero = out.dtype.type(0)
@@ -333,7 +326,7 @@ def _cols_affine(x, out, r0, r1, q, row_stride, j0, sub, mean_hi, scale, shift, 
                 o_row[j] = (x_row[j] - mean_hi[j]) * scale[j] + shift[j]
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@njit(cache=True, fastmath=FASTMATH_SUMS)
 def _cols_dx(dy, x, relu_y, out, r0, r1, q, row_stride, j0, sub, mean_hi, a, b, c):
     width = a.shape[0]
     for r in range(r0, r1):
@@ -479,7 +472,8 @@ def _affine_coefficients(mean, invstd, gamma, beta, c0, mean_hi, scale, shift):
 def _dx_coefficients(mean, invstd, gamma, sum_dy, sum_dy_xhat, count, training, c0,
                      mean_hi, a, b, c):
     """dx = a dy + b (x - mean) + c: a = gamma invstd; training: b = -a invstd sum_dy_xhat / m,
-    c = -a sum_dy / m (the seed's dx with xhat = (x - mean) invstd); eval: b = c = 0."""
+    c = -a sum_dy / m (dx of ``docs/derivations.md``, section 2(b), with xhat = (x - mean)
+    invstd); eval: b = c = 0."""
     mean_lo = np.empty(mean_hi.shape[0])
     _split_mean(mean, c0, mean_hi, mean_lo)
     for k in range(mean_hi.shape[0]):
@@ -814,9 +808,3 @@ def backward(dy3, x3, mean, invstd, weight, out3, *, training, relu_output3=None
                              x3.shape[0] * x3.shape[2], out3, training=training,
                              relu_output3=relu_output3)
     return sum_dy_xhat.astype(stat), sum_dy.astype(stat)
-
-
-def empty(shape, dtype):
-    """Uninitialised host array (the CUDA backend returns a device array); large ones are
-    reused from released outputs (see ``_alloc``)."""
-    return _alloc.empty(shape, dtype)

@@ -8,20 +8,13 @@ names, arguments and results. Shapes: ``N`` samples, ``C`` classes, ``S = d1 * .
 spatial positions (1 for 2-D logits); a "sample" is one (n, d1, ..., dk) position, and
 "per-sample arrays" are flat, length ``N * S``, in C order of ``(N, d1, ..., dk)``.
 
-Constants: ``DTYPES`` (tuple of NumPy dtypes the kernels accept for ``logits``) and
-``CrossEntropyOptions`` (frozen dataclass: ``ignore_index``, ``label_smoothing``, ``z_loss``;
-the API builds it from this module for every backend, so other backends import it from here).
+The arrays themselves (wrapping arguments, the dtypes taken, allocating the gradient, the
+``out=`` checks) are the device's array interface, ``fusedgrad._device.arrays`` (here
+``fusedgrad.cpu._arrays``), not the backend's. The scalar options and the kernel modes are
+``fusedgrad._options``'s, shared by both backends.
 
-Array handling (no kernel runs, nothing is written):
+Preparing the kernels' arrays (no kernel runs, nothing is written):
 
-``as_array(name, value) -> array``
-    The backend's array type for an argument (here ``np.ndarray``); raises ``TypeError`` naming
-    ``name`` for non-arrays. The result has ``.shape``, ``.ndim`` and a NumPy ``.dtype``.
-``shares_memory(a, b) -> bool``
-    Whether two arrays overlap (used to reject ``out=`` aliasing an input).
-``is_writeable(a) -> bool``
-``empty_like(logits) -> array``
-    Uninitialised array with the shape and dtype of ``logits`` (the gradient).
 ``index_target(target) -> array``
     Class indices as a flat contiguous int64 array of length ``N * S`` (int32 or strided input
     is converted; this is a per-sample array, never N x C).
@@ -45,9 +38,9 @@ Array handling (no kernel runs, nothing is written):
 ``sample_result(values, sample_shape, dtype) -> array``
     A per-sample float64 array reshaped to ``sample_shape`` and cast to ``dtype``.
 
-Kernels (``options`` is :class:`CrossEntropyOptions`; ``target`` is either the int64 array from
-``index_target`` or a probability array with the shape and dtype of ``logits``; ``weights`` is
-from ``class_weights``; ``grad_scale`` from ``sample_scale``):
+Kernels (``options`` is ``fusedgrad._options.CrossEntropyOptions``; ``target`` is either the
+int64 array from ``index_target`` or a probability array with the shape and dtype of
+``logits``; ``weights`` is from ``class_weights``; ``grad_scale`` from ``sample_scale``):
 
 ``fused(logits, target, weights, grad, grad_scale, options) -> loss``
     Writes ``grad`` (shape and dtype of ``logits``; may be ``logits`` itself for inplace, or any
@@ -59,15 +52,16 @@ from ``class_weights``; ``grad_scale`` from ``sample_scale``):
 ``backward(logits, target, weights, lse, grad, grad_scale, options) -> None``
     Writes ``grad`` from the saved per-sample ``lse`` (float64, length N * S).
 
-Math (per sample, logits z over C classes, derived next to the kernels below): with
-q_c = (1 - s) y_c + s / C (y one-hot for index targets, s = label_smoothing), class weights w,
-w_t the target-class weight (1 for probability targets), lse = log sum_c exp(z_c),
-p_c = exp(z_c - lse):
+Math (per sample, logits z over C classes, derived in ``docs/derivations.md``, section 1(d),
+and next to the kernels below): with q_c = (1 - s) y_c + s / C (y one-hot for index targets,
+s = label_smoothing), class weights w, w_t the target-class weight (1 for probability
+targets), lse = log sum_c exp(z_c), p_c = exp(z_c - lse):
 
     loss = sum_c w_c q_c (lse - z_c) + z_loss * w_t * lse^2
     dloss/dz_j = p_j * (sum_c w_c q_c + 2 z_loss w_t lse) - w_j q_j
 
-Kernels (chosen by ``_run``; each runs in one of three modes: fused, forward, backward):
+Kernels (chosen by ``_run``; each runs in one of the modes of ``fusedgrad._options``:
+``MODE_FUSED``, ``MODE_FORWARD``, ``MODE_BACKWARD``):
 
 * ``_rows_index_kernel`` / ``_rows_prob_kernel``: (N, C) logits, vectorised along the row.
   Online softmax over L1-sized blocks of BLOCK classes: block max, then exp(z - block max)
@@ -87,20 +81,12 @@ are bitwise identical for any number of threads.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 from numba import njit, prange
 
-from .._validate import FLOAT_DTYPES_CPU, as_host_array
-from ._math import FASTMATH, cast_like, fast_exp, fmax
-from . import _alloc
-
-DTYPES = FLOAT_DTYPES_CPU
-
-MODE_FUSED = 0
-MODE_FORWARD = 1
-MODE_BACKWARD = 2
+from .._options import MODE_BACKWARD, MODE_FORWARD, MODE_FUSED, sample_count
+from ._math import FASTMATH_SOFTMAX, cast_like, fast_exp, fmax
 
 #: Elements of one row processed together: the block of logits and of the gradient it writes
 #: (2 x 16 KiB in float64) stays in L1 between the max, exp and scale steps.
@@ -118,35 +104,9 @@ SMALL_GROUPS = 64
 TILE = 64
 
 
-@dataclass(frozen=True)
-class CrossEntropyOptions:
-    """Scalar options of one call, already validated by the API."""
-
-    ignore_index: int = -100
-    label_smoothing: float = 0.0
-    z_loss: float = 0.0
-
-
 # --------------------------------------------------------------------------------------------
-# Array handling
+# Preparing the kernels' arrays
 # --------------------------------------------------------------------------------------------
-def as_array(name, value):
-    return as_host_array(name, value)
-
-
-def shares_memory(a, b) -> bool:
-    return np.shares_memory(a, b)
-
-
-def is_writeable(a) -> bool:
-    return bool(a.flags.writeable)
-
-
-def empty_like(logits):
-    """The gradient's buffer: large ones are reused from released outputs (see ``_alloc``)."""
-    return _alloc.empty(logits.shape, logits.dtype)
-
-
 def index_target(target):
     return np.ascontiguousarray(target, dtype=np.int64).reshape(-1)
 
@@ -198,14 +158,14 @@ def sample_result(values, sample_shape, dtype):
 # Kernels: public entry points
 # --------------------------------------------------------------------------------------------
 def fused(logits, target, weights, grad, grad_scale, options):
-    loss = np.empty(_n_samples(logits), dtype=np.float64)
+    loss = np.empty(sample_count(logits.shape), dtype=np.float64)
     lse = np.empty_like(loss)
     _run(MODE_FUSED, logits, target, weights, grad, grad_scale, lse, loss, options)
     return loss
 
 
 def forward(logits, target, weights, options):
-    loss = np.empty(_n_samples(logits), dtype=np.float64)
+    loss = np.empty(sample_count(logits.shape), dtype=np.float64)
     lse = np.empty_like(loss)
     unit_scale = np.ones(1, dtype=np.float64)
     _run(MODE_FORWARD, logits, target, weights, None, unit_scale, lse, loss, options)
@@ -215,10 +175,6 @@ def forward(logits, target, weights, options):
 def backward(logits, target, weights, lse, grad, grad_scale, options):
     unused_loss = np.empty(0, dtype=np.float64)
     _run(MODE_BACKWARD, logits, target, weights, grad, grad_scale, lse, unused_loss, options)
-
-
-def _n_samples(logits) -> int:
-    return logits.shape[0] * math.prod(logits.shape[2:])
 
 
 def _spatial_view(a):
@@ -283,6 +239,10 @@ def _launch(kernel, mode, logits, target, weights, grad, grad_scale, lse, loss, 
 # --------------------------------------------------------------------------------------------
 @njit(cache=True)
 def _first_bad_index(target, n_classes, ignore_index):
+    """First flat position of a target outside ``[0, C)`` and not ignored, or -1.
+
+    target: (N*S,) int64.
+    """
     for i in range(target.shape[0]):
         t = target[i]
         if (t < 0 or t >= n_classes) and t != ignore_index:
@@ -292,6 +252,10 @@ def _first_bad_index(target, n_classes, ignore_index):
 
 @njit(cache=True)
 def _target_weight_sum(target, weights, ignore_index):
+    """sum of w_t over the non-ignored samples, in sample order (the "mean" denominator).
+
+    target: (N*S,) int64; weights: (C,) float64.
+    """
     total = 0.0
     for i in range(target.shape[0]):
         t = target[i]
@@ -302,7 +266,10 @@ def _target_weight_sum(target, weights, ignore_index):
 
 @njit(cache=True)
 def _sum_in_order(values):
-    """Plain left-to-right float64 sum: the same bits whatever the thread count."""
+    """Plain left-to-right float64 sum: the same bits whatever the thread count.
+
+    values: (n,) float64.
+    """
     total = 0.0
     for i in range(values.shape[0]):
         total += values[i]
@@ -311,7 +278,7 @@ def _sum_in_order(values):
 
 # Row primitives without a leading underscore are shared with the vocabulary-parallel kernels
 # of ``fusedgrad.distributed``, which apply the same math to a slice of the classes.
-@njit(inline="always", fastmath=FASTMATH)
+@njit(inline="always", fastmath=FASTMATH_SOFTMAX)
 def max_of(z):
     """max_j z_j (NaN if any z_j is NaN); vectorised through ``fmax``."""
     m = z[0]
@@ -320,7 +287,7 @@ def max_of(z):
     return m
 
 
-@njit(inline="always", fastmath=FASTMATH)
+@njit(inline="always", fastmath=FASTMATH_SOFTMAX)
 def sum_exp_shifted(z, g, shift, store, inplace):
     """sum_j exp(z_j - shift), accumulated in the dtype of z over one block.
 
@@ -346,7 +313,7 @@ def sum_exp_shifted(z, g, shift, store, inplace):
     return total
 
 
-@njit(inline="always", fastmath=FASTMATH)
+@njit(inline="always", fastmath=FASTMATH_SOFTMAX)
 def weighted_sum(z, w):
     """sum_j w_j z_j in float64 (the label-smoothing term of the loss)."""
     total = 0.0
@@ -355,14 +322,14 @@ def weighted_sum(z, w):
     return total
 
 
-@njit(inline="always", fastmath=FASTMATH)
+@njit(inline="always", fastmath=FASTMATH_SOFTMAX)
 def fill_zero(g):
     zero = cast_like(0.0, g)
     for j in range(g.shape[0]):
         g[j] = zero
 
 
-@njit(inline="always", fastmath=FASTMATH)
+@njit(inline="always", fastmath=FASTMATH_SOFTMAX)
 def _scale_minus_weighted(g, factor, smooth, w):
     """g_j = factor * g_j - smooth * w_j (smooth = 0 skips the weights)."""
     f = cast_like(factor, g)
@@ -375,7 +342,7 @@ def _scale_minus_weighted(g, factor, smooth, w):
             g[j] = g[j] * f - sm * cast_like(w[j], g)
 
 
-@njit(inline="always", fastmath=FASTMATH)
+@njit(inline="always", fastmath=FASTMATH_SOFTMAX)
 def exp_scale_minus_weighted(z, g, shift, factor, smooth, w, inplace):
     """g_j = factor * exp(z_j - shift) - smooth * w_j: the gradient from a saved lse
     (``inplace``: z is g's memory, read through g as in :func:`sum_exp_shifted`)."""
@@ -385,7 +352,7 @@ def exp_scale_minus_weighted(z, g, shift, factor, smooth, w, inplace):
         _exp_scale_minus_weighted_loop(z, g, shift, factor, smooth, w)
 
 
-@njit(inline="always", fastmath=FASTMATH)
+@njit(inline="always", fastmath=FASTMATH_SOFTMAX)
 def _exp_scale_minus_weighted_loop(z, g, shift, factor, smooth, w):
     f = cast_like(factor, g)
     sh = cast_like(shift, z)
@@ -464,7 +431,7 @@ def _row_layout(n, c):
     return rows_per_chunk, n_chunks, n_blocks, block_shift, block_sum
 
 
-@njit(inline="always", fastmath=FASTMATH)
+@njit(inline="always", fastmath=FASTMATH_SOFTMAX)
 def _row_exp_blocks(z, g, store, inplace, w, with_weighted, block_shift, block_sum):
     """One trip over a row in L1-sized blocks; returns (M, S, sum_j w_j z_j).
 
@@ -498,7 +465,7 @@ def _row_exp_blocks(z, g, store, inplace, w, with_weighted, block_shift, block_s
     return top, total, weighted
 
 
-@njit(inline="always", fastmath=FASTMATH)
+@njit(inline="always", fastmath=FASTMATH_SOFTMAX)
 def _row_scale_blocks(g, top, total, factor, smooth, w, block_shift, block_sum):
     """g_j = factor * p_j - smooth * w_j over the blocks written by :func:`_row_exp_blocks`."""
     c = g.shape[0]
@@ -511,7 +478,7 @@ def _row_scale_blocks(g, top, total, factor, smooth, w, block_shift, block_sum):
         _scale_minus_weighted(g[lo:hi], block_factor, smooth, w[lo:hi])
 
 
-@njit(cache=True, parallel=True, fastmath=FASTMATH)
+@njit(cache=True, parallel=True, fastmath=FASTMATH_SOFTMAX)
 def _rows_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out, loss_out,
                        ignore_index, smoothing, z_loss, inplace):
     """Softmax cross-entropy of (N, C) logits against class indices, one row per sample.
@@ -529,6 +496,15 @@ def _rows_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
     The gradient written is ``grad_scale * dloss/dz``: in the fused mode p_j is built from the
     exponentials stored during the exp pass (scaled in place, block still in L1/L2), in the
     backward mode from the saved lse with one exp per element.
+
+    logits: (N, C) float32 / float64, any strides;
+    target: (N,) int64 class indices or ``ignore_index``;
+    weights: (C,) float64;
+    grad: (N, C), the dtype of logits, any strides; written unless ``MODE_FORWARD`` (then the
+    logits stand in for it, unwritten); may be the logits' memory (``inplace``);
+    grad_scale: (1,) or (N,) float64, the gradient's factor per sample;
+    lse_out: (N,) float64, written (read in ``MODE_BACKWARD``);
+    loss_out: (N,) float64, written (a (0,) stand-in in ``MODE_BACKWARD``).
     """
     n, c = logits.shape
     weight_total = _sum_in_order(weights)
@@ -544,12 +520,15 @@ def _rows_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
             t = target[i]
             ignored = t == ignore_index
             scale = grad_scale[i] if per_sample_scale else grad_scale[0]
+            # 1. a row whose gradient is zero (ignored, or scaled by 0) is only zero-filled
             if mode != MODE_FORWARD and (ignored or scale == 0.0):
                 fill_zero(g)
                 if mode == MODE_FUSED:
                     loss_out[i] = 0.0
                 continue
             w_t = 0.0 if ignored else weights[t]
+            # 2. lse: the saved one, or one trip over the row in blocks (the exponentials go
+            #    to g in the fused mode)
             if mode == MODE_BACKWARD:
                 lse = lse_out[i]
             else:
@@ -558,6 +537,7 @@ def _rows_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
                     z, g, mode == MODE_FUSED, inplace, weights, smoothing > 0.0, shifts, sums)
                 lse = top + math.log(total)
                 lse_out[i] = lse
+                # 3. the loss (0 for an ignored row)
                 if ignored:
                     loss_out[i] = 0.0
                     continue
@@ -565,6 +545,9 @@ def _rows_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
                                           z_loss, c)
                 if mode == MODE_FORWARD:
                     continue
+            # 4. the gradient: p_j times the row's coefficient minus the smoothing term, from
+            #    the stored exponentials (fused) or exp(z - lse) (backward), then the
+            #    target-class term
             coef = scale * index_coefficient(lse, w_t, weight_total, smoothing, z_loss, c)
             if mode == MODE_FUSED:
                 _row_scale_blocks(g, top, total, coef, scale * smooth_per_class, weights,
@@ -575,7 +558,7 @@ def _rows_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
             g[t] -= cast_like(scale * (1.0 - smoothing) * w_t, g)
 
 
-@njit(inline="always", fastmath=FASTMATH)
+@njit(inline="always", fastmath=FASTMATH_SOFTMAX)
 def _row_target_sums(z, y, w, with_logits):
     """(Y, sum_c w_c y_c z_c, sum_c w_c z_c) for one row of probability targets, in float64;
     the sums over z only ``with_logits`` (forward and fused), skipping y_c = 0 terms."""
@@ -594,7 +577,7 @@ def _row_target_sums(z, y, w, with_logits):
     return wy, wyz, wz
 
 
-@njit(inline="always", fastmath=FASTMATH)
+@njit(inline="always", fastmath=FASTMATH_SOFTMAX)
 def _scale_minus_target(g, factor, y, w, keep, smooth_per_class, scale):
     """g_j = factor * g_j - scale * w_j ((1 - s) y_j + s / C), with keep = 1 - s."""
     f = cast_like(factor, g)
@@ -604,14 +587,24 @@ def _scale_minus_target(g, factor, y, w, keep, smooth_per_class, scale):
         g[j] = g[j] * f - cast_like(w[j], g) * (a * y[j] + b)
 
 
-@njit(cache=True, parallel=True, fastmath=FASTMATH)
+@njit(cache=True, parallel=True, fastmath=FASTMATH_SOFTMAX)
 def _rows_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out, loss_out,
                       ignore_index, smoothing, z_loss, inplace):
     """Probability targets y (N, C) with the row machinery of :func:`_rows_index_kernel`:
     loss and gradient per :func:`_prob_loss` / :func:`_prob_coefficient`,
     dloss/dz_j = p_j (sum_c w_c q_c + 2 z_loss lse) - w_j q_j. The target sums are taken in
     a first trip over the row (before an inplace exp overwrites the logits); the exp trip and
-    the scaling then find the row in cache. ``ignore_index`` is unused."""
+    the scaling then find the row in cache. ``ignore_index`` is unused.
+
+    logits: (N, C) float32 / float64, any strides;
+    target: (N, C) probabilities, the dtype of logits;
+    weights: (C,) float64;
+    grad: (N, C), the dtype of logits, any strides; written unless ``MODE_FORWARD`` (then the
+    logits stand in for it, unwritten); may be the logits' memory (``inplace``);
+    grad_scale: (1,) or (N,) float64, the gradient's factor per sample;
+    lse_out: (N,) float64, written (read in ``MODE_BACKWARD``);
+    loss_out: (N,) float64, written (a (0,) stand-in in ``MODE_BACKWARD``).
+    """
     n, c = logits.shape
     weight_total = _sum_in_order(weights)
     smooth_per_class = smoothing / c
@@ -625,7 +618,11 @@ def _rows_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out, 
             y = target[i]
             g = grad[i]
             scale = grad_scale[i] if per_sample_scale else grad_scale[0]
+            # 1. the target sums Y, sum w y z, sum w z: a first trip over the row, before an
+            #    inplace exp overwrites the logits (Y alone in the backward mode)
             wy, wyz, wz = _row_target_sums(z, y, weights, mode != MODE_BACKWARD)
+            # 2. lse: the saved one, or the exp trip over the row in blocks (the exponentials
+            #    go to g in the fused mode)
             if mode == MODE_BACKWARD:
                 lse = lse_out[i]
             else:
@@ -633,9 +630,12 @@ def _rows_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out, 
                                                      False, shifts, sums)
                 lse = top + math.log(total)
                 lse_out[i] = lse
+                # 3. the loss
                 loss_out[i] = _prob_loss(lse, wy, wyz, wz, weight_total, smoothing, z_loss, c)
                 if mode == MODE_FORWARD:
                     continue
+            # 4. the gradient, p_j times the row's coefficient minus w_j q_j: block by block
+            #    from the stored exponentials (fused), or from exp(z - lse) (backward)
             coef = scale * _prob_coefficient(lse, wy, weight_total, smoothing, z_loss, c)
             if mode == MODE_FUSED:
                 for b in range(n_blocks):
@@ -655,14 +655,14 @@ def _rows_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out, 
 # --------------------------------------------------------------------------------------------
 # Small-C kernel: contiguous (N, C) logits with few classes; vectorised across rows
 # --------------------------------------------------------------------------------------------
-@njit(inline="always", fastmath=FASTMATH)
+@njit(inline="always", fastmath=FASTMATH_SOFTMAX)
 def _exp_minus(src, shift, dst):
     """dst_k = exp(src_k - shift_k) over a flat block (``dst`` may be ``src`` or ``shift``)."""
     for k in range(dst.shape[0]):
         dst[k] = fast_exp(src[k] - shift[k])
 
 
-@njit(inline="always", fastmath=FASTMATH)
+@njit(inline="always", fastmath=FASTMATH_SOFTMAX)
 def _scale_minus(g, factor, smooth, with_smooth):
     """g_k = g_k * factor_k - smooth_k over a flat block (smooth skipped when not needed)."""
     if with_smooth:
@@ -673,7 +673,7 @@ def _scale_minus(g, factor, smooth, with_smooth):
             g[k] = g[k] * factor[k]
 
 
-@njit(cache=True, parallel=True, fastmath=FASTMATH)
+@njit(cache=True, parallel=True, fastmath=FASTMATH_SOFTMAX)
 def _rows_small_kernel(mode, logits, target, weights, grad, grad_scale, lse_out, loss_out,
                        ignore_index, smoothing, z_loss, inplace):
     """Class-index targets, C-contiguous (N, C) logits with C <= SMALL_C.
@@ -684,6 +684,15 @@ def _rows_small_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
     the scaling run as flat, vectorised loops over the whole chunk. Chunks of
     SMALL_CHUNK_ELEMENTS are shared out to at most SMALL_GROUPS groups, each with its own
     scratch (so the scratch does not grow with N; the result does not depend on the grouping).
+
+    logits: (N, C) float32 / float64, C-contiguous;
+    target: (N,) int64 class indices or ``ignore_index``;
+    weights: (C,) float64;
+    grad: (N, C), the dtype of logits, C-contiguous; written unless ``MODE_FORWARD`` (then the
+    logits stand in for it, unwritten); may be the logits' memory (``inplace``);
+    grad_scale: (1,) or (N,) float64, the gradient's factor per sample;
+    lse_out: (N,) float64, written (read in ``MODE_BACKWARD``);
+    loss_out: (N,) float64, written (a (0,) stand-in in ``MODE_BACKWARD``).
     """
     n, c = logits.shape
     weight_total = _sum_in_order(weights)
@@ -801,7 +810,7 @@ def _tile_position(tile, tiles_per_sample, n_pos):
     return i, p0, min(TILE, n_pos - p0), i * n_pos + p0
 
 
-@njit(inline="always", fastmath=FASTMATH)
+@njit(inline="always", fastmath=FASTMATH_SOFTMAX)
 def _lanes_max(z, shift):
     """shift_k = max_c z[c, k] per lane (0 for a lane whose logits are all -inf)."""
     for k in range(shift.shape[0]):
@@ -815,7 +824,7 @@ def _lanes_max(z, shift):
             shift[k] = 0.0
 
 
-@njit(inline="always", fastmath=FASTMATH)
+@njit(inline="always", fastmath=FASTMATH_SOFTMAX)
 def _lanes_sum_exp(z, g, shift, total, store, inplace):
     """total_k = sum_c exp(z[c, k] - shift_k); the exponentials go to g when ``store``
     (``inplace``: z is g's memory, read through g as in :func:`sum_exp_shifted`)."""
@@ -839,7 +848,7 @@ def _lanes_sum_exp(z, g, shift, total, store, inplace):
                 total[k] += e
 
 
-@njit(inline="always", fastmath=FASTMATH)
+@njit(inline="always", fastmath=FASTMATH_SOFTMAX)
 def _lanes_weighted_sum(z, w, out):
     """out_k = sum_c w_c z[c, k] (float64)."""
     for k in range(out.shape[0]):
@@ -851,7 +860,7 @@ def _lanes_weighted_sum(z, w, out):
             out[k] += wc * zc[k]
 
 
-@njit(inline="always", fastmath=FASTMATH)
+@njit(inline="always", fastmath=FASTMATH_SOFTMAX)
 def _lanes_gradient(z, g, shift, factor, smooth, w, fused, inplace):
     """g[c, k] = factor_k * e[c, k] - smooth_k * w_c, with e = g (fused: the stored
     exponentials) or e = exp(z[c, k] - shift_k) (backward: shift is the saved lse)."""
@@ -872,7 +881,7 @@ def _lanes_gradient(z, g, shift, factor, smooth, w, fused, inplace):
                 gc[k] = e * cast_like(factor[k], gc) - cast_like(smooth[k] * wc, gc)
 
 
-@njit(cache=True, parallel=True, fastmath=FASTMATH)
+@njit(cache=True, parallel=True, fastmath=FASTMATH_SOFTMAX)
 def _tiles_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out, loss_out,
                         ignore_index, smoothing, z_loss, inplace):
     """Class-index targets for (N, C, S) logits: the math of :func:`_rows_index_kernel`,
@@ -881,6 +890,15 @@ def _tiles_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out
     Lane rows of the scratch: 0 = shift (lane max, then lse in backward), 1 = sum of
     exponentials, 2 = sum_c w_c z_c then the smoothing coefficient, 3 = target logit then the
     gradient factor.
+
+    logits: (N, C, S) float32 / float64, any strides;
+    target: (N*S,) int64 class indices or ``ignore_index``;
+    weights: (C,) float64;
+    grad: (N, C, S), the dtype of logits, any strides; written unless ``MODE_FORWARD`` (then the
+    logits stand in for it, unwritten); may be the logits' memory (``inplace``);
+    grad_scale: (1,) or (N*S,) float64, the gradient's factor per sample;
+    lse_out: (N*S,) float64, written (read in ``MODE_BACKWARD``);
+    loss_out: (N*S,) float64, written (a (0,) stand-in in ``MODE_BACKWARD``).
     """
     n, c, n_pos = logits.shape
     weight_total = _sum_in_order(weights)
@@ -942,7 +960,7 @@ def _tiles_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out
                     g[t, k] -= cast_like(scale * (1.0 - smoothing) * weights[t], g)
 
 
-@njit(cache=True, parallel=True, fastmath=FASTMATH)
+@njit(cache=True, parallel=True, fastmath=FASTMATH_SOFTMAX)
 def _tiles_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out, loss_out,
                        ignore_index, smoothing, z_loss, inplace):
     """Probability targets y (N, C, S), same dtype as the logits (``ignore_index`` unused).
@@ -957,6 +975,15 @@ def _tiles_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
     Terms with y_c = 0 are skipped so that a -inf (masked) logit with zero probability
     contributes 0 rather than 0 * inf. Lane rows: 0 shift/lse, 1 sum of exponentials,
     2 Y, 3 sum w y z, 4 sum w z, 5 gradient factor, 6 per-sample gradient scale.
+
+    logits: (N, C, S) float32 / float64, any strides;
+    target: (N, C, S) probabilities, the dtype of logits, any strides;
+    weights: (C,) float64;
+    grad: (N, C, S), the dtype of logits, any strides; written unless ``MODE_FORWARD`` (then the
+    logits stand in for it, unwritten); may be the logits' memory (``inplace``);
+    grad_scale: (1,) or (N*S,) float64, the gradient's factor per sample;
+    lse_out: (N*S,) float64, written (read in ``MODE_BACKWARD``);
+    loss_out: (N*S,) float64, written (a (0,) stand-in in ``MODE_BACKWARD``).
     """
     n, c, n_pos = logits.shape
     weight_total = _sum_in_order(weights)

@@ -1,35 +1,44 @@
-"""Device-array plumbing for the CUDA backend: wrapping, strided views, allocation, streams.
+"""Device arrays for the CUDA backend: the array interface of ``fusedgrad._device.arrays``, plus
+the strided views, streams and helper kernels the GPU launchers share.
 
-Inputs are any objects exposing ``__cuda_array_interface__`` (Numba device arrays, CuPy arrays,
-PyTorch CUDA tensors); they are wrapped zero-copy as Numba ``DeviceNDArray`` objects, and every
-output is a ``DeviceNDArray`` (CuPy / PyTorch wrap it zero-copy through the same interface).
-Under Numba's CUDA simulator the simulator's fake device arrays are used as they are.
+The interface (documented once, in ``fusedgrad._device.arrays``; ``fusedgrad.cpu._arrays`` is the
+host side): :data:`DTYPES`, :func:`as_array`, :func:`empty`, :func:`empty_like`,
+:func:`is_writeable`, :func:`shares_memory`. Inputs are any objects exposing
+``__cuda_array_interface__`` (Numba device arrays, CuPy arrays, PyTorch CUDA tensors); they are
+wrapped zero-copy as Numba ``DeviceNDArray`` objects, and every output is a ``DeviceNDArray``
+(CuPy / PyTorch wrap it zero-copy through the same interface). Under Numba's CUDA simulator the
+simulator's fake device arrays are used as they are.
 
 Streams: every launcher takes ``stream=None``. ``None`` means: PyTorch's current stream when
 PyTorch is imported and has initialised CUDA (so kernels order correctly with the surrounding
 PyTorch work), else the default stream. A Numba stream is used as given; an integer is taken
 as a raw ``cudaStream_t`` handle (e.g. ``cupy.cuda.get_current_stream().ptr``) and wrapped with
-``cuda.external_stream``. The public API does not pass ``stream`` (yet); the backend functions
-take it as a keyword.
+``cuda.external_stream`` (:func:`resolve_stream`). The public API does not pass ``stream``
+(yet); the backend functions take it as a keyword.
 
-Shared by both kernel modules: :data:`DTYPES` (the floating dtypes they take),
-:func:`convert`, the one dtype-conversion kernel, and :func:`empty`, which takes large outputs
-from a pool of released buffers (``FUSEDGRAD_DEVICE_CACHE_MB``, default 4096 MiB; 0 disables
-it; ``fusedgrad.empty_cache()`` releases it). As with PyTorch's caching allocator, a buffer whose
-last user was a kernel on another stream must be kept alive by the caller until that kernel
-has run (PyTorch: ``Tensor.record_stream``).
+Allocation: :func:`empty` takes large outputs from a pool of released buffers
+(``FUSEDGRAD_DEVICE_CACHE_MB``, default 4096 MiB; 0 disables it; ``fusedgrad.empty_cache()``
+releases it). As with PyTorch's caching allocator, a buffer whose last user was a kernel on
+another stream must be kept alive by the caller until that kernel has run (PyTorch:
+``Tensor.record_stream``).
+
+For the launchers of both kernel modules: :func:`view3` and :func:`merge_axes` (kernel views
+without copies), :func:`launch_blocks`, and the two helper launches :func:`convert` (the one
+dtype-conversion kernel) and :func:`device_sum` (a deterministic sum of a 1-D array).
 """
 from __future__ import annotations
 
 import functools
 import math
 import sys
+import weakref
 
 import numpy as np
 from numba import cuda
 
 from .._buffer_cache import MIN_BYTES, ReleasedBuffers
-from ._reduce import SIMULATED
+from ._reduce import THREADS, sum_chunks
+from ._target import SIMULATED
 
 
 #: bfloat16 as it crosses ``__cuda_array_interface__``: NumPy has no bfloat16 dtype, so PyTorch
@@ -38,9 +47,9 @@ from ._reduce import SIMULATED
 BFLOAT16 = np.dtype("V2")
 
 #: Floating dtypes the GPU kernels take for their big arrays (batch norm's x / dy / out,
-#: cross-entropy's logits / probability targets): float16 and bfloat16 (``V2``, see
-#: :data:`BFLOAT16`) are accumulated in float32; the simulator has no bfloat16. Each kernel
-#: module exposes it as ``DTYPES`` (the backend interface).
+#: cross-entropy's logits / probability targets) and for per-channel or per-class vectors:
+#: float16 and bfloat16 (``V2``, see :data:`BFLOAT16`) are accumulated in float32; the
+#: simulator has no bfloat16.
 DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)) + (
     () if SIMULATED else (BFLOAT16,))
 
@@ -96,21 +105,68 @@ def _as_bfloat16(arr):
                          gpu_data=arr.gpu_data)
 
 
-def as_device(name: str, arr):
-    """Zero-copy ``DeviceNDArray`` (or simulator array) for a CUDA-array-interface object."""
+#: The arrays :func:`as_array` made of objects that export their memory read-only (the flag in
+#: the ``data`` entry of ``__cuda_array_interface__``): a Numba device array carries no such
+#: flag, so without this record :func:`is_writeable` would find every wrapped array writeable.
+_READ_ONLY = weakref.WeakSet()
+
+
+def as_array(name: str, value):
+    """Zero-copy ``DeviceNDArray`` (or simulator array) for a CUDA-array-interface object;
+    ``TypeError`` naming ``name`` for anything else."""
     if SIMULATED:
         from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
-        if isinstance(arr, FakeCUDAArray):
-            return arr
-        raise TypeError(f"{name} must be a (simulated) CUDA device array, got {type(arr).__name__}")
-    if not cuda.devicearray.is_cuda_ndarray(arr):
-        if not cuda.is_cuda_array(arr):
+        if isinstance(value, FakeCUDAArray):
+            return value
+        raise TypeError(f"{name} must be a (simulated) CUDA device array, "
+                        f"got {type(value).__name__}")
+    if cuda.devicearray.is_cuda_ndarray(value):
+        arr, read_only = value, False
+    else:
+        desc = getattr(value, "__cuda_array_interface__", None)
+        if desc is None:
             raise TypeError(f"{name} must expose __cuda_array_interface__, "
-                            f"got {type(arr).__name__}")
-        arr = cuda.as_cuda_array(arr)
+                            f"got {type(value).__name__}")
+        arr, read_only = cuda.from_cuda_array_interface(desc, owner=value), bool(desc["data"][1])
     if arr.dtype == BFLOAT16 and not isinstance(arr, BFloat16Array):
-        return _as_bfloat16(arr)
+        arr = _as_bfloat16(arr)
+    if read_only:
+        _READ_ONLY.add(arr)
     return arr
+
+
+def empty_like(arr):
+    """Uninitialised device array with the shape and dtype of ``arr`` (see :func:`empty`)."""
+    return empty(arr.shape, arr.dtype)
+
+
+def is_writeable(arr) -> bool:
+    """False for an array :func:`as_array` made of a read-only export (under the simulator: for
+    a simulated array over read-only host memory)."""
+    if SIMULATED:
+        return bool(arr._ary.flags.writeable)
+    return arr not in _READ_ONLY
+
+
+def _byte_range(arr):
+    """``[first, last]`` byte addresses an array can touch (its extent, strides considered)."""
+    if SIMULATED:
+        start = arr._ary.__array_interface__["data"][0]
+    else:
+        start = arr.__cuda_array_interface__["data"][0]
+    low = start + sum(min(0, (n - 1) * st) for n, st in zip(arr.shape, arr.strides))
+    high = start + sum(max(0, (n - 1) * st) for n, st in zip(arr.shape, arr.strides))
+    return low, high + arr.dtype.itemsize - 1
+
+
+def shares_memory(a, b) -> bool:
+    """Whether the memory extents of two device arrays overlap (conservative for strides)."""
+    a, b = as_array("a", a), as_array("b", b)
+    if a.size == 0 or b.size == 0:
+        return False
+    a_low, a_high = _byte_range(a)
+    b_low, b_high = _byte_range(b)
+    return a_low <= b_high and b_low <= a_high
 
 
 def strided_view(arr, shape, strides):
@@ -164,8 +220,11 @@ def view3(name: str, arr, axis: int):
 _POOL = ReleasedBuffers("FUSEDGRAD_DEVICE_CACHE_MB", default_mb=4096)
 
 
-def empty(shape, dtype, stream):
+def empty(shape, dtype, stream=None):
     """Uninitialised C-contiguous device array (a :class:`BFloat16Array` for ``BFLOAT16``).
+
+    ``stream``: as :func:`resolve_stream` returns it (the launchers pass the stream of their
+    call); ``None``, the interface's call, resolves the current one.
 
     Arrays of at least ``MIN_BYTES`` reuse a released buffer of the same size on the same
     device and stream when there is one. The memory is a fresh ``MemoryPointer`` (the lease)
@@ -174,6 +233,8 @@ def empty(shape, dtype, stream):
     through ``__cuda_array_interface__``; the lease's finalizer hands the arena back to the
     pool when the last of them is gone.
     """
+    if stream is None:
+        stream = resolve_stream(None)
     shape = tuple(int(s) for s in shape)
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize
@@ -216,10 +277,34 @@ def _c_strides(shape, itemsize: int) -> tuple:
 @cuda.jit
 def convert(src, dst):
     """``dst[i] = src[i]`` with dtype conversion (1-D): float64 results to an output dtype,
-    int32 class indices to int64, strided to contiguous."""
+    int32 class indices to int64, strided to contiguous.
+
+    src: (n,) any dtype, any stride; dst: (n,) the dtype converted to.
+    """
     i = cuda.grid(1)
     if i < dst.shape[0]:
         dst[i] = src[i]
+
+
+#: Values per block of the first launch of :func:`device_sum`.
+_SUM_CHUNK = 1 << 15
+
+
+def device_sum(values, out, stream):
+    """``out[0] = sum(values)``, float64, in a fixed order.
+
+    ``values``: 1-D device array (any float dtype); ``out``: device array of >= 1 float64 entry.
+    Two launches of ``_reduce.sum_chunks``: fixed chunks of ``2**15`` values -> float64 partials
+    -> one block.
+    """
+    n = values.shape[0]
+    n_chunks = launch_blocks(n, _SUM_CHUNK)
+    if n_chunks == 1:
+        sum_chunks[1, THREADS, stream](values, out, _SUM_CHUNK)
+        return
+    partials = empty((n_chunks,), np.float64, stream)
+    sum_chunks[n_chunks, THREADS, stream](values, partials, _SUM_CHUNK)
+    sum_chunks[1, THREADS, stream](partials, out, n_chunks)
 
 
 def resolve_stream(stream):

@@ -79,8 +79,8 @@ def kernel_signatures():
         acc = _acc(name)
         pure32 = name != "float64"
         sigs.append((f"cross_entropy._ce_rows[{name}]", ce._ce_rows.py_func,
-                     (_arr3(t), _vec(i64), _arr3(t), b1, _vec(f64), i64, f64, f64, _vec(acc),
-                      _vec(f64), _vec(f64), b1, _arr3(t), _vec(f64), b1), pure32))
+                     (i64, _arr3(t), _vec(i64), _arr3(t), b1, _vec(f64), i64, f64, f64,
+                      _vec(acc), _vec(f64), _vec(f64), _arr3(t), _vec(f64)), pure32))
         sigs.append((f"cross_entropy._scaled_copy[{name}]", ce._scaled_copy.py_func,
                      (_vec(t), _vec(f64), f64), False))
         sigs.append((f"_arrays.convert[{name}->float64]", _arrays.convert.py_func,
@@ -126,7 +126,7 @@ def kernel_signatures():
          (_mat(f64), _mat(f64), _mat(f64), _vec(f64), _vec(f64)), False),
         ("batch_norm._sum_grad_parts", bn._sum_grad_parts.py_func,
          (_mat(f64), _mat(f64), _vec(f64), _vec(f64)), False),
-        ("_reduce._sum_chunks", _reduce._sum_chunks.py_func,
+        ("_reduce.sum_chunks", _reduce.sum_chunks.py_func,
          (_vec(f64), _vec(f64), i64), False),
     ]
     return sigs
@@ -164,7 +164,7 @@ def compile_all(cc=(9, 0), report=print):
 
 
 def _simulated() -> bool:
-    from ._reduce import SIMULATED
+    from ._target import SIMULATED
     return SIMULATED
 
 

@@ -1,4 +1,5 @@
-"""Reduction building blocks shared by every ``@cuda.jit`` kernel of fusedgrad.
+"""Reductions shared by every ``@cuda.jit`` kernel of fusedgrad: in a group of threads, in a
+block, and over a grid.
 
 Determinism is part of the contract: no floating-point atomics anywhere. Every reduction combines
 values in an order fixed by the launch shape (threads per block, number of blocks), which the
@@ -9,9 +10,9 @@ Two implementations of the in-block reduction, chosen once at import time:
 * real GPU: a warp reduces with ``cuda.shfl_down_sync`` (tree 16, 8, 4, 2, 1 lanes), lane 0 of
   each warp stores its value in shared memory, thread 0 of the group folds the per-warp values
   in warp order;
-* Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``, detected through
-  ``numba.cuda.core.config.ENABLE_CUDASIM``): the simulator has no warp shuffles, so a
-  shared-memory tree (halving strides with ``syncthreads``) does the same job.
+* Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``, see ``_target.SIMULATED``): the simulator
+  has no warp shuffles, so a shared-memory tree (halving strides with ``syncthreads``) does the
+  same job.
 
 Both are selected under the single name :func:`group_reduce`, so kernels are written once. The
 PTX compilation test (``fusedgrad.cuda._compile``) runs without the simulator and therefore
@@ -23,25 +24,22 @@ GPU, 1 (a thread per row: nothing to reduce) or a multiple of 32 (whole warps, a
 the shuffles). Every thread of the block must call a group reduction the same number of times
 (they contain ``syncthreads``).
 
-Besides, this module holds the scalar building blocks of the kernels: the online-softmax update
-(running maximum and rescaled sum of exponentials, one read of the logits), shifted-data moments and
-Chan's merge of ``(count, mean, m2)`` triples, and :func:`segment_reduce`: a shared-memory
-tree that reduces (Chan merge or sum) the threads with the same ``threadIdx.x % segment`` (one
-channel per segment, used by batch norm).
+Besides the in-block reductions, this module holds the combine operations they use: a sum, a
+NaN-propagating maximum (:func:`combine`) and Chan's merge of ``(count, mean, m2)`` triples
+(:func:`chan_merge`), and :func:`segment_reduce`, a shared-memory tree that reduces (Chan merge
+or sum) the threads with the same ``threadIdx.x % segment`` (one channel per segment, used by
+batch norm). The scalar helpers of one operation live with its kernels (the online softmax in
+``cross_entropy.py``, the shifted-data moments in ``batch_norm.py``).
 
 Grid level: blocks never combine their results through atomics; each writes a partial, and a
-second launch folds the partials in index order (:func:`device_sum` for a 1-D array; the batch
-norm module merges per-channel partials the same way).
+second launch folds the partials in index order (:func:`sum_chunks` for a 1-D array, launched by
+``_arrays.device_sum``; the batch norm module merges per-channel partials the same way).
 """
 from __future__ import annotations
 
-import math
-
-import numpy as np
 from numba import cuda, float64
-from numba.cuda.core import config
 
-SIMULATED = bool(config.ENABLE_CUDASIM)
+from ._target import SIMULATED
 
 #: Operation codes for :func:`group_reduce` (sum, max) and :func:`segment_reduce` (sum, Chan);
 #: literal arguments, so the branches fold at compile time.
@@ -126,57 +124,6 @@ group_reduce = _group_reduce_tree if SIMULATED else _group_reduce_shuffle
 
 
 @cuda.jit(device=True, inline=True)
-def online_lse_update(running_max, running_sum, z, neg_inf):
-    """One step of the online softmax: fold logit ``z`` into ``(m, s = sum exp(z_j - m))``.
-
-        m' = max(m, z),   s' = s exp(m - m') + exp(z - m')
-
-    One ``exp`` per logit except when ``z`` raises the maximum. ``-inf`` logits (masks) add
-    nothing and never form ``inf - inf``. ``neg_inf`` is ``-inf`` in the accumulation dtype (typed
-    constants keep float32 kernels free of float64 arithmetic).
-    """
-    if z > running_max:
-        running_sum = running_sum * math.exp(running_max - z)
-        running_max = z
-    if z != neg_inf:
-        running_sum += math.exp(z - running_max)
-    return running_max, running_sum
-
-
-@cuda.jit(device=True, inline=True)
-def rescale_sum(running_max, running_sum, new_max, neg_inf):
-    """``s exp(m - M)``: a thread's partial sum of exponentials re-based on the group max ``M``."""
-    if running_max == neg_inf:
-        return running_sum
-    return running_sum * math.exp(running_max - new_max)
-
-
-@cuda.jit(device=True, inline=True)
-def lse_parts(row_max, row_sum, neg_inf):
-    """``(m, log(sum exp(z - m)))``, whose sum is ``lse``; kept apart so ``z - lse`` can be
-    formed as ``(z - m) - log_sum`` without rounding ``lse`` (large logits in float32).
-    A row of ``-inf`` logits gives ``(-inf, 0)``."""
-    if row_max == neg_inf:
-        return row_max, row_sum
-    return row_max, math.log(row_sum)
-
-
-@cuda.jit(device=True, inline=True)
-def shifted_moments(count, sum_shifted, sum_sq_shifted, shift):
-    """``(count, mean, m2)`` in float64 from sums of ``x - shift`` and ``(x - shift)^2``.
-
-    The shifted-data algorithm: with ``shift`` one of the values themselves, the cancellation in
-    ``m2 = S2 - S1^2 / n`` is harmless even when the mean is far from zero.
-    """
-    n = float64(count)
-    if count == 0:
-        return n, n, n
-    s1 = float64(sum_shifted)
-    mean_shift = s1 / n
-    return n, float64(shift) + mean_shift, max(float64(sum_sq_shifted) - s1 * mean_shift, 0.0)
-
-
-@cuda.jit(device=True, inline=True)
 def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
     """Chan et al.'s pairwise merge of two float64 ``(count, mean, m2)`` summaries.
 
@@ -234,8 +181,11 @@ def segment_reduce(a, b, c, s_a, s_b, s_c, segment, op):
 # Deterministic sum of a 1-D array on the device (grid level, no atomics)
 # --------------------------------------------------------------------------------------------
 @cuda.jit
-def _sum_chunks(values, partials, chunk):
+def sum_chunks(values, partials, chunk):
     """``partials[b] = sum(values[b*chunk:(b+1)*chunk])`` (float64), one block per chunk.
+
+    values: (n,) any float dtype; partials: (n_blocks,) float64 (one entry per block launched);
+    chunk: values per block.
 
     Each thread adds its strided elements in order, then :func:`group_reduce` folds the block's
     threads in a fixed tree: the result does not depend on scheduling.
@@ -249,24 +199,3 @@ def _sum_chunks(values, partials, chunk):
     total = group_reduce(total, scratch, OP_SUM)
     if cuda.threadIdx.x == 0:
         partials[cuda.blockIdx.x] = total
-
-
-_SUM_CHUNK = 1 << 15
-
-
-def device_sum(values, out, stream):
-    """``out[0] = sum(values)``, float64, in a fixed order.
-
-    ``values``: 1-D device array (any float dtype); ``out``: device array of >= 1 float64 entry.
-    Two launches: fixed chunks of ``2**15`` values -> float64 partials -> one block.
-    """
-    from . import _arrays
-
-    n = values.shape[0]
-    n_chunks = _arrays.launch_blocks(n, _SUM_CHUNK)
-    if n_chunks == 1:
-        _sum_chunks[1, THREADS, stream](values, out, _SUM_CHUNK)
-        return
-    partials = _arrays.empty((n_chunks,), np.float64, stream)
-    _sum_chunks[n_chunks, THREADS, stream](values, partials, _SUM_CHUNK)
-    _sum_chunks[1, THREADS, stream](partials, out, n_chunks)

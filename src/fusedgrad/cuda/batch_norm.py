@@ -1,14 +1,16 @@
-"""Batch normalization on NVIDIA GPUs: ``@cuda.jit`` kernels and their host launchers.
+"""Batch normalization on NVIDIA GPUs: the ``@cuda.jit`` kernels, the shifted-data moments they
+start from, and their host launchers.
 
 Backend interface: the same functions, arguments and semantics as ``fusedgrad.cpu.batch_norm``
 (see its docstring), on device arrays, each with an extra keyword ``stream=None`` (see
-``_arrays``): ``forward``, ``backward``, ``empty``, and the split building blocks
-``channel_stats``, ``normalize``, ``backward_reduce``, ``backward_elementwise``. Big arrays come
+``_arrays``): ``forward``, ``backward``, and the split building blocks ``channel_stats``,
+``normalize``, ``backward_reduce``, ``backward_elementwise``. Outputs are allocated with
+``_arrays.empty`` (the array interface of ``fusedgrad._device.arrays``). Big arrays come
 in the kernel layout ``(P, C, S)`` (any strides; NCHW -> ``(N, C, H*W)``, channels-last ->
 ``(N*H*W, C, 1)``); ``(C,)`` parameters may be float32 or float64 device arrays or ``None``.
 Results are new device arrays (``channel_stats``' count is a Python int).
 
-Math (seed, question 2), per channel over its m = P*S values:
+Math (``docs/derivations.md``, section 2), per channel over its m = P*S values:
 
     mean = sum x / m,  var = sum (x - mean)^2 / m,  invstd = 1 / sqrt(var + eps)
     y    = (x - mean) invstd w + b
@@ -42,9 +44,9 @@ from numba import cuda, float64
 
 from .._validate import stat_dtype
 from . import _arrays
-from ._arrays import DTYPES  # noqa: F401  (backend interface: the API reads backend.DTYPES)
-from ._reduce import (OP_CHAN, OP_SUM, SCRATCH_SIZE, SIMULATED, THREADS, WARP_SIZE, chan_merge,
-                      segment_reduce, shifted_moments)
+from ._reduce import (OP_CHAN, OP_SUM, SCRATCH_SIZE, THREADS, WARP_SIZE, chan_merge,
+                      segment_reduce)
+from ._target import SIMULATED
 
 #: Values a thread accumulates per part, on average: sets the number of parts per channel.
 _ITEMS_PER_THREAD = 4 if SIMULATED else 16
@@ -65,6 +67,21 @@ _MEAN_HI, _MEAN_LO, _ALPHA, _BETA, _GAMMA, _N_COEF = range(6)
 # --------------------------------------------------------------------------------------------
 # Device functions
 # --------------------------------------------------------------------------------------------
+@cuda.jit(device=True, inline=True)
+def _shifted_moments(count, sum_shifted, sum_sq_shifted, shift):
+    """``(count, mean, m2)`` in float64 from sums of ``x - shift`` and ``(x - shift)^2``.
+
+    The shifted-data algorithm: with ``shift`` one of the values themselves, the cancellation in
+    ``m2 = S2 - S1^2 / n`` is harmless even when the mean is far from zero.
+    """
+    n = float64(count)
+    if count == 0:
+        return n, n, n
+    s1 = float64(sum_shifted)
+    mean_shift = s1 / n
+    return n, float64(shift) + mean_shift, max(float64(sum_sq_shifted) - s1 * mean_shift, 0.0)
+
+
 @cuda.jit(device=True, inline=True)
 def _part_positions(n_positions, n_parts, part):
     """``[start, stop)`` of the positions of one part: equal contiguous ranges, fixed by shape."""
@@ -124,7 +141,14 @@ def _accumulate_pair(x3, dy3, with_grad, c, start, stop, step, n_inner, shift, m
 @cuda.jit
 def _partials(x3, dy3, with_grad, coef, invstd, seg, n_parts, part_a, part_b, part_c):
     """One partial per (part, channel) of a (P, C, S) array, float64, for block
-    ``(channel block, part)``:
+    ``(channel block, part)``.
+
+    x3: (P, C, S), float16 / bfloat16 / float32 / float64;
+    dy3: (P, C, S), the dtype of x3;
+    coef: (6, C), or (1, 1) for the statistics, the accumulation dtype (float64 for float64
+    x3, else float32);
+    invstd: (C,) any float dtype;
+    part_a, part_b, part_c: (n_parts, C) float64, written.
 
     * statistics (``with_grad`` false): ``(count, mean, m2)`` of ``x3`` into
       ``part_a, part_b, part_c`` (``dy3``, ``invstd`` are dummies; ``coef`` only gives the
@@ -152,13 +176,13 @@ def _partials(x3, dy3, with_grad, coef, invstd, seg, n_parts, part_a, part_b, pa
             mean_lo = coef[_MEAN_LO, c]
             inv = acc(invstd[c])
         else:
-            shift = acc(x3[0, c, 0])  # one of the channel's values: see shifted_moments
+            shift = acc(x3[0, c, 0])  # one of the channel's values: see _shifted_moments
         count, u, v = _accumulate_pair(x3, dy3, with_grad, c, start + lane, stop, lanes, n_inner,
                                        shift, mean_hi, mean_lo, inv, acc(0.0))
     if with_grad:
         segment_reduce(float64(u), float64(v), 0.0, s_a, s_b, s_c, seg, OP_SUM)
     else:
-        n, mean, m2 = shifted_moments(count, u, v, shift)
+        n, mean, m2 = _shifted_moments(count, u, v, shift)
         segment_reduce(n, mean, m2, s_a, s_b, s_c, seg, OP_CHAN)
     if lane == 0 and valid:
         part_a[cuda.blockIdx.y, c] = s_a[cuda.threadIdx.x]
@@ -169,7 +193,10 @@ def _partials(x3, dy3, with_grad, coef, invstd, seg, n_parts, part_a, part_b, pa
 
 @cuda.jit
 def _merge_stat_parts(part_count, part_mean, part_m2, mean, m2):
-    """Chan-merge the partials of each channel in part order (one thread per channel)."""
+    """Chan-merge the partials of each channel in part order (one thread per channel).
+
+    part_count, part_mean, part_m2: (n_parts, C) float64; mean, m2: (C,) float64, written.
+    """
     c = cuda.grid(1)
     if c >= mean.shape[0]:
         return
@@ -184,7 +211,10 @@ def _merge_stat_parts(part_count, part_mean, part_m2, mean, m2):
 
 @cuda.jit
 def _sum_grad_parts(part_dy, part_dy_xhat, sum_dy, sum_dy_xhat):
-    """Sum the partials of each channel in part order (one thread per channel)."""
+    """Sum the partials of each channel in part order (one thread per channel).
+
+    part_dy, part_dy_xhat: (n_parts, C) float64; sum_dy, sum_dy_xhat: (C,) float64, written.
+    """
     c = cuda.grid(1)
     if c >= sum_dy.shape[0]:
         return
@@ -217,7 +247,12 @@ def _finish_stats(mean64, m2_64, count, training, eps, running_mean, running_var
     """Per channel: the statistics that normalise (batch ones in training, running ones in eval),
     ``invstd = 1 / sqrt(var + eps)`` and, in training, the running-buffer update
     ``r = (1 - momentum) r + momentum stat`` with the unbiased variance ``m2 / (count - 1)``.
-    ``mean64`` holds the batch mean on entry (training) and the normalising mean on exit."""
+    ``mean64`` holds the batch mean on entry (training) and the normalising mean on exit.
+
+    mean64: (C,) float64; m2_64: (C,) float64 (read in training only); running_mean,
+    running_var: (C,) any float dtype (1-element stand-ins without ``has_running``);
+    invstd64: (C,) float64, written; mean_out, invstd_out: (C,) the stat dtype, written.
+    """
     c = cuda.grid(1)
     if c >= mean64.shape[0]:
         return
@@ -241,7 +276,11 @@ def _finish_stats(mean64, m2_64, count, training, eps, running_mean, running_var
 @cuda.jit
 def _normalize_coefficients(mean, invstd, weight, has_weight, bias, has_bias, coef):
     """Per channel: ``y = beta ((x - mean_hi) - mean_lo) + gamma``, ``beta = invstd w``,
-    ``gamma = b`` (``alpha = 0``: no dy term)."""
+    ``gamma = b`` (``alpha = 0``: no dy term).
+
+    mean, invstd: (C,) any float dtype; weight, bias: (C,) any float dtype (1-element stand-ins
+    without ``has_weight`` / ``has_bias``); coef: (6, C), the accumulation dtype, written.
+    """
     c = cuda.grid(1)
     if c >= coef.shape[1]:
         return
@@ -256,6 +295,10 @@ def _dx_coefficients(mean, invstd, weight, has_weight, sum_dy, sum_dy_xhat, coun
                      coef):
     """Per channel: ``dx = a dy + b (x - mean) + c`` with (training)
     ``a = w invstd``, ``b = -a invstd sum(dy xhat) / m``, ``c = -a sum(dy) / m``; eval: b = c = 0.
+
+    mean, invstd: (C,) any float dtype; weight: (C,) any float dtype (a 1-element stand-in
+    without ``has_weight``); sum_dy, sum_dy_xhat: (C,) float64; coef: (6, C), the accumulation
+    dtype, written.
     """
     ch = cuda.grid(1)
     if ch >= coef.shape[1]:
@@ -280,6 +323,10 @@ def _apply(x3, dy3, has_dy, coef, out3):
     With ``S > 1`` a row is one ``(p, c)`` (its channel computed once per row), threads along
     ``s``; with ``S == 1`` (rows / channels-last) a row is one ``p``, threads along ``c``. Short
     rows (7x7 maps) share a block (``blockDim.y`` rows). No per-element integer division.
+
+    x3: (P, C, S), float16 / bfloat16 / float32 / float64; dy3: (P, C, S), the dtype of x3
+    (read with ``has_dy`` only); coef: (6, C), the accumulation dtype; out3: (P, C, S), the dtype
+    of x3, written.
     """
     acc_zero = coef.dtype.type(0.0)
     n_channels = x3.shape[1]
@@ -333,20 +380,15 @@ def _optional_vector(name, vec, stream):
     """``(device array, present)``; a 1-element dummy stands in for ``None``."""
     if vec is None:
         return _arrays.empty((1,), np.float64, stream), False
-    return _arrays.as_device(name, vec), True
+    return _arrays.as_array(name, vec), True
 
 
 def _device3(name, arr):
-    arr = _arrays.as_device(name, arr)
+    arr = _arrays.as_array(name, arr)
     if arr.ndim != 3:
         raise ValueError(f"{name} must be a 3-D (P, C, S) kernel-layout array, got shape "
                          f"{tuple(arr.shape)}")
     return arr
-
-
-def empty(shape, dtype, *, stream=None):
-    """Uninitialised device array."""
-    return _arrays.empty(shape, dtype, _arrays.resolve_stream(stream))
 
 
 def _moments(x3, plan, stream):
@@ -385,8 +427,8 @@ def normalize(x3, mean, invstd, weight, bias, out3, *, stream=None):
     """``out3 = (x - mean) * invstd * weight + bias`` per channel; returns ``out3``."""
     x3, out3 = _device3("x3", x3), _device3("out3", out3)
     stream = _arrays.resolve_stream(stream)
-    _apply_normalize(x3, _Plan(x3), _arrays.as_device("mean", mean),
-                     _arrays.as_device("invstd", invstd), weight, bias, out3, stream)
+    _apply_normalize(x3, _Plan(x3), _arrays.as_array("mean", mean),
+                     _arrays.as_array("invstd", invstd), weight, bias, out3, stream)
     return out3
 
 
@@ -441,8 +483,8 @@ def backward_reduce(dy3, x3, mean, invstd, *, stream=None):
     """``(sum_dy, sum_dy_xhat)``: (C,) float64 device arrays."""
     dy3, x3 = _device3("dy3", dy3), _device3("x3", x3)
     stream = _arrays.resolve_stream(stream)
-    sums = _grad_sums(dy3, x3, _Plan(x3), _arrays.as_device("mean", mean),
-                      _arrays.as_device("invstd", invstd), stream)
+    sums = _grad_sums(dy3, x3, _Plan(x3), _arrays.as_array("mean", mean),
+                      _arrays.as_array("invstd", invstd), stream)
     return sums[0], sums[1]
 
 
@@ -461,9 +503,9 @@ def backward_elementwise(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, cou
     """``dx`` into ``out3`` from the (global) sums and ``count``; returns ``out3``."""
     dy3, x3, out3 = _device3("dy3", dy3), _device3("x3", x3), _device3("out3", out3)
     stream = _arrays.resolve_stream(stream)
-    _apply_dx(dy3, x3, _Plan(x3), _arrays.as_device("mean", mean),
-              _arrays.as_device("invstd", invstd), weight, _arrays.as_device("sum_dy", sum_dy),
-              _arrays.as_device("sum_dy_xhat", sum_dy_xhat), count, out3, training, stream)
+    _apply_dx(dy3, x3, _Plan(x3), _arrays.as_array("mean", mean),
+              _arrays.as_array("invstd", invstd), weight, _arrays.as_array("sum_dy", sum_dy),
+              _arrays.as_array("sum_dy_xhat", sum_dy_xhat), count, out3, training, stream)
     return out3
 
 
@@ -473,7 +515,7 @@ def backward(dy3, x3, mean, invstd, weight, out3, *, training, stream=None):
     dy3, x3, out3 = _device3("dy3", dy3), _device3("x3", x3), _device3("out3", out3)
     stream = _arrays.resolve_stream(stream)
     plan = _Plan(x3)
-    mean, invstd = _arrays.as_device("mean", mean), _arrays.as_device("invstd", invstd)
+    mean, invstd = _arrays.as_array("mean", mean), _arrays.as_array("invstd", invstd)
     sums = _grad_sums(dy3, x3, plan, mean, invstd, stream)
     _apply_dx(dy3, x3, plan, mean, invstd, weight, sums[0], sums[1], plan.count, out3,
               training, stream)

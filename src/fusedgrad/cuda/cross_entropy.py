@@ -1,19 +1,21 @@
-"""Softmax cross-entropy on NVIDIA GPUs: ``@cuda.jit`` kernels and their host launchers.
+"""Softmax cross-entropy on NVIDIA GPUs: the ``@cuda.jit`` kernels, the online-softmax device
+functions they use, and their host launchers.
 
 Backend interface: the same functions, arguments and results as ``fusedgrad.cpu.cross_entropy``
-(see its docstring), on device arrays: ``as_array``, ``shares_memory``, ``is_writeable``,
-``empty_like``, ``index_target``, ``check_index_target``, ``class_weights``,
-``target_weight_sum``, ``sample_scale``, ``per_sample``, ``sum_samples``, ``scalar_result``,
-``sample_result`` and the kernels ``fused``, ``forward``, ``backward``. Arrays are objects with
-``__cuda_array_interface__`` (wrapped zero-copy as Numba device arrays); results are Numba
-``DeviceNDArray`` objects. Per-sample arrays are flat float64 device arrays of length ``N * S``.
-The kernel entry points take two extra keywords: ``stream=None`` (see ``_arrays``) and
-``threads_per_row=None`` (override the launch shape chosen from C and S; tests use it to run
-every path on tiny inputs). ``target_weight_sum`` and ``sum_samples`` return Python floats, as
-the interface asks, so they synchronise with the device.
+(see its docstring), on device arrays: ``index_target``, ``check_index_target``,
+``class_weights``, ``target_weight_sum``, ``sample_scale``, ``per_sample``, ``sum_samples``,
+``scalar_result``, ``sample_result`` and the kernels ``fused``, ``forward``, ``backward``. The
+arrays themselves (wrapping, allocation, the ``out=`` checks) are ``fusedgrad.cuda._arrays``'s.
+Arrays are objects with ``__cuda_array_interface__`` (wrapped zero-copy as Numba device arrays);
+results are Numba ``DeviceNDArray`` objects. Per-sample arrays are flat float64 device arrays of
+length ``N * S``. The kernel entry points take two extra keywords: ``stream=None`` (see
+``_arrays``) and ``threads_per_row=None`` (override the launch shape chosen from C and S; tests
+use it to run every path on tiny inputs). ``target_weight_sum`` and ``sum_samples`` return
+Python floats, as the interface asks, so they synchronise with the device.
 
-Math (per sample; the same as ``fusedgrad.reference`` and the CPU kernels). With logits ``z``
-(C classes), ``lse = log sum_j exp(z_j)``, ``p = exp(z - lse)``, the smoothed target
+Math (per sample; the same as ``fusedgrad.reference`` and the CPU kernels; derived in
+``docs/derivations.md``, section 1(d)). With logits ``z`` (C classes),
+``lse = log sum_j exp(z_j)``, ``p = exp(z - lse)``, the smoothed target
 ``q_c = (1 - s) y_c + s / C`` (``y`` one-hot for class indices, the given probabilities
 otherwise) and class weights ``w``:
 
@@ -36,8 +38,9 @@ launch shape: a "group" of ``blockDim.x`` threads handles one sample and ``block
 share a block.
 
 * ``blockDim.x = 256 or 1024`` (large C): a block per sample; each thread runs the online softmax
-  over classes ``tx, tx + 256, ...`` (logits read once for the statistics), the group reduces
-  ``max``, the rescaled sums, ``A`` and ``B``; the second read of the row writes the gradient.
+  (:func:`_online_lse_update`) over classes ``tx, tx + 256, ...`` (logits read once for the
+  statistics), the group reduces ``max``, the rescaled sums, ``A`` and ``B``; the second read of
+  the row writes the gradient.
 * ``blockDim.x = 32`` (moderate C): a warp per sample, 8 samples per block.
 * ``blockDim.x = 1`` (small C, or ``S > 1`` where the class axis is strided): a thread per sample,
   256 samples per block; with ``S > 1`` neighbouring threads read neighbouring spatial positions,
@@ -45,8 +48,12 @@ share a block.
 
 Accumulation is float32 for float16/bfloat16/float32 logits and float64 for float64 (``acc``
 below: the dtype of the ``acc_like`` argument); per-sample losses and lse are stored as float64
-(the backend interface) and summed in float64 by the fixed-order device reduction of
-``_reduce``. Nothing uses floating-point atomics: results are bitwise reproducible.
+(the backend interface) and summed in float64 by the fixed-order ``_arrays.device_sum``.
+Nothing uses floating-point atomics: results are bitwise reproducible.
+
+Every launch of :func:`_ce_rows` runs in one of the modes of ``fusedgrad._options``
+(``MODE_FUSED``: loss, lse and gradient; ``MODE_FORWARD``: loss and lse; ``MODE_BACKWARD``: the
+gradient from a saved lse), the convention the CPU kernels share.
 """
 from __future__ import annotations
 
@@ -56,16 +63,52 @@ import numpy as np
 from numba import cuda, float64
 
 from .._device import is_device_array
+from .._options import MODE_BACKWARD, MODE_FORWARD, MODE_FUSED, sample_count
 from .._validate import stat_dtype
 from . import _arrays
-from ._arrays import DTYPES  # noqa: F401  (backend interface: the API reads backend.DTYPES)
-from ._reduce import (OP_MAX, OP_SUM, SCRATCH_SIZE, SIMULATED, THREADS, WARP_SIZE, device_sum,
-                      lse_parts, group_reduce, online_lse_update, rescale_sum)
+from ._reduce import OP_MAX, OP_SUM, SCRATCH_SIZE, THREADS, WARP_SIZE, group_reduce
+from ._target import SIMULATED
 
 
 # --------------------------------------------------------------------------------------------
 # Device functions
 # --------------------------------------------------------------------------------------------
+@cuda.jit(device=True, inline=True)
+def _online_lse_update(running_max, running_sum, z, neg_inf):
+    """One step of the online softmax: fold logit ``z`` into ``(m, s = sum exp(z_j - m))``.
+
+        m' = max(m, z),   s' = s exp(m - m') + exp(z - m')
+
+    One ``exp`` per logit except when ``z`` raises the maximum. ``-inf`` logits (masks) add
+    nothing and never form ``inf - inf``. ``neg_inf`` is ``-inf`` in the accumulation dtype (typed
+    constants keep float32 kernels free of float64 arithmetic).
+    """
+    if z > running_max:
+        running_sum = running_sum * math.exp(running_max - z)
+        running_max = z
+    if z != neg_inf:
+        running_sum += math.exp(z - running_max)
+    return running_max, running_sum
+
+
+@cuda.jit(device=True, inline=True)
+def _rescale_sum(running_max, running_sum, new_max, neg_inf):
+    """``s exp(m - M)``: a thread's partial sum of exponentials re-based on the group max ``M``."""
+    if running_max == neg_inf:
+        return running_sum
+    return running_sum * math.exp(running_max - new_max)
+
+
+@cuda.jit(device=True, inline=True)
+def _lse_parts(row_max, row_sum, neg_inf):
+    """``(m, log(sum exp(z - m)))``, whose sum is ``lse``; kept apart so ``z - lse`` can be
+    formed as ``(z - m) - log_sum`` without rounding ``lse`` (large logits in float32).
+    A row of ``-inf`` logits gives ``(-inf, 0)``."""
+    if row_max == neg_inf:
+        return row_max, row_sum
+    return row_max, math.log(row_sum)
+
+
 @cuda.jit(device=True, inline=True)
 def _class_coefficient(c, n, s, target_class, target_prob, is_prob, weight, keep,
                        smooth_per_class, acc_like):
@@ -102,7 +145,7 @@ def _row_statistics(logits, n, s, c_begin, c_step, shift, read_logits, target_cl
         a += coef
         if read_logits:
             z = logits[n, c, s] + acc_zero
-            running_max, running_sum = online_lse_update(running_max, running_sum, z, neg_inf)
+            running_max, running_sum = _online_lse_update(running_max, running_sum, z, neg_inf)
             if coef != acc_zero:  # q_c = 0 must not meet a -inf mask logit (0 * inf = nan)
                 b += coef * (z - shift)
     return running_max, running_sum, a, b
@@ -112,34 +155,46 @@ def _row_statistics(logits, n, s, c_begin, c_step, shift, read_logits, target_cl
 # Kernels
 # --------------------------------------------------------------------------------------------
 @cuda.jit
-def _ce_rows(logits, target_index, target_prob, is_prob, weight, ignore_index, smoothing, z_loss,
-             acc_like, lse, loss, compute_lse, grad, grad_scale, write_grad):
+def _ce_rows(mode, logits, target_index, target_prob, is_prob, weight, ignore_index, smoothing,
+             z_loss, acc_like, lse, loss, grad, grad_scale):
     """Statistics, loss and/or gradient of ``blockDim.y`` samples per block (module docstring).
 
-    logits (N, C, S) float; target_index (N*S,) int64 (a dummy with ``is_prob``); target_prob
-    (N, C, S) float (a dummy without ``is_prob``); weight (C,) float64; acc_like: any array of
-    the accumulation dtype; lse, loss (N*S,) float64; grad (N, C, S) of logits' dtype, may alias
-    logits (in-place: every element is read by the thread that then overwrites it);
-    grad_scale (1,) or (N*S,) float64.
+    logits: (N, C, S), float16 / bfloat16 / float32 / float64;
+    target_index: (N*S,) int64 class indices (a dummy with ``is_prob``);
+    target_prob: (N, C, S), the dtype of logits (a dummy without ``is_prob``);
+    weight: (C,) float64;
+    acc_like: (1,), the accumulation dtype (float64 for float64 logits, else float32);
+    lse: (N*S,) float64, written (``MODE_FUSED``, ``MODE_FORWARD``) or read (``MODE_BACKWARD``);
+    loss: (N*S,) float64, written unless ``MODE_BACKWARD``;
+    grad: (N, C, S), the dtype of logits, written unless ``MODE_FORWARD``; may alias logits
+    (in place: every element is read by the thread that then overwrites it);
+    grad_scale: (1,) or (N*S,) float64, the gradient's factor per sample.
 
-    ``compute_lse``: the forward statistics are computed and ``lse`` / ``loss`` stored;
-    otherwise ``lse`` is read. ``write_grad``: the gradient pass runs, times the sample's scale.
+    ``mode`` (``fusedgrad._options``): with ``MODE_FUSED`` or ``MODE_FORWARD`` the statistics are
+    computed and ``lse`` / ``loss`` stored, with ``MODE_BACKWARD`` the saved ``lse`` is read;
+    unless ``MODE_FORWARD`` the gradient pass runs, times the sample's scale.
     """
+    compute_lse = mode != MODE_BACKWARD
+    write_grad = mode != MODE_FORWARD
     acc = acc_like.dtype.type
     acc_zero = acc(0.0)
     neg_inf = acc(-math.inf)
     scratch = cuda.shared.array(SCRATCH_SIZE, acc_like.dtype)
 
+    # 1. this group's sample: row r = n * S + s; idle groups of the last block keep taking part
+    #    in the block's reductions (they contain syncthreads), on a valid row
     n_classes = logits.shape[1]
     n_spatial = logits.shape[2]
     n_rows = logits.shape[0] * n_spatial
     row = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
     active = row < n_rows
     if not active:
-        row = 0  # idle groups still take part in the block's reductions, on a valid row
+        row = 0
     n = row // n_spatial
     s = row - n * n_spatial
 
+    # 2. the sample's target: class and weight w_t, or probabilities; ignored samples read no
+    #    logits unless their lse is wanted
     smooth = acc(smoothing)
     keep = acc(1.0) - smooth
     smooth_per_class = smooth / acc(n_classes)
@@ -156,16 +211,19 @@ def _ce_rows(logits, target_index, target_prob, is_prob, weight, ignore_index, s
     if math.isinf(shift) or math.isnan(shift):
         shift = acc_zero  # K only has to be finite (a masked first class is -inf)
 
+    # 3. one read of the row: each thread's online (max, sum exp), A and B over its classes
     running_max, running_sum, a, b = _row_statistics(
         logits, n, s, c_begin, cuda.blockDim.x, shift, compute_lse, target_class, target_prob,
         is_prob, weight, keep, smooth_per_class, acc_like, neg_inf)
+
+    # 4. the group's sums and maximum; lse = center + log_sum, and the loss, by thread 0
     a = group_reduce(a, scratch, OP_SUM)
     if compute_lse:
         row_max = group_reduce(running_max, scratch, OP_MAX)
-        row_sum = group_reduce(rescale_sum(running_max, running_sum, row_max, neg_inf), scratch,
+        row_sum = group_reduce(_rescale_sum(running_max, running_sum, row_max, neg_inf), scratch,
                                OP_SUM)
         b = group_reduce(b, scratch, OP_SUM)
-        center, log_sum = lse_parts(row_max, row_sum, neg_inf)
+        center, log_sum = _lse_parts(row_max, row_sum, neg_inf)
         row_lse = center + log_sum
         if active and cuda.threadIdx.x == 0:
             lse[row] = row_lse
@@ -179,6 +237,8 @@ def _ce_rows(logits, target_index, target_prob, is_prob, weight, ignore_index, s
         log_sum = acc_zero
         row_lse = center
 
+    # 5. second read of the row: grad = scale (p (A + 2 z_loss w_t lse) - w q), zeros for
+    #    ignored samples and where the scale is 0
     if write_grad and active:
         scale = acc_zero
         if valid:
@@ -197,7 +257,10 @@ def _ce_rows(logits, target_index, target_prob, is_prob, weight, ignore_index, s
 @cuda.jit
 def _first_bad_target(target, n_classes, ignore_index, first_bad):
     """``first_bad[0] = min`` flat position of a target outside ``[0, C)`` and not ignored
-    (integer atomics: the result does not depend on the order)."""
+    (integer atomics: the result does not depend on the order).
+
+    target: (N*S,) int64; first_bad: (1,) int64, holding N*S on entry.
+    """
     i = cuda.grid(1)
     if i < target.shape[0]:
         t = target[i]
@@ -207,7 +270,10 @@ def _first_bad_target(target, n_classes, ignore_index, first_bad):
 
 @cuda.jit
 def _target_weights(target, weights, ignore_index, sample_weight):
-    """Per-sample ``w_t`` (0 for ignored samples): summed, the weighted-mean denominator."""
+    """Per-sample ``w_t`` (0 for ignored samples): summed, the weighted-mean denominator.
+
+    target: (N*S,) int64; weights: (C,) float64; sample_weight: (N*S,) float64, written.
+    """
     i = cuda.grid(1)
     if i < target.shape[0]:
         t = target[i]
@@ -216,7 +282,10 @@ def _target_weights(target, weights, ignore_index, sample_weight):
 
 @cuda.jit
 def _scaled_copy(src, dst, factor):
-    """``dst[i] = factor * src[i]`` with dtype conversion (1-D)."""
+    """``dst[i] = factor * src[i]`` with dtype conversion (1-D).
+
+    src: (n,) any float dtype, any stride; dst: (n,) float64.
+    """
     i = cuda.grid(1)
     if i < dst.shape[0]:
         dst[i] = factor * float64(src[i])
@@ -224,6 +293,7 @@ def _scaled_copy(src, dst, factor):
 
 @cuda.jit
 def _fill(dst, value):
+    """``dst[i] = value``. dst: (n,) float64."""
     i = cuda.grid(1)
     if i < dst.shape[0]:
         dst[i] = value
@@ -239,43 +309,8 @@ def _threads_per_row(n_classes: int, n_spatial: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Array handling (backend interface)
+# Preparing the kernels' arrays (backend interface)
 # --------------------------------------------------------------------------------------------
-def as_array(name, value):
-    return _arrays.as_device(name, value)
-
-
-def _byte_range(a):
-    """``[first, last]`` byte addresses an array can touch (its extent, strides considered)."""
-    if SIMULATED:
-        start = a._ary.__array_interface__["data"][0]
-    else:
-        start = a.__cuda_array_interface__["data"][0]
-    low = start + sum(min(0, (n - 1) * st) for n, st in zip(a.shape, a.strides))
-    high = start + sum(max(0, (n - 1) * st) for n, st in zip(a.shape, a.strides))
-    return low, high + a.dtype.itemsize - 1
-
-
-def shares_memory(a, b) -> bool:
-    """Whether the memory extents of two device arrays overlap (conservative for strides)."""
-    a, b = _arrays.as_device("a", a), _arrays.as_device("b", b)
-    if a.size == 0 or b.size == 0:
-        return False
-    a_low, a_high = _byte_range(a)
-    b_low, b_high = _byte_range(b)
-    return a_low <= b_high and b_low <= a_high
-
-
-def is_writeable(a) -> bool:
-    if SIMULATED:
-        return bool(a._ary.flags.writeable)
-    return not a.__cuda_array_interface__["data"][1]
-
-
-def empty_like(logits):
-    return _arrays.empty(logits.shape, logits.dtype, _arrays.resolve_stream(None))
-
-
 def _flat(name, a):
     """1-D view of a device array whose axes merge into one stride (see ``_arrays``)."""
     if a.ndim == 1:
@@ -291,7 +326,7 @@ def _blocks(n):
 def index_target(target, *, stream=None):
     """Flat contiguous int64 class indices (int32 or strided input is converted on device)."""
     stream = _arrays.resolve_stream(stream)
-    flat = _flat("target", _arrays.as_device("target", target))
+    flat = _flat("target", _arrays.as_array("target", target))
     if flat.dtype == np.int64 and flat.strides[0] == 8:
         return flat
     out = _arrays.empty((flat.shape[0],), np.int64, stream)
@@ -320,7 +355,7 @@ def class_weights(weight, n_classes, *, stream=None):
         _fill[_blocks(n_classes), THREADS, stream](out, 1.0)
     else:
         _arrays.convert[_blocks(n_classes), THREADS, stream](
-            _flat("weight", _arrays.as_device("weight", weight)), out)
+            _flat("weight", _arrays.as_array("weight", weight)), out)
     return out
 
 
@@ -334,7 +369,7 @@ def target_weight_sum(target, weights, ignore_index, *, stream=None) -> float:
     sample_weight = _arrays.empty((n,), np.float64, stream)
     _target_weights[_blocks(n), THREADS, stream](target, weights, ignore_index, sample_weight)
     total = _arrays.empty((1,), np.float64, stream)
-    device_sum(sample_weight, total, stream)
+    _arrays.device_sum(sample_weight, total, stream)
     return _to_host_float(total, stream)
 
 
@@ -345,7 +380,7 @@ def sample_scale(grad_loss, factor, n_samples, *, stream=None):
     if grad_loss is None or np.ndim(grad_loss) == 0 and not is_device_array(grad_loss):
         value = 1.0 if grad_loss is None else float(grad_loss)
         return cuda.to_device(np.array([factor * value], dtype=np.float64), stream=stream)
-    values = _flat("grad_loss", _arrays.as_device("grad_loss", grad_loss))
+    values = _flat("grad_loss", _arrays.as_array("grad_loss", grad_loss))
     if values.shape[0] != 1 and values.shape[0] != n_samples:
         raise ValueError(f"grad_loss must hold 1 or {n_samples} values, got {values.shape[0]}")
     out = _arrays.empty((values.shape[0],), np.float64, stream)
@@ -356,7 +391,7 @@ def sample_scale(grad_loss, factor, n_samples, *, stream=None):
 def per_sample(values, n_samples, *, stream=None):
     """A per-sample device array (e.g. the saved ``lse``) as flat float64, length ``N * S``."""
     stream = _arrays.resolve_stream(stream)
-    flat = _flat("lse", _arrays.as_device("lse", values))
+    flat = _flat("lse", _arrays.as_array("lse", values))
     if flat.dtype == np.float64 and flat.strides[0] == 8:
         return flat
     out = _arrays.empty((n_samples,), np.float64, stream)
@@ -365,10 +400,10 @@ def per_sample(values, n_samples, *, stream=None):
 
 
 def sum_samples(values, *, stream=None) -> float:
-    """Sum of a per-sample float64 device array in a fixed order (``_reduce.device_sum``)."""
+    """Sum of a per-sample float64 device array in a fixed order (``_arrays.device_sum``)."""
     stream = _arrays.resolve_stream(stream)
     total = _arrays.empty((1,), np.float64, stream)
-    device_sum(values, total, stream)
+    _arrays.device_sum(values, total, stream)
     return _to_host_float(total, stream)
 
 
@@ -393,22 +428,23 @@ def sample_result(values, sample_shape, dtype, *, stream=None):
 def fused(logits, target, weights, grad, grad_scale, options, *, stream=None,
           threads_per_row=None):
     """Per-sample losses (float64 device array, N * S); writes ``grad`` in the same kernel."""
-    n = _n_samples(logits)
+    n = sample_count(logits.shape)
     stream = _arrays.resolve_stream(stream)
     loss = _arrays.empty((n,), np.float64, stream)
     lse = _arrays.empty((n,), np.float64, stream)
-    _run(logits, target, weights, options, lse, loss, True, grad, grad_scale, stream,
+    _run(MODE_FUSED, logits, target, weights, options, lse, loss, grad, grad_scale, stream,
          threads_per_row)
     return loss
 
 
 def forward(logits, target, weights, options, *, stream=None, threads_per_row=None):
     """``(loss, lse)`` per sample (float64 device arrays, N * S); writes nothing else."""
-    n = _n_samples(logits)
+    n = sample_count(logits.shape)
     stream = _arrays.resolve_stream(stream)
     loss = _arrays.empty((n,), np.float64, stream)
     lse = _arrays.empty((n,), np.float64, stream)
-    _run(logits, target, weights, options, lse, loss, True, None, None, stream, threads_per_row)
+    _run(MODE_FORWARD, logits, target, weights, options, lse, loss, None, None, stream,
+         threads_per_row)
     return loss, lse
 
 
@@ -416,37 +452,37 @@ def backward(logits, target, weights, lse, grad, grad_scale, options, *, stream=
              threads_per_row=None):
     """Writes ``grad`` from the saved per-sample ``lse`` (float64 device array, N * S)."""
     stream = _arrays.resolve_stream(stream)
-    _run(logits, target, weights, options, lse, lse, False, grad, grad_scale, stream,
+    _run(MODE_BACKWARD, logits, target, weights, options, lse, lse, grad, grad_scale, stream,
          threads_per_row)
 
 
-def _n_samples(logits) -> int:
-    return int(logits.shape[0]) * int(np.prod(logits.shape[2:], dtype=np.int64))
-
-
-def _run(logits, target, weights, options, lse, loss, compute_lse, grad, grad_scale, stream,
+def _run(mode, logits, target, weights, options, lse, loss, grad, grad_scale, stream,
          threads_per_row):
-    """Views the arrays as (N, C, S) and launches :func:`_ce_rows` (see module docstring)."""
-    logits3 = _arrays.view3("logits", _arrays.as_device("logits", logits), 1)
+    """Views the arrays as (N, C, S) and launches :func:`_ce_rows` in ``mode`` (see the module
+    docstring). The arrays a mode does not touch get stand-ins, since the kernel's arguments
+    are arrays in every mode: the logits for ``grad`` and ``lse`` for ``grad_scale``
+    (``MODE_FORWARD``), ``lse`` for ``loss`` (``MODE_BACKWARD``)."""
+    logits3 = _arrays.view3("logits", _arrays.as_array("logits", logits), 1)
     n_classes, n_spatial = int(logits3.shape[1]), int(logits3.shape[2])
     is_prob = target.dtype.kind == "f" or target.dtype == _arrays.BFLOAT16
     if is_prob:
-        target_prob = _arrays.view3("target", _arrays.as_device("target", target), 1)
+        target_prob = _arrays.view3("target", _arrays.as_array("target", target), 1)
         target_index = _arrays.empty((1,), np.int64, stream)
     else:
         target_prob = logits3
         target_index = target
-    write_grad = grad is not None
-    grad3 = _arrays.view3("grad", _arrays.as_device("grad", grad), 1) if write_grad else logits3
-    if not write_grad:
+    if mode == MODE_FORWARD:
+        grad3 = logits3
         grad_scale = lse
+    else:
+        grad3 = _arrays.view3("grad", _arrays.as_array("grad", grad), 1)
     acc_like = _arrays.empty((1,), stat_dtype(logits3.dtype), stream)
 
     per_row = threads_per_row or _threads_per_row(n_classes, n_spatial)
     threads = max(THREADS, per_row)
     rows_per_block = threads // per_row
-    blocks = _arrays.launch_blocks(_n_samples(logits), rows_per_block)
+    blocks = _arrays.launch_blocks(sample_count(logits.shape), rows_per_block)
     _ce_rows[blocks, (per_row, rows_per_block), stream](
-        logits3, target_index, target_prob, is_prob, weights, int(options.ignore_index),
-        float(options.label_smoothing), float(options.z_loss), acc_like, lse, loss,
-        bool(compute_lse), grad3, grad_scale, write_grad)
+        mode, logits3, target_index, target_prob, is_prob, weights, int(options.ignore_index),
+        float(options.label_smoothing), float(options.z_loss), acc_like, lse, loss, grad3,
+        grad_scale)
