@@ -1,7 +1,9 @@
-"""Softmax cross-entropy forward + backward, float32: fusedgrad vs PyTorch vs NumPy."""
+"""Softmax cross-entropy forward + backward, float32: fusedgrad vs PyTorch eager,
+torch.compile, JAX and NumPy."""
 import pytest
 
-from fusedgrad._bench import IMPLEMENTATIONS, standard_cases
+from fusedgrad._bench import standard_cases
+from fusedgrad._bench_peers import IMPLEMENTATIONS
 
 CASES = standard_cases("cpu", "cross_entropy")
 

@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 
 import fusedgrad
-from fusedgrad import _bench
+from fusedgrad import _bench, _bench_peers, _bench_report
 from fusedgrad.__main__ import main
 
 SMOKE_CASES = ["ce_small", "bn_small", "model_small"]
-RECORD_FIELDS = {"case", "op", "layout", "shape", "dtype", "device", "timings", "notes",
-                 "speedup_vs_torch", "speedup_vs_reference", "bytes", "roofline_s", "GBps",
-                 "roofline_pct", "speedup_at_roofline"}
+RECORD_FIELDS = {"case", "op", "layout", "shape", "dtype", "device", "bytes",
+                 "working_set_bytes", "notes", "states"}
+STATE_FIELDS = {"timings", "speedup", "notes", "best_peer", "speedup_vs_best_peer",
+                "roofline_s", "GBps", "roofline_pct"}
 
 
 def run_cli(*args, env=None, timeout=120):
@@ -63,72 +64,98 @@ def test_info_prints_versions_threads_layer_gpu_and_cache(tmp_path):
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory):
-    """One quick run of the smoke cases on the CPU with --json and --plot (shared by tests)."""
+    """One quick run of the smoke cases on the CPU with --json and --plot, in both allocator
+    states (shared by tests)."""
     folder = tmp_path_factory.mktemp("bench")
     json_path, png_path = folder / "report.json", folder / "speedups.png"
-    result = run_cli("bench", "--quick", "--device", "cpu", "--cases", ",".join(SMOKE_CASES),
-                     "--json", str(json_path), "--plot", str(png_path), timeout=240)
+    env = _bench.environment_for("default")  # this run's own state: glibc's default
+    result = subprocess.run(
+        [sys.executable, "-m", "fusedgrad", "bench", "--quick", "--device", "cpu", "--cases",
+         ",".join(SMOKE_CASES), "--json", str(json_path), "--plot", str(png_path)],
+        capture_output=True, text=True, timeout=900, env=env)
     return result, json_path, png_path
 
 
-def test_bench_quick_runs_and_prints_an_aligned_table(quick_report):
+def test_bench_quick_runs_and_prints_aligned_tables(quick_report):
     result, _, _ = quick_report
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    assert any(line.startswith("copy bandwidth:") and "GB/s" in line for line in lines)
-    header = next(i for i, line in enumerate(lines) if line.startswith("case "))
-    table = lines[header:header + 2 + len(SMOKE_CASES)]
-    assert [row.split()[0] for row in table[2:]] == SMOKE_CASES
-    assert [f"running {case}" in result.stderr for case in SMOKE_CASES] == [True] * 3
-    # Every row, like the header, ends with the right-aligned last column: same length.
-    assert len({len(row) for row in table}) == 1, "\n".join(table)
+    for state in ("glibc default", "freed memory kept"):
+        assert any(line.startswith(f"memory bandwidth, {state}: ") and "GB/s" in line
+                   for line in lines)
+    headers = [i for i, line in enumerate(lines) if line.startswith("case ")]
+    assert len(headers) == 2  # speed-ups, then times
+    for header in headers:
+        table = lines[header:header + 2 + len(SMOKE_CASES)]
+        assert [row.split()[0] for row in table[2:]] == SMOKE_CASES
+        # Every row, like the header, ends with the right-aligned last column: same length.
+        assert len({len(row) for row in table}) == 1, "\n".join(table)
+    speedups = lines[headers[0]]
+    for column in ("fusedgrad ms", "PyTorch eager", "torch.compile", "vs best peer", "% roof"):
+        assert column in speedups
+    for case in SMOKE_CASES:
+        assert f"running {case}" in result.stderr
+        assert result.stderr.count(f"running {case} ") == 2  # once per allocator state
 
 
-def test_bench_json_has_machine_bandwidth_and_result_records(quick_report):
+def test_bench_json_has_both_allocator_states_every_peer_and_the_roofline(quick_report):
     result, json_path, _ = quick_report
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(json_path.read_text())
-    assert set(report) == {"machine", "copy_bandwidth_GBps", "copy_bandwidth_samples_GBps",
-                           "results"}
-    assert report["copy_bandwidth_GBps"] == max(report["copy_bandwidth_samples_GBps"]) > 0
+    assert set(report) == {"machine", "states", "state_labels", "state_environments",
+                           "bandwidth", "copy_bandwidth_GBps", "results"}
+    assert report["states"] == ["default", "no_faults"]
     machine = report["machine"]
     assert machine["numba_threads"] >= 1 and machine["versions"]["numba"] == numba.__version__
+    for state in report["states"]:
+        bandwidth = report["bandwidth"][state]
+        probes = bandwidth["probes"]
+        assert sorted(p["probe"] for p in probes) == sorted(
+            2 * [p.name for p in _bench.HOST_PROBES])
+        assert bandwidth["GBps"] == max(p["GBps"] for p in probes if p["roofline"]) > 0
+        assert [p["roofline"] for p in probes if p["probe"] == "parallel memcpy"] == [False] * 2
+    assert report["copy_bandwidth_GBps"] == report["bandwidth"]["default"]["GBps"]
     assert [r["case"] for r in report["results"]] == SMOKE_CASES
+    torch_installed = _bench_peers.import_torch() is not None
     for record in report["results"]:
         assert RECORD_FIELDS <= set(record), record
-        assert "error" not in record, record["error"]
         assert record["device"] == "cpu"
-        fused = record["timings"]["fusedgrad"]
-        assert 0 < fused["min_s"] <= fused["median_s"]
-        assert fused["repeats"] >= _bench.QUICK_SETTINGS.repeats
-        assert fused["minor_faults_per_call"] >= 0
+        assert set(record["states"]) == {"default", "no_faults"}
+        for state, outcome in record["states"].items():
+            assert "error" not in outcome, outcome["error"]
+            assert STATE_FIELDS <= set(outcome), outcome
+            fused = outcome["timings"]["fusedgrad"]
+            assert 0 < fused["min_s"] <= fused["median_s"]
+            assert fused["repeats"] >= _bench.QUICK_SETTINGS.repeats
+            assert fused["minor_faults_per_call"] >= 0
+            peers = {p: x for p, x in outcome["speedup"].items() if p in _bench_peers.PEERS}
+            if torch_installed:
+                assert "torch" in peers
+            if peers:
+                assert outcome["speedup_vs_best_peer"] == min(peers.values())
+                assert peers[outcome["best_peer"]] == outcome["speedup_vs_best_peer"]
+            # The NumPy reference is timed once, in this process's state.
+            assert ("reference" in outcome["timings"]) == (
+                state == "default" and record["op"] != "model")
     ce, bn, model = report["results"]
     assert ce["bytes"] == 2 * 8 * 40 * 4 and bn["bytes"] == 5 * 2 * 4 * 3 * 3 * 4
-    assert ce["roofline_pct"] == pytest.approx(
-        100 * ce["bytes"] / (report["copy_bandwidth_GBps"] * 1e9) / ce["timings"]["fusedgrad"]
-        ["min_s"])
-    assert ce["speedup_vs_reference"] == pytest.approx(
-        ce["timings"]["reference"]["min_s"] / ce["timings"]["fusedgrad"]["min_s"])
-    if "torch" in bn["timings"]:
-        assert bn["speedup_at_roofline"] == pytest.approx(
-            bn["timings"]["torch"]["min_s"] / bn["roofline_s"])
-    assert model["bytes"] is None and model["speedup_vs_reference"] is None
-    assert model["speedup_at_roofline"] is None
-    if "torch" in model["timings"]:
-        assert model["speedup_vs_torch"] > 0 and model["paired_speedup_vs_torch"] > 0
-        assert set(model["fused_op_share"]) == {"fusedgrad", "torch"}
-        assert all(0 < share < 1 for share in model["fused_op_share"].values())
-        # Timed in a fresh process (the headline), then again in the benchmark's own.
-        assert model["process"] == "fresh"
-        again = model["in_bench_process"]
-        assert "error" not in again
-        assert set(again["timings"]) == {"fusedgrad", "torch"}
-        assert again["speedup_vs_torch"] == pytest.approx(
-            again["timings"]["torch"]["min_s"] / again["timings"]["fusedgrad"]["min_s"])
-        assert again["paired_speedup_vs_torch"] > 0
-        assert all(t["minor_faults_per_call"] >= 0 for t in again["timings"].values())
-        assert "model_small in a fresh process: median over" in result.stdout
-        assert "model_small in the benchmark process, after the other cases" in result.stdout
+    assert ce["working_set_bytes"] == 2 * 8 * 40 * 4 and bn["working_set_bytes"] == 4 * 72 * 4
+    for state, outcome in ce["states"].items():
+        assert outcome["roofline_pct"] == pytest.approx(
+            100 * ce["bytes"] / (report["bandwidth"][state]["GBps"] * 1e9)
+            / outcome["timings"]["fusedgrad"]["median_s"])
+    if torch_installed:
+        assert "torch_compile" in ce["states"]["default"]["speedup"]
+    if _bench_peers.import_jax() is None:
+        assert "jax not compared: JAX not installed (pip install jax)" in ce["notes"]
+    assert model["bytes"] is None
+    if torch_installed:
+        for outcome in model["states"].values():
+            assert set(outcome["timings"]) == {"fusedgrad", "torch"}
+            assert outcome["speedup"]["torch"] > 0
+            assert all(0 < share < 1 for share in outcome["fused_op_share"].values())
+        assert "model_small (glibc default, fresh process): step" in result.stdout
+        assert "model_small (freed memory kept, fresh process): step" in result.stdout
 
 
 def test_bench_plot_is_a_png(quick_report):
@@ -143,6 +170,7 @@ def test_bench_plot_is_a_png(quick_report):
     (["bench", "--cases", ","], "expected one or more case names"),
     (["bench", "--json", "/no/such/folder/report.json"], "does not exist"),
     (["bench", "--plot", "/no/such/folder/plot.png"], "does not exist"),
+    (["bench", "--allocator", "jemalloc"], "invalid choice"),
     (["bench", "--repeats", "3"], "unrecognized arguments"),
     (["frobnicate"], "invalid choice"),
     ([], "required"),
@@ -193,6 +221,34 @@ def test_roofline_bytes_count_the_passes_the_issues_define():
     assert _bench.roofline_bytes(bn, (64, 256, 28, 28)) == 5 * 64 * 256 * 28 * 28 * 4
     assert _bench.roofline_bytes(bn_eval, (64, 256, 28, 28)) == 2 * 64 * 256 * 28 * 28 * 4
     assert _bench.roofline_bytes(by_name["model_cnn"], (64, 3, 32, 32)) is None
+    # x, y, dy and dx: four input-sized arrays in training; x and y in eval.
+    assert _bench.working_set_bytes(bn, (64, 256, 28, 28)) == 4 * 64 * 256 * 28 * 28 * 4
+    assert _bench.working_set_bytes(bn_eval, (64, 256, 28, 28)) == 2 * 64 * 256 * 28 * 28 * 4
+
+
+def test_allocator_states_and_their_environments():
+    base = {"PATH": "/bin", "MALLOC_MMAP_MAX_": "0"}
+    assert _bench.allocator_state(base) == "default"  # one of the two settings is not enough
+    no_faults = _bench.environment_for("no_faults", base)
+    assert _bench.allocator_state(no_faults) == "no_faults"
+    assert no_faults["PATH"] == "/bin"
+    default = _bench.environment_for("default", no_faults)
+    assert _bench.allocator_state(default) == "default"
+    assert not set(_bench.NO_FAULT_ENV) & set(default)
+
+
+def test_bandwidth_probes_count_read_and_written_bytes():
+    settings = _bench.Settings(repeats=1, min_seconds=0.0, max_repeats=1)
+    measured = _bench.host_bandwidth(1 << 20, settings)
+    assert set(measured) == {p.name for p in _bench.HOST_PROBES}
+    assert all(v > 0 for v in measured.values())
+    dst, a, b = (np.full(5, v, np.float32) for v in (0.0, 1.0, 2.0))
+    _bench._parallel_triad(dst, a, b, np.float32(1.5))
+    np.testing.assert_array_equal(dst, 4.0)
+    assert [p.roofline for p in _bench.HOST_PROBES if p.name == "parallel memcpy"] == [False]
+    cache = _bench.last_level_cache_bytes()
+    assert cache is None or cache > 0
+    assert _bench.probe_buffer_bytes(False) >= max(_bench.HOST_COPY_BYTES, 2 * (cache or 0))
 
 
 def test_fuse_relu_model_case_converts_with_fused_relus():
@@ -202,8 +258,8 @@ def test_fuse_relu_model_case_converts_with_fused_relus():
     assert by_name["model_cnn_fuse_relu"].fuse_relu and not by_name["model_cnn"].fuse_relu
     rng = np.random.default_rng(0)
     for fuse_relu, expected in ((False, fgt.BatchNorm2d), (True, fgt.BatchNormReLU2d)):
-        (baseline, _), (converted, _), x, _ = _bench._model_pair(torch, (2, 3, 8, 8), "cpu",
-                                                                 rng, fuse_relu)
+        (baseline, _), (converted, _), x, _ = _bench_peers.model_pair(torch, (2, 3, 8, 8), "cpu",
+                                                                      rng, fuse_relu)
         norms = [type(m) for m in converted.modules() if isinstance(m, torch.nn.BatchNorm2d)]
         assert norms == [expected] * 3
         torch.testing.assert_close(converted(x), baseline(x), rtol=1e-5, atol=1e-5)
@@ -257,7 +313,21 @@ def test_paired_speedup_is_the_median_of_per_round_ratios():
     fused = _bench.Timing(1.0, 1.0, 3, [1.0, 1.0, 2.0])
     # Rounds 1-3 only (fusedgrad stopped earlier): ratios 2, 4, 0.5 -> median 2.
     assert _bench.paired_speedup(torch_timing, fused) == 2.0
+    assert _bench.paired_speedup(torch_timing, fused, scale=3.0) == 6.0  # a row subset, scaled
     assert _bench.paired_speedup(torch_timing, _bench.Timing(1.0, 1.0, 0, [])) is None
+
+
+def test_a_peer_whose_first_call_fails_is_dropped_with_a_note():
+    def broken():
+        raise RuntimeError("no compiler\nsecond line")
+
+    runners = [_bench_peers.Runner("fusedgrad", lambda: None),
+               _bench_peers.Runner("torch_compile", broken)]
+    working, notes = _bench._warm_up(runners, lambda: None)
+    assert [r.impl for r in working] == ["fusedgrad"]
+    assert notes == ["torch_compile not timed: its first call failed (RuntimeError: no compiler)"]
+    with pytest.raises(RuntimeError):  # fusedgrad itself failing is the case's error
+        _bench._warm_up([_bench_peers.Runner("fusedgrad", broken)], lambda: None)
 
 
 def test_timed_calls_count_the_pages_they_touch_for_the_first_time():
@@ -277,10 +347,10 @@ def test_timed_calls_count_the_pages_they_touch_for_the_first_time():
 
 
 def test_reference_runs_on_a_row_subset_only_above_the_budget():
-    small = _bench._reference_runner((64, 100), lambda rows: rows)
+    small = _bench_peers.reference_runner((64, 100), lambda rows: rows)
     assert small.scale == 1.0 and small.note == "" and small.fn() == 64
-    budget_rows = _bench.REFERENCE_ELEMENT_BUDGET // 128256
-    big = _bench._reference_runner((1024, 128256), lambda rows: rows)
+    budget_rows = _bench_peers.REFERENCE_ELEMENT_BUDGET // 128256
+    big = _bench_peers.reference_runner((1024, 128256), lambda rows: rows)
     assert big.fn() == budget_rows and big.scale == 1024 / budget_rows
     assert f"{budget_rows} of 1024 rows" in big.note
 
@@ -290,6 +360,35 @@ def test_select_cases_defaults_to_the_standard_cases():
     assert [c.name for c in _bench.select_cases("cuda", ["ce_small"])] == ["ce_small"]
     with pytest.raises(ValueError, match="unknown case"):
         _bench.select_cases("cpu", ["ce_vocab64k_f16"])
+
+
+def _synthetic_report(roofline_pct, working_set, cache):
+    outcome = {"timings": {"fusedgrad": {"min_s": 1e-3, "median_s": 1e-3, "repeats": 7,
+                                         "scale": 1.0, "minor_faults_per_call": 0}},
+               "speedup": {}, "notes": [], "best_peer": None, "speedup_vs_best_peer": None,
+               "roofline_s": 1e-3, "GBps": 10.0, "roofline_pct": roofline_pct}
+    return {"machine": {"last_level_cache_bytes": cache}, "states": ["default"],
+            "state_labels": {"default": "glibc default"}, "state_environments": {},
+            "bandwidth": {"default": {"GBps": 20.0, "best_probe": "parallel scale",
+                                      "probes": [{"probe": "parallel scale", "when": "before",
+                                                  "GBps": 20.0, "roofline": True}]}},
+            "results": [{"case": "bn_x", "op": "batch_norm_train", "layout": "NCHW",
+                         "shape": [2, 3], "dtype": "float32", "device": "cpu", "bytes": 10,
+                         "working_set_bytes": working_set, "notes": [],
+                         "states": {"default": outcome}}]}
+
+
+@pytest.mark.parametrize("working_set, says", [
+    (50 << 20, "fits in the 480 MiB last-level cache"),
+    (900 << 20, "is larger than the last-level cache")])
+def test_table_says_why_a_case_is_above_the_roofline(working_set, says):
+    out = io.StringIO()
+    _bench_report.Table(out).render(_synthetic_report(130.0, working_set, 480 << 20))
+    assert f"bn_x: above 100% of the roofline: its working set" in out.getvalue()
+    assert says in out.getvalue()
+    out = io.StringIO()
+    _bench_report.Table(out).render(_synthetic_report(90.0, working_set, 480 << 20))
+    assert "above 100%" not in out.getvalue()
 
 
 @pytest.mark.skipif(fusedgrad.cuda_available(), reason="a real GPU runs gpu_check.sh instead")
@@ -302,10 +401,12 @@ def test_bench_cuda_path_runs_in_the_simulator(tmp_path):
     assert "device-to-device copy" in result.stdout
     report = json.loads(json_path.read_text())
     assert report["machine"]["gpu"]["name"].startswith("Numba CUDA simulator")
+    assert report["states"] == ["device"]
     for record in report["results"]:
-        assert record["device"] == "cuda" and "error" not in record
-        assert record["timings"]["fusedgrad"]["min_s"] > 0
-        assert "reference" not in record["timings"]
+        outcome = record["states"]["device"]
+        assert record["device"] == "cuda" and "error" not in outcome
+        assert outcome["timings"]["fusedgrad"]["min_s"] > 0
+        assert "reference" not in outcome["timings"] and "jax" not in outcome["timings"]
         assert "NumPy reference not timed: it runs on the CPU only" in record["notes"]
 
 
@@ -313,10 +414,12 @@ def test_default_run_without_torch_skips_the_model_case(monkeypatch):
     """PyTorch is optional for ``bench``: the default run then skips the model-level case and
     succeeds, instead of reporting it as a failure."""
     smoke = [c for c in _bench.cases_for("cpu") if c.name in ("ce_small", "model_small")]
-    monkeypatch.setattr(_bench, "import_torch", lambda: None)
+    monkeypatch.setattr(_bench_peers, "import_torch", lambda: None)
     monkeypatch.setattr(_bench, "select_cases", lambda device, names=None: smoke)
     out = io.StringIO()
-    report = _bench.run("cpu", quick=True, out=out, progress=io.StringIO())
+    report = _bench.run("cpu", quick=True, allocator="current", out=out, progress=io.StringIO())
     assert [r["case"] for r in report["results"]] == ["ce_small"]
-    assert "error" not in report["results"][0]
+    (outcome,) = report["results"][0]["states"].values()
+    assert "error" not in outcome and "torch" not in outcome["timings"]
+    assert "torch not compared: PyTorch not installed" in report["results"][0]["notes"]
     assert "skipping model_small: the model-level case needs PyTorch" in out.getvalue()

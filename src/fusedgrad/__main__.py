@@ -1,7 +1,7 @@
 """Command line: ``python -m fusedgrad {bench,demo,info}`` (also the ``fusedgrad`` script).
 
     python -m fusedgrad bench [--quick] [--device auto|cpu|cuda] [--json PATH] [--plot PATH]
-                              [--cases NAME[,NAME...]]
+                              [--cases NAME[,NAME...]] [--allocator both|current]
     python -m fusedgrad demo [demo options...]   # forwarded to fusedgrad.demo.main
     python -m fusedgrad info
 
@@ -26,11 +26,14 @@ def _parsers() -> tuple:
     commands = parser.add_subparsers(dest="command", required=True, metavar="{bench,demo,info}")
 
     bench = commands.add_parser(
-        "bench", help="time fusedgrad against PyTorch and the NumPy reference",
-        description="Time fusedgrad against PyTorch (when installed) and the float64 NumPy "
-                    "reference, per case: best and median times, speed-ups, GB/s and the "
-                    "percentage of the memory roofline at the copy bandwidth measured in the "
-                    "same run.")
+        "bench", help="time fusedgrad against PyTorch, torch.compile, JAX and NumPy",
+        description="Time fusedgrad against every peer installed (PyTorch eager, "
+                    "torch.compile, JAX jit) and the float64 NumPy reference, per case: median "
+                    "times, the speed-up over each peer and over the best one (median of "
+                    "paired rounds), GB/s and the percentage of the memory roofline at the "
+                    "bandwidth measured in the same run. On the CPU every case is measured "
+                    "with glibc's default allocator settings and with freed memory kept "
+                    "(no page faults for new outputs), the second in a child process.")
     bench.add_argument("--quick", action="store_true",
                        help="smaller shapes and fewer repeats (about a minute)")
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -45,6 +48,9 @@ def _parsers() -> tuple:
                             "the names are listed in the output and by --list-cases")
     bench.add_argument("--list-cases", action="store_true",
                        help="print the case names of the chosen device and exit")
+    bench.add_argument("--allocator", choices=("both", "current"), default="both",
+                       help="CPU: measure in both allocator states (default), or only in the "
+                            "one this process's environment sets")
 
     commands.add_parser("demo", add_help=False,
                         help="train a small MLP with batch norm on scikit-learn's digits "
@@ -71,6 +77,7 @@ def _run_bench(parser, args) -> int:
             import matplotlib  # noqa: F401  (checked now so that no measurement is wasted)
         except ImportError:
             parser.error("--plot needs matplotlib: pip install 'fusedgrad[bench]'")
+    from fusedgrad import _bench_report
     device = _bench.resolve_device(args.device)
     if args.list_cases:
         for case in _bench.cases_for(device):
@@ -88,15 +95,17 @@ def _run_bench(parser, args) -> int:
               "pip install 'fusedgrad[cuda]')", file=sys.stderr)
         return 1
 
-    report = _bench.run(device, quick=args.quick, case_names=args.cases)
+    report = _bench.run(device, quick=args.quick, case_names=args.cases,
+                        allocator=args.allocator)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
         print(f"wrote {args.json}")
     if args.plot:
-        _bench.write_plot(report, args.plot)
+        _bench_report.write_plot(report, args.plot)
         print(f"wrote {args.plot}")
-    failed = [r["case"] for r in report["results"] if "error" in r]
+    failed = [r["case"] for r in report["results"]
+              if any("error" in result for result in r["states"].values())]
     if failed:
         print(f"error: {len(failed)} case(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1
