@@ -1,12 +1,21 @@
-"""Accuracy of the vectorisable exp (fusedgrad.cpu._math), measured in ulp.
+"""Accuracy of the vectorisable exp and tanh (fusedgrad.cpu._math), measured in ulp.
 
-The oracle is NumPy's exp in x87 extended precision (``np.longdouble``, 64-bit mantissa),
-which is accurate to far below a float64 ulp, so the measured error is our error.
+The oracles are NumPy's exp and tanh in x87 extended precision (``np.longdouble``, 64-bit
+mantissa), which are accurate to far below a float64 ulp, so the measured error is our error.
 """
+import re
+
 import numpy as np
 import pytest
 
-from fusedgrad.cpu._math import exp_array
+from numba import njit
+
+from fusedgrad.cpu._math import FASTMATH_SOFTMAX, exp_array, tanh_array
+
+# np.longdouble is x87 extended precision on x86-64 Linux; where it is plain float64 (other
+# platforms) it cannot measure a float64 function's error.
+EXTENDED = np.finfo(np.longdouble).nmant > np.finfo(np.float64).nmant
+needs_extended = pytest.mark.skipif(not EXTENDED, reason="np.longdouble is float64 here")
 
 # Dense sweeps over the whole useful range of each dtype, including the subnormal results
 # and both overflow / underflow edges.
@@ -83,3 +92,113 @@ def test_exp_subnormal_results(dtype):
     step = np.spacing(dtype(0))
     assert np.all(np.abs(got - exact) <= step + np.spacing(exact))
     assert np.count_nonzero(got) > 0.9 * np.count_nonzero(exact)
+
+
+# --------------------------------------------------------------------------------------------
+# tanh
+# --------------------------------------------------------------------------------------------
+#: Measured maxima are 1.03 ulp (float32) and 1.12 ulp (float64), just above the switch point.
+TANH_MAX_ULP = {np.float32: 1.1, np.float64: 1.2}
+
+
+def _tanh(x):
+    got = np.empty_like(x)
+    tanh_array(x, got)
+    return got
+
+
+def _tanh_ulp_error(x, got):
+    """|got - tanh(x)| in ulp of the correctly rounded result (its spacing in x's dtype)."""
+    exact = np.tanh(x.astype(np.longdouble))
+    spacing = np.spacing(np.abs(exact.astype(x.dtype))).astype(np.longdouble)
+    return np.abs(got.astype(np.longdouble) - exact) / spacing
+
+
+def _symmetric(values, dtype):
+    values = np.asarray(values).astype(dtype)
+    return np.concatenate([values, -values])
+
+
+@needs_extended
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("low,high", [(0.0, 20.0),       # everything, saturation included
+                                      (0.7, 0.8),        # around the switch point 0.75
+                                      (1e-6, 0.1),       # small: the polynomial alone
+                                      (8.5, 20.0)])      # rounding to +-1
+def test_tanh_dense_sweep_ulp(dtype, low, high):
+    x = _symmetric(np.linspace(low, high, 2_000_001), dtype)
+    ulp = _tanh_ulp_error(x, _tanh(x))
+    assert ulp.max() <= TANH_MAX_ULP[dtype], \
+        f"max error {ulp.max():.3f} ulp at x={x[ulp.argmax()]!r}"
+    assert ulp.mean() < 0.35
+
+
+@needs_extended
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tanh_every_float32_near_the_switch_point(dtype):
+    # Every float32 in [0.74, 0.76] (about 84000 of them), and the switch point's neighbours.
+    start = np.float32(0.74).view(np.int32)
+    stop = np.float32(0.76).view(np.int32)
+    x = np.arange(start, stop, dtype=np.int32).view(np.float32).astype(dtype)
+    switch = dtype(0.75)
+    x = _symmetric(np.concatenate([x, [np.nextafter(switch, dtype(0)), switch,
+                                       np.nextafter(switch, dtype(1))]]), dtype)
+    ulp = _tanh_ulp_error(x, _tanh(x))
+    assert ulp.max() <= TANH_MAX_ULP[dtype], f"max error {ulp.max():.3f} ulp"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tanh_tiny_and_subnormal_arguments_are_returned_unchanged(dtype):
+    # tanh(x) = x - x^3/3 + ...: x itself once x^2 / 3 is well below half an ulp (at
+    # sqrt(eps) = 2^-k exactly, the correctly rounded result is already the float below x).
+    info = np.finfo(dtype)
+    smallest_subnormal = np.nextafter(dtype(0), dtype(1))
+    tiny = np.concatenate([np.geomspace(smallest_subnormal, info.tiny, 1001),
+                           np.geomspace(info.tiny, np.sqrt(info.eps) / 2, 1001)]).astype(dtype)
+    x = _symmetric(tiny, dtype)
+    np.testing.assert_array_equal(_tanh(x), x)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tanh_random_arguments(dtype):
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(1_000_000) * rng.choice([0.1, 1.0, 5.0], 1_000_000)).astype(dtype)
+    reference = np.tanh(x.astype(np.float64)).astype(dtype) if dtype == np.float32 \
+        else np.tanh(x)
+    # Against the correctly rounded (float32) or libm (float64) value: within 1 ulp + rounding.
+    got = _tanh(x)
+    assert np.all(np.abs(got - reference) <= 2 * np.spacing(np.abs(reference)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tanh_special_values(dtype):
+    x = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e30, -1e30, 9.5, 19.5, 0.75, -0.75],
+                 dtype=dtype)
+    got = _tanh(x)
+    assert np.isnan(got[0])
+    assert got[1] == 1.0 and got[2] == -1.0
+    assert got[3] == 0.0 and not np.signbit(got[3])
+    assert got[4] == 0.0 and np.signbit(got[4])
+    assert got[5] == 1.0 and got[6] == -1.0
+    assert got[7] == 1.0 if dtype == np.float32 else got[7] < 1.0   # float32 saturates at 9.01
+    assert got[8] == 1.0                                             # float64 at 19.06
+    assert got[9] == -got[10]
+    assert np.all(np.abs(got[~np.isnan(got)]) <= 1.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tanh_is_monotonic_on_a_dense_grid(dtype):
+    # The kernels take the row maximum of the capped logits as the cap of the maximum.
+    x = np.linspace(-12.0, 12.0, 1_000_001).astype(dtype)
+    assert np.all(np.diff(_tanh(x)) >= 0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tanh_loop_is_vectorised_without_libm_calls(dtype):
+    # A fresh compilation of tanh_array's loop: code loaded from Numba's cache has no assembly.
+    loop = njit(fastmath=FASTMATH_SOFTMAX)(tanh_array.py_func)
+    x = np.linspace(-3.0, 3.0, 64).astype(dtype)
+    loop(x, np.empty_like(x))
+    asm = loop.inspect_asm(loop.signatures[0])
+    assert re.search(r"\b[yz]mm\d+", asm), "the loop was not vectorised"
+    assert not re.search(r"\$(tanh|tanhf|exp|expf)\b", asm), "a libm call is left in the loop"

@@ -91,16 +91,17 @@ def test_fused_forward_backward_match_reference(api, shape, prob, weighted, redu
 
 
 @cs.real_gpu
+@pytest.mark.parametrize("softcap", [None, 30.0])
 @pytest.mark.parametrize("n_classes", [10, 1000, 4096, 40000])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_every_launch_shape_at_the_size_that_selects_it(api, n_classes, dtype):
+def test_every_launch_shape_at_the_size_that_selects_it(api, n_classes, dtype, softcap):
     """C = 10, 1000, 4096 and 40000 choose a thread, a warp, 256 and 1024 threads per sample.
     Label smoothing and class weights take the most registers: a kernel that needs more than a
     1024-thread block can hold fails only at launch, on a real GPU (seen on the H200)."""
     rng = np.random.default_rng(n_classes)
     logits, target, weight = _problem(rng, (3, n_classes), ignore_every=3, weighted=True)
     logits = logits.astype(dtype)
-    kwargs = dict(label_smoothing=0.1, z_loss=1e-3)
+    kwargs = dict(label_smoothing=0.1, z_loss=1e-3, softcap=softcap)
     expected_loss, expected_grad, _ = ref.softmax_cross_entropy(logits, target, weight=weight,
                                                                  **kwargs)
     loss, grad = api.softmax_cross_entropy(cs.to_device(logits), cs.to_device(target),
@@ -195,18 +196,101 @@ def test_host_and_device_arrays_mixed_raise_type_error(api):
 
 
 @cs.real_gpu_only
-def test_bfloat16_logits_from_pytorch(api):
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_bfloat16_logits_from_pytorch(api, softcap):
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(11)
     logits, target, _ = _problem(rng, (8, 300), ignore_every=5)
     t_logits, values = cs.torch_bfloat16(logits)
     expected_loss, expected_grad, _ = ref.softmax_cross_entropy(values, target,
-                                                                label_smoothing=0.1)
+                                                                label_smoothing=0.1,
+                                                                softcap=softcap)
     loss, grad = api.softmax_cross_entropy(t_logits, torch.tensor(target, device="cuda"),
-                                           label_smoothing=0.1)
+                                           label_smoothing=0.1, softcap=softcap)
     np.testing.assert_allclose(cs.to_host(loss), expected_loss, rtol=1e-5)
     np.testing.assert_allclose(cs.bfloat16_values(grad), expected_grad,
                                atol=1e-2 * np.abs(expected_grad).max())
+
+
+SOFTCAP_CASES = [
+    # shape, prob, reduction, dtype, threads_per_row
+    ((5, 7), False, "mean", np.float64, None),      # a thread per sample
+    ((3, 40), False, "none", np.float32, None),     # a warp per sample
+    ((3, 40), True, "sum", np.float64, 64),         # several warps per sample
+    ((3, 33), False, "mean", np.float32, 64),
+    ((4, 6, 3), False, "none", np.float64, None),   # spatial: the class axis strided
+    ((4, 6, 3), True, "mean", np.float32, None),
+]
+
+
+@cs.direct
+@pytest.mark.parametrize("shape,prob,reduction,dtype,per_row", SOFTCAP_CASES)
+def test_softcap_fused_forward_backward_inplace_match_reference(api, shape, prob, reduction,
+                                                                dtype, per_row, monkeypatch):
+    """Logits capped as c tanh(z / c) in the kernel; gradients with respect to the uncapped
+    logits; -inf logits become -c (slope 0)."""
+    from fusedgrad.cuda import cross_entropy as backend
+    if per_row is not None:
+        monkeypatch.setattr(backend, "_threads_per_row", lambda n_classes, n_spatial: per_row)
+    rng = np.random.default_rng(shape[1] + 7 * len(shape))
+    logits, target, weight = _problem(rng, shape, prob=prob, ignore_every=0 if prob else 3,
+                                      weighted=True, scale=4.0)
+    logits.reshape(-1)[1::5] = -np.inf
+    logits = logits.astype(dtype)
+    target = target.astype(dtype) if prob else target
+    weight = weight.astype(dtype)
+    kwargs = dict(weight=weight, reduction=reduction, label_smoothing=0.1, z_loss=1e-3,
+                  softcap=2.0)
+    expected_loss, expected_grad, expected_lse = ref.softmax_cross_entropy(logits, target,
+                                                                           **kwargs)
+    d_target = cs.to_device(target)
+    kwargs["weight"] = cs.to_device(weight)
+
+    loss, grad = api.softmax_cross_entropy(cs.to_device(logits), d_target, **kwargs)
+    _close(cs.to_host(loss), expected_loss, dtype)
+    _close(cs.to_host(grad), expected_grad, dtype)
+    assert np.all(cs.to_host(grad)[np.isneginf(logits)] == 0)
+
+    loss2, lse = api.softmax_cross_entropy_forward(cs.to_device(logits), d_target, **kwargs)
+    _close(cs.to_host(loss2), expected_loss, dtype)
+    _close(cs.to_host(lse), expected_lse, dtype)
+    grad_loss = (np.linspace(-1.0, 2.0, np.size(expected_lse)).reshape(np.shape(expected_lse))
+                 if reduction == "none" else 0.5)
+    grad2 = api.softmax_cross_entropy_backward(
+        cs.to_device(grad_loss) if reduction == "none" else grad_loss, cs.to_device(logits),
+        d_target, lse, **kwargs)
+    scale = grad_loss.reshape(grad_loss.shape[:1] + (1,) + grad_loss.shape[1:]) \
+        if reduction == "none" else grad_loss
+    _close(cs.to_host(grad2), expected_grad * scale, dtype)
+
+    d_logits = cs.to_device(logits)
+    _, grad3 = api.softmax_cross_entropy(d_logits, d_target, inplace=True, **kwargs)
+    assert grad3 is d_logits
+    _close(cs.to_host(d_logits), expected_grad, dtype)
+
+
+@cs.direct
+def test_softcap_float16_accumulates_in_float32(api):
+    rng = np.random.default_rng(12)
+    logits, target, _ = _problem(rng, (4, 40), ignore_every=4, scale=6.0)
+    logits = logits.astype(np.float16)
+    expected_loss, expected_grad, _ = ref.softmax_cross_entropy(logits, target, softcap=3.0)
+    loss, grad = api.softmax_cross_entropy(cs.to_device(logits), cs.to_device(target),
+                                           softcap=3.0)
+    assert cs.to_host(loss).dtype == np.float32 and cs.to_host(grad).dtype == np.float16
+    np.testing.assert_allclose(cs.to_host(loss), expected_loss, rtol=1e-5)
+    np.testing.assert_allclose(cs.to_host(grad).astype(np.float64), expected_grad, atol=1e-3)
+
+
+@cs.direct
+def test_bad_softcap_raises_before_writing(api):
+    logits = np.zeros((2, 3))
+    out = cs.to_device(np.full((2, 3), 7.0))
+    for softcap, error in ((0.0, ValueError), (float("nan"), ValueError), ("1", TypeError)):
+        with pytest.raises(error, match="softcap"):
+            api.softmax_cross_entropy(cs.to_device(logits), cs.to_device(np.array([0, 2])),
+                                      out=out, softcap=softcap)
+    assert (cs.to_host(out) == 7.0).all()
 
 
 @cs.direct
@@ -214,14 +298,14 @@ def test_bfloat16_logits_from_pytorch(api):
 @given(n=st.integers(1, 4), n_classes=st.integers(1, 40), spatial=st.sampled_from([(), (3,)]),
        reduction=st.sampled_from(["mean", "sum", "none"]), smoothing=st.sampled_from([0.0, 0.3]),
        z_loss=st.sampled_from([0.0, 0.05]), weighted=st.booleans(), prob=st.booleans(),
-       seed=st.integers(0, 2**16))
+       softcap=st.sampled_from([None, 0.5, 5.0]), seed=st.integers(0, 2**16))
 def test_random_shapes_and_options(n, n_classes, spatial, reduction, smoothing, z_loss, weighted,
-                                   prob, seed):
+                                   prob, softcap, seed):
     import fusedgrad as fg
     rng = np.random.default_rng(seed)
     logits, target, weight = _problem(rng, (n, n_classes) + spatial, prob=prob,
                                       ignore_every=0 if prob else 2, weighted=weighted)
-    kwargs = dict(reduction=reduction, label_smoothing=smoothing, z_loss=z_loss)
+    kwargs = dict(reduction=reduction, label_smoothing=smoothing, z_loss=z_loss, softcap=softcap)
     expected_loss, expected_grad, _ = ref.softmax_cross_entropy(logits, target,
                                                                 weight=weight, **kwargs)
     loss, grad = fg.softmax_cross_entropy(

@@ -28,8 +28,12 @@ def test_every_kernel_signature_compiles_to_ptx_for_cc90():
     compiled, total = map(int, summary.groups())
     assert compiled == total
     for kernel in ("cross_entropy._ce_rows[float16]", "cross_entropy._ce_rows[bfloat16]",
-                   "cross_entropy._ce_rows[float32]",
-                   "cross_entropy._ce_rows[float64]", "batch_norm._partials[float16,float32]",
+                   "cross_entropy._ce_rows[float32]", "cross_entropy._ce_rows[float64]",
+                   "cross_entropy._ce_rows[float16,softcap]",
+                   "cross_entropy._ce_rows[bfloat16,softcap]",
+                   "cross_entropy._ce_rows[float32,softcap]",
+                   "cross_entropy._ce_rows[float64,softcap]",
+                   "batch_norm._partials[float16,float32]",
                    "batch_norm._partials[float32,float64]", "batch_norm._apply[float64]",
                    "_reduce.sum_chunks"):
         assert f"ok   {kernel}" in output, kernel

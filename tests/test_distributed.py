@@ -122,8 +122,10 @@ def test_split_forward_and_backward_equal_whole_batch(channel_axis, shape, dtype
     np.testing.assert_allclose(dx, dx_ref, rtol=tol, atol=tol)
     np.testing.assert_allclose(sum_dy, dbias_ref, rtol=tol, atol=tol * x.size)
     np.testing.assert_allclose(sum_dy_xhat, dweight_ref, rtol=tol, atol=tol * x.size)
+    # float32 input: the statistics are summed in float32 within a tile (float64 across tiles).
+    running_tol = 1e-12 if dtype == np.float64 else 1e-6
     for got, want in zip(running, running_ref):
-        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(got, want, rtol=running_tol, atol=running_tol)
 
 
 def test_batch_norm_blocks_reject_bad_arguments_before_writing():
@@ -168,15 +170,18 @@ def _shards_vs_reference(logits, target, widths, *, global_shift=False, **option
     n_classes = logits.shape[1]
     edges = np.cumsum((0,) + tuple(widths))
     bounds = list(zip(edges, edges[1:]))
-    stat_options = {k: options[k] for k in ("weight", "ignore_index", "label_smoothing")
-                    if k in options}
+    stat_options = {k: options[k] for k in ("weight", "ignore_index", "label_smoothing",
+                                            "softcap") if k in options}
+    loss_options = {k: v for k, v in options.items() if k != "softcap"}
     shift = None
     if global_shift:
-        shift = np.max(np.stack([fgd.ce_shard_max(logits[:, lo:hi]) for lo, hi in bounds]), 0)
+        softcap = options.get("softcap")
+        shift = np.max(np.stack([fgd.ce_shard_max(logits[:, lo:hi], softcap=softcap)
+                                 for lo, hi in bounds]), 0)
     stats = [fgd.ce_shard_stats(logits[:, lo:hi], target, lo, n_classes, shift=shift,
                                 **stat_options) for lo, hi in bounds]
     lse, target_logit, weighted = fgd.ce_combine(stats)
-    loss = fgd.ce_loss(lse, target_logit, weighted, target, n_classes, **options)
+    loss = fgd.ce_loss(lse, target_logit, weighted, target, n_classes, **loss_options)
     grad = np.concatenate([fgd.ce_shard_grad(logits[:, lo:hi], target, lo, lse, n_classes,
                                              **options) for lo, hi in bounds], axis=1)
     return (loss, grad, lse), reference.softmax_cross_entropy(logits, target, **options)
@@ -186,9 +191,10 @@ def _shards_vs_reference(logits, target, widths, *, global_shift=False, **option
 @given(widths=st.lists(st.integers(1, 6), min_size=1, max_size=4), n_rows=st.integers(1, 6),
        seed=st.integers(0, 2**16), reduction=st.sampled_from(["mean", "sum", "none"]),
        smoothing=st.sampled_from([0.0, 0.15]), weighted=st.booleans(),
-       z_loss=st.sampled_from([0.0, 1e-2]), global_shift=st.booleans())
+       z_loss=st.sampled_from([0.0, 1e-2]), global_shift=st.booleans(),
+       softcap=st.sampled_from([None, 0.5, 3.0]))
 def test_shard_combine_equals_full_cross_entropy(widths, n_rows, seed, reduction, smoothing,
-                                                 weighted, z_loss, global_shift):
+                                                 weighted, z_loss, global_shift, softcap):
     rng = np.random.default_rng(seed)
     n_classes = sum(widths)
     logits = 4 * rng.normal(size=(n_rows, n_classes))
@@ -197,9 +203,25 @@ def test_shard_combine_equals_full_cross_entropy(widths, n_rows, seed, reduction
     weight = rng.uniform(0.5, 2.0, n_classes) if weighted else None
     got, want = _shards_vs_reference(logits, target, widths, global_shift=global_shift,
                                      weight=weight, reduction=reduction,
-                                     label_smoothing=smoothing, z_loss=z_loss)
+                                     label_smoothing=smoothing, z_loss=z_loss, softcap=softcap)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_capped_shards_equal_capped_full_cross_entropy(dtype):
+    """Each shard caps its own classes: -inf logits become -softcap on every shard."""
+    rng = np.random.default_rng(4)
+    logits = (6 * rng.normal(size=(6, 11))).astype(dtype)
+    logits[:, 7:] = -np.inf
+    target = np.array([0, 5, 2, -100, 10, 6])
+    options = dict(weight=np.linspace(0.5, 2.0, 11), reduction="none", label_smoothing=0.1,
+                   z_loss=1e-3, softcap=2.0)
+    got, want = _shards_vs_reference(logits, target, (4, 3, 4), global_shift=True, **options)
+    tol = 1e-12 if dtype == np.float64 else 2e-5
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=tol, atol=tol)
+    assert got[1].dtype == dtype and np.all(got[1][:, 7:] == 0)
 
 
 def test_shard_of_masked_classes_float32():
@@ -234,6 +256,15 @@ def test_shard_cross_entropy_rejects_bad_arguments():
     with pytest.raises(ValueError, match="grad_loss"):
         fgd.ce_shard_grad(logits, np.zeros(2, np.int64), 0, np.zeros(2), 3, reduction="none",
                           grad_loss=np.ones(3))
+    with pytest.raises(ValueError, match="softcap"):
+        fgd.ce_shard_max(logits, softcap=0.0)
+    with pytest.raises(TypeError, match="softcap"):
+        fgd.ce_shard_stats(logits, np.zeros(2, np.int64), 0, 3, softcap="1")
+    out = np.full_like(logits, 5.0)
+    with pytest.raises(ValueError, match="softcap"):
+        fgd.ce_shard_grad(logits, np.zeros(2, np.int64), 0, np.zeros(2), 3, softcap=-1.0,
+                          out=out)
+    np.testing.assert_array_equal(out, 5.0)
 
 
 def test_building_blocks_are_bitwise_identical_for_any_thread_count():
@@ -271,9 +302,10 @@ def one_rank_world(monkeypatch):
     monkeypatch.setattr(dist, "all_reduce", lambda tensor, op=None, group=None: None)
 
 
+@pytest.mark.parametrize("softcap", [None, 1.5])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_vocab_parallel_checks_once_and_equals_building_blocks(one_rank_world, monkeypatch,
-                                                               reduction):
+                                                               reduction, softcap):
     rng = np.random.default_rng(9)
     logits, target = rng.normal(size=(7, 5)), rng.integers(0, 5, 7)
     target[::3] = -100
@@ -285,16 +317,19 @@ def test_vocab_parallel_checks_once_and_equals_building_blocks(one_rank_world, m
                         lambda *args: checks.append(1) or checked(*args))
     shard = torch.tensor(logits, requires_grad=True)
     loss = fgd.vocab_parallel_softmax_cross_entropy(
-        shard, torch.from_numpy(target), **dict(options, weight=torch.from_numpy(weight)))
+        shard, torch.from_numpy(target), softcap=softcap,
+        **dict(options, weight=torch.from_numpy(weight)))
     upstream = rng.normal(size=loss.shape)
     loss.backward(torch.from_numpy(upstream))
     assert len(checks) == 1  # in forward; the backward reuses what it checked
 
-    stats = fgd.ce_shard_stats(logits, target, 0, 5, shift=fgd.ce_shard_max(logits),
-                               weight=weight, label_smoothing=0.1)
+    stats = fgd.ce_shard_stats(logits, target, 0, 5,
+                               shift=fgd.ce_shard_max(logits, softcap=softcap), weight=weight,
+                               label_smoothing=0.1, softcap=softcap)
     lse, target_logit, weighted = fgd.ce_combine([stats])
     want_loss = fgd.ce_loss(lse, target_logit, weighted, target, 5, **options)
-    want_grad = fgd.ce_shard_grad(logits, target, 0, lse, 5, grad_loss=upstream, **options)
+    want_grad = fgd.ce_shard_grad(logits, target, 0, lse, 5, grad_loss=upstream,
+                                  softcap=softcap, **options)
     assert np.array_equal(loss.detach().numpy(), want_loss)
     assert np.array_equal(shard.grad.numpy(), want_grad)
 
@@ -303,6 +338,8 @@ def test_vocab_parallel_rejects_bad_target_and_in_place_changes(one_rank_world):
     shard = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True)
     with pytest.raises(ValueError, match="target values"):
         fgd.vocab_parallel_softmax_cross_entropy(shard, torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="softcap"):
+        fgd.vocab_parallel_softmax_cross_entropy(shard, torch.tensor([0, 2]), softcap=0.0)
     target = torch.tensor([0, 2])
     loss = fgd.vocab_parallel_softmax_cross_entropy(shard, target)
     target[1] = 1  # after forward: backward refuses it (it uses the target forward checked)
@@ -401,6 +438,7 @@ class CeCase:
     label_smoothing: float = 0.0
     z_loss: float = 0.0
     dtype: str = "float64"
+    softcap: float | None = None
 
     def data(self, name):
         rng = _rng(name)
@@ -426,6 +464,9 @@ CE_CASES = {
     "three_shards_none_weighted": CeCase(3, (5, 1, 4), 7, reduction="none", weighted=True),
     "three_shards_smooth_zloss_float32": CeCase(3, (2, 6, 3), 8, label_smoothing=0.2,
                                                 z_loss=1e-3, dtype="float32"),
+    "three_shards_softcap_weighted_none": CeCase(3, (3, 5, 2), 6, reduction="none",
+                                                 weighted=True, label_smoothing=0.1,
+                                                 softcap=2.0),
 }
 
 
@@ -482,7 +523,7 @@ def _ce_rank(name, case, rank, group, counter):
     loss = fgd.vocab_parallel_softmax_cross_entropy(
         shard, torch.from_numpy(target), group,
         weight=None if weight is None else torch.from_numpy(weight), reduction=case.reduction,
-        label_smoothing=case.label_smoothing, z_loss=case.z_loss)
+        label_smoothing=case.label_smoothing, z_loss=case.z_loss, softcap=case.softcap)
     forward = counter.take()
     loss.sum().backward()
     return {f"{name}.loss": loss.detach().numpy(), f"{name}.grad": shard.grad.numpy(),
@@ -529,8 +570,10 @@ def _warm_kernels():
         sums = fgd.bn_backward_reduce(x, x, mean, invstd)
         fgd.bn_backward_elementwise(x, x, mean, invstd, None, *sums, count)
         logits, target = np.ones((2, 3), dtype), np.zeros(2, np.int64)
-        stats = fgd.ce_shard_stats(logits, target, 0, 3, shift=fgd.ce_shard_max(logits))
-        fgd.ce_shard_grad(logits, target, 0, stats.row_max, 3)
+        for softcap in (None, 1.0):
+            stats = fgd.ce_shard_stats(logits, target, 0, 3, softcap=softcap,
+                                       shift=fgd.ce_shard_max(logits, softcap=softcap))
+            fgd.ce_shard_grad(logits, target, 0, stats.row_max, 3, softcap=softcap)
 
 
 def _run_world(out_dir):
@@ -638,7 +681,7 @@ def test_vocab_parallel_cross_entropy_equals_full_cross_entropy(name, world_resu
     logits = logits.astype(case.dtype).astype(np.float64)
     loss, grad, _ = reference.softmax_cross_entropy(
         logits, target, weight=weight, reduction=case.reduction,
-        label_smoothing=case.label_smoothing, z_loss=case.z_loss)
+        label_smoothing=case.label_smoothing, z_loss=case.z_loss, softcap=case.softcap)
     tol = 1e-10 if case.dtype == "float64" else 1e-5
     for r in ranks:
         np.testing.assert_allclose(r[f"{name}.loss"], loss, rtol=tol, atol=tol)
@@ -646,6 +689,8 @@ def test_vocab_parallel_cross_entropy_equals_full_cross_entropy(name, world_resu
     got = np.concatenate([r[f"{name}.grad"] for r in ranks], axis=1)
     np.testing.assert_allclose(got, grad, rtol=tol, atol=tol)
     if case.weighted:
+        if case.softcap is not None:
+            logits = case.softcap * np.tanh(logits / case.softcap)
         weighted_loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(target),
                                         weight=torch.from_numpy(weight), reduction=case.reduction,
                                         label_smoothing=case.label_smoothing)

@@ -1,10 +1,12 @@
-"""fusedgrad: fused softmax cross-entropy and batch normalization, forward and backward.
+"""fusedgrad: fused softmax cross-entropy (also behind a linear layer) and batch normalization,
+forward and backward.
 
 Numba kernels for the CPU (``@njit``) and NVIDIA GPUs (``@cuda.jit``) behind one API, described
 in ``docs/api.md``::
 
     import fusedgrad as fg
     loss, grad = fg.softmax_cross_entropy(logits, target)
+    loss, dx, dw, db = fg.linear_cross_entropy(hidden, head_weight, target)   # no (N, C) logits
     y, mean, invstd = fg.batch_norm_forward(x, weight, bias, running_mean, running_var)
     dx, dweight, dbias = fg.batch_norm_backward(dy, x, mean, invstd, weight)
 
@@ -21,6 +23,7 @@ _PUBLIC = {
     "softmax_cross_entropy": "cross_entropy",
     "softmax_cross_entropy_forward": "cross_entropy",
     "softmax_cross_entropy_backward": "cross_entropy",
+    "linear_cross_entropy": "linear_ce",
     "batch_norm_forward": "batch_norm",
     "batch_norm_backward": "batch_norm",
     "cuda_available": "_device",

@@ -54,6 +54,22 @@ def arrays(location: str):
     ``shares_memory(a, b) -> bool``
         Whether two arrays of the device may overlap in memory (used to refuse an ``out=`` that
         aliases an input).
+
+    For the chunk loop of ``fusedgrad.linear_cross_entropy`` (2-D arrays, written in place; the
+    host's are NumPy's, the GPU's run in PyTorch or CuPy, see ``fusedgrad._matmul``):
+
+    ``matmul(a, b, out, *, transpose_a=False, transpose_b=False, accumulate=False) -> None``
+        ``out = op(a) @ op(b)``, or ``out += op(a) @ op(b)`` with ``accumulate``, where ``op``
+        transposes the operand when asked (without a copy). ``out`` has the operands' dtype, or
+        float32 for half-precision operands on the GPU. Accumulating may use a temporary of at
+        most half the elements of ``a``.
+    ``add_to_rows(out, row) -> None``
+        ``out[i, :] += row`` for every row ``i`` (the bias of the logits).
+    ``column_sums(a, out, *, accumulate=False) -> None``
+        ``out = a.sum(axis=0)``, or ``out += ...``, summed in ``out``'s dtype.
+    ``copyto(dst, src) -> None``
+        ``dst[...] = src`` for arrays of one shape and dtype (per-row results of a chunk into
+        the whole batch's array).
     """
     return importlib.import_module(f"fusedgrad.{location}._arrays")
 

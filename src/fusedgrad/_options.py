@@ -20,13 +20,16 @@ class CrossEntropyOptions:
     """Scalar options of one cross-entropy call, already validated (see ``docs/api.md``).
 
     ``ignore_index``: the class index of samples that add no loss and get no gradient;
-    ``label_smoothing``: ``s`` in ``[0, 1]``; ``z_loss``: the weight of the ``lse**2`` term.
+    ``label_smoothing``: ``s`` in ``[0, 1]``; ``z_loss``: the weight of the ``lse**2`` term;
+    ``softcap``: ``None``, or ``c > 0`` to cap the logits as ``c * tanh(z / c)`` before
+    everything else (gradients stay with respect to the uncapped logits).
     Every field has the API's default, so a new option is one more field with its default.
     """
 
     ignore_index: int = -100
     label_smoothing: float = 0.0
     z_loss: float = 0.0
+    softcap: float | None = None
 
 
 #: Loss (per sample, and the log-sum-exp) and the gradient from one pass over the logits.

@@ -4,8 +4,9 @@
 ``fusedgrad.distributed`` builds ``SyncBatchNorm`` on the same pieces. Both import them from
 here, so neither imports the other for them:
 
-* the autograd Functions :class:`SoftmaxCrossEntropyFunction` and :class:`BatchNormFunction`,
-  and the functional forms :func:`softmax_cross_entropy`, :func:`batch_norm` and
+* the autograd Functions :class:`SoftmaxCrossEntropyFunction`,
+  :class:`LinearCrossEntropyFunction` and :class:`BatchNormFunction`, and the functional forms
+  :func:`softmax_cross_entropy`, :func:`linear_cross_entropy`, :func:`batch_norm` and
   :func:`batch_norm_with_relu`;
 * the bookkeeping of a batch-norm module: :func:`step_options` (PyTorch's per-step logic of
   ``_BatchNorm.forward``), and :func:`meta_copy_arguments`, :func:`bias_keyword`,
@@ -21,6 +22,9 @@ copy. What is saved for backward is what the backward kernels need and nothing e
 
 - cross-entropy: the logits and target (the inputs, kept by reference, not copied) and the
   log-sum-exp of each row, so the backward pass rebuilds ``p = exp(z - lse)`` on the fly;
+- linear + cross-entropy: for "mean" and "sum" the gradients themselves, formed by the forward's
+  chunk loop; for "none" the inputs (by reference) and the log-sum-exp of each row, from which
+  the backward forms each chunk's logits and gradient again;
 - batch norm: the input and ``weight`` (by reference) and ``mean`` / ``invstd`` per channel
   (kept on ``ctx`` as the kernels returned them).
 
@@ -40,8 +44,9 @@ from torch.nn import functional as F
 
 from . import batch_norm as _bn
 from . import cross_entropy as _ce
+from . import linear_ce as _lce
 from ._torch_arrays import ChannelLayout, as_tensor, kernel_array
-from ._validate import check_real, check_reduction
+from ._validate import check_real, check_reduction, check_softcap
 
 
 def _channel_shape(tensor: torch.Tensor, ndim: int) -> tuple:
@@ -62,10 +67,11 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, z_loss):
+    def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                softcap):
         call = _ce.prepare(kernel_array("input", logits), kernel_array("target", target),
                            kernel_array("weight", weight), ignore_index, reduction,
-                           label_smoothing, z_loss)
+                           label_smoothing, z_loss, softcap=softcap)
         loss, lse = _ce.forward_of_checked(call)
         ctx.call = call
         ctx.save_for_backward(logits, target, weight, as_tensor(lse, logits.device))
@@ -95,18 +101,23 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_target = _probability_target_grad(grad_loss, logits, weight, lse,
                                                    call.reduction,
-                                                   call.options.label_smoothing)
-        return grad_logits, grad_target, None, None, None, None, None
+                                                   call.options.label_smoothing,
+                                                   call.options.softcap)
+        return grad_logits, grad_target, None, None, None, None, None, None
 
 
-def _probability_target_grad(grad_loss, logits, weight, lse, reduction, label_smoothing):
+def _probability_target_grad(grad_loss, logits, weight, lse, reduction, label_smoothing,
+                             softcap):
     """d(loss)/d(target) for probability targets (PyTorch differentiates these too).
 
     Each sample's loss is sum_c w_c q_c (lse - z_c) with q = (1 - s) y + s / C, so
     d loss / d y_c = (1 - s) w_c (lse - z_c) = -(1 - s) w_c log p_c; the z_loss term does not
-    depend on y. The reduction scales it by the upstream gradient, divided by the number of
-    samples for "mean".
+    depend on y. With a ``softcap`` c, z_c is the capped logit c tanh(z_c / c) (lse is
+    already that of the capped logits). The reduction scales it by the upstream gradient,
+    divided by the number of samples for "mean".
     """
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     neg_log_p = lse.unsqueeze(1).to(logits.dtype) - logits
     grad = (1.0 - label_smoothing) * neg_log_p
     if weight is not None:
@@ -118,7 +129,7 @@ def _probability_target_grad(grad_loss, logits, weight, lse, reduction, label_sm
 
 
 def softmax_cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
-                          label_smoothing=0.0, *, z_loss=0.0):
+                          label_smoothing=0.0, *, z_loss=0.0, softcap=None):
     """Softmax cross-entropy with fused forward and backward kernels; autograd-aware.
 
     Same arguments and semantics as ``torch.nn.functional.cross_entropy`` (without its
@@ -126,13 +137,15 @@ def softmax_cross_entropy(input, target, weight=None, ignore_index=-100, reducti
     unbatched (C,); ``target`` class indices (N, d1, ..., dk) (int64 or int32) or class
     probabilities shaped like ``input``; ``weight`` (C,); ``reduction`` "mean" | "sum" |
     "none"; ``label_smoothing`` in [0, 1]. ``z_loss`` adds PaLM's ``z_loss * lse**2`` per
-    sample (see ``fusedgrad.softmax_cross_entropy``). Returns the loss in ``input``'s dtype:
-    0-d for "mean"/"sum", shaped like the per-sample target for "none".
+    sample and ``softcap`` (``None`` or a float > 0) caps the logits as
+    ``softcap * tanh(input / softcap)`` first, inside the kernels (see
+    ``fusedgrad.softmax_cross_entropy``). Returns the loss in ``input``'s dtype: 0-d for
+    "mean"/"sum", shaped like the per-sample target for "none".
 
     The gradient with respect to ``input`` is ``dL/dz = p - y`` (``docs/derivations.md``,
-    section 1(b)) with weights, smoothing and the reduction folded in (section 1(d)), computed
-    by the fused backward kernel from the saved log-sum-exp; probability targets also receive
-    their gradient.
+    section 1(b)) with weights, smoothing and the reduction folded in (section 1(d)), and the
+    cap's slope ``1 - tanh^2(input / softcap)`` (section 1(e)), computed by the fused backward
+    kernel from the saved log-sum-exp; probability targets also receive their gradient.
     """
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
@@ -144,6 +157,7 @@ def softmax_cross_entropy(input, target, weight=None, ignore_index=-100, reducti
                          "weights are not computed (pass weight.detach())")
     label_smoothing = check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
     z_loss = check_real("z_loss", z_loss, low=0.0)
+    softcap = check_softcap(softcap)
     if target.is_floating_point():
         # Probability targets: F.cross_entropy needs them in the input's dtype as well.
         target = target.to(input.dtype)
@@ -151,7 +165,120 @@ def softmax_cross_entropy(input, target, weight=None, ignore_index=-100, reducti
     if unbatched:
         input, target = input.unsqueeze(0), target.unsqueeze(0)
     loss = SoftmaxCrossEntropyFunction.apply(input, target, weight, int(ignore_index), reduction,
-                                             label_smoothing, z_loss)
+                                             label_smoothing, z_loss, softcap)
+    return loss.squeeze(0) if unbatched and reduction == "none" else loss
+
+
+# --------------------------------------------------------------------------------------------
+# Linear + cross-entropy
+# --------------------------------------------------------------------------------------------
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """Fused linear layer + softmax cross-entropy (``fusedgrad.linear_cross_entropy``): the
+    (N, C) logits exist one chunk of rows at a time, in forward and in backward.
+
+    "mean" / "sum": the upstream gradient is a scalar, so the forward's one chunk loop forms
+    the loss and the gradients for an upstream gradient of 1 (three matrix products in all, as
+    many as the unfused forward and backward), only those autograd will ask for
+    (``ctx.needs_input_grad``: a frozen weight skips its product). They are saved, and the
+    backward scales them in place by the upstream gradient. So with a retained graph a second
+    backward whose upstream gradient is not 1 raises autograd's error about a saved tensor
+    modified in place, rather than returning scaled-twice gradients.
+
+    "none": the upstream gradient is one value per row, known only in backward. The forward
+    forms the losses and the log-sum-exp of each row; the backward forms each chunk's logits
+    again and runs the cross-entropy backward kernel with each row's upstream gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, input, linear_weight, linear_bias, target, weight, ignore_index, reduction,
+                label_smoothing, z_loss, softcap, chunk_size, grad_enabled):
+        call = _lce.prepare(kernel_array("input", input),
+                            kernel_array("linear_weight", linear_weight),
+                            kernel_array("target", target),
+                            kernel_array("linear_bias", linear_bias),
+                            kernel_array("weight", weight), ignore_index, reduction,
+                            label_smoothing, z_loss, softcap, chunk_size)
+        # Forward itself runs with grad mode off: whether the caller's was on comes as an
+        # argument (off, no backward can follow, whatever the inputs' requires_grad).
+        wanted = tuple(ctx.needs_input_grad[:3]) if grad_enabled else (False, False, False)
+        device = input.device
+        ctx.call = call
+        if reduction == "none":
+            loss, lse = _lce.forward_of_checked(call)
+            ctx.save_for_backward(input, linear_weight, linear_bias, target, weight,
+                                  as_tensor(lse, device))
+        elif any(wanted):
+            loss, *grads = _lce.fused_of_checked(call, 1.0, wanted)
+            ctx.save_for_backward(*(None if g is None else as_tensor(g, device) for g in grads))
+        else:
+            loss, _ = _lce.forward_of_checked(call)
+        # The loss is float32 for half-precision input; F.linear_cross_entropy returns the
+        # input's dtype (a no-op cast for float32 and float64).
+        return as_tensor(loss, device).to(input.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        # Unpacking the saved tensors checks that none was modified in place since forward.
+        saved = ctx.saved_tensors
+        call = ctx.call
+        if call.ce.reduction == "none":
+            lse = saved[-1]
+            arrays = call.arrays
+            # Autograd may hand over an expanded (stride-0) or half-precision gradient.
+            upstream = arrays.as_array("grad_output", kernel_array(
+                "grad_output", grad_loss.to(lse.dtype).contiguous()))
+            grads = _lce.backward_of_checked(call, upstream,
+                                             arrays.as_array("lse", kernel_array("lse", lse)),
+                                             tuple(ctx.needs_input_grad[:3]))
+            grads = [None if g is None else as_tensor(g, grad_loss.device) for g in grads]
+        else:
+            grads = list(saved)
+            scale = float(grad_loss)
+            if scale != 1.0:
+                for g in grads:
+                    if g is not None:
+                        g.mul_(scale)
+        return (*grads, None, None, None, None, None, None, None, None, None)
+
+
+def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None,
+                         ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
+                         softcap=None, chunk_size=None):
+    """``F.cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` without
+    the (N, C) logits: fused, chunked over the rows; autograd-aware.
+
+    The arguments of ``torch.nn.functional.linear_cross_entropy`` (its ``options``, PyTorch's
+    own chunking, aside; ``ignore_index=None`` means -100 as there), plus fusedgrad's
+    ``z_loss``, ``softcap`` and ``chunk_size`` (see ``fusedgrad.linear_cross_entropy``):
+    ``input`` (N, d) or unbatched (d,); ``linear_weight`` (C, d); ``linear_bias`` (C,);
+    ``target`` class indices (N,) or probabilities (N, C); ``weight`` (C,). Returns the loss in
+    ``input``'s dtype. Gradients flow to ``input``, ``linear_weight`` and ``linear_bias``
+    (``dloss/dX = G W``, ``dloss/dW = G^T X``, ``dloss/db = sum_n G_n`` with G the
+    cross-entropy gradient of the logits, ``docs/derivations.md``, section 3); ``weight`` and
+    probability targets must not require grad (``ValueError``).
+    """
+    for name, value in (("input", input), ("linear_weight", linear_weight),
+                        ("target", target)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    grad_enabled = torch.is_grad_enabled()
+    if weight is not None and weight.requires_grad and grad_enabled:
+        raise ValueError("weight must not require grad: gradients with respect to the class "
+                         "weights are not computed (pass weight.detach())")
+    if target.is_floating_point():
+        if target.requires_grad and grad_enabled:
+            raise ValueError("target must not require grad: gradients with respect to class "
+                             "probabilities are not computed (pass target.detach())")
+        # Probability targets: F.cross_entropy needs them in the input's dtype as well.
+        target = target.to(input.dtype)
+    unbatched = input.dim() == 1
+    if unbatched:
+        input, target = input.unsqueeze(0), target.unsqueeze(0)
+    loss = LinearCrossEntropyFunction.apply(
+        input, linear_weight, linear_bias, target, weight,
+        -100 if ignore_index is None else ignore_index, reduction, label_smoothing, z_loss,
+        softcap, chunk_size, grad_enabled)
     return loss.squeeze(0) if unbatched and reduction == "none" else loss
 
 

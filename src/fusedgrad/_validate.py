@@ -27,6 +27,13 @@ def _dtype_names(dtypes) -> str:
     return " or ".join(str(d) for d in dtypes)
 
 
+def is_scalar(value) -> bool:
+    """A Python/NumPy real number or a 0-d array (host or device)."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return True
+    return getattr(value, "ndim", None) == 0 or getattr(value, "shape", None) == ()
+
+
 def check_dtype(name: str, arr, allowed) -> None:
     """Raise ``TypeError`` unless ``arr.dtype`` is one of ``allowed``."""
     if np.dtype(arr.dtype) not in allowed:
@@ -66,6 +73,13 @@ def check_real(name: str, value, *, low=None, high=None, low_open=False) -> floa
     if high is not None and v > high:
         raise ValueError(f"{name} must be <= {high}, got {v}")
     return v
+
+
+def check_softcap(softcap) -> float | None:
+    """``None`` (no logit capping) or a finite real ``> 0``, as a Python float."""
+    if softcap is None:
+        return None
+    return check_real("softcap", softcap, low=0.0, low_open=True)
 
 
 def check_int(name: str, value) -> int:

@@ -16,15 +16,21 @@ weights (w_t: the target-class weight, 1 for probability targets)::
 the number of samples (probability targets), as ``torch.nn.functional.cross_entropy`` does
 (derived in ``docs/derivations.md``, section 1(d)).
 
+``softcap=c`` replaces every logit by ``z' = c tanh(z / c)`` first (inside the kernels' pass over
+the logits, no capped copy): the formulas above then read z', lse is that of z', and the
+gradient is taken with respect to the uncapped z, dloss/dz_j = dloss/dz'_j (1 - tanh^2(z_j / c))
+(``docs/derivations.md``, section 1(e)).
+
 Internal interface, for ``fusedgrad.torch``'s autograd Function (``fusedgrad._torch_ops``),
 which keeps the forward's validated call for its backward: :func:`prepare` checks a call and
 returns a :class:`CheckedCall`; :func:`forward_of_checked` and :func:`backward_of_checked` run
-the kernels on one.
+the kernels on one. ``fusedgrad.linear_cross_entropy``, whose logits never exist whole, checks
+its targets and class weights with :func:`prepare_for_shape` and reduces with the call's
+:meth:`CheckedCall.reduce`.
 """
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +38,8 @@ import numpy as np
 from . import _device, _options
 from ._options import CrossEntropyOptions
 from ._validate import (INT_DTYPES, check_dtype, check_int, check_ndim, check_out, check_real,
-                        check_reduction, check_shape, stat_dtype)
+                        check_reduction, check_shape, check_softcap, stat_dtype)
+from ._validate import is_scalar as _is_scalar
 
 __all__ = ["softmax_cross_entropy", "softmax_cross_entropy_forward",
            "softmax_cross_entropy_backward"]
@@ -49,7 +56,7 @@ class CheckedCall:
 
     arrays: object            # fusedgrad._device.arrays of the call's device
     backend: object
-    logits: object
+    logits: object            # None where the logits never exist whole (prepare_for_shape)
     target: object            # int64 flat indices, or probabilities shaped like logits
     weights: object           # float64 (C,)
     sample_shape: tuple
@@ -77,38 +84,55 @@ class CheckedCall:
         return be.scalar_result(total, self.result_dtype)
 
 
-def prepare(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-            **other_arrays) -> CheckedCall:
+def prepare(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, *,
+            softcap=None, **other_arrays) -> CheckedCall:
     """Check the arguments common to every entry point (``other_arrays``: further array
     arguments, only for the host / device check) and prepare the kernels' arrays."""
     location = _device.array_location(logits=logits, target=target, weight=weight,
                                       **other_arrays)
     arrays = _device.arrays(location)
-    backend = _backend(location)
     logits = arrays.as_array("logits", logits)
     check_dtype("logits", logits, arrays.DTYPES)
     check_ndim("logits", logits, 2, "shaped (N, C) or (N, C, d1, ..., dk)")
-    n_classes = logits.shape[1]
-    if n_classes < 1:
+    if logits.shape[1] < 1:
         raise ValueError(f"logits must have at least one class on axis 1, "
                          f"got shape {tuple(logits.shape)}")
-    sample_shape = (logits.shape[0],) + tuple(logits.shape[2:])
-    n_samples = _options.sample_count(logits.shape)
+    return prepare_for_shape(location, tuple(logits.shape), logits.dtype, target, weight,
+                             ignore_index, reduction, label_smoothing, z_loss, softcap=softcap,
+                             logits=logits)
+
+
+def prepare_for_shape(location, logits_shape, logits_dtype, target, weight, ignore_index,
+                      reduction, label_smoothing, z_loss, *, softcap=None,
+                      logits=None) -> CheckedCall:
+    """The checks and kernel arrays of :func:`prepare` that need only the shape and dtype of the
+    logits (already checked), on ``location`` (``fusedgrad._device``'s ``HOST`` or ``DEVICE``).
+
+    ``fusedgrad.linear_cross_entropy`` calls it with ``logits=None``: its logits exist one chunk
+    of rows at a time, yet the targets, the class weights and the "mean" denominator are those
+    of the whole (N, C) logits.
+    """
+    arrays = _device.arrays(location)
+    backend = _backend(location)
+    n_classes = logits_shape[1]
+    sample_shape = (logits_shape[0],) + tuple(logits_shape[2:])
+    n_samples = _options.sample_count(logits_shape)
 
     reduction = check_reduction(reduction)
     ignore_index = check_int("ignore_index", ignore_index)
     label_smoothing = check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
     z_loss = check_real("z_loss", z_loss, low=0.0)
+    softcap = check_softcap(softcap)
 
     target = arrays.as_array("target", target)
     if target.dtype.kind in "iu":
         check_dtype("target", target, INT_DTYPES)
         check_shape("target", target, sample_shape)
     elif target.dtype.kind == "f":
-        if target.dtype != logits.dtype:
+        if target.dtype != logits_dtype:
             raise TypeError(f"target holds class probabilities, so it must have the dtype of "
-                            f"logits ({logits.dtype}), got {target.dtype}")
-        check_shape("target", target, tuple(logits.shape))
+                            f"logits ({logits_dtype}), got {target.dtype}")
+        check_shape("target", target, tuple(logits_shape))
     else:
         int_names = " or ".join(map(str, INT_DTYPES))
         raise TypeError(f"target must be integer class indices ({int_names}) or floating "
@@ -126,8 +150,8 @@ def prepare(logits, target, weight, ignore_index, reduction, label_smoothing, z_
         backend.check_index_target(target, n_classes, ignore_index)
         denominator = backend.target_weight_sum(target, weights, ignore_index)
     options = CrossEntropyOptions(ignore_index=ignore_index, label_smoothing=label_smoothing,
-                                  z_loss=z_loss)
-    result_dtype = stat_dtype(logits.dtype)
+                                  z_loss=z_loss, softcap=softcap)
+    result_dtype = stat_dtype(logits_dtype)
     return CheckedCall(arrays, backend, logits, target, weights, sample_shape, n_samples,
                        denominator, reduction, options, result_dtype)
 
@@ -158,7 +182,8 @@ def _gradient_buffer(call: CheckedCall, original_logits, out, inplace, *, forbid
 
 
 def softmax_cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="mean",
-                          label_smoothing=0.0, z_loss=0.0, out=None, inplace=False):
+                          label_smoothing=0.0, z_loss=0.0, softcap=None, out=None,
+                          inplace=False):
     """Loss and its gradient in one fused pass: ``(loss, grad)``.
 
     ``logits`` (N, C) or (N, C, d1, ..., dk), float32/float64 on the CPU; ``target`` class
@@ -166,10 +191,12 @@ def softmax_cross_entropy(logits, target, *, weight=None, ignore_index=-100, red
     ``logits``; ``weight`` (C,). ``loss`` is a 0-d array for "mean"/"sum" (float64 for float64
     logits, else float32), per-sample for "none". ``grad`` = d(loss)/d(logits) (of the summed
     per-sample losses for "none"), shaped like ``logits``; written into ``out`` or, with
-    ``inplace=True``, over ``logits`` (no allocation of that size).
+    ``inplace=True``, over ``logits`` (no allocation of that size). ``softcap`` (``None`` or a
+    float > 0): the logits are capped as ``softcap * tanh(logits / softcap)`` in the same pass;
+    ``grad`` is still with respect to the uncapped ``logits``.
     """
     call = prepare(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                   out=out)
+                   softcap=softcap, out=out)
     forbid = (("target", call.target), ("weight", weight))
     grad = _gradient_buffer(call, logits, out, bool(inplace), forbid_alias=forbid)
     be = call.backend
@@ -179,11 +206,13 @@ def softmax_cross_entropy(logits, target, *, weight=None, ignore_index=-100, red
 
 
 def softmax_cross_entropy_forward(logits, target, *, weight=None, ignore_index=-100,
-                                  reduction="mean", label_smoothing=0.0, z_loss=0.0):
+                                  reduction="mean", label_smoothing=0.0, z_loss=0.0,
+                                  softcap=None):
     """``(loss, lse)``: the loss as in :func:`softmax_cross_entropy` and the per-sample
-    log-sum-exp (shaped like the "none" loss), the only thing backward needs saved."""
+    log-sum-exp (shaped like the "none" loss; of the capped logits with ``softcap``), the only
+    thing backward needs saved."""
     return forward_of_checked(prepare(logits, target, weight, ignore_index, reduction,
-                                      label_smoothing, z_loss))
+                                      label_smoothing, z_loss, softcap=softcap))
 
 
 def forward_of_checked(call: CheckedCall):
@@ -197,13 +226,16 @@ def forward_of_checked(call: CheckedCall):
 
 def softmax_cross_entropy_backward(grad_loss, logits, target, lse, *, weight=None,
                                    ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                                   z_loss=0.0, out=None, inplace=False):
-    """``grad_loss * d(loss)/d(logits)`` from the saved ``lse`` (one exp per element).
+                                   z_loss=0.0, softcap=None, out=None, inplace=False):
+    """``grad_loss * d(loss)/d(logits)`` from the saved ``lse`` (one exp per element, and one
+    tanh with ``softcap``).
 
-    ``grad_loss``: a scalar for "mean"/"sum", an array shaped like the loss for "none".
+    ``grad_loss``: a scalar for "mean"/"sum", an array shaped like the loss for "none". The
+    options, ``softcap`` included, must be those of the forward.
     """
     call = prepare(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                   lse=lse, grad_loss=None if _is_scalar(grad_loss) else grad_loss, out=out)
+                   softcap=softcap, lse=lse,
+                   grad_loss=None if _is_scalar(grad_loss) else grad_loss, out=out)
     lse_array = call.arrays.as_array("lse", lse)
     check_shape("lse", lse_array, call.sample_shape)
     if lse_array.dtype.kind != "f":
@@ -240,9 +272,3 @@ def backward_of_checked(call: CheckedCall, grad_loss, lse, grad):
     be.backward(call.logits, call.target, call.weights, lse_rows, grad, scale, call.options)
     return grad
 
-
-def _is_scalar(value) -> bool:
-    """A Python/NumPy real number or a 0-d array (host or device)."""
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return True
-    return getattr(value, "ndim", None) == 0 or getattr(value, "shape", None) == ()

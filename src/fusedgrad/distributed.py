@@ -54,7 +54,10 @@ p_j = exp(z_j - lse)::
 With the global maximum known first (as on torch.distributed, where it is one all-reduce), the
 shards shift by M itself (``shift=M``) and the ``s_k`` simply add up. Supported exactly: class
 indices with ``ignore_index``, class ``weight`` (the full (C,) vector, replicated), label
-smoothing, ``z_loss`` and the reductions "mean" | "sum" | "none" with PyTorch's normalisation.
+smoothing, ``z_loss``, ``softcap`` and the reductions "mean" | "sum" | "none" with PyTorch's
+normalisation. The cap z -> c tanh(z / c) acts on each logit alone, so every shard caps its
+own classes: z' stands for z in everything above (m_k is the cap of the shard's maximum), and
+the gradient slice is multiplied by the slope 1 - tanh^2(z_j / c).
 Probability targets are refused with a ``TypeError`` (an (N, C) target would itself have to be
 sharded); logits must be 2-D ``(N, C_k)``.
 
@@ -89,14 +92,15 @@ from ._options import CrossEntropyOptions
 from ._torch_arrays import ChannelLayout, kernel_array
 from ._torch_ops import adopt_state, batch_norm, bias_keyword, meta_copy_arguments, step_options
 from ._validate import (INT_DTYPES, check_dtype, check_int, check_ndim, check_real, check_out,
-                        check_reduction, check_shape, check_writeable)
+                        check_reduction, check_shape, check_softcap, check_writeable)
 from .cpu import _arrays as host_arrays
 from .cpu import batch_norm as _bn_cpu
 from .cpu import cross_entropy as _ce_cpu
 from .cpu._math import FASTMATH_SOFTMAX, cast_like
 from .cpu._reduce import merge_moments
 from .cpu.cross_entropy import (BLOCK, CHUNK_ELEMENTS, exp_scale_minus_weighted, fill_zero,
-                                index_coefficient, max_of, sum_exp_shifted, weighted_sum)
+                                index_coefficient, max_of, soft_cap, soft_cap_and_slope,
+                                sum_exp_shifted, weighted_sum)
 
 __all__ = ["bn_partial_stats", "bn_merge_stats", "bn_forward_from_stats", "bn_backward_reduce",
            "bn_backward_elementwise", "ShardStats", "ce_shard_max", "ce_shard_stats",
@@ -300,22 +304,25 @@ def _row_chunks(n_rows, n_cols):
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH_SOFTMAX)
-def _shard_max_kernel(logits, out):
-    """out[i] = max_j logits[i, j] (NaN if any is NaN), in float64.
+def _shard_max_kernel(logits, out, softcap):
+    """out[i] = max_j z'_ij (NaN if any is NaN), in float64: z' = z, or with a ``softcap`` c
+    the capped logits c tanh(z / c), whose maximum is the cap of the maximum.
 
-    logits: (N, C_shard) float32 / float64, C-contiguous; out: (N,) float64, written.
+    logits: (N, C_shard) float32 / float64, C-contiguous; out: (N,) float64, written;
+    softcap: None or a float.
     """
     n, c = logits.shape
     rows, n_chunks = _row_chunks(n, c)
     for chunk in prange(n_chunks):
         for i in range(chunk * rows, min(n, (chunk + 1) * rows)):
-            out[i] = np.float64(max_of(logits[i]))
+            out[i] = np.float64(soft_cap(max_of(logits[i]), softcap))
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH_SOFTMAX)
 def _shard_stats_kernel(logits, target, offset, weights, shift, ignore_index, with_weighted,
-                        sum_exp, target_logit, weighted):
-    """Per row: sum_j exp(z_j - shift_i), z_target (0 if not on this shard), sum_j w_j z_j.
+                        sum_exp, target_logit, weighted, softcap):
+    """Per row: sum_j exp(z'_j - shift_i), z'_target (0 if not on this shard), sum_j w_j z'_j,
+    with z' the logits, capped with a ``softcap`` (each shard caps its own classes).
 
     ``shift`` holds the row maxima (the shard's or the global); a row whose maximum is -inf
     (every class masked) is shifted by 0 instead, so its sum is an exact 0. Each BLOCK of the
@@ -323,7 +330,7 @@ def _shard_stats_kernel(logits, target, offset, weights, shift, ignore_index, wi
 
     logits: (N, C_shard) float32 / float64, C-contiguous; target: (N,) int64 global class
     indices; weights: (C_shard,) float64, this shard's slice; shift: (N,) float64;
-    sum_exp, target_logit, weighted: (N,) float64, written.
+    sum_exp, target_logit, weighted: (N,) float64, written; softcap: None or a float.
     """
     n, c = logits.shape
     rows, n_chunks = _row_chunks(n, c)
@@ -336,29 +343,32 @@ def _shard_stats_kernel(logits, target, offset, weights, shift, ignore_index, wi
             w_total = 0.0
             for lo in range(0, c, BLOCK):
                 zb = z[lo:min(c, lo + BLOCK)]
-                total += np.float64(sum_exp_shifted(zb, zb, s_cast, False, False))
+                total += np.float64(sum_exp_shifted(zb, zb, s_cast, False, False, softcap))
                 if with_weighted:
-                    w_total += weighted_sum(zb, weights[lo:min(c, lo + BLOCK)])
+                    w_total += weighted_sum(zb, weights[lo:min(c, lo + BLOCK)], softcap)
             sum_exp[i] = total
             weighted[i] = w_total
             local = target[i] - offset
             on_shard = target[i] != ignore_index and 0 <= local < c
-            target_logit[i] = np.float64(z[local]) if on_shard else 0.0
+            target_logit[i] = np.float64(soft_cap(z[local], softcap)) if on_shard else 0.0
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH_SOFTMAX)
 def _shard_grad_kernel(logits, target, offset, weights, target_weights, lse, scale,
                        per_row_scale, n_classes, weight_total, smoothing, z_loss, ignore_index,
-                       grad):
-    """grad[i, j] = scale_i (p_ij coef_i - (s / C) w_j - (1 - s) w_t [j = t - offset]).
+                       grad, softcap):
+    """grad[i, j] = scale_i (p_ij coef_i - (s / C) w_j - (1 - s) w_t [j = t - offset]) slope_ij.
 
-    coef_i = (1 - s) w_t + (s / C) W + 2 z_loss w_t lse_i; p_ij = exp(z_ij - lse_i); rows that
-    are ignored, or whose scale is 0, get zeros. ``weights`` is this shard's slice of w,
-    ``target_weights`` holds w_t per row (0 for ignored rows).
+    coef_i = (1 - s) w_t + (s / C) W + 2 z_loss w_t lse_i; p_ij = exp(z'_ij - lse_i), with z'
+    the (capped, with a ``softcap``) logits and slope_ij = dz'_ij / dz_ij (1 without a cap,
+    1 - tanh^2(z_ij / c) with one); rows that are ignored, or whose scale is 0, get zeros.
+    ``weights`` is this shard's slice of w, ``target_weights`` holds w_t per row (0 for
+    ignored rows).
 
     logits: (N, C_shard) float32 / float64, C-contiguous; target: (N,) int64 global class
     indices; weights: (C_shard,) float64; target_weights: (N,) float64; lse: (N,) float64;
-    scale: (1,) or (N,) float64; grad: (N, C_shard), the dtype of logits, written.
+    scale: (1,) or (N,) float64; grad: (N, C_shard), the dtype of logits, written;
+    softcap: None or a float.
     """
     n, c = logits.shape
     rows, n_chunks = _row_chunks(n, c)
@@ -372,10 +382,11 @@ def _shard_grad_kernel(logits, target, offset, weights, target_weights, lse, sca
             w_t = target_weights[i]
             coef = index_coefficient(lse[i], w_t, weight_total, smoothing, z_loss, n_classes)
             exp_scale_minus_weighted(logits[i], g, lse[i], sc * coef,
-                                     sc * smoothing / n_classes, weights, False)
+                                     sc * smoothing / n_classes, weights, False, softcap)
             local = target[i] - offset
             if 0 <= local < c:
-                g[local] -= cast_like(sc * (1.0 - smoothing) * w_t, g)
+                _, slope = soft_cap_and_slope(logits[i, local], softcap)
+                g[local] -= cast_like(sc * (1.0 - smoothing) * w_t * slope, g)
 
 
 # ============================================================================================
@@ -433,20 +444,21 @@ def _shard_bounds(class_offset, n_classes, width):
     return offset, n_classes
 
 
-def _row_max(logits):
-    """:func:`ce_shard_max` of checked (C-contiguous) logits."""
+def _row_max(logits, softcap):
+    """:func:`ce_shard_max` of checked (C-contiguous) logits and softcap."""
     out = np.empty(logits.shape[0])
-    _shard_max_kernel(logits, out)
+    _shard_max_kernel(logits, out, softcap)
     return out
 
 
-def ce_shard_max(logits_shard):
-    """Row maxima of one shard's logits ``(N, C_shard)``: ``(N,)`` float64."""
-    return _row_max(_shard_logits(logits_shard))
+def ce_shard_max(logits_shard, *, softcap=None):
+    """Row maxima of one shard's logits ``(N, C_shard)``, capped as
+    ``softcap * tanh(max / softcap)`` when ``softcap`` is given: ``(N,)`` float64."""
+    return _row_max(_shard_logits(logits_shard), check_softcap(softcap))
 
 
 def ce_shard_stats(logits_shard, target, class_offset, n_classes, *, shift=None, weight=None,
-                   ignore_index=-100, label_smoothing=0.0):
+                   ignore_index=-100, label_smoothing=0.0, softcap=None):
     """Per-row :class:`ShardStats` of the shard holding classes ``[class_offset, +C_shard)``.
 
     logits_shard: float32/float64 ``(N, C_shard)``; target: ``(N,)`` int32/int64 GLOBAL class
@@ -454,7 +466,9 @@ def ce_shard_stats(logits_shard, target, class_offset, n_classes, *, shift=None,
     shift: optional ``(N,)`` row maxima to exponentiate against (the global maxima, so the
     shards' ``sum_exp`` add up directly), default the shard's own; weight: optional full
     ``(C,)`` class weights (this shard reads its slice); the weighted sum is computed only when
-    ``label_smoothing > 0``.
+    ``label_smoothing > 0``. softcap: ``None`` or a float > 0: every statistic is then of the
+    capped logits ``softcap * tanh(z / softcap)`` (and a given ``shift`` must be their maxima,
+    as :func:`ce_shard_max` with the same ``softcap`` returns them).
     """
     logits = _shard_logits(logits_shard)
     n, width = logits.shape
@@ -462,20 +476,22 @@ def ce_shard_stats(logits_shard, target, class_offset, n_classes, *, shift=None,
     target, weights, ignore_index = _target_and_weights(target, n, n_classes, weight,
                                                         ignore_index)
     smoothing = check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    softcap = check_softcap(softcap)
     if shift is None:
-        row_max = _row_max(logits)
+        row_max = _row_max(logits, softcap)
     else:
         row_max = np.ascontiguousarray(host_arrays.as_array("shift", shift), dtype=np.float64)
         check_shape("shift", row_max, (n,))
-    return _shard_stats(logits, target, offset, weights, row_max, ignore_index, smoothing)
+    return _shard_stats(logits, target, offset, weights, row_max, ignore_index, smoothing,
+                        softcap)
 
 
-def _shard_stats(logits, target, offset, weights, row_max, ignore_index, smoothing):
+def _shard_stats(logits, target, offset, weights, row_max, ignore_index, smoothing, softcap):
     """:func:`ce_shard_stats` of checked arguments (``weights``: the full ``(C,)`` float64)."""
     n, width = logits.shape
     sum_exp, target_logit, weighted = np.empty(n), np.empty(n), np.empty(n)
     _shard_stats_kernel(logits, target, offset, weights[offset:offset + width], row_max,
-                        ignore_index, smoothing > 0.0, sum_exp, target_logit, weighted)
+                        ignore_index, smoothing > 0.0, sum_exp, target_logit, weighted, softcap)
     return ShardStats(row_max, sum_exp, target_logit, weighted)
 
 
@@ -525,7 +541,7 @@ class _CheckedCall(NamedTuple):
 
 
 def _check_call(target, n_rows, n_classes, weight, ignore_index, reduction, label_smoothing,
-                z_loss) -> _CheckedCall:
+                z_loss, softcap=None) -> _CheckedCall:
     n_classes = check_int("n_classes", n_classes)
     if n_classes < 1:
         raise ValueError(f"n_classes must be >= 1, got {n_classes}")
@@ -537,7 +553,8 @@ def _check_call(target, n_rows, n_classes, weight, ignore_index, reduction, labe
     options = CrossEntropyOptions(
         ignore_index=ignore_index,
         label_smoothing=check_real("label_smoothing", label_smoothing, low=0.0, high=1.0),
-        z_loss=check_real("z_loss", z_loss, low=0.0))
+        z_loss=check_real("z_loss", z_loss, low=0.0),
+        softcap=check_softcap(softcap))
     return _CheckedCall(target, n_classes, weights, target_weights, reduction, options)
 
 
@@ -580,18 +597,19 @@ def _loss(lse, target_logit, weighted_sum, call: _CheckedCall):
 
 def ce_shard_grad(logits_shard, target, class_offset, lse, n_classes, *, weight=None,
                   ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
-                  grad_loss=None, out=None):
+                  softcap=None, grad_loss=None, out=None):
     """This shard's slice of d(loss)/d(logits), ``(N, C_shard)`` in the logits' dtype.
 
     lse: the GLOBAL ``(N,)`` log-sum-exp (from :func:`ce_combine`); grad_loss: the upstream
     gradient (a scalar for "mean"/"sum", ``(N,)`` for "none"; ``None`` means 1). "mean" divides
-    by the summed target weights (all ignored: zeros). Written into ``out`` if given.
+    by the summed target weights (all ignored: zeros). Written into ``out`` if given. With a
+    ``softcap`` (that of the statistics) the gradient is with respect to the uncapped logits.
     """
     logits = _shard_logits(logits_shard)
     n, width = logits.shape
     offset, n_classes = _shard_bounds(class_offset, n_classes, width)
     call = _check_call(target, n, n_classes, weight, ignore_index, reduction, label_smoothing,
-                       z_loss)
+                       z_loss, softcap)
     lse = np.ascontiguousarray(host_arrays.as_array("lse", lse), dtype=np.float64)
     check_shape("lse", lse, (n,))
     if grad_loss is None:
@@ -616,7 +634,7 @@ def _shard_grad(logits, offset, lse, scale, call: _CheckedCall, grad):
                        np.ascontiguousarray(call.weights[offset:offset + width]),
                        call.target_weights, lse, scale, scale.shape[0] > 1,
                        call.n_classes, float(call.weights.sum()), options.label_smoothing,
-                       options.z_loss, options.ignore_index, grad)
+                       options.z_loss, options.ignore_index, grad, options.softcap)
     return grad
 
 
@@ -838,15 +856,16 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits_shard, target, weight, ignore_index, reduction, label_smoothing,
-                z_loss, group):
+                z_loss, softcap, group):
         logits = _cpu_tensor("logits_shard", logits_shard)
         n_rows, width = logits.shape
         rank, world_size = dist.get_rank(group), dist.get_world_size(group)
-        # All-reduce 1 (MAX): the row maxima, and each rank's shard width in its own slot
-        # (zeros elsewhere), so the maximum over ranks is the list of all widths.
+        # All-reduce 1 (MAX): the row maxima (of the capped logits, with a softcap: each rank
+        # caps its own classes), and each rank's shard width in its own slot (zeros
+        # elsewhere), so the maximum over ranks is the list of all widths.
         packed = torch.zeros(n_rows + world_size, dtype=torch.float64)
         logits = _shard_logits(logits)
-        packed[:n_rows] = torch.from_numpy(_row_max(logits))
+        packed[:n_rows] = torch.from_numpy(_row_max(logits, softcap))
         packed[n_rows + rank] = width
         dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
         row_max = packed[:n_rows].numpy()
@@ -856,9 +875,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         # gradient (the public building blocks would check them again in each).
         call = _check_call(_cpu_tensor("target", target), n_rows, n_classes,
                            _cpu_tensor("weight", weight), ignore_index, reduction,
-                           label_smoothing, z_loss)
+                           label_smoothing, z_loss, softcap)
         stats = _shard_stats(logits, call.target, offset, call.weights, row_max,
-                             call.options.ignore_index, call.options.label_smoothing)
+                             call.options.ignore_index, call.options.label_smoothing, softcap)
         # All-reduce 2 (SUM): exponentials against the common shift, the target logit (one
         # rank contributes it, the others an exact 0), and sum_j w_j z_j for label smoothing.
         sums = [stats.sum_exp, stats.target_logit]
@@ -884,12 +903,12 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         scale = grad_loss.to(torch.float64).contiguous().numpy().reshape(-1)
         grad = _shard_grad(logits, ctx.offset, lse.numpy(), scale, ctx.call,
                            _output(None, logits))
-        return torch.from_numpy(grad), None, None, None, None, None, None, None
+        return torch.from_numpy(grad), None, None, None, None, None, None, None, None
 
 
 def vocab_parallel_softmax_cross_entropy(logits_shard, target, group=None, *, weight=None,
                                          ignore_index=-100, reduction="mean",
-                                         label_smoothing=0.0, z_loss=0.0):
+                                         label_smoothing=0.0, z_loss=0.0, softcap=None):
     """Softmax cross-entropy of logits whose classes are split over the ranks of ``group``.
 
     logits_shard: CPU float32/float64 ``(N, C_r)``, the classes ``[o_r, o_r + C_r)`` of every
@@ -897,9 +916,10 @@ def vocab_parallel_softmax_cross_entropy(logits_shard, target, group=None, *, we
     lower ranks, found by the first all-reduce); target: ``(N,)`` int64/int32 GLOBAL class
     indices or ``ignore_index``, identical on every rank; weight: optional full ``(C,)`` class
     weights, identical on every rank. Semantics of ``torch.nn.functional.cross_entropy``
-    (reductions, label smoothing) plus ``z_loss`` as in ``fusedgrad.softmax_cross_entropy``.
-    Returns the loss (the same on every rank) in the logits' dtype; autograd gives each rank the
-    gradient of its own shard. Two all-reduces in forward, none in backward; every rank of the
+    (reductions, label smoothing) plus ``z_loss`` and ``softcap`` as in
+    ``fusedgrad.softmax_cross_entropy`` (each rank caps its own classes). Returns the loss (the
+    same on every rank) in the logits' dtype; autograd gives each rank the gradient of its own
+    shard. Two all-reduces in forward, none in backward; every rank of the
     group must call it with the same N.
     """
     if not isinstance(logits_shard, torch.Tensor):
@@ -918,7 +938,8 @@ def vocab_parallel_softmax_cross_entropy(logits_shard, target, group=None, *, we
     check_reduction(reduction)
     label_smoothing = check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
     z_loss = check_real("z_loss", z_loss, low=0.0)
+    softcap = check_softcap(softcap)
     if group is None:
         group = dist.group.WORLD
     return _VocabParallelCrossEntropy.apply(logits_shard, target, weight, int(ignore_index),
-                                            reduction, label_smoothing, z_loss, group)
+                                            reduction, label_smoothing, z_loss, softcap, group)

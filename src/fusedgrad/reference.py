@@ -62,12 +62,13 @@ def softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 def softmax_cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="mean",
-                          label_smoothing=0.0, z_loss=0.0):
+                          label_smoothing=0.0, z_loss=0.0, softcap=None):
     """Loss, gradient and per-sample log-sum-exp of softmax cross-entropy, in float64.
 
     ``logits`` (N, C) or (N, C, d1, ..., dk); ``target`` integer class indices (N, d1, ...) or
     class probabilities shaped like ``logits``. Semantics are PyTorch's
-    ``F.cross_entropy`` plus PaLM's ``z_loss * lse**2`` term (see ``docs/api.md``).
+    ``F.cross_entropy`` plus PaLM's ``z_loss * lse**2`` term (see ``docs/api.md``), and
+    ``softcap=c``: the logits are first capped as z' = c tanh(z / c) (Gemma 2).
 
     With q the smoothed target distribution, q_c = (1 - s) y_c + s / C, and class weights w,
     each sample's loss and gradient are
@@ -77,7 +78,9 @@ def softmax_cross_entropy(logits, target, *, weight=None, ignore_index=-100, red
         dloss/dz_j = p_j (sum_c w_c q_c + 2 z_loss w_t lse) - w_j q_j
 
     which is p - y (``docs/derivations.md``, section 1(b)) when w = 1, s = 0 and z_loss = 0;
-    the general form is derived in section 1(d).
+    the general form is derived in section 1(d). With ``softcap`` the formulas read z' (lse is
+    that of z'), and the gradient with respect to the uncapped z is dloss/dz'_j times
+    dz'_j/dz_j = 1 - tanh^2(z_j / c) (section 1(e)).
     Returns ``(loss, grad, lse)``: loss is a float for "mean"/"sum" and an array shaped like
     the per-sample target for "none"; grad has the shape of ``logits`` and is the gradient of
     the reduced loss (of the summed losses for "none"); lse is shaped like the per-sample loss.
@@ -86,6 +89,12 @@ def softmax_cross_entropy(logits, target, *, weight=None, ignore_index=-100, red
     shape = logits.shape
     n_classes = shape[1]
     z = _classes_last(logits)
+    slope = 1.0  # dz'/dz
+    if softcap is not None:
+        z_over_c = z / softcap
+        z = softcap * np.tanh(z_over_c)
+        with np.errstate(over="ignore"):  # cosh(+-inf) = inf: the slope is 0 there
+            slope = 1.0 / np.cosh(z_over_c) ** 2  # = 1 - tanh^2, without its cancellation
     w = np.ones(n_classes) if weight is None else np.asarray(weight, dtype=np.float64)
     lse = logsumexp(z, axis=1)
     logp = z - lse[:, None]
@@ -114,7 +123,7 @@ def softmax_cross_entropy(logits, target, *, weight=None, ignore_index=-100, red
     zl = np.where(valid, z_loss * w_target * lse ** 2, 0.0)
     per_sample = np.where(valid, cross + zl, 0.0)
     coef = (w * q).sum(axis=1) + 2.0 * z_loss * w_target * lse
-    grad_rows = np.where(valid[:, None], p * coef[:, None] - w * q, 0.0)
+    grad_rows = np.where(valid[:, None], (p * coef[:, None] - w * q) * slope, 0.0)
 
     sample_shape = (shape[0],) + tuple(shape[2:])
     if reduction == "none":
@@ -201,3 +210,36 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, chan
     else:
         dx = (gamma * invstd)[:, None] * g
     return _from_channel_rows(dx, np.shape(x), channel_axis), dweight, dbias
+
+
+# --------------------------------------------------------------------------------------------
+# Linear + cross-entropy
+# --------------------------------------------------------------------------------------------
+def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None,
+                         ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
+                         softcap=None, grad_loss=1.0):
+    """Softmax cross-entropy of a linear layer's output and the gradients of its operands, in
+    float64, with the (N, C) logits formed whole (``docs/derivations.md``, section 3):
+
+        Z = X W^T + b                                   X (N, d), W (C, d), b (C,)
+        G = grad_loss * dloss/dZ                        (:func:`softmax_cross_entropy`)
+        dloss/dX = G W,   dloss/dW = G^T X,   dloss/db = sum_n G_n
+
+    The options are :func:`softmax_cross_entropy`'s (with ``softcap`` G is the gradient with
+    respect to the uncapped Z). ``grad_loss`` is a scalar, or an (N,) array for "none" (row n's
+    gradient times its value). Returns ``(loss, grad_input, grad_linear_weight,
+    grad_linear_bias)``, the last ``None`` without a bias; the loss as
+    :func:`softmax_cross_entropy` returns it.
+    """
+    x = np.asarray(input, dtype=np.float64)
+    w = np.asarray(linear_weight, dtype=np.float64)
+    z = x @ w.T
+    if linear_bias is not None:
+        z = z + np.asarray(linear_bias, dtype=np.float64)
+    loss, g, _ = softmax_cross_entropy(z, target, weight=weight, ignore_index=ignore_index,
+                                       reduction=reduction, label_smoothing=label_smoothing,
+                                       z_loss=z_loss, softcap=softcap)
+    scale = np.asarray(grad_loss, dtype=np.float64)
+    g = g * (scale[:, None] if scale.ndim == 1 else scale)
+    grad_bias = None if linear_bias is None else g.sum(axis=0)
+    return loss, g @ w, g.T @ x, grad_bias

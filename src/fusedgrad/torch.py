@@ -4,13 +4,14 @@
 
     import fusedgrad.torch as fgt
     loss = fgt.softmax_cross_entropy(logits, target)    # as torch.nn.functional.cross_entropy
+    loss = fgt.linear_cross_entropy(hidden, head.weight, target)  # F.linear_cross_entropy
     criterion = fgt.CrossEntropyLoss(label_smoothing=0.1)
     model = fgt.convert_model(model)                     # nn.BatchNorm*d -> fgt.BatchNorm*d
 
 This module is the public facade: the modules (:class:`CrossEntropyLoss`, ``BatchNorm1d/2d/3d``,
 ``BatchNormReLU1d/2d/3d``), :func:`convert_model`, and the functional forms
-:func:`softmax_cross_entropy` and :func:`batch_norm`, which with their autograd Functions live
-in ``fusedgrad._torch_ops`` (see there how they reach the kernels and what they save for
+:func:`softmax_cross_entropy`, :func:`linear_cross_entropy` and :func:`batch_norm`, which with
+their autograd Functions live in ``fusedgrad._torch_ops`` (see there how they reach the kernels and what they save for
 backward). On the GPU, fusedgrad's CUDA backend launches its kernels on PyTorch's current stream
 (see ``fusedgrad.cuda._arrays``), so they are ordered with the surrounding PyTorch work; the
 backward of a "mean"/"sum" loss reads the upstream gradient as a Python float, which
@@ -36,15 +37,15 @@ from __future__ import annotations
 
 from torch import nn
 
-from ._torch_ops import (adopt_state, batch_norm, batch_norm_with_relu, meta_copy_arguments,
-                         softmax_cross_entropy, step_options)
-from ._validate import check_real
+from ._torch_ops import (adopt_state, batch_norm, batch_norm_with_relu, linear_cross_entropy,
+                         meta_copy_arguments, softmax_cross_entropy, step_options)
+from ._validate import check_real, check_softcap
 
 #: Multi-process drop-ins, defined in ``fusedgrad.distributed`` and re-exported here on first
 #: access (importing them eagerly would load torch.distributed for every user of this module).
 _DISTRIBUTED = ("SyncBatchNorm", "convert_sync_batchnorm", "vocab_parallel_softmax_cross_entropy")
 
-__all__ = ["softmax_cross_entropy", "CrossEntropyLoss", "batch_norm",
+__all__ = ["softmax_cross_entropy", "CrossEntropyLoss", "linear_cross_entropy", "batch_norm",
            "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormReLU1d", "BatchNormReLU2d",
            "BatchNormReLU3d", "convert_model", *_DISTRIBUTED]
 
@@ -62,20 +63,28 @@ def __getattr__(name: str):
 class CrossEntropyLoss(nn.CrossEntropyLoss):
     """``torch.nn.CrossEntropyLoss`` computed by :func:`softmax_cross_entropy`.
 
-    Same constructor (plus the keyword ``z_loss``), same ``weight`` buffer and ``state_dict``.
+    Same constructor (plus the keywords ``z_loss`` and ``softcap``), same ``weight`` buffer and
+    ``state_dict``.
     """
 
     def __init__(self, weight=None, size_average=None, ignore_index=-100, reduce=None,
-                 reduction="mean", label_smoothing=0.0, *, z_loss=0.0):
+                 reduction="mean", label_smoothing=0.0, *, z_loss=0.0, softcap=None):
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         self.z_loss = check_real("z_loss", z_loss, low=0.0)
+        self.softcap = check_softcap(softcap)
 
     def forward(self, input, target):
         return softmax_cross_entropy(input, target, self.weight, self.ignore_index,
-                                     self.reduction, self.label_smoothing, z_loss=self.z_loss)
+                                     self.reduction, self.label_smoothing, z_loss=self.z_loss,
+                                     softcap=self.softcap)
 
     def extra_repr(self) -> str:
-        return f"z_loss={self.z_loss}" if self.z_loss else ""
+        options = []
+        if self.z_loss:
+            options.append(f"z_loss={self.z_loss}")
+        if self.softcap is not None:
+            options.append(f"softcap={self.softcap}")
+        return ", ".join(options)
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,12 +2,14 @@
 
 The interface is documented once, in ``fusedgrad._device.arrays``; ``fusedgrad.cuda._arrays`` is
 the device side. Here the arrays are NumPy arrays: anything ``np.asarray`` takes is accepted as
-an input, and large outputs come from the pool of released host buffers (``_alloc``).
+an input, large outputs come from the pool of released host buffers (``_alloc``), and the matrix
+products are NumPy's (its BLAS), through ``fusedgrad._matmul``.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from .. import _matmul
 from . import _alloc
 
 #: Floating dtypes the CPU kernels are compiled for (big arrays and per-channel or per-class
@@ -48,3 +50,26 @@ def is_writeable(arr) -> bool:
 def shares_memory(a, b) -> bool:
     """Whether two arrays overlap in memory (exact: ``np.shares_memory``)."""
     return np.shares_memory(a, b)
+
+
+def matmul(a, b, out, *, transpose_a=False, transpose_b=False, accumulate=False) -> None:
+    """``out = op(a) @ op(b)``, or ``out += ...`` with ``accumulate``; ``op`` transposes where
+    asked (a view: BLAS reads it as it lies). Accumulating uses a bounded temporary
+    (``fusedgrad._matmul.product`` says why and how large)."""
+    _matmul.product(np, a.T if transpose_a else a, b.T if transpose_b else b, out,
+                    accumulate=accumulate)
+
+
+def add_to_rows(out, row) -> None:
+    """``out[i, :] += row`` for every row ``i`` of the 2-D ``out``, in place."""
+    np.add(out, row, out=out)
+
+
+def column_sums(a, out, *, accumulate=False) -> None:
+    """``out = a.sum(axis=0)``, or ``out += ...`` with ``accumulate``."""
+    _matmul.column_sums(np, a, out, accumulate=accumulate)
+
+
+def copyto(dst, src) -> None:
+    """``dst[...] = src`` for two arrays of one shape."""
+    np.copyto(dst, src)

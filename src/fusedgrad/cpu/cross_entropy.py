@@ -60,6 +60,11 @@ targets), lse = log sum_c exp(z_c), p_c = exp(z_c - lse):
     loss = sum_c w_c q_c (lse - z_c) + z_loss * w_t * lse^2
     dloss/dz_j = p_j * (sum_c w_c q_c + 2 z_loss w_t lse) - w_j q_j
 
+With ``options.softcap`` = c every logit is read as z' = c tanh(z / c) inside the kernels' own
+loops (no capped copy), the formulas above hold for z' (lse is that of z'), and the gradient,
+with respect to the uncapped z, is multiplied element by element by 1 - tanh^2(z / c)
+(section 1(e); the row primitives below say how each pass does it).
+
 Kernels (chosen by ``_run``; each runs in one of the modes of ``fusedgrad._options``:
 ``MODE_FUSED``, ``MODE_FORWARD``, ``MODE_BACKWARD``):
 
@@ -86,7 +91,7 @@ import numpy as np
 from numba import njit, prange
 
 from .._options import MODE_BACKWARD, MODE_FORWARD, MODE_FUSED, sample_count
-from ._math import FASTMATH_SOFTMAX, cast_like, fast_exp, fmax
+from ._math import FASTMATH_SOFTMAX, cast_like, divide, fast_exp, fast_tanh, fmax
 
 #: Elements of one row processed together: the block of logits and of the gradient it writes
 #: (2 x 16 KiB in float64) stays in L1 between the max, exp and scale steps.
@@ -231,7 +236,8 @@ def _launch(kernel, mode, logits, target, weights, grad, grad_scale, lse, loss, 
     loops to their scalar fallback (slower, and rounding differently from the out= path)."""
     inplace = grad is not None and np.shares_memory(grad, logits)
     kernel(mode, logits, target, weights, logits if grad is None else grad, grad_scale, lse,
-           loss, options.ignore_index, options.label_smoothing, options.z_loss, inplace)
+           loss, options.ignore_index, options.label_smoothing, options.z_loss, inplace,
+           options.softcap)
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,6 +284,19 @@ def _sum_in_order(values):
 
 # Row primitives without a leading underscore are shared with the vocabulary-parallel kernels
 # of ``fusedgrad.distributed``, which apply the same math to a slice of the classes.
+#
+# Logit soft-capping (``softcap``: None, or c > 0). Every primitive that reads logits takes
+# ``softcap`` and, given a c, reads each logit z_j as z'_j = c t_j, t_j = tanh(z_j / c), inside
+# its own loop (the vectorised ``fast_tanh``: no capped copy of the logits is ever made). The
+# loss formulas then hold for z' unchanged, and the gradient with respect to the uncapped z
+# follows by the chain rule (``docs/derivations.md``, section 1(e)):
+#
+#     dloss/dz_j = dloss/dz'_j * dz'_j/dz_j,     dz'_j/dz_j = 1 - t_j^2  ("the slope")
+#
+# ``softcap=None`` is a different Numba type from a float, so every ``softcap is None`` test
+# below is settled when the kernel is compiled: the uncapped kernels run the arithmetic they ran
+# before soft-capping existed (the slope is the constant 1, and multiplying by it is folded
+# away), bit for bit.
 @njit(inline="always", fastmath=FASTMATH_SOFTMAX)
 def max_of(z):
     """max_j z_j (NaN if any z_j is NaN); vectorised through ``fmax``."""
@@ -288,37 +307,106 @@ def max_of(z):
 
 
 @njit(inline="always", fastmath=FASTMATH_SOFTMAX)
-def sum_exp_shifted(z, g, shift, store, inplace):
-    """sum_j exp(z_j - shift), accumulated in the dtype of z over one block.
+def tanh_over_cap(value, softcap):
+    """t = tanh(z / c) of one logit ``value``, in its dtype (``softcap`` = c, a float).
 
-    With ``store`` the exponentials are also written to ``g`` (the gradient buffer, later
-    scaled in place), so each element costs exactly one exp. ``inplace`` means ``g`` is the
+    ``divide`` (not ``/``) keeps the loop-invariant 1 / c free of a zero test, so LLVM hoists
+    it out of the loops and still vectorises them.
+    """
+    return fast_tanh(value * cast_like(divide(1.0, softcap), value))
+
+
+@njit(inline="always", fastmath=FASTMATH_SOFTMAX)
+def soft_cap(value, softcap):
+    """z' = c tanh(z / c) of one logit, in its dtype; ``value`` itself when softcap is None.
+
+    tanh is increasing, so the cap of a row's maximum is the maximum of the capped row: the
+    shift of a row's exponentials costs one tanh per row (or block), not one per element.
+    """
+    if softcap is None:
+        return value
+    return cast_like(softcap, value) * tanh_over_cap(value, softcap)
+
+
+@njit(inline="always", fastmath=FASTMATH_SOFTMAX)
+def soft_cap_and_slope(value, softcap):
+    """(z', dz'/dz) of one logit as float64: (z, 1) when softcap is None, else (c t, 1 - t^2),
+    t = tanh(z / c), rounded as the row loops round them (the target class's terms)."""
+    if softcap is None:
+        return np.float64(value), 1.0
+    t = tanh_over_cap(value, softcap)
+    return np.float64(cast_like(softcap, t) * t), np.float64(cast_like(1.0, t) - t * t)
+
+
+@njit(inline="always", fastmath=FASTMATH_SOFTMAX)
+def exp_and_stored(z_j, shift, softcap):
+    """(exp(z'_j - shift), the value the exp pass stores in the gradient buffer).
+
+    Without a cap the buffer keeps the exponential itself, and the gradient pass only scales
+    it. With a cap it keeps t_j = tanh(z_j / c): the gradient pass needs t_j for the slope
+    1 - t_j^2 and recomputes the exponential from it (the logits themselves may be gone,
+    overwritten in place), so each element costs one tanh and two exps in all.
+    """
+    if softcap is None:
+        e = fast_exp(z_j - shift)
+        return e, e
+    t = tanh_over_cap(z_j, softcap)
+    return fast_exp(cast_like(softcap, t) * t - shift), t
+
+
+@njit(inline="always", fastmath=FASTMATH_SOFTMAX)
+def stored_exp_and_slope(stored, shift, softcap):
+    """(exp(z'_j - shift), slope) from what :func:`exp_and_stored` stored (same ``shift``):
+    (the stored exponential, 1) without a cap, (exp(c t_j - shift), 1 - t_j^2) with one."""
+    if softcap is None:
+        return stored, cast_like(1.0, stored)
+    return (fast_exp(cast_like(softcap, stored) * stored - shift),
+            cast_like(1.0, stored) - stored * stored)
+
+
+@njit(inline="always", fastmath=FASTMATH_SOFTMAX)
+def exp_and_slope(z_j, shift, softcap):
+    """(exp(z'_j - shift), slope) of one logit, for the gradient from a saved lse."""
+    if softcap is None:
+        return fast_exp(z_j - shift), cast_like(1.0, z_j)
+    return stored_exp_and_slope(tanh_over_cap(z_j, softcap), shift, softcap)
+
+
+@njit(inline="always", fastmath=FASTMATH_SOFTMAX)
+def sum_exp_shifted(z, g, shift, store, inplace, softcap):
+    """sum_j exp(z'_j - shift), accumulated in the dtype of z over one block (z' = z, or the
+    capped logits with a ``softcap``).
+
+    With ``store`` the exponentials (t_j with a cap, see :func:`exp_and_stored`) are also
+    written to ``g`` (the gradient buffer, later scaled in place), so each element costs
+    exactly one exp (one tanh and one exp capped) in this pass. ``inplace`` means ``g`` is the
     memory of ``z``: the loop then reads and writes through ``g`` alone, because with two
     overlapping pointers LLVM's runtime overlap check would select the scalar loop.
     """
     total = cast_like(0.0, z)
     if not store:
         for j in range(z.shape[0]):
-            total += fast_exp(z[j] - shift)
+            total += fast_exp(soft_cap(z[j], softcap) - shift)
     elif inplace:
         for j in range(g.shape[0]):
-            e = fast_exp(g[j] - shift)
-            g[j] = e
+            e, stored = exp_and_stored(g[j], shift, softcap)
+            g[j] = stored
             total += e
     else:
         for j in range(z.shape[0]):
-            e = fast_exp(z[j] - shift)
-            g[j] = e
+            e, stored = exp_and_stored(z[j], shift, softcap)
+            g[j] = stored
             total += e
     return total
 
 
 @njit(inline="always", fastmath=FASTMATH_SOFTMAX)
-def weighted_sum(z, w):
-    """sum_j w_j z_j in float64 (the label-smoothing term of the loss)."""
+def weighted_sum(z, w, softcap):
+    """sum_j w_j z'_j in float64 (the label-smoothing term of the loss). With a cap this costs
+    one more tanh per element: the sum is taken before an inplace pass overwrites the logits."""
     total = 0.0
     for j in range(z.shape[0]):
-        total += w[j] * z[j]
+        total += w[j] * soft_cap(z[j], softcap)
     return total
 
 
@@ -330,39 +418,46 @@ def fill_zero(g):
 
 
 @njit(inline="always", fastmath=FASTMATH_SOFTMAX)
-def _scale_minus_weighted(g, factor, smooth, w):
-    """g_j = factor * g_j - smooth * w_j (smooth = 0 skips the weights)."""
+def _scale_minus_weighted(g, shift, factor, smooth, w, softcap):
+    """g_j = (factor * e_j - smooth * w_j) * slope_j from what the exp pass stored in g
+    (shifted by ``shift``; see :func:`stored_exp_and_slope`); smooth = 0 skips the weights."""
     f = cast_like(factor, g)
+    sh = cast_like(shift, g)
     if smooth == 0.0:
         for j in range(g.shape[0]):
-            g[j] = g[j] * f
+            e, slope = stored_exp_and_slope(g[j], sh, softcap)
+            g[j] = e * f * slope
     else:
         sm = cast_like(smooth, g)
         for j in range(g.shape[0]):
-            g[j] = g[j] * f - sm * cast_like(w[j], g)
+            e, slope = stored_exp_and_slope(g[j], sh, softcap)
+            g[j] = (e * f - sm * cast_like(w[j], g)) * slope
 
 
 @njit(inline="always", fastmath=FASTMATH_SOFTMAX)
-def exp_scale_minus_weighted(z, g, shift, factor, smooth, w, inplace):
-    """g_j = factor * exp(z_j - shift) - smooth * w_j: the gradient from a saved lse
-    (``inplace``: z is g's memory, read through g as in :func:`sum_exp_shifted`)."""
+def exp_scale_minus_weighted(z, g, shift, factor, smooth, w, inplace, softcap):
+    """g_j = (factor * exp(z'_j - shift) - smooth * w_j) * slope_j: the gradient from a saved
+    lse (slope 1 without a cap; ``inplace``: z is g's memory, read through g as in
+    :func:`sum_exp_shifted`)."""
     if inplace:
-        _exp_scale_minus_weighted_loop(g, g, shift, factor, smooth, w)
+        _exp_scale_minus_weighted_loop(g, g, shift, factor, smooth, w, softcap)
     else:
-        _exp_scale_minus_weighted_loop(z, g, shift, factor, smooth, w)
+        _exp_scale_minus_weighted_loop(z, g, shift, factor, smooth, w, softcap)
 
 
 @njit(inline="always", fastmath=FASTMATH_SOFTMAX)
-def _exp_scale_minus_weighted_loop(z, g, shift, factor, smooth, w):
+def _exp_scale_minus_weighted_loop(z, g, shift, factor, smooth, w, softcap):
     f = cast_like(factor, g)
     sh = cast_like(shift, z)
     if smooth == 0.0:
         for j in range(z.shape[0]):
-            g[j] = fast_exp(z[j] - sh) * f
+            e, slope = exp_and_slope(z[j], sh, softcap)
+            g[j] = e * f * slope
     else:
         sm = cast_like(smooth, g)
         for j in range(z.shape[0]):
-            g[j] = fast_exp(z[j] - sh) * f - sm * cast_like(w[j], g)
+            e, slope = exp_and_slope(z[j], sh, softcap)
+            g[j] = (e * f - sm * cast_like(w[j], g)) * slope
 
 
 @njit(inline="always")
@@ -432,15 +527,16 @@ def _row_layout(n, c):
 
 
 @njit(inline="always", fastmath=FASTMATH_SOFTMAX)
-def _row_exp_blocks(z, g, store, inplace, w, with_weighted, block_shift, block_sum):
-    """One trip over a row in L1-sized blocks; returns (M, S, sum_j w_j z_j).
+def _row_exp_blocks(z, g, store, inplace, w, with_weighted, block_shift, block_sum, softcap):
+    """One trip over a row in L1-sized blocks; returns (M, S, sum_j w_j z'_j).
 
     Online softmax at block granularity: block b has maximum m_b and partial sum
-    s_b = sum_{j in b} exp(z_j - m_b) (the exponentials go to ``g`` when ``store``). The row
-    maximum is M = max_b m_b and the row sum S = sum_b s_b exp(m_b - M), so
-    lse = M + log S and the softmax is p_j = exp(z_j - m_b) * exp(m_b - M) / S: the logits are
+    s_b = sum_{j in b} exp(z'_j - m_b) (the exponentials, or t_j with a cap, go to ``g`` when
+    ``store``). The row maximum is M = max_b m_b and the row sum S = sum_b s_b exp(m_b - M), so
+    lse = M + log S and the softmax is p_j = exp(z'_j - m_b) * exp(m_b - M) / S: the logits are
     read from memory once, the second read of each block (for the exp) hits L1.
-    Blocks made only of -inf have s_b = 0 and are skipped (shift 0 avoids -inf - -inf).
+    Blocks made only of -inf have s_b = 0 and are skipped (shift 0 avoids -inf - -inf). With a
+    cap (z' = c tanh(z / c)) m_b is the cap of the block's maximum, and no z' is -inf.
     """
     c = z.shape[0]
     n_blocks = (c + BLOCK - 1) // BLOCK
@@ -450,11 +546,11 @@ def _row_exp_blocks(z, g, store, inplace, w, with_weighted, block_shift, block_s
         lo = b * BLOCK
         hi = min(c, lo + BLOCK)
         zb = z[lo:hi]
-        m = max_of(zb)
+        m = soft_cap(max_of(zb), softcap)
         shift = m if m > -np.inf else cast_like(0.0, z)
         if with_weighted:
-            weighted += weighted_sum(zb, w[lo:hi])
-        block_sum[b] = sum_exp_shifted(zb, g[lo:hi], shift, store, inplace)
+            weighted += weighted_sum(zb, w[lo:hi], softcap)
+        block_sum[b] = sum_exp_shifted(zb, g[lo:hi], shift, store, inplace, softcap)
         block_shift[b] = shift
         row_max = fmax(row_max, np.float64(m))
     top = row_max if row_max > -np.inf else 0.0
@@ -466,8 +562,9 @@ def _row_exp_blocks(z, g, store, inplace, w, with_weighted, block_shift, block_s
 
 
 @njit(inline="always", fastmath=FASTMATH_SOFTMAX)
-def _row_scale_blocks(g, top, total, factor, smooth, w, block_shift, block_sum):
-    """g_j = factor * p_j - smooth * w_j over the blocks written by :func:`_row_exp_blocks`."""
+def _row_scale_blocks(g, top, total, factor, smooth, w, block_shift, block_sum, softcap):
+    """g_j = (factor * p_j - smooth * w_j) * slope_j over the blocks written by
+    :func:`_row_exp_blocks` (slope 1 without a cap)."""
     c = g.shape[0]
     for b in range(block_sum.shape[0]):
         lo = b * BLOCK
@@ -475,12 +572,13 @@ def _row_scale_blocks(g, top, total, factor, smooth, w, block_shift, block_sum):
         block_factor = 0.0
         if block_sum[b] != 0.0:
             block_factor = factor * math.exp(block_shift[b] - top) / total
-        _scale_minus_weighted(g[lo:hi], block_factor, smooth, w[lo:hi])
+        _scale_minus_weighted(g[lo:hi], block_shift[b], block_factor, smooth, w[lo:hi],
+                              softcap)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH_SOFTMAX)
 def _rows_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out, loss_out,
-                       ignore_index, smoothing, z_loss, inplace):
+                       ignore_index, smoothing, z_loss, inplace, softcap):
     """Softmax cross-entropy of (N, C) logits against class indices, one row per sample.
 
     For a row with target t (one-hot y), smoothing s and q_c = (1 - s) y_c + s / C:
@@ -497,6 +595,10 @@ def _rows_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
     exponentials stored during the exp pass (scaled in place, block still in L1/L2), in the
     backward mode from the saved lse with one exp per element.
 
+    With ``softcap`` = c, z' = c tanh(z / c) replaces z in all of the above (lse is that of z'),
+    and each gradient element is multiplied by its slope 1 - t_j^2, t_j = tanh(z_j / c): the
+    exp pass stores t_j in the gradient buffer and the scaling pass rebuilds p_j from it.
+
     logits: (N, C) float32 / float64, any strides;
     target: (N,) int64 class indices or ``ignore_index``;
     weights: (C,) float64;
@@ -504,7 +606,8 @@ def _rows_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
     logits stand in for it, unwritten); may be the logits' memory (``inplace``);
     grad_scale: (1,) or (N,) float64, the gradient's factor per sample;
     lse_out: (N,) float64, written (read in ``MODE_BACKWARD``);
-    loss_out: (N,) float64, written (a (0,) stand-in in ``MODE_BACKWARD``).
+    loss_out: (N,) float64, written (a (0,) stand-in in ``MODE_BACKWARD``);
+    softcap: None, or the cap c > 0 (float).
     """
     n, c = logits.shape
     weight_total = _sum_in_order(weights)
@@ -527,14 +630,17 @@ def _rows_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
                     loss_out[i] = 0.0
                 continue
             w_t = 0.0 if ignored else weights[t]
+            # the target logit z'_t and its slope, read before g overwrites z (an ignored row
+            # has no target term; its slope is 1 like every uncapped one, a constant then)
+            z_t, slope_t = (0.0, 1.0) if ignored else soft_cap_and_slope(z[t], softcap)
             # 2. lse: the saved one, or one trip over the row in blocks (the exponentials go
             #    to g in the fused mode)
             if mode == MODE_BACKWARD:
                 lse = lse_out[i]
             else:
-                z_t = 0.0 if ignored else np.float64(z[t])  # read before g overwrites z
                 top, total, weighted = _row_exp_blocks(
-                    z, g, mode == MODE_FUSED, inplace, weights, smoothing > 0.0, shifts, sums)
+                    z, g, mode == MODE_FUSED, inplace, weights, smoothing > 0.0, shifts, sums,
+                    softcap)
                 lse = top + math.log(total)
                 lse_out[i] = lse
                 # 3. the loss (0 for an ignored row)
@@ -546,31 +652,41 @@ def _rows_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
                 if mode == MODE_FORWARD:
                     continue
             # 4. the gradient: p_j times the row's coefficient minus the smoothing term, from
-            #    the stored exponentials (fused) or exp(z - lse) (backward), then the
-            #    target-class term
+            #    the stored exponentials (fused) or exp(z' - lse) (backward), times the slope,
+            #    then the target-class term (times its slope)
             coef = scale * index_coefficient(lse, w_t, weight_total, smoothing, z_loss, c)
             if mode == MODE_FUSED:
                 _row_scale_blocks(g, top, total, coef, scale * smooth_per_class, weights,
-                                  shifts, sums)
+                                  shifts, sums, softcap)
             else:
                 exp_scale_minus_weighted(z, g, lse, coef, scale * smooth_per_class, weights,
-                                         inplace)
-            g[t] -= cast_like(scale * (1.0 - smoothing) * w_t, g)
+                                         inplace, softcap)
+            g[t] -= cast_like(scale * (1.0 - smoothing) * w_t * slope_t, g)
 
 
 @njit(inline="always", fastmath=FASTMATH_SOFTMAX)
-def _row_target_sums(z, y, w, with_logits):
-    """(Y, sum_c w_c y_c z_c, sum_c w_c z_c) for one row of probability targets, in float64;
-    the sums over z only ``with_logits`` (forward and fused), skipping y_c = 0 terms."""
+def _row_target_sums(z, y, w, with_logits, softcap):
+    """(Y, sum_c w_c y_c z'_c, sum_c w_c z'_c) for one row of probability targets, in float64;
+    the sums over z' only ``with_logits`` (forward and fused), skipping y_c = 0 terms."""
     wy = 0.0
     wyz = 0.0
     wz = 0.0
-    if with_logits:
+    if with_logits and softcap is None:
+        # the loop as it was before soft-capping: reading z_j once above the select, as the
+        # capped loop does, changes how LLVM vectorises it, and so the rounding of the sums
         for j in range(z.shape[0]):
             wyj = w[j] * y[j]
             wy += wyj
             wyz += wyj * z[j] if wyj != 0.0 else 0.0
             wz += w[j] * z[j]
+    elif with_logits:
+        # z'_j (a tanh) once, for both sums
+        for j in range(z.shape[0]):
+            zj = soft_cap(z[j], softcap)
+            wyj = w[j] * y[j]
+            wy += wyj
+            wyz += wyj * zj if wyj != 0.0 else 0.0
+            wz += w[j] * zj
     else:
         for j in range(y.shape[0]):
             wy += w[j] * y[j]
@@ -578,23 +694,60 @@ def _row_target_sums(z, y, w, with_logits):
 
 
 @njit(inline="always", fastmath=FASTMATH_SOFTMAX)
-def _scale_minus_target(g, factor, y, w, keep, smooth_per_class, scale):
-    """g_j = factor * g_j - scale * w_j ((1 - s) y_j + s / C), with keep = 1 - s."""
+def _scale_minus_target(g, shift, factor, y, w, keep, smooth_per_class, scale, softcap):
+    """g_j = (factor * e_j - scale * w_j ((1 - s) y_j + s / C)) * slope_j, with keep = 1 - s,
+    from what the exp pass stored in g (shifted by ``shift``; see
+    :func:`stored_exp_and_slope`)."""
     f = cast_like(factor, g)
+    sh = cast_like(shift, g)
     a = cast_like(scale * keep, g)
     b = cast_like(scale * smooth_per_class, g)
     for j in range(g.shape[0]):
-        g[j] = g[j] * f - cast_like(w[j], g) * (a * y[j] + b)
+        e, slope = stored_exp_and_slope(g[j], sh, softcap)
+        g[j] = (e * f - cast_like(w[j], g) * (a * y[j] + b)) * slope
+
+
+@njit(inline="always", fastmath=FASTMATH_SOFTMAX)
+def _exp_scale_minus_target(z, g, lse, coef, y, w, keep, smooth_per_class, scale, inplace,
+                            softcap):
+    """g_j = (coef * p_j - scale * w_j q_j) * slope_j from the saved lse, p_j = exp(z'_j - lse).
+
+    Without a cap, two passes: the exponentials times ``coef``, then the target term (as
+    :func:`_scale_minus_target` with factor 1). With a cap the slope multiplies both terms, so
+    one pass computes t_j, p_j and the slope together (``inplace``: reading through g).
+    """
+    if softcap is None:
+        exp_scale_minus_weighted(z, g, lse, coef, 0.0, w, inplace, softcap)
+        _scale_minus_target(g, 0.0, 1.0, y, w, keep, smooth_per_class, scale, softcap)
+    elif inplace:
+        _exp_scale_minus_target_loop(g, g, lse, coef, y, w, keep, smooth_per_class, scale,
+                                     softcap)
+    else:
+        _exp_scale_minus_target_loop(z, g, lse, coef, y, w, keep, smooth_per_class, scale,
+                                     softcap)
+
+
+@njit(inline="always", fastmath=FASTMATH_SOFTMAX)
+def _exp_scale_minus_target_loop(z, g, lse, coef, y, w, keep, smooth_per_class, scale,
+                                 softcap):
+    f = cast_like(coef, g)
+    sh = cast_like(lse, z)
+    a = cast_like(scale * keep, g)
+    b = cast_like(scale * smooth_per_class, g)
+    for j in range(z.shape[0]):
+        e, slope = exp_and_slope(z[j], sh, softcap)
+        g[j] = (e * f - cast_like(w[j], g) * (a * y[j] + b)) * slope
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH_SOFTMAX)
 def _rows_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out, loss_out,
-                      ignore_index, smoothing, z_loss, inplace):
+                      ignore_index, smoothing, z_loss, inplace, softcap):
     """Probability targets y (N, C) with the row machinery of :func:`_rows_index_kernel`:
     loss and gradient per :func:`_prob_loss` / :func:`_prob_coefficient`,
-    dloss/dz_j = p_j (sum_c w_c q_c + 2 z_loss lse) - w_j q_j. The target sums are taken in
-    a first trip over the row (before an inplace exp overwrites the logits); the exp trip and
-    the scaling then find the row in cache. ``ignore_index`` is unused.
+    dloss/dz_j = p_j (sum_c w_c q_c + 2 z_loss lse) - w_j q_j (of z', times the slope
+    1 - t_j^2, with a ``softcap``). The target sums are taken in a first trip over the row
+    (before an inplace exp overwrites the logits); the exp trip and the scaling then find the
+    row in cache. ``ignore_index`` is unused.
 
     logits: (N, C) float32 / float64, any strides;
     target: (N, C) probabilities, the dtype of logits;
@@ -603,7 +756,8 @@ def _rows_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out, 
     logits stand in for it, unwritten); may be the logits' memory (``inplace``);
     grad_scale: (1,) or (N,) float64, the gradient's factor per sample;
     lse_out: (N,) float64, written (read in ``MODE_BACKWARD``);
-    loss_out: (N,) float64, written (a (0,) stand-in in ``MODE_BACKWARD``).
+    loss_out: (N,) float64, written (a (0,) stand-in in ``MODE_BACKWARD``);
+    softcap: None, or the cap c > 0 (float).
     """
     n, c = logits.shape
     weight_total = _sum_in_order(weights)
@@ -618,24 +772,25 @@ def _rows_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out, 
             y = target[i]
             g = grad[i]
             scale = grad_scale[i] if per_sample_scale else grad_scale[0]
-            # 1. the target sums Y, sum w y z, sum w z: a first trip over the row, before an
+            # 1. the target sums Y, sum w y z', sum w z': a first trip over the row, before an
             #    inplace exp overwrites the logits (Y alone in the backward mode)
-            wy, wyz, wz = _row_target_sums(z, y, weights, mode != MODE_BACKWARD)
+            wy, wyz, wz = _row_target_sums(z, y, weights, mode != MODE_BACKWARD, softcap)
             # 2. lse: the saved one, or the exp trip over the row in blocks (the exponentials
             #    go to g in the fused mode)
             if mode == MODE_BACKWARD:
                 lse = lse_out[i]
             else:
                 top, total, unused = _row_exp_blocks(z, g, mode == MODE_FUSED, inplace, weights,
-                                                     False, shifts, sums)
+                                                     False, shifts, sums, softcap)
                 lse = top + math.log(total)
                 lse_out[i] = lse
                 # 3. the loss
                 loss_out[i] = _prob_loss(lse, wy, wyz, wz, weight_total, smoothing, z_loss, c)
                 if mode == MODE_FORWARD:
                     continue
-            # 4. the gradient, p_j times the row's coefficient minus w_j q_j: block by block
-            #    from the stored exponentials (fused), or from exp(z - lse) (backward)
+            # 4. the gradient, p_j times the row's coefficient minus w_j q_j, times the slope:
+            #    block by block from the stored exponentials (fused), or from exp(z' - lse)
+            #    (backward)
             coef = scale * _prob_coefficient(lse, wy, weight_total, smoothing, z_loss, c)
             if mode == MODE_FUSED:
                 for b in range(n_blocks):
@@ -644,12 +799,12 @@ def _rows_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out, 
                     block_factor = 0.0
                     if sums[b] != 0.0:
                         block_factor = coef * math.exp(shifts[b] - top) / total
-                    _scale_minus_target(g[lo:hi], block_factor, y[lo:hi], weights[lo:hi],
-                                        1.0 - smoothing, smooth_per_class, scale)
+                    _scale_minus_target(g[lo:hi], shifts[b], block_factor, y[lo:hi],
+                                        weights[lo:hi], 1.0 - smoothing, smooth_per_class, scale,
+                                        softcap)
             else:
-                exp_scale_minus_weighted(z, g, lse, coef, 0.0, weights, inplace)
-                _scale_minus_target(g, 1.0, y, weights, 1.0 - smoothing, smooth_per_class,
-                                    scale)
+                _exp_scale_minus_target(z, g, lse, coef, y, weights, 1.0 - smoothing,
+                                        smooth_per_class, scale, inplace, softcap)
 
 
 # --------------------------------------------------------------------------------------------
@@ -663,6 +818,16 @@ def _exp_minus(src, shift, dst):
 
 
 @njit(inline="always", fastmath=FASTMATH_SOFTMAX)
+def _capped_exp_minus(src, shift, tanh_dst, softcap):
+    """shift_k <- exp(c t_k - shift_k) and tanh_dst_k <- t_k = tanh(src_k / c) over a flat
+    block: the exponentials replace the shifts (``tanh_dst`` may be ``src``)."""
+    for k in range(shift.shape[0]):
+        e, t = exp_and_stored(src[k], shift[k], softcap)
+        tanh_dst[k] = t
+        shift[k] = e
+
+
+@njit(inline="always", fastmath=FASTMATH_SOFTMAX)
 def _scale_minus(g, factor, smooth, with_smooth):
     """g_k = g_k * factor_k - smooth_k over a flat block (smooth skipped when not needed)."""
     if with_smooth:
@@ -673,9 +838,17 @@ def _scale_minus(g, factor, smooth, with_smooth):
             g[k] = g[k] * factor[k]
 
 
+@njit(inline="always", fastmath=FASTMATH_SOFTMAX)
+def _times_slope(g, values):
+    """g_k = values_k (1 - t_k^2) over a flat block where g holds t_k: the capped gradient."""
+    one = cast_like(1.0, g)
+    for k in range(g.shape[0]):
+        g[k] = values[k] * (one - g[k] * g[k])
+
+
 @njit(cache=True, parallel=True, fastmath=FASTMATH_SOFTMAX)
 def _rows_small_kernel(mode, logits, target, weights, grad, grad_scale, lse_out, loss_out,
-                       ignore_index, smoothing, z_loss, inplace):
+                       ignore_index, smoothing, z_loss, inplace, softcap):
     """Class-index targets, C-contiguous (N, C) logits with C <= SMALL_C.
 
     Same math as :func:`_rows_index_kernel`, but a row of 10 classes is too short to
@@ -685,6 +858,11 @@ def _rows_small_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
     SMALL_CHUNK_ELEMENTS are shared out to at most SMALL_GROUPS groups, each with its own
     scratch (so the scratch does not grow with N; the result does not depend on the grouping).
 
+    With a ``softcap`` the flat exp writes t_k = tanh(z_k / c) to the gradient and the
+    exponentials of z'_k = c t_k over the broadcast shifts; each row then turns its
+    exponentials into (factor e_k - smooth w_k) in that scratch, and the flat scaling
+    multiplies them by the slopes 1 - t_k^2.
+
     logits: (N, C) float32 / float64, C-contiguous;
     target: (N,) int64 class indices or ``ignore_index``;
     weights: (C,) float64;
@@ -692,7 +870,8 @@ def _rows_small_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
     logits stand in for it, unwritten); may be the logits' memory (``inplace``);
     grad_scale: (1,) or (N,) float64, the gradient's factor per sample;
     lse_out: (N,) float64, written (read in ``MODE_BACKWARD``);
-    loss_out: (N,) float64, written (a (0,) stand-in in ``MODE_BACKWARD``).
+    loss_out: (N,) float64, written (a (0,) stand-in in ``MODE_BACKWARD``);
+    softcap: None, or the cap c > 0 (float).
     """
     n, c = logits.shape
     weight_total = _sum_in_order(weights)
@@ -701,7 +880,7 @@ def _rows_small_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
     n_groups = max(1, min(SMALL_GROUPS, n_chunks))
     chunks_per_group = (n_chunks + n_groups - 1) // n_groups
     flat = np.empty((n_groups, 2, rows_per_chunk * c), dtype=logits.dtype)
-    row_stats = np.empty((n_groups, 3, rows_per_chunk), dtype=np.float64)
+    row_stats = np.empty((n_groups, 4, rows_per_chunk), dtype=np.float64)
     per_sample_scale = grad_scale.shape[0] > 1
     store = mode != MODE_FORWARD
     with_smooth = smoothing > 0.0
@@ -718,30 +897,48 @@ def _rows_small_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
             target_logit = row_stats[group, 0, :rows]
             weighted = row_stats[group, 1, :rows]
             row_shift = row_stats[group, 2, :rows]
-            # 1. per-row shift (row max, or the saved lse), broadcast over the row; the loss
-            #    terms that read logits are taken now, before an inplace exp overwrites them
+            target_slope = row_stats[group, 3, :rows]
+            # 1. per-row shift (row max of z', or the saved lse), broadcast over the row; the
+            #    terms that read logits (z'_t, its slope, sum_c w_c z'_c) are taken now,
+            #    before an inplace exp overwrites them
             for r in range(rows):
+                zr = z[r * c:(r + 1) * c]
+                t = target[r0 + r]
+                z_t, slope_t = 0.0, 0.0
+                if t != ignore_index:
+                    z_t, slope_t = soft_cap_and_slope(zr[t], softcap)
+                target_logit[r] = z_t
+                target_slope[r] = slope_t
                 if mode == MODE_BACKWARD:
                     shift = cast_like(lse_out[r0 + r], buf)
                 else:
-                    zr = z[r * c:(r + 1) * c]
-                    t = target[r0 + r]
-                    target_logit[r] = 0.0 if t == ignore_index else np.float64(zr[t])
-                    weighted[r] = weighted_sum(zr, weights) if with_smooth else 0.0
-                    shift = max_of(zr)
+                    weighted[r] = weighted_sum(zr, weights, softcap) if with_smooth else 0.0
+                    shift = soft_cap(max_of(zr), softcap)
                     shift = shift if shift > -np.inf else cast_like(0.0, buf)
                 row_shift[r] = shift
                 for j in range(r * c, (r + 1) * c):
                     buf[j] = shift
-            # 2. one exp per element, flat: into the gradient, or into the scratch (forward)
-            if not store:
-                _exp_minus(z, buf, buf)
-            elif inplace:
-                _exp_minus(g, buf, g)
+            # 2. one exp per element, flat: into the gradient, or into the scratch (forward);
+            #    capped, the exponentials go over the shifts and t_k to the gradient (to the
+            #    unused smoothing scratch in forward)
+            if softcap is None:
+                if not store:
+                    _exp_minus(z, buf, buf)
+                elif inplace:
+                    _exp_minus(g, buf, g)
+                else:
+                    _exp_minus(z, buf, g)
+                exps = g if store else buf
             else:
-                _exp_minus(z, buf, g)
-            exps = g if store else buf
+                if not store:
+                    _capped_exp_minus(z, buf, smooth_buf, softcap)
+                elif inplace:
+                    _capped_exp_minus(g, buf, g, softcap)
+                else:
+                    _capped_exp_minus(z, buf, g, softcap)
+                exps = buf
             # 3. per-row statistics, loss, and the gradient factor broadcast over the row
+            #    (capped: applied to the row's exponentials right away)
             for r in range(rows):
                 i = r0 + r
                 row = exps[r * c:(r + 1) * c]
@@ -773,19 +970,30 @@ def _rows_small_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
                                                        z_loss, c) / total
                     smooth = scale * smoothing / c
                 f = cast_like(factor, buf)
-                for j in range(c):
-                    buf[r * c + j] = f
-                    smooth_buf[r * c + j] = cast_like(smooth * weights[j], buf)
+                if softcap is None:
+                    for j in range(c):
+                        buf[r * c + j] = f
+                        smooth_buf[r * c + j] = cast_like(smooth * weights[j], buf)
+                else:
+                    for j in range(c):
+                        row[j] = row[j] * f - cast_like(smooth * weights[j], buf)
             if not store:
                 continue
-            # 4. flat scaling, then the target-class term per row
-            _scale_minus(g, buf, smooth_buf, with_smooth)
+            # 4. flat scaling (capped: the slopes), then the target-class term per row (times
+            #    the target's slope; without a cap there is no factor at all)
+            if softcap is None:
+                _scale_minus(g, buf, smooth_buf, with_smooth)
+            else:
+                _times_slope(g, buf)
             for r in range(rows):
                 i = r0 + r
                 t = target[i]
                 if t != ignore_index:
                     scale = grad_scale[i] if per_sample_scale else grad_scale[0]
-                    g[r * c + t] -= cast_like(scale * (1.0 - smoothing) * weights[t], g)
+                    term = scale * (1.0 - smoothing) * weights[t]
+                    if softcap is not None:
+                        term *= target_slope[r]
+                    g[r * c + t] -= cast_like(term, g)
 
 
 # --------------------------------------------------------------------------------------------
@@ -811,23 +1019,28 @@ def _tile_position(tile, tiles_per_sample, n_pos):
 
 
 @njit(inline="always", fastmath=FASTMATH_SOFTMAX)
-def _lanes_max(z, shift):
-    """shift_k = max_c z[c, k] per lane (0 for a lane whose logits are all -inf)."""
+def _lanes_max(z, shift, softcap):
+    """shift_k = max_c z'[c, k] per lane (0 for a lane whose logits are all -inf; with a cap
+    the maximum is that of z, capped, and never -inf)."""
     for k in range(shift.shape[0]):
         shift[k] = z[0, k]
     for c in range(1, z.shape[0]):
         zc = z[c]
         for k in range(shift.shape[0]):
             shift[k] = fmax(shift[k], np.float64(zc[k]))
+    if softcap is not None:
+        for k in range(shift.shape[0]):
+            shift[k] = np.float64(soft_cap(cast_like(shift[k], z), softcap))
     for k in range(shift.shape[0]):
         if shift[k] == -np.inf:
             shift[k] = 0.0
 
 
 @njit(inline="always", fastmath=FASTMATH_SOFTMAX)
-def _lanes_sum_exp(z, g, shift, total, store, inplace):
-    """total_k = sum_c exp(z[c, k] - shift_k); the exponentials go to g when ``store``
-    (``inplace``: z is g's memory, read through g as in :func:`sum_exp_shifted`)."""
+def _lanes_sum_exp(z, g, shift, total, store, inplace, softcap):
+    """total_k = sum_c exp(z'[c, k] - shift_k); the exponentials (t with a cap, see
+    :func:`exp_and_stored`) go to g when ``store`` (``inplace``: z is g's memory, read through
+    g as in :func:`sum_exp_shifted`)."""
     for k in range(total.shape[0]):
         total[k] = 0.0
     for c in range(z.shape[0]):
@@ -835,61 +1048,63 @@ def _lanes_sum_exp(z, g, shift, total, store, inplace):
         gc = g[c]
         if not store:
             for k in range(total.shape[0]):
-                total[k] += fast_exp(zc[k] - cast_like(shift[k], zc))
+                total[k] += fast_exp(soft_cap(zc[k], softcap) - cast_like(shift[k], zc))
         elif inplace:
             for k in range(total.shape[0]):
-                e = fast_exp(gc[k] - cast_like(shift[k], gc))
-                gc[k] = e
+                e, stored = exp_and_stored(gc[k], cast_like(shift[k], gc), softcap)
+                gc[k] = stored
                 total[k] += e
         else:
             for k in range(total.shape[0]):
-                e = fast_exp(zc[k] - cast_like(shift[k], zc))
-                gc[k] = e
+                e, stored = exp_and_stored(zc[k], cast_like(shift[k], zc), softcap)
+                gc[k] = stored
                 total[k] += e
 
 
 @njit(inline="always", fastmath=FASTMATH_SOFTMAX)
-def _lanes_weighted_sum(z, w, out):
-    """out_k = sum_c w_c z[c, k] (float64)."""
+def _lanes_weighted_sum(z, w, out, softcap):
+    """out_k = sum_c w_c z'[c, k] (float64)."""
     for k in range(out.shape[0]):
         out[k] = 0.0
     for c in range(z.shape[0]):
         zc = z[c]
         wc = w[c]
         for k in range(out.shape[0]):
-            out[k] += wc * zc[k]
+            out[k] += wc * soft_cap(zc[k], softcap)
 
 
 @njit(inline="always", fastmath=FASTMATH_SOFTMAX)
-def _lanes_gradient(z, g, shift, factor, smooth, w, fused, inplace):
-    """g[c, k] = factor_k * e[c, k] - smooth_k * w_c, with e = g (fused: the stored
-    exponentials) or e = exp(z[c, k] - shift_k) (backward: shift is the saved lse)."""
+def _lanes_gradient(z, g, shift, factor, smooth, w, fused, inplace, softcap):
+    """g[c, k] = (factor_k * e[c, k] - smooth_k * w_c) * slope[c, k], with e from what g
+    stores (fused: the stored exponentials, or t with a cap) or e = exp(z'[c, k] - shift_k)
+    (backward: shift is the saved lse); the slope is 1 without a cap."""
     for c in range(z.shape[0]):
         gc = g[c]
         zc = z[c]
         wc = w[c]
         if fused:
             for k in range(factor.shape[0]):
-                gc[k] = gc[k] * cast_like(factor[k], gc) - cast_like(smooth[k] * wc, gc)
+                e, slope = stored_exp_and_slope(gc[k], cast_like(shift[k], gc), softcap)
+                gc[k] = (e * cast_like(factor[k], gc) - cast_like(smooth[k] * wc, gc)) * slope
         elif inplace:
             for k in range(factor.shape[0]):
-                e = fast_exp(gc[k] - cast_like(shift[k], gc))
-                gc[k] = e * cast_like(factor[k], gc) - cast_like(smooth[k] * wc, gc)
+                e, slope = exp_and_slope(gc[k], cast_like(shift[k], gc), softcap)
+                gc[k] = (e * cast_like(factor[k], gc) - cast_like(smooth[k] * wc, gc)) * slope
         else:
             for k in range(factor.shape[0]):
-                e = fast_exp(zc[k] - cast_like(shift[k], zc))
-                gc[k] = e * cast_like(factor[k], gc) - cast_like(smooth[k] * wc, gc)
+                e, slope = exp_and_slope(zc[k], cast_like(shift[k], zc), softcap)
+                gc[k] = (e * cast_like(factor[k], gc) - cast_like(smooth[k] * wc, gc)) * slope
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH_SOFTMAX)
 def _tiles_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out, loss_out,
-                        ignore_index, smoothing, z_loss, inplace):
+                        ignore_index, smoothing, z_loss, inplace, softcap):
     """Class-index targets for (N, C, S) logits: the math of :func:`_rows_index_kernel`,
     evaluated for TILE positions at once (for fixed n, c the positions are contiguous).
 
     Lane rows of the scratch: 0 = shift (lane max, then lse in backward), 1 = sum of
-    exponentials, 2 = sum_c w_c z_c then the smoothing coefficient, 3 = target logit then the
-    gradient factor.
+    exponentials, 2 = sum_c w_c z'_c then the smoothing coefficient, 3 = target logit z'_t then
+    the gradient factor, 4 = the target's slope (1 - t_t^2 with a cap, else 1).
 
     logits: (N, C, S) float32 / float64, any strides;
     target: (N*S,) int64 class indices or ``ignore_index``;
@@ -898,13 +1113,14 @@ def _tiles_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out
     logits stand in for it, unwritten); may be the logits' memory (``inplace``);
     grad_scale: (1,) or (N*S,) float64, the gradient's factor per sample;
     lse_out: (N*S,) float64, written (read in ``MODE_BACKWARD``);
-    loss_out: (N*S,) float64, written (a (0,) stand-in in ``MODE_BACKWARD``).
+    loss_out: (N*S,) float64, written (a (0,) stand-in in ``MODE_BACKWARD``);
+    softcap: None, or the cap c > 0 (float).
     """
     n, c, n_pos = logits.shape
     weight_total = _sum_in_order(weights)
     smooth_per_class = smoothing / c
     tiles_per_sample, n_tiles, tiles_per_chunk, n_chunks = _tile_layout(n, c, n_pos)
-    lanes = np.empty((n_chunks, 4, TILE), dtype=np.float64)
+    lanes = np.empty((n_chunks, 5, TILE), dtype=np.float64)
     per_sample_scale = grad_scale.shape[0] > 1
     for chunk in prange(n_chunks):
         for tile in range(chunk * tiles_per_chunk, min(n_tiles, (chunk + 1) * tiles_per_chunk)):
@@ -913,19 +1129,25 @@ def _tiles_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out
             total = lanes[chunk, 1, :width]
             smooth = lanes[chunk, 2, :width]
             factor = lanes[chunk, 3, :width]
+            target_slope = lanes[chunk, 4, :width]
             z = logits[i, :, p0:p0 + width]
             g = grad[i, :, p0:p0 + width]
+            # the target logits z'_t and their slopes, read before g overwrites z
+            for k in range(width):
+                t = target[first + k]
+                z_t, slope_t = 0.0, 0.0
+                if t != ignore_index:
+                    z_t, slope_t = soft_cap_and_slope(z[t, k], softcap)
+                factor[k] = z_t
+                target_slope[k] = slope_t
             if mode == MODE_BACKWARD:
                 for k in range(width):
                     shift[k] = lse_out[first + k]
             else:
-                for k in range(width):
-                    t = target[first + k]
-                    factor[k] = 0.0 if t == ignore_index else np.float64(z[t, k])
-                _lanes_max(z, shift)
+                _lanes_max(z, shift, softcap)
                 if smoothing > 0.0:
-                    _lanes_weighted_sum(z, weights, smooth)
-                _lanes_sum_exp(z, g, shift, total, mode == MODE_FUSED, inplace)
+                    _lanes_weighted_sum(z, weights, smooth, softcap)
+                _lanes_sum_exp(z, g, shift, total, mode == MODE_FUSED, inplace, softcap)
                 for k in range(width):
                     t = target[first + k]
                     lse = shift[k] + math.log(total[k])
@@ -952,17 +1174,20 @@ def _tiles_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out
                 factor[k] = coef / total[k] if mode == MODE_FUSED else coef
                 smooth[k] = scale * smooth_per_class
             _lanes_gradient(z, g, shift, factor, smooth, weights, mode == MODE_FUSED,
-                            inplace)
+                            inplace, softcap)
             for k in range(width):
                 t = target[first + k]
                 if t != ignore_index:
                     scale = grad_scale[first + k] if per_sample_scale else grad_scale[0]
-                    g[t, k] -= cast_like(scale * (1.0 - smoothing) * weights[t], g)
+                    term = scale * (1.0 - smoothing) * weights[t]
+                    if softcap is not None:
+                        term *= target_slope[k]
+                    g[t, k] -= cast_like(term, g)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH_SOFTMAX)
 def _tiles_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out, loss_out,
-                       ignore_index, smoothing, z_loss, inplace):
+                       ignore_index, smoothing, z_loss, inplace, softcap):
     """Probability targets y (N, C, S), same dtype as the logits (``ignore_index`` unused).
 
     With q_c = (1 - s) y_c + s / C, Y = sum_c w_c y_c, W = sum_c w_c:
@@ -974,7 +1199,9 @@ def _tiles_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
 
     Terms with y_c = 0 are skipped so that a -inf (masked) logit with zero probability
     contributes 0 rather than 0 * inf. Lane rows: 0 shift/lse, 1 sum of exponentials,
-    2 Y, 3 sum w y z, 4 sum w z, 5 gradient factor, 6 per-sample gradient scale.
+    2 Y, 3 sum w y z, 4 sum w z, 5 gradient factor, 6 per-sample gradient scale. With a
+    ``softcap`` z' = c tanh(z / c) stands for z, and the gradient is multiplied by the slope
+    1 - tanh^2(z / c).
 
     logits: (N, C, S) float32 / float64, any strides;
     target: (N, C, S) probabilities, the dtype of logits, any strides;
@@ -983,7 +1210,8 @@ def _tiles_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
     logits stand in for it, unwritten); may be the logits' memory (``inplace``);
     grad_scale: (1,) or (N*S,) float64, the gradient's factor per sample;
     lse_out: (N*S,) float64, written (read in ``MODE_BACKWARD``);
-    loss_out: (N*S,) float64, written (a (0,) stand-in in ``MODE_BACKWARD``).
+    loss_out: (N*S,) float64, written (a (0,) stand-in in ``MODE_BACKWARD``);
+    softcap: None, or the cap c > 0 (float).
     """
     n, c, n_pos = logits.shape
     weight_total = _sum_in_order(weights)
@@ -1015,15 +1243,15 @@ def _tiles_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
                     wyk = wc * np.float64(yc[k])
                     wy[k] += wyk
                     if mode != MODE_BACKWARD and wyk != 0.0:
-                        wyz[k] += wyk * zc[k]
+                        wyz[k] += wyk * soft_cap(zc[k], softcap)
             if mode == MODE_BACKWARD:
                 for k in range(width):
                     shift[k] = lse_out[first + k]
             else:
-                _lanes_max(z, shift)
+                _lanes_max(z, shift, softcap)
                 if smoothing > 0.0:
-                    _lanes_weighted_sum(z, weights, wz)
-                _lanes_sum_exp(z, g, shift, total, mode == MODE_FUSED, inplace)
+                    _lanes_weighted_sum(z, weights, wz, softcap)
+                _lanes_sum_exp(z, g, shift, total, mode == MODE_FUSED, inplace, softcap)
                 for k in range(width):
                     lse = shift[k] + math.log(total[k])
                     lse_out[first + k] = lse
@@ -1044,8 +1272,9 @@ def _tiles_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
                 wc = weights[cls]
                 for k in range(width):
                     if mode == MODE_FUSED:
-                        e = gc[k]
+                        e, slope = stored_exp_and_slope(gc[k], cast_like(shift[k], gc), softcap)
                     else:
-                        e = fast_exp(zc[k] - cast_like(shift[k], zc))
+                        e, slope = exp_and_slope(zc[k], cast_like(shift[k], zc), softcap)
                     q = (1.0 - smoothing) * np.float64(yc[k]) + smooth_per_class
-                    gc[k] = e * cast_like(factor[k], gc) - cast_like(scale[k] * wc * q, gc)
+                    gc[k] = ((e * cast_like(factor[k], gc) - cast_like(scale[k] * wc * q, gc))
+                             * slope)

@@ -3,11 +3,12 @@ the strided views, streams and helper kernels the GPU launchers share.
 
 The interface (documented once, in ``fusedgrad._device.arrays``; ``fusedgrad.cpu._arrays`` is the
 host side): :data:`DTYPES`, :func:`as_array`, :func:`empty`, :func:`empty_like`,
-:func:`is_writeable`, :func:`shares_memory`. Inputs are any objects exposing
-``__cuda_array_interface__`` (Numba device arrays, CuPy arrays, PyTorch CUDA tensors); they are
-wrapped zero-copy as Numba ``DeviceNDArray`` objects, and every output is a ``DeviceNDArray``
-(CuPy / PyTorch wrap it zero-copy through the same interface). Under Numba's CUDA simulator the
-simulator's fake device arrays are used as they are.
+:func:`is_writeable`, :func:`shares_memory`, and for the chunks of ``linear_cross_entropy``
+:func:`matmul`, :func:`add_to_rows`, :func:`column_sums`, :func:`copyto`. Inputs are any objects
+exposing ``__cuda_array_interface__`` (Numba device arrays, CuPy arrays, PyTorch CUDA tensors);
+they are wrapped zero-copy as Numba ``DeviceNDArray`` objects, and every output is a
+``DeviceNDArray`` (CuPy / PyTorch wrap it zero-copy through the same interface). Under Numba's
+CUDA simulator the simulator's fake device arrays are used as they are.
 
 Streams: every launcher takes ``stream=None``. ``None`` means: PyTorch's current stream when
 PyTorch is imported and has initialised CUDA (so kernels order correctly with the surrounding
@@ -22,6 +23,14 @@ releases it). As with PyTorch's caching allocator, a buffer whose last user was 
 another stream must be kept alive by the caller until that kernel has run (PyTorch:
 ``Tensor.record_stream``).
 
+Matrix products: numba-cuda has no BLAS, so :func:`matmul` (and the two row operations beside
+it) runs in the array library of the call: PyTorch when it is imported (it is whenever the
+arguments are PyTorch tensors), else CuPy, on zero-copy views of the device arrays
+(``fusedgrad._matmul`` holds the code the libraries share). PyTorch's products run on its
+current stream, the stream the kernels use once PyTorch has initialised CUDA; CuPy's on its
+current stream, the legacy default stream unless the caller set another. Under the simulator the
+products are NumPy's, on the simulator arrays' host data.
+
 For the launchers of both kernel modules: :func:`view3` and :func:`merge_axes` (kernel views
 without copies), :func:`launch_blocks`, and the two helper launches :func:`convert` (the one
 dtype-conversion kernel) and :func:`device_sum` (a deterministic sum of a 1-D array).
@@ -29,6 +38,7 @@ dtype-conversion kernel) and :func:`device_sum` (a deterministic sum of a 1-D ar
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 import sys
 import weakref
@@ -36,6 +46,7 @@ import weakref
 import numpy as np
 from numba import cuda
 
+from .. import _matmul
 from .._buffer_cache import MIN_BYTES, ReleasedBuffers
 from ._reduce import THREADS, sum_chunks
 from ._target import SIMULATED
@@ -167,6 +178,67 @@ def shares_memory(a, b) -> bool:
     a_low, a_high = _byte_range(a)
     b_low, b_high = _byte_range(b)
     return a_low <= b_high and b_low <= a_high
+
+
+def matmul(a, b, out, *, transpose_a=False, transpose_b=False, accumulate=False) -> None:
+    """``out = op(a) @ op(b)``, or ``out += ...`` with ``accumulate``, by the array library's
+    BLAS (cuBLAS) on zero-copy views (``op`` transposes where asked). ``out`` may be float32
+    for bfloat16 or float16 operands (see ``fusedgrad._matmul.product``)."""
+    xp, (a, b, out) = _library_views(a, b, out)
+    _matmul.product(xp, a.T if transpose_a else a, b.T if transpose_b else b, out,
+                    accumulate=accumulate)
+
+
+def add_to_rows(out, row) -> None:
+    """``out[i, :] += row`` for every row ``i`` of the 2-D ``out``, in place."""
+    _, (out, row) = _library_views(out, row)
+    out += row
+
+
+def column_sums(a, out, *, accumulate=False) -> None:
+    """``out = a.sum(axis=0)``, or ``out += ...`` with ``accumulate``, summed in ``out``'s
+    dtype."""
+    xp, (a, out) = _library_views(a, out)
+    _matmul.column_sums(xp, a, out, accumulate=accumulate)
+
+
+def copyto(dst, src) -> None:
+    """``dst[...] = src`` for two contiguous device arrays of one shape and dtype."""
+    if SIMULATED:
+        dst.copy_to_device(src)
+    else:
+        dst.copy_to_device(src, stream=resolve_stream(None))
+
+
+def _library_views(*arrays):
+    """``(xp, views)``: the array library of the products and its zero-copy views of
+    ``arrays`` (under the simulator: NumPy and the simulated arrays' host data)."""
+    if SIMULATED:
+        return np, [arr._ary for arr in arrays]
+    xp = _matrix_library()
+    if xp.__name__ == "torch":
+        # torch.as_tensor cannot import bfloat16 (exported as the untyped "<V2"): reinterpret
+        # the bits, as fusedgrad._torch_arrays does for results.
+        return xp, [xp.as_tensor(arr.view(np.uint16)).view(xp.bfloat16)
+                    if arr.dtype == BFLOAT16 else xp.as_tensor(arr) for arr in arrays]
+    if any(arr.dtype == BFLOAT16 for arr in arrays):
+        raise TypeError("bfloat16 matrix products on the GPU need PyTorch (CuPy has no "
+                        "bfloat16)")
+    return xp, [xp.asarray(arr) for arr in arrays]
+
+
+def _matrix_library():
+    """PyTorch if it is imported, else CuPy if it is, else whichever of them imports."""
+    for name in ("torch", "cupy"):
+        if name in sys.modules:
+            return sys.modules[name]
+    for name in ("torch", "cupy"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise ImportError("matrix products on the GPU (fusedgrad.linear_cross_entropy) run in "
+                      "PyTorch or CuPy; install either")
 
 
 def strided_view(arr, shape, strides):

@@ -9,6 +9,8 @@ for compute capability 9.0 (H100/H200) and the signatures the launchers produce:
   float32, float64);
 * class-index targets int64 (``index_target`` converts int32 on the device: that conversion
   kernel is compiled from int32 and int64);
+* cross-entropy without and with logit soft-capping (``softcap`` typed ``none`` or float64:
+  two specialisations of ``_ce_rows``, the second labelled ``[dtype,softcap]``);
 * per-channel parameters (``weight``, ``bias``, running buffers, statistics) of every floating
   dtype, with float32 and float64 accumulation;
 * array layouts ``A`` (any strides), the most general typing of the strided views.
@@ -78,9 +80,11 @@ def kernel_signatures():
     for name, t in FLOATS.items():
         acc = _acc(name)
         pure32 = name != "float64"
-        sigs.append((f"cross_entropy._ce_rows[{name}]", ce._ce_rows.py_func,
-                     (i64, _arr3(t), _vec(i64), _arr3(t), b1, _vec(f64), i64, f64, f64,
-                      _vec(acc), _vec(f64), _vec(f64), _arr3(t), _vec(f64)), pure32))
+        for softcap, suffix in ((types.none, ""), (f64, ",softcap")):
+            sigs.append((f"cross_entropy._ce_rows[{name}{suffix}]", ce._ce_rows.py_func,
+                         (i64, _arr3(t), _vec(i64), _arr3(t), b1, _vec(f64), i64, f64, f64,
+                          softcap, _vec(acc), _vec(f64), _vec(f64), _arr3(t), _vec(f64)),
+                         pure32))
         sigs.append((f"cross_entropy._scaled_copy[{name}]", ce._scaled_copy.py_func,
                      (_vec(t), _vec(f64), f64), False))
         sigs.append((f"_arrays.convert[{name}->float64]", _arrays.convert.py_func,

@@ -32,6 +32,13 @@ same reason ``lse`` is kept as ``m + log_sum`` (``m`` the row maximum) inside th
 Ignored samples (index targets equal to ``ignore_index``) get loss 0 and gradient 0 but still a
 log-sum-exp.
 
+Soft-capping (``softcap`` = c): each logit is read as ``z' = c tanh(z / c)`` (:func:`_soft_cap`,
+CUDA's ``tanh`` in the accumulation dtype) wherever it is read, so the statistics, ``K``,
+``lse`` and the loss are those of ``z'``; the gradient pass multiplies each element by the
+slope ``dz'/dz = 1 - tanh^2(z / c)`` (the chain rule back to the uncapped logits,
+``docs/derivations.md``, section 1(e)). ``softcap=None`` is a different Numba type, so the
+uncapped kernel is compiled without any of it.
+
 Kernel layout: logits are viewed without copying as ``(N, C, S)`` (``S`` = product of the spatial
 axes, 1 for ``(N, C)``), sample ``r = n * S + s``. One kernel, :func:`_ce_rows`, serves every
 launch shape: a "group" of ``blockDim.x`` threads handles one sample and ``blockDim.y`` samples
@@ -110,6 +117,18 @@ def _lse_parts(row_max, row_sum, neg_inf):
 
 
 @cuda.jit(device=True, inline=True)
+def _soft_cap(z, softcap, acc_like):
+    """``(z', dz'/dz)`` of one logit ``z`` (already in the accumulation dtype): ``(z, 1)`` when
+    ``softcap`` is None, else ``(c t, 1 - t^2)`` with ``t = tanh(z / c)``."""
+    acc = acc_like.dtype.type
+    if softcap is None:
+        return z, acc(1.0)
+    cap = acc(softcap)
+    t = math.tanh(z / cap)
+    return cap * t, acc(1.0) - t * t
+
+
+@cuda.jit(device=True, inline=True)
 def _class_coefficient(c, n, s, target_class, target_prob, is_prob, weight, keep,
                        smooth_per_class, acc_like):
     """``w_c q_c`` with ``q_c = (1 - s) y_c + s / C`` (``keep = 1 - s``), in the accumulation
@@ -128,8 +147,9 @@ def _class_coefficient(c, n, s, target_class, target_prob, is_prob, weight, keep
 
 @cuda.jit(device=True, inline=True)
 def _row_statistics(logits, n, s, c_begin, c_step, shift, read_logits, target_class, target_prob,
-                    is_prob, weight, keep, smooth_per_class, acc_like, neg_inf):
-    """One thread's share of a sample: online ``(max, sum exp)``, ``A`` and ``B`` (see top).
+                    is_prob, weight, keep, smooth_per_class, acc_like, neg_inf, softcap):
+    """One thread's share of a sample: online ``(max, sum exp)``, ``A`` and ``B`` (see top), of
+    the capped logits with a ``softcap``.
 
     With ``read_logits`` false (backward from a saved lse) only ``A`` is accumulated and the
     logits are not touched.
@@ -144,7 +164,7 @@ def _row_statistics(logits, n, s, c_begin, c_step, shift, read_logits, target_cl
                                   smooth_per_class, acc_like)
         a += coef
         if read_logits:
-            z = logits[n, c, s] + acc_zero
+            z, _ = _soft_cap(logits[n, c, s] + acc_zero, softcap, acc_like)
             running_max, running_sum = _online_lse_update(running_max, running_sum, z, neg_inf)
             if coef != acc_zero:  # q_c = 0 must not meet a -inf mask logit (0 * inf = nan)
                 b += coef * (z - shift)
@@ -156,13 +176,14 @@ def _row_statistics(logits, n, s, c_begin, c_step, shift, read_logits, target_cl
 # --------------------------------------------------------------------------------------------
 @cuda.jit
 def _ce_rows(mode, logits, target_index, target_prob, is_prob, weight, ignore_index, smoothing,
-             z_loss, acc_like, lse, loss, grad, grad_scale):
+             z_loss, softcap, acc_like, lse, loss, grad, grad_scale):
     """Statistics, loss and/or gradient of ``blockDim.y`` samples per block (module docstring).
 
     logits: (N, C, S), float16 / bfloat16 / float32 / float64;
     target_index: (N*S,) int64 class indices (a dummy with ``is_prob``);
     target_prob: (N, C, S), the dtype of logits (a dummy without ``is_prob``);
     weight: (C,) float64;
+    softcap: None, or the cap c > 0 (float64);
     acc_like: (1,), the accumulation dtype (float64 for float64 logits, else float32);
     lse: (N*S,) float64, written (``MODE_FUSED``, ``MODE_FORWARD``) or read (``MODE_BACKWARD``);
     loss: (N*S,) float64, written unless ``MODE_BACKWARD``;
@@ -207,14 +228,14 @@ def _ce_rows(mode, logits, target_index, target_prob, is_prob, weight, ignore_in
         if valid:
             w_target = acc(weight[target_class])
     c_begin = cuda.threadIdx.x if valid or compute_lse and active else n_classes
-    shift = logits[n, 0, s] + acc_zero
+    shift, _ = _soft_cap(logits[n, 0, s] + acc_zero, softcap, acc_like)
     if math.isinf(shift) or math.isnan(shift):
         shift = acc_zero  # K only has to be finite (a masked first class is -inf)
 
     # 3. one read of the row: each thread's online (max, sum exp), A and B over its classes
     running_max, running_sum, a, b = _row_statistics(
         logits, n, s, c_begin, cuda.blockDim.x, shift, compute_lse, target_class, target_prob,
-        is_prob, weight, keep, smooth_per_class, acc_like, neg_inf)
+        is_prob, weight, keep, smooth_per_class, acc_like, neg_inf, softcap)
 
     # 4. the group's sums and maximum; lse = center + log_sum, and the loss, by thread 0
     a = group_reduce(a, scratch, OP_SUM)
@@ -237,8 +258,8 @@ def _ce_rows(mode, logits, target_index, target_prob, is_prob, weight, ignore_in
         log_sum = acc_zero
         row_lse = center
 
-    # 5. second read of the row: grad = scale (p (A + 2 z_loss w_t lse) - w q), zeros for
-    #    ignored samples and where the scale is 0
+    # 5. second read of the row: grad = scale (p (A + 2 z_loss w_t lse) - w q) times the
+    #    slope dz'/dz (1 without a cap), zeros for ignored samples and where the scale is 0
     if write_grad and active:
         scale = acc_zero
         if valid:
@@ -247,10 +268,10 @@ def _ce_rows(mode, logits, target_index, target_prob, is_prob, weight, ignore_in
         for c in range(cuda.threadIdx.x, n_classes, cuda.blockDim.x):
             g = acc_zero
             if scale != acc_zero:
-                z = logits[n, c, s] + acc_zero
+                z, slope = _soft_cap(logits[n, c, s] + acc_zero, softcap, acc_like)
                 wq = _class_coefficient(c, n, s, target_class, target_prob, is_prob, weight,
                                         keep, smooth_per_class, acc_like)
-                g = scale * (math.exp((z - center) - log_sum) * coef - wq)
+                g = scale * (math.exp((z - center) - log_sum) * coef - wq) * slope
             grad[n, c, s] = g
 
 
@@ -484,5 +505,5 @@ def _run(mode, logits, target, weights, options, lse, loss, grad, grad_scale, st
     blocks = _arrays.launch_blocks(sample_count(logits.shape), rows_per_block)
     _ce_rows[blocks, (per_row, rows_per_block), stream](
         mode, logits3, target_index, target_prob, is_prob, weights, int(options.ignore_index),
-        float(options.label_smoothing), float(options.z_loss), acc_like, lse, loss, grad3,
-        grad_scale)
+        float(options.label_smoothing), float(options.z_loss), options.softcap, acc_like, lse,
+        loss, grad3, grad_scale)
