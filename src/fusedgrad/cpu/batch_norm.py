@@ -114,6 +114,9 @@ from ._reduce import chunk_bounds, chunk_count, merge_moments, sum_partials
 #: Widest tile row, in values: the float64 column accumulators (2 x 8 bytes per column) and the
 #: per-column coefficient vectors (4 x 4 bytes) of a tile, 32 KB, stay inside the 48 KB L1.
 MAX_TILE_WIDTH = 1024
+#: Tile rows whose column sums are accumulated in x's dtype before they are folded into the
+#: float64 totals (even: rows go in pairs): each float32 lane adds at most this many terms.
+FOLD_ROWS = 64
 #: Narrowest useful sub-row when a long S is cut into q pieces.
 MIN_TILE_WIDTH = 256
 #: Runs of at least this many values per channel are looped over one by one (scalar
@@ -174,22 +177,17 @@ def _row_start(r, q, row_stride, j0, sub):
 
 
 @njit(cache=True, fastmath=FASTMATH_SUMS)
-def _run_sum(x, i0, n):
+def _run_moments(x, i0, n, shift):
+    """(sum d, sum d^2) over one run, d = x - shift, summed in x's dtype and returned as
+    float64 (a run holds at most MAX_TILE_WIDTH values, spread over the vector lanes)."""
     run = x[i0:i0 + n]
-    total = 0.0
+    sum_d = run.dtype.type(0)
+    sum_d2 = run.dtype.type(0)
     for i in range(n):
-        total += run[i]
-    return total
-
-
-@njit(cache=True, fastmath=FASTMATH_SUMS)
-def _run_squares(x, i0, n, center):
-    run = x[i0:i0 + n]
-    total = 0.0
-    for i in range(n):
-        d = run[i] - center
-        total += d * d
-    return total
+        d = run[i] - shift
+        sum_d += d
+        sum_d2 += d * d
+    return np.float64(sum_d), np.float64(sum_d2)
 
 
 @njit(cache=True, inline="always")
@@ -206,23 +204,25 @@ def _masked(g, y, zero):
 
 @njit(cache=True, fastmath=FASTMATH_SUMS)
 def _run_grad(dy, x, relu_y, i0, n, mean_hi):
-    """(sum g, sum g * (x - mean_hi)) over one run, in float64; g = dy, or with a fused ReLU
-    (``relu_y`` its output, else None) dy masked where the output is not positive."""
+    """(sum g, sum g * (x - mean_hi)) over one run, summed in x's dtype and returned as
+    float64; g = dy, or with a fused ReLU (``relu_y`` its output, else None) dy masked where the
+    output is not positive."""
     g_run, x_run = dy[i0:i0 + n], x[i0:i0 + n]
-    total_dy = 0.0
-    total_dyd = 0.0
+    zero = x_run.dtype.type(0)
+    total_dy = zero
+    total_dyd = zero
     if relu_y is None:
         for i in range(n):
-            g = np.float64(g_run[i])
+            g = g_run[i]
             total_dy += g
             total_dyd += g * (x_run[i] - mean_hi)
     else:
         y_run = relu_y[i0:i0 + n]
         for i in range(n):
-            g = np.float64(_masked(g_run[i], y_run[i], y_run.dtype.type(0)))
+            g = _masked(g_run[i], y_run[i], zero)
             total_dy += g
             total_dyd += g * (x_run[i] - mean_hi)
-    return total_dy, total_dyd
+    return np.float64(total_dy), np.float64(total_dyd)
 
 
 @njit(cache=True, fastmath=FASTMATH_SUMS)
@@ -262,53 +262,67 @@ def _row_pair(i, r0, r1, q, row_stride, j0, sub):
 
 
 @njit(cache=True, fastmath=FASTMATH_SUMS)
-def _cols_sum(x, r0, r1, q, row_stride, j0, sub, acc):
-    """acc[j] += x over the tile rows, column by column (float64), two rows per update."""
-    width = acc.shape[0]
-    for i in range((r1 - r0 + 1) // 2):
-        s0, s1, weight = _row_pair(i, r0, r1, q, row_stride, j0, sub)
-        row0, row1 = x[s0:s0 + width], x[s1:s1 + width]
-        for j in range(width):
-            acc[j] += (np.float64(row0[j]) + np.float64(row1[j])) * weight
+def _fold_block(block1, block2, acc1, acc2):
+    """acc += block (float64 += x's dtype), then block = 0: one block of rows folded in."""
+    for j in range(acc1.shape[0]):
+        acc1[j] += np.float64(block1[j])
+        acc2[j] += np.float64(block2[j])
+        block1[j] = 0
+        block2[j] = 0
 
 
 @njit(cache=True, fastmath=FASTMATH_SUMS)
-def _cols_squares(x, r0, r1, q, row_stride, j0, sub, center, acc):
-    """acc[j] += (x - center[j])^2 over the tile rows (float64), two rows per update."""
-    width = acc.shape[0]
-    for i in range((r1 - r0 + 1) // 2):
-        s0, s1, weight = _row_pair(i, r0, r1, q, row_stride, j0, sub)
-        row0, row1 = x[s0:s0 + width], x[s1:s1 + width]
-        for j in range(width):
-            d0 = row0[j] - center[j]
-            d1 = row1[j] - center[j]
-            acc[j] += (d0 * d0 + d1 * d1) * weight
+def _cols_moments(x, r0, r1, q, row_stride, j0, sub, shift, block1, block2, acc1, acc2):
+    """acc1[j] += sum d, acc2[j] += sum d^2 over the tile rows, d = x - shift[j], column by
+    column, two rows per update: summed in x's dtype (block1, block2, zero on entry) over
+    FOLD_ROWS rows at a time, each block then folded into the float64 acc1, acc2."""
+    width = acc1.shape[0]
+    weight_of = x.dtype.type
+    pairs = (r1 - r0 + 1) // 2
+    for p0 in range(0, pairs, FOLD_ROWS // 2):
+        for i in range(p0, min(pairs, p0 + FOLD_ROWS // 2)):
+            s0, s1, weight = _row_pair(i, r0, r1, q, row_stride, j0, sub)
+            row0, row1 = x[s0:s0 + width], x[s1:s1 + width]
+            w = weight_of(weight)
+            for j in range(width):
+                d0 = row0[j] - shift[j]
+                d1 = row1[j] - shift[j]
+                block1[j] += (d0 + d1) * w
+                block2[j] += (d0 * d0 + d1 * d1) * w
+        _fold_block(block1, block2, acc1, acc2)
 
 
 @njit(cache=True, fastmath=FASTMATH_SUMS)
-def _cols_grad(dy, x, relu_y, r0, r1, q, row_stride, j0, sub, mean_hi, acc_dy, acc_dyd):
-    """acc_dy[j] += g, acc_dyd[j] += g * (x - mean_hi[j]) over the tile rows (float64); g as in
-    :func:`_run_grad`."""
+def _cols_grad(dy, x, relu_y, r0, r1, q, row_stride, j0, sub, mean_hi, block_dy, block_dyd,
+               acc_dy, acc_dyd):
+    """acc_dy[j] += g, acc_dyd[j] += g * (x - mean_hi[j]) over the tile rows; g as in
+    :func:`_run_grad`; summed in x's dtype over FOLD_ROWS rows, then folded into float64 (as
+    :func:`_cols_moments`)."""
     width = acc_dy.shape[0]
-    for i in range((r1 - r0 + 1) // 2):
-        s0, s1, weight = _row_pair(i, r0, r1, q, row_stride, j0, sub)
-        g0, g1 = dy[s0:s0 + width], dy[s1:s1 + width]
-        row0, row1 = x[s0:s0 + width], x[s1:s1 + width]
-        if relu_y is None:
-            for j in range(width):
-                a0, a1 = np.float64(g0[j]), np.float64(g1[j])
-                acc_dy[j] += (a0 + a1) * weight
-                acc_dyd[j] += (a0 * (row0[j] - mean_hi[j])
-                               + a1 * (row1[j] - mean_hi[j])) * weight
-        else:
-            y0, y1 = relu_y[s0:s0 + width], relu_y[s1:s1 + width]
-            zero = y0.dtype.type(0)
-            for j in range(width):
-                a0 = np.float64(_masked(g0[j], y0[j], zero))
-                a1 = np.float64(_masked(g1[j], y1[j], zero))
-                acc_dy[j] += (a0 + a1) * weight
-                acc_dyd[j] += (a0 * (row0[j] - mean_hi[j])
-                               + a1 * (row1[j] - mean_hi[j])) * weight
+    weight_of = x.dtype.type
+    pairs = (r1 - r0 + 1) // 2
+    for p0 in range(0, pairs, FOLD_ROWS // 2):
+        for i in range(p0, min(pairs, p0 + FOLD_ROWS // 2)):
+            s0, s1, weight = _row_pair(i, r0, r1, q, row_stride, j0, sub)
+            g0, g1 = dy[s0:s0 + width], dy[s1:s1 + width]
+            row0, row1 = x[s0:s0 + width], x[s1:s1 + width]
+            w = weight_of(weight)
+            if relu_y is None:
+                for j in range(width):
+                    a0, a1 = g0[j], g1[j]
+                    block_dy[j] += (a0 + a1) * w
+                    block_dyd[j] += (a0 * (row0[j] - mean_hi[j])
+                                     + a1 * (row1[j] - mean_hi[j])) * w
+            else:
+                y0, y1 = relu_y[s0:s0 + width], relu_y[s1:s1 + width]
+                zero = y0.dtype.type(0)
+                for j in range(width):
+                    a0 = _masked(g0[j], y0[j], zero)
+                    a1 = _masked(g1[j], y1[j], zero)
+                    block_dy[j] += (a0 + a1) * w
+                    block_dyd[j] += (a0 * (row0[j] - mean_hi[j])
+                                     + a1 * (row1[j] - mean_hi[j])) * w
+        _fold_block(block_dy, block_dyd, acc_dy, acc_dyd)
 
 
 @njit(cache=True, fastmath=FASTMATH_SUMS)
@@ -363,27 +377,27 @@ def _fold(acc, sub, totals):
 # Tile-level operations: dispatch to the run or column loops. Per-channel inputs and outputs
 # are local arrays of the tile's nch channels.
 @njit(cache=True)
-def _tile_moment(x, r0, r1, q, row_stride, j0, sub, center, totals):
-    """totals[k] = sum over local channel k of x (center None) or of (x - center[k])^2."""
-    nch = totals.shape[0]
-    totals[:] = 0.0
+def _tile_moments(x, r0, r1, q, row_stride, j0, sub, shift, sum_d, sum_d2):
+    """sum_d[k], sum_d2[k] = float64 sums of d and d^2 over local channel k, d = x - shift[k]."""
+    nch = sum_d.shape[0]
+    sum_d[:] = 0.0
+    sum_d2[:] = 0.0
     if sub >= RUN_MIN_WIDTH:
         for r in range(r0, r1):
             start = _row_start(r, q, row_stride, j0, sub)
             for k in range(nch):
-                if center is None:
-                    totals[k] += _run_sum(x, start + k * sub, sub)
-                else:
-                    totals[k] += _run_squares(x, start + k * sub, sub, center[k])
+                s1, s2 = _run_moments(x, start + k * sub, sub, shift[k])
+                sum_d[k] += s1
+                sum_d2[k] += s2
     else:
-        acc = np.zeros(nch * sub)
-        if center is None:
-            _cols_sum(x, r0, r1, q, row_stride, j0, sub, acc)
-        else:
-            center_cols = np.empty(nch * sub)
-            _expand(center, sub, center_cols)
-            _cols_squares(x, r0, r1, q, row_stride, j0, sub, center_cols, acc)
-        _fold(acc, sub, totals)
+        shift_cols = np.empty(nch * sub, x.dtype)
+        _expand(shift, sub, shift_cols)
+        blocks = np.zeros((2, nch * sub), x.dtype)
+        acc = np.zeros((2, nch * sub))
+        _cols_moments(x, r0, r1, q, row_stride, j0, sub, shift_cols, blocks[0], blocks[1],
+                      acc[0], acc[1])
+        _fold(acc[0], sub, sum_d)
+        _fold(acc[1], sub, sum_d2)
 
 
 @njit(cache=True)
@@ -401,11 +415,12 @@ def _tile_grad(dy, x, relu_y, r0, r1, q, row_stride, j0, sub, mean_hi, totals_dy
     else:
         mean_cols = np.empty(nch * sub, x.dtype)
         _expand(mean_hi, sub, mean_cols)
-        acc_dy = np.zeros(nch * sub)
-        acc_dyd = np.zeros(nch * sub)
-        _cols_grad(dy, x, relu_y, r0, r1, q, row_stride, j0, sub, mean_cols, acc_dy, acc_dyd)
-        _fold(acc_dy, sub, totals_dy)
-        _fold(acc_dyd, sub, totals_dyd)
+        blocks = np.zeros((2, nch * sub), x.dtype)
+        acc = np.zeros((2, nch * sub))
+        _cols_grad(dy, x, relu_y, r0, r1, q, row_stride, j0, sub, mean_cols, blocks[0],
+                   blocks[1], acc[0], acc[1])
+        _fold(acc[0], sub, totals_dy)
+        _fold(acc[1], sub, totals_dyd)
 
 
 @njit(cache=True)
@@ -522,7 +537,7 @@ def _n_tiles(n_outer, n_channels, q, cb, block_rows):
 @njit(cache=True, parallel=True)
 def _stats_sweep(x, n_outer, n_channels, n_inner, q, sub, cb, block_rows,
                  part_mean, part_m2, fuse, gamma, beta, eps, invstd_out, out, relu, n_workers):
-    """Per-tile mean and M2 (two passes over the cache-resident tile) into the partials.
+    """Per-tile mean and M2 (one pass over the tile, shifted sums) into the partials.
 
     fuse (only when each tile holds whole channels): also normalise the tile with its final
     statistics, y = (x - mean) * invstd * gamma + beta (then max(y, 0) with ``relu``), writing
@@ -536,9 +551,20 @@ def _stats_sweep(x, n_outer, n_channels, n_inner, q, sub, cb, block_rows,
             j0 = c0 * n_inner
             count = (r1 - r0) * sub
             mean = part_mean[rb, c0:c0 + nch]
-            _tile_moment(x, r0, r1, q, row_stride, j0, sub, None, mean)
-            mean /= count
-            _tile_moment(x, r0, r1, q, row_stride, j0, sub, mean, part_m2[rb, c0:c0 + nch])
+            m2 = part_m2[rb, c0:c0 + nch]
+            # Shifted one-pass moments: with d = x - K (K a value of the channel, its first in
+            # the tile), mean = K + sum d / n and M2 = sum d^2 - (sum d)^2 / n. Both sums stay
+            # of the size of the spread, not of the mean (mean 1e4, spread 1 included), so
+            # they can be summed in x's dtype; a constant channel gets d = 0 and M2 = 0 exactly.
+            first = _row_start(r0, q, row_stride, j0, sub)
+            shift = np.empty(nch, x.dtype)
+            for k in range(nch):
+                shift[k] = x[first + k * sub]
+            _tile_moments(x, r0, r1, q, row_stride, j0, sub, shift, mean, m2)
+            for k in range(nch):
+                sum_d = mean[k]
+                mean[k] = np.float64(shift[k]) + sum_d / count
+                m2[k] = max(m2[k] - sum_d * sum_d / count, 0.0)
             if fuse:
                 for c in range(c0, c0 + nch):
                     invstd_out[c] = 1.0 / np.sqrt(part_m2[rb, c] / count + eps)
