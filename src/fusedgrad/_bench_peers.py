@@ -181,6 +181,9 @@ def _torch_variants(device: Device, make: Callable[[], Callable]) -> list:
     ``make()`` (modules are not shared, so their running buffers stay separate)."""
     variants = [("torch", make())]
     if torch_compile_unavailable(device.torch, device.name) is None:
+        # Dynamo keeps compiled graphs per code object (F.cross_entropy's, BatchNorm.forward's)
+        # and falls back to eager after 8 recompilations of one: start each case afresh.
+        device.torch._dynamo.reset()
         variants.append(("torch_compile", device.torch.compile(make(), dynamic=False)))
     return variants
 

@@ -72,12 +72,12 @@ Kernels (chosen by ``_run``; each runs in one of the modes of ``fusedgrad._optio
   Online softmax over L1-sized blocks of BLOCK classes: block max, then exp(z - block max)
   written straight into the gradient buffer while summing, then one in-place scaling of the
   row (still in L1/L2). One exp per element, logits read from memory once.
-* ``_rows_small_kernel``: C-contiguous (N, C) with C <= SMALL_C (e.g. 65536 x 10): rows too
-  short to vectorise, so chunks of rows are processed as flat arrays (per-row scalars are
-  broadcast into a flat scratch) and the exp and scaling vectorise across rows.
 * ``_tiles_index_kernel`` / ``_tiles_prob_kernel``: (N, C, S) views of k-D logits (no
   transposing copy), vectorised across TILE spatial positions, which are contiguous for a
-  fixed (n, c).
+  fixed (n, c): one sample per vector lane (``_index_lanes`` for class indices).
+* ``_rows_small_kernel``: (N, C) with C <= SMALL_C (e.g. 65536 x 10), rows too short to
+  vectorise along: blocks of rows are copied transposed into an L1 scratch and computed by
+  the same ``_index_lanes``, one row per lane.
 
 Determinism: every sample is computed by one thread in a fixed order of blocks, and the only
 cross-sample reductions (``sum_samples``, ``target_weight_sum``) run in a fixed order, so results
@@ -99,11 +99,12 @@ BLOCK = 2048
 #: Rows are distributed to threads in chunks of about this many elements. The chunking depends
 #: only on the shape, never on the thread count.
 CHUNK_ELEMENTS = 1 << 15
-#: Rows with at most this many classes go to the small-C kernel (flat, across rows).
+#: Rows with at most this many classes go to the small-C kernel (one row per vector lane).
 SMALL_C = 32
-#: Elements per chunk of the small-C kernel (its flat scratch: 2 x 16 KiB in float32).
-SMALL_CHUNK_ELEMENTS = 4096
-#: Most scratch-owning groups the small-C chunks are dealt to (bounds the scratch memory).
+#: Rows the small-C kernel computes at once, one per vector lane (its transposed scratch:
+#: 2 x 32 x 256 x 4 bytes, 64 KiB, at most; 20 KiB for 10 float32 classes).
+SMALL_LANES = 256
+#: Most scratch-owning groups the small-C blocks are dealt to (bounds the scratch memory).
 SMALL_GROUPS = 64
 #: Spatial positions handled together (the vector lanes) by the (N, C, S) kernels.
 TILE = 64
@@ -200,8 +201,7 @@ def _run(mode, logits, target, weights, grad, grad_scale, lse, loss, options):
     (and the gradient is copied back), the only case with an N x C temporary.
     """
     if target.dtype == np.int64 and logits.ndim == 2:
-        small = (logits.shape[1] <= SMALL_C and logits.flags.c_contiguous
-                 and (grad is None or grad.flags.c_contiguous))
+        small = logits.shape[1] <= SMALL_C
         _launch(_rows_small_kernel if small else _rows_index_kernel, mode, logits, target,
                 weights, grad, grad_scale, lse, loss, options)
         return
@@ -810,63 +810,23 @@ def _rows_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out, 
 # --------------------------------------------------------------------------------------------
 # Small-C kernel: contiguous (N, C) logits with few classes; vectorised across rows
 # --------------------------------------------------------------------------------------------
-@njit(inline="always", fastmath=FASTMATH_SOFTMAX)
-def _exp_minus(src, shift, dst):
-    """dst_k = exp(src_k - shift_k) over a flat block (``dst`` may be ``src`` or ``shift``)."""
-    for k in range(dst.shape[0]):
-        dst[k] = fast_exp(src[k] - shift[k])
-
-
-@njit(inline="always", fastmath=FASTMATH_SOFTMAX)
-def _capped_exp_minus(src, shift, tanh_dst, softcap):
-    """shift_k <- exp(c t_k - shift_k) and tanh_dst_k <- t_k = tanh(src_k / c) over a flat
-    block: the exponentials replace the shifts (``tanh_dst`` may be ``src``)."""
-    for k in range(shift.shape[0]):
-        e, t = exp_and_stored(src[k], shift[k], softcap)
-        tanh_dst[k] = t
-        shift[k] = e
-
-
-@njit(inline="always", fastmath=FASTMATH_SOFTMAX)
-def _scale_minus(g, factor, smooth, with_smooth):
-    """g_k = g_k * factor_k - smooth_k over a flat block (smooth skipped when not needed)."""
-    if with_smooth:
-        for k in range(g.shape[0]):
-            g[k] = g[k] * factor[k] - smooth[k]
-    else:
-        for k in range(g.shape[0]):
-            g[k] = g[k] * factor[k]
-
-
-@njit(inline="always", fastmath=FASTMATH_SOFTMAX)
-def _times_slope(g, values):
-    """g_k = values_k (1 - t_k^2) over a flat block where g holds t_k: the capped gradient."""
-    one = cast_like(1.0, g)
-    for k in range(g.shape[0]):
-        g[k] = values[k] * (one - g[k] * g[k])
-
-
 @njit(cache=True, parallel=True, fastmath=FASTMATH_SOFTMAX)
 def _rows_small_kernel(mode, logits, target, weights, grad, grad_scale, lse_out, loss_out,
                        ignore_index, smoothing, z_loss, inplace, softcap):
-    """Class-index targets, C-contiguous (N, C) logits with C <= SMALL_C.
+    """Class-index targets, (N, C) logits with C <= SMALL_C.
 
     Same math as :func:`_rows_index_kernel`, but a row of 10 classes is too short to
-    vectorise, so a chunk of rows is handled as one flat array of R * C elements: per-row
-    scalars (max, then the gradient factor) are broadcast into a flat buffer, and the exp and
-    the scaling run as flat, vectorised loops over the whole chunk. Chunks of
-    SMALL_CHUNK_ELEMENTS are shared out to at most SMALL_GROUPS groups, each with its own
-    scratch (so the scratch does not grow with N; the result does not depend on the grouping).
+    vectorise along, so SMALL_LANES rows at a time are copied transposed into a (C, lanes)
+    scratch and computed across the rows by :func:`_index_lanes` (the (N, C, S) kernels' code,
+    one sample per lane), and their gradient is copied back. The scratch stays in L1 (C <=
+    SMALL_C), each row's arithmetic is the same whatever block it falls in, so the results do
+    not depend on the blocking or the thread count; an inplace call reads every logit of a
+    block before writing any of its gradient.
 
-    With a ``softcap`` the flat exp writes t_k = tanh(z_k / c) to the gradient and the
-    exponentials of z'_k = c t_k over the broadcast shifts; each row then turns its
-    exponentials into (factor e_k - smooth w_k) in that scratch, and the flat scaling
-    multiplies them by the slopes 1 - t_k^2.
-
-    logits: (N, C) float32 / float64, C-contiguous;
+    logits: (N, C) float32 / float64, any strides;
     target: (N,) int64 class indices or ``ignore_index``;
     weights: (C,) float64;
-    grad: (N, C), the dtype of logits, C-contiguous; written unless ``MODE_FORWARD`` (then the
+    grad: (N, C), the dtype of logits, any strides; written unless ``MODE_FORWARD`` (then the
     logits stand in for it, unwritten); may be the logits' memory (``inplace``);
     grad_scale: (1,) or (N,) float64, the gradient's factor per sample;
     lse_out: (N,) float64, written (read in ``MODE_BACKWARD``);
@@ -875,125 +835,32 @@ def _rows_small_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
     """
     n, c = logits.shape
     weight_total = _sum_in_order(weights)
-    rows_per_chunk = max(1, SMALL_CHUNK_ELEMENTS // c)
-    n_chunks = (n + rows_per_chunk - 1) // rows_per_chunk
-    n_groups = max(1, min(SMALL_GROUPS, n_chunks))
-    chunks_per_group = (n_chunks + n_groups - 1) // n_groups
-    flat = np.empty((n_groups, 2, rows_per_chunk * c), dtype=logits.dtype)
-    row_stats = np.empty((n_groups, 4, rows_per_chunk), dtype=np.float64)
-    per_sample_scale = grad_scale.shape[0] > 1
-    store = mode != MODE_FORWARD
-    with_smooth = smoothing > 0.0
+    n_blocks = (n + SMALL_LANES - 1) // SMALL_LANES
+    n_groups = max(1, min(SMALL_GROUPS, n_blocks))
+    blocks_per_group = (n_blocks + n_groups - 1) // n_groups
+    z_columns = np.empty((n_groups, c, SMALL_LANES), dtype=logits.dtype)
+    g_columns = np.empty((n_groups, c, SMALL_LANES), dtype=logits.dtype)
+    lanes = np.empty((n_groups, 4, SMALL_LANES), dtype=logits.dtype)
+    sample_lanes = np.empty((n_groups, 3, SMALL_LANES), dtype=np.float64)
     for group in prange(n_groups):
-        first_chunk = group * chunks_per_group
-        for chunk in range(first_chunk, min(n_chunks, first_chunk + chunks_per_group)):
-            r0 = chunk * rows_per_chunk
-            rows = min(n, r0 + rows_per_chunk) - r0
-            size = rows * c
-            z = logits[r0:r0 + rows].reshape(size)
-            g = grad[r0:r0 + rows].reshape(size)
-            buf = flat[group, 0, :size]
-            smooth_buf = flat[group, 1, :size]
-            target_logit = row_stats[group, 0, :rows]
-            weighted = row_stats[group, 1, :rows]
-            row_shift = row_stats[group, 2, :rows]
-            target_slope = row_stats[group, 3, :rows]
-            # 1. per-row shift (row max of z', or the saved lse), broadcast over the row; the
-            #    terms that read logits (z'_t, its slope, sum_c w_c z'_c) are taken now,
-            #    before an inplace exp overwrites them
-            for r in range(rows):
-                zr = z[r * c:(r + 1) * c]
-                t = target[r0 + r]
-                z_t, slope_t = 0.0, 0.0
-                if t != ignore_index:
-                    z_t, slope_t = soft_cap_and_slope(zr[t], softcap)
-                target_logit[r] = z_t
-                target_slope[r] = slope_t
-                if mode == MODE_BACKWARD:
-                    shift = cast_like(lse_out[r0 + r], buf)
-                else:
-                    weighted[r] = weighted_sum(zr, weights, softcap) if with_smooth else 0.0
-                    shift = soft_cap(max_of(zr), softcap)
-                    shift = shift if shift > -np.inf else cast_like(0.0, buf)
-                row_shift[r] = shift
-                for j in range(r * c, (r + 1) * c):
-                    buf[j] = shift
-            # 2. one exp per element, flat: into the gradient, or into the scratch (forward);
-            #    capped, the exponentials go over the shifts and t_k to the gradient (to the
-            #    unused smoothing scratch in forward)
-            if softcap is None:
-                if not store:
-                    _exp_minus(z, buf, buf)
-                elif inplace:
-                    _exp_minus(g, buf, g)
-                else:
-                    _exp_minus(z, buf, g)
-                exps = g if store else buf
-            else:
-                if not store:
-                    _capped_exp_minus(z, buf, smooth_buf, softcap)
-                elif inplace:
-                    _capped_exp_minus(g, buf, g, softcap)
-                else:
-                    _capped_exp_minus(z, buf, g, softcap)
-                exps = buf
-            # 3. per-row statistics, loss, and the gradient factor broadcast over the row
-            #    (capped: applied to the row's exponentials right away)
-            for r in range(rows):
-                i = r0 + r
-                row = exps[r * c:(r + 1) * c]
-                t = target[i]
-                ignored = t == ignore_index
-                w_t = 0.0 if ignored else weights[t]
-                scale = grad_scale[i] if per_sample_scale else grad_scale[0]
-                total = 1.0
-                if mode == MODE_BACKWARD:
-                    lse = lse_out[i]
-                else:
-                    shift = row_shift[r]
-                    total = 0.0
+        z_t = z_columns[group]
+        g_t = g_columns[group]
+        for block in range(group * blocks_per_group,
+                           min(n_blocks, (group + 1) * blocks_per_group)):
+            r0 = block * SMALL_LANES
+            width = min(n, r0 + SMALL_LANES) - r0
+            for r in range(width):
+                row = logits[r0 + r]
+                for j in range(c):
+                    z_t[j, r] = row[j]
+            _index_lanes(mode, z_t, g_t, width, target, r0, lanes[group], sample_lanes[group],
+                         weights, weight_total, grad_scale, lse_out, loss_out, ignore_index,
+                         smoothing, z_loss, False, softcap)
+            if mode != MODE_FORWARD:
+                for r in range(width):
+                    row = grad[r0 + r]
                     for j in range(c):
-                        total += row[j]
-                    lse = shift + math.log(total)
-                    lse_out[i] = lse
-                    if ignored:
-                        loss_out[i] = 0.0
-                    else:
-                        loss_out[i] = _index_loss(lse, target_logit[r], w_t, weighted[r],
-                                                  weight_total, smoothing, z_loss, c)
-                if not store:
-                    continue
-                factor = 0.0
-                smooth = 0.0
-                if not ignored:
-                    factor = scale * index_coefficient(lse, w_t, weight_total, smoothing,
-                                                       z_loss, c) / total
-                    smooth = scale * smoothing / c
-                f = cast_like(factor, buf)
-                if softcap is None:
-                    for j in range(c):
-                        buf[r * c + j] = f
-                        smooth_buf[r * c + j] = cast_like(smooth * weights[j], buf)
-                else:
-                    for j in range(c):
-                        row[j] = row[j] * f - cast_like(smooth * weights[j], buf)
-            if not store:
-                continue
-            # 4. flat scaling (capped: the slopes), then the target-class term per row (times
-            #    the target's slope; without a cap there is no factor at all)
-            if softcap is None:
-                _scale_minus(g, buf, smooth_buf, with_smooth)
-            else:
-                _times_slope(g, buf)
-            for r in range(rows):
-                i = r0 + r
-                t = target[i]
-                if t != ignore_index:
-                    scale = grad_scale[i] if per_sample_scale else grad_scale[0]
-                    term = scale * (1.0 - smoothing) * weights[t]
-                    if softcap is not None:
-                        term *= target_slope[r]
-                    g[r * c + t] -= cast_like(term, g)
+                        row[j] = g_t[j, r]
 
 
 # --------------------------------------------------------------------------------------------
@@ -1018,45 +885,48 @@ def _tile_position(tile, tiles_per_sample, n_pos):
     return i, p0, min(TILE, n_pos - p0), i * n_pos + p0
 
 
+# The lane functions read row c of a (C, >= w) array as z[c, :w], w the length of their
+# per-lane arrays: for a C-contiguous scratch that slice is typed contiguous, which LLVM needs
+# to vectorise the loops (a view sliced to w columns beforehand is typed as any-strided).
 @njit(inline="always", fastmath=FASTMATH_SOFTMAX)
 def _lanes_max(z, shift, softcap):
-    """shift_k = max_c z'[c, k] per lane (0 for a lane whose logits are all -inf; with a cap
-    the maximum is that of z, capped, and never -inf)."""
+    """shift_k = max_c z'[c, k] per lane, in z's dtype (0 for a lane whose logits are all
+    -inf; with a cap the maximum is that of z, capped, and never -inf)."""
     for k in range(shift.shape[0]):
         shift[k] = z[0, k]
     for c in range(1, z.shape[0]):
-        zc = z[c]
+        zc = z[c, :shift.shape[0]]
         for k in range(shift.shape[0]):
-            shift[k] = fmax(shift[k], np.float64(zc[k]))
-    if softcap is not None:
-        for k in range(shift.shape[0]):
-            shift[k] = np.float64(soft_cap(cast_like(shift[k], z), softcap))
+            shift[k] = fmax(shift[k], zc[k])
+    zero = cast_like(0.0, shift)
     for k in range(shift.shape[0]):
-        if shift[k] == -np.inf:
-            shift[k] = 0.0
+        capped = soft_cap(shift[k], softcap)
+        shift[k] = capped if capped > -np.inf else zero
 
 
 @njit(inline="always", fastmath=FASTMATH_SOFTMAX)
 def _lanes_sum_exp(z, g, shift, total, store, inplace, softcap):
-    """total_k = sum_c exp(z'[c, k] - shift_k); the exponentials (t with a cap, see
-    :func:`exp_and_stored`) go to g when ``store`` (``inplace``: z is g's memory, read through
-    g as in :func:`sum_exp_shifted`)."""
+    """total_k = sum_c exp(z'[c, k] - shift_k), summed in z's dtype like the row kernels' sums
+    (``shift`` and ``total`` have z's dtype: a float64 accumulator of float32 exponentials
+    would keep LLVM from vectorising the loop); the exponentials (t with a cap, see
+    :func:`exp_and_stored`) go to g when ``store`` (``inplace``: z is g's memory, read
+    through g as in :func:`sum_exp_shifted`)."""
     for k in range(total.shape[0]):
-        total[k] = 0.0
+        total[k] = 0
     for c in range(z.shape[0]):
-        zc = z[c]
-        gc = g[c]
+        zc = z[c, :total.shape[0]]
+        gc = g[c, :total.shape[0]]
         if not store:
             for k in range(total.shape[0]):
-                total[k] += fast_exp(soft_cap(zc[k], softcap) - cast_like(shift[k], zc))
+                total[k] += fast_exp(soft_cap(zc[k], softcap) - shift[k])
         elif inplace:
             for k in range(total.shape[0]):
-                e, stored = exp_and_stored(gc[k], cast_like(shift[k], gc), softcap)
+                e, stored = exp_and_stored(gc[k], shift[k], softcap)
                 gc[k] = stored
                 total[k] += e
         else:
             for k in range(total.shape[0]):
-                e, stored = exp_and_stored(zc[k], cast_like(shift[k], zc), softcap)
+                e, stored = exp_and_stored(zc[k], shift[k], softcap)
                 gc[k] = stored
                 total[k] += e
 
@@ -1067,7 +937,7 @@ def _lanes_weighted_sum(z, w, out, softcap):
     for k in range(out.shape[0]):
         out[k] = 0.0
     for c in range(z.shape[0]):
-        zc = z[c]
+        zc = z[c, :out.shape[0]]
         wc = w[c]
         for k in range(out.shape[0]):
             out[k] += wc * soft_cap(zc[k], softcap)
@@ -1077,34 +947,110 @@ def _lanes_weighted_sum(z, w, out, softcap):
 def _lanes_gradient(z, g, shift, factor, smooth, w, fused, inplace, softcap):
     """g[c, k] = (factor_k * e[c, k] - smooth_k * w_c) * slope[c, k], with e from what g
     stores (fused: the stored exponentials, or t with a cap) or e = exp(z'[c, k] - shift_k)
-    (backward: shift is the saved lse); the slope is 1 without a cap."""
+    (backward: shift is the saved lse); the slope is 1 without a cap. ``shift``, ``factor``
+    and ``smooth`` have z's dtype, so the loops stay in one width and vectorise."""
     for c in range(z.shape[0]):
-        gc = g[c]
-        zc = z[c]
-        wc = w[c]
+        gc = g[c, :factor.shape[0]]
+        zc = z[c, :factor.shape[0]]
+        wc = cast_like(w[c], gc)
         if fused:
             for k in range(factor.shape[0]):
-                e, slope = stored_exp_and_slope(gc[k], cast_like(shift[k], gc), softcap)
-                gc[k] = (e * cast_like(factor[k], gc) - cast_like(smooth[k] * wc, gc)) * slope
+                e, slope = stored_exp_and_slope(gc[k], shift[k], softcap)
+                gc[k] = (e * factor[k] - smooth[k] * wc) * slope
         elif inplace:
             for k in range(factor.shape[0]):
-                e, slope = exp_and_slope(gc[k], cast_like(shift[k], gc), softcap)
-                gc[k] = (e * cast_like(factor[k], gc) - cast_like(smooth[k] * wc, gc)) * slope
+                e, slope = exp_and_slope(gc[k], shift[k], softcap)
+                gc[k] = (e * factor[k] - smooth[k] * wc) * slope
         else:
             for k in range(factor.shape[0]):
-                e, slope = exp_and_slope(zc[k], cast_like(shift[k], zc), softcap)
-                gc[k] = (e * cast_like(factor[k], gc) - cast_like(smooth[k] * wc, gc)) * slope
+                e, slope = exp_and_slope(zc[k], shift[k], softcap)
+                gc[k] = (e * factor[k] - smooth[k] * wc) * slope
+
+
+@njit(inline="always", fastmath=FASTMATH_SOFTMAX)
+def _index_lanes(mode, z, g, width, target, first, lanes, sample_lanes, weights,
+                 weight_total, grad_scale, lse_out, loss_out, ignore_index, smoothing, z_loss,
+                 inplace, softcap):
+    """The math of :func:`_rows_index_kernel` for ``w`` samples at once, one per vector lane:
+    z (C, w) holds sample ``first + k`` in column k (classes down the rows), so every loop runs
+    across the samples and vectorises however few the classes.
+
+    z: (C, >= w) logits, the dtype of the kernel's, any strides, of which the first
+    ``width`` = w columns are computed; g: (C, >= w) gradient, written unless ``MODE_FORWARD``
+    (may be z's memory: ``inplace``); lanes: (4, >= w) scratch of z's dtype, the rows the
+    vector loops read and write: 0 = shift (lane max, or the saved lse), 1 = sum of
+    exponentials, 2 = gradient factor, 3 = smoothing coefficient; sample_lanes: (3, >= w)
+    float64 scratch: 0 = target logit z'_t, 1 = its slope (1 - t_t^2 with a cap, else 1),
+    2 = sum_c w_c z'_c. The other arguments as in :func:`_rows_index_kernel`, the per-sample
+    ones indexed from ``first``.
+    """
+    c = z.shape[0]
+    shift, total = lanes[0, :width], lanes[1, :width]
+    factor, smooth = lanes[2, :width], lanes[3, :width]
+    target_logit = sample_lanes[0, :width]
+    target_slope = sample_lanes[1, :width]
+    weighted = sample_lanes[2, :width]
+    per_sample_scale = grad_scale.shape[0] > 1
+    # 1. the target logits z'_t and their slopes, read before g overwrites z
+    for k in range(width):
+        t = target[first + k]
+        z_t, slope_t = 0.0, 0.0
+        if t != ignore_index:
+            z_t, slope_t = soft_cap_and_slope(z[t, k], softcap)
+        target_logit[k] = z_t
+        target_slope[k] = slope_t
+    # 2. the shift: the saved lse, or the lane maxima; then lse and the loss per lane
+    if mode == MODE_BACKWARD:
+        for k in range(width):
+            shift[k] = cast_like(lse_out[first + k], shift)
+    else:
+        _lanes_max(z, shift, softcap)
+        if smoothing > 0.0:
+            _lanes_weighted_sum(z, weights, weighted, softcap)
+        _lanes_sum_exp(z, g, shift, total, mode == MODE_FUSED, inplace, softcap)
+        for k in range(width):
+            t = target[first + k]
+            lse = np.float64(shift[k]) + math.log(np.float64(total[k]))
+            lse_out[first + k] = lse
+            if t == ignore_index:
+                loss_out[first + k] = 0.0
+                continue
+            loss_out[first + k] = _index_loss(
+                lse, target_logit[k], weights[t], weighted[k] if smoothing > 0.0 else 0.0,
+                weight_total, smoothing, z_loss, c)
+        if mode == MODE_FORWARD:
+            return
+    # 3. each lane's gradient factor (0 for an ignored sample) and smoothing coefficient
+    for k in range(width):
+        t = target[first + k]
+        scale = grad_scale[first + k] if per_sample_scale else grad_scale[0]
+        if t == ignore_index:
+            factor[k] = 0
+            smooth[k] = 0
+            continue
+        lse = lse_out[first + k]  # given in backward, stored by step 2 otherwise
+        coef = scale * index_coefficient(lse, weights[t], weight_total, smoothing, z_loss, c)
+        factor[k] = cast_like(coef / np.float64(total[k]) if mode == MODE_FUSED else coef,
+                              factor)
+        smooth[k] = cast_like(scale * smoothing / c, smooth)
+    # 4. the gradient, then the target-class term (times the target's slope)
+    _lanes_gradient(z, g, shift, factor, smooth, weights, mode == MODE_FUSED, inplace,
+                    softcap)
+    for k in range(width):
+        t = target[first + k]
+        if t != ignore_index:
+            scale = grad_scale[first + k] if per_sample_scale else grad_scale[0]
+            term = scale * (1.0 - smoothing) * weights[t]
+            if softcap is not None:
+                term *= target_slope[k]
+            g[t, k] -= cast_like(term, g)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH_SOFTMAX)
 def _tiles_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out, loss_out,
                         ignore_index, smoothing, z_loss, inplace, softcap):
-    """Class-index targets for (N, C, S) logits: the math of :func:`_rows_index_kernel`,
-    evaluated for TILE positions at once (for fixed n, c the positions are contiguous).
-
-    Lane rows of the scratch: 0 = shift (lane max, then lse in backward), 1 = sum of
-    exponentials, 2 = sum_c w_c z'_c then the smoothing coefficient, 3 = target logit z'_t then
-    the gradient factor, 4 = the target's slope (1 - t_t^2 with a cap, else 1).
+    """Class-index targets for (N, C, S) logits: :func:`_index_lanes` on TILE positions at a
+    time (for fixed n, c the positions are contiguous).
 
     logits: (N, C, S) float32 / float64, any strides;
     target: (N*S,) int64 class indices or ``ignore_index``;
@@ -1118,71 +1064,16 @@ def _tiles_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out
     """
     n, c, n_pos = logits.shape
     weight_total = _sum_in_order(weights)
-    smooth_per_class = smoothing / c
     tiles_per_sample, n_tiles, tiles_per_chunk, n_chunks = _tile_layout(n, c, n_pos)
-    lanes = np.empty((n_chunks, 5, TILE), dtype=np.float64)
-    per_sample_scale = grad_scale.shape[0] > 1
+    lanes = np.empty((n_chunks, 4, TILE), dtype=logits.dtype)
+    sample_lanes = np.empty((n_chunks, 3, TILE), dtype=np.float64)
     for chunk in prange(n_chunks):
         for tile in range(chunk * tiles_per_chunk, min(n_tiles, (chunk + 1) * tiles_per_chunk)):
             i, p0, width, first = _tile_position(tile, tiles_per_sample, n_pos)
-            shift = lanes[chunk, 0, :width]
-            total = lanes[chunk, 1, :width]
-            smooth = lanes[chunk, 2, :width]
-            factor = lanes[chunk, 3, :width]
-            target_slope = lanes[chunk, 4, :width]
-            z = logits[i, :, p0:p0 + width]
-            g = grad[i, :, p0:p0 + width]
-            # the target logits z'_t and their slopes, read before g overwrites z
-            for k in range(width):
-                t = target[first + k]
-                z_t, slope_t = 0.0, 0.0
-                if t != ignore_index:
-                    z_t, slope_t = soft_cap_and_slope(z[t, k], softcap)
-                factor[k] = z_t
-                target_slope[k] = slope_t
-            if mode == MODE_BACKWARD:
-                for k in range(width):
-                    shift[k] = lse_out[first + k]
-            else:
-                _lanes_max(z, shift, softcap)
-                if smoothing > 0.0:
-                    _lanes_weighted_sum(z, weights, smooth, softcap)
-                _lanes_sum_exp(z, g, shift, total, mode == MODE_FUSED, inplace, softcap)
-                for k in range(width):
-                    t = target[first + k]
-                    lse = shift[k] + math.log(total[k])
-                    lse_out[first + k] = lse
-                    if t == ignore_index:
-                        loss_out[first + k] = 0.0
-                        continue
-                    w_t = weights[t]
-                    weighted = smooth[k] if smoothing > 0.0 else 0.0
-                    loss_out[first + k] = _index_loss(lse, factor[k], w_t, weighted,
-                                                      weight_total, smoothing, z_loss, c)
-                if mode == MODE_FORWARD:
-                    continue
-            for k in range(width):
-                t = target[first + k]
-                scale = grad_scale[first + k] if per_sample_scale else grad_scale[0]
-                if t == ignore_index:
-                    factor[k] = 0.0
-                    smooth[k] = 0.0
-                    continue
-                w_t = weights[t]
-                lse = lse_out[first + k]  # given in backward, stored by the loop above otherwise
-                coef = scale * index_coefficient(lse, w_t, weight_total, smoothing, z_loss, c)
-                factor[k] = coef / total[k] if mode == MODE_FUSED else coef
-                smooth[k] = scale * smooth_per_class
-            _lanes_gradient(z, g, shift, factor, smooth, weights, mode == MODE_FUSED,
-                            inplace, softcap)
-            for k in range(width):
-                t = target[first + k]
-                if t != ignore_index:
-                    scale = grad_scale[first + k] if per_sample_scale else grad_scale[0]
-                    term = scale * (1.0 - smoothing) * weights[t]
-                    if softcap is not None:
-                        term *= target_slope[k]
-                    g[t, k] -= cast_like(term, g)
+            _index_lanes(mode, logits[i, :, p0:p0 + width], grad[i, :, p0:p0 + width], width,
+                         target, first, lanes[chunk], sample_lanes[chunk], weights,
+                         weight_total, grad_scale, lse_out, loss_out, ignore_index, smoothing,
+                         z_loss, inplace, softcap)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH_SOFTMAX)
@@ -1198,8 +1089,9 @@ def _tiles_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
         dloss/dz_j = p_j [(1 - s) Y + (s / C) W + 2 z_loss lse] - w_j q_j
 
     Terms with y_c = 0 are skipped so that a -inf (masked) logit with zero probability
-    contributes 0 rather than 0 * inf. Lane rows: 0 shift/lse, 1 sum of exponentials,
-    2 Y, 3 sum w y z, 4 sum w z, 5 gradient factor, 6 per-sample gradient scale. With a
+    contributes 0 rather than 0 * inf. Lane rows, in z's dtype (``exp_lanes``): 0 shift/lse,
+    1 sum of exponentials; in float64 (``lanes``): 2 Y, 3 sum w y z, 4 sum w z, 5 gradient
+    factor, 6 per-sample gradient scale (0 and 1 unused there). With a
     ``softcap`` z' = c tanh(z / c) stands for z, and the gradient is multiplied by the slope
     1 - tanh^2(z / c).
 
@@ -1218,12 +1110,13 @@ def _tiles_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
     smooth_per_class = smoothing / c
     tiles_per_sample, n_tiles, tiles_per_chunk, n_chunks = _tile_layout(n, c, n_pos)
     lanes = np.empty((n_chunks, 7, TILE), dtype=np.float64)
+    exp_lanes = np.empty((n_chunks, 2, TILE), dtype=logits.dtype)
     per_sample_scale = grad_scale.shape[0] > 1
     for chunk in prange(n_chunks):
         for tile in range(chunk * tiles_per_chunk, min(n_tiles, (chunk + 1) * tiles_per_chunk)):
             i, p0, width, first = _tile_position(tile, tiles_per_sample, n_pos)
-            shift = lanes[chunk, 0, :width]
-            total = lanes[chunk, 1, :width]
+            shift = exp_lanes[chunk, 0, :width]
+            total = exp_lanes[chunk, 1, :width]
             wy = lanes[chunk, 2, :width]
             wyz = lanes[chunk, 3, :width]
             wz = lanes[chunk, 4, :width]
@@ -1246,14 +1139,14 @@ def _tiles_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
                         wyz[k] += wyk * soft_cap(zc[k], softcap)
             if mode == MODE_BACKWARD:
                 for k in range(width):
-                    shift[k] = lse_out[first + k]
+                    shift[k] = cast_like(lse_out[first + k], shift)
             else:
                 _lanes_max(z, shift, softcap)
                 if smoothing > 0.0:
                     _lanes_weighted_sum(z, weights, wz, softcap)
                 _lanes_sum_exp(z, g, shift, total, mode == MODE_FUSED, inplace, softcap)
                 for k in range(width):
-                    lse = shift[k] + math.log(total[k])
+                    lse = np.float64(shift[k]) + math.log(np.float64(total[k]))
                     lse_out[first + k] = lse
                     loss_out[first + k] = _prob_loss(lse, wy[k], wyz[k], wz[k], weight_total,
                                                      smoothing, z_loss, c)
@@ -1264,7 +1157,7 @@ def _tiles_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
                 lse = lse_out[first + k]  # given in backward, stored by the loop above otherwise
                 coef = scale[k] * _prob_coefficient(lse, wy[k], weight_total, smoothing,
                                                     z_loss, c)
-                factor[k] = coef / total[k] if mode == MODE_FUSED else coef
+                factor[k] = coef / np.float64(total[k]) if mode == MODE_FUSED else coef
             for cls in range(c):
                 zc = z[cls]
                 yc = y[cls]
