@@ -627,3 +627,60 @@ def test_cuda_tensors_match_cpu():
     torch.testing.assert_close(ours.weight.grad.cpu(), theirs.weight.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ours.running_mean.cpu(), theirs.running_mean,
                                rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Small CPU tensors go to PyTorch's own kernels (fusedgrad._torch_ops thresholds)
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def default_thresholds(monkeypatch):
+    from fusedgrad import _torch_ops
+    monkeypatch.setattr(_torch_ops, "BATCH_NORM_MIN_ELEMENTS", 1 << 19)
+    monkeypatch.setattr(_torch_ops, "CROSS_ENTROPY_MIN_SAMPLES", 512)
+    return _torch_ops
+
+
+def _kernel_calls(monkeypatch, ops):
+    """Count the calls that reach fusedgrad's autograd Functions."""
+    calls = []
+    for cls in (ops.BatchNormFunction, ops.SoftmaxCrossEntropyFunction):
+        original = cls.apply
+        monkeypatch.setattr(cls, "apply", lambda *a, _o=original, _c=cls: calls.append(_c.__name__)
+                            or _o(*a))
+    return calls
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_small_batch_norm_runs_pytorchs_kernel_and_large_runs_fusedgrads(
+        default_thresholds, monkeypatch, relu):
+    calls = _kernel_calls(monkeypatch, default_thresholds)
+    cls = fgt.BatchNormReLU2d if relu else fgt.BatchNorm2d
+    for shape, fused in (((4, 8, 4, 4), False), ((8, 64, 32, 32), True)):
+        calls.clear()
+        torch.manual_seed(0)
+        x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        ours, theirs = cls(shape[1]).double(), nn.BatchNorm2d(shape[1]).double()
+        y = ours(x)
+        expected = theirs(x)
+        expected = torch.relu(expected) if relu else expected
+        torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
+        (gx,) = torch.autograd.grad(y.sum(), x)
+        (gx_ref,) = torch.autograd.grad(expected.sum(), x)
+        torch.testing.assert_close(gx, gx_ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(ours.running_var, theirs.running_var)
+        assert calls == (["BatchNormFunction"] if fused else [])
+
+
+def test_small_cross_entropy_runs_pytorchs_kernel_unless_an_option_needs_fusedgrads(
+        default_thresholds, monkeypatch):
+    calls = _kernel_calls(monkeypatch, default_thresholds)
+    z = torch.randn(64, 10, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 10, (64,))
+    loss = fgt.softmax_cross_entropy(z, t, label_smoothing=0.1)
+    torch.testing.assert_close(loss, F.cross_entropy(z, t, label_smoothing=0.1))
+    assert calls == []
+    fgt.softmax_cross_entropy(z, t, z_loss=1e-4)       # F.cross_entropy has no z_loss
+    fgt.softmax_cross_entropy(z, t, softcap=5.0)       # nor a cap
+    big = torch.randn(512, 10, dtype=torch.float64)
+    fgt.softmax_cross_entropy(big, torch.randint(0, 10, (512,)))
+    assert calls == ["SoftmaxCrossEntropyFunction"] * 3

@@ -49,6 +49,18 @@ from ._torch_arrays import ChannelLayout, as_tensor, kernel_array
 from ._validate import check_real, check_reduction, check_softcap
 
 
+#: CPU inputs smaller than these go to PyTorch's own kernels (``F.cross_entropy``,
+#: ``F.batch_norm``): there each call's fixed cost (an autograd Function, argument checks, a
+#: Numba dispatch: about 80 us per cross-entropy and 140 us per batch-norm forward + backward
+#: here, against 30-60 us for PyTorch's C++ path) outweighs what the fused kernels save.
+#: Measured on the 2-core Xeon of docs/performance.md (forward + backward, medians of
+#: interleaved rounds): batch norm broke even between 262,144 elements (0.83-0.85x) and
+#: 524,288 (1.17x and more), cross-entropy between 256 rows (0.66x with 10 classes, 0.91x with
+#: 1000) and 1024 (1.36x, 1.07x). Set either to 0 to always run fusedgrad's kernels.
+BATCH_NORM_MIN_ELEMENTS = 1 << 19
+CROSS_ENTROPY_MIN_SAMPLES = 512
+
+
 def _channel_shape(tensor: torch.Tensor, ndim: int) -> tuple:
     """Shape ``(C, 1, ..., 1)`` that broadcasts a per-class vector over axis 1 of an ndim tensor."""
     return (tensor.shape[0],) + (1,) * (ndim - 2)
@@ -158,6 +170,13 @@ def softmax_cross_entropy(input, target, weight=None, ignore_index=-100, reducti
     label_smoothing = check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
     z_loss = check_real("z_loss", z_loss, low=0.0)
     softcap = check_softcap(softcap)
+    samples = 1 if input.dim() == 1 else input.numel() // max(1, input.shape[1])
+    if (small_for_kernels(input, samples, CROSS_ENTROPY_MIN_SAMPLES) and z_loss == 0.0
+            and softcap is None):
+        # PyTorch's kernel computes the same loss: the options left are all F.cross_entropy's
+        # (see CROSS_ENTROPY_MIN_SAMPLES).
+        return F.cross_entropy(input, target, weight, ignore_index=int(ignore_index),
+                               reduction=reduction, label_smoothing=label_smoothing)
     if target.is_floating_point():
         # Probability targets: F.cross_entropy needs them in the input's dtype as well.
         target = target.to(input.dtype)
@@ -167,6 +186,13 @@ def softmax_cross_entropy(input, target, weight=None, ignore_index=-100, reducti
     loss = SoftmaxCrossEntropyFunction.apply(input, target, weight, int(ignore_index), reduction,
                                              label_smoothing, z_loss, softcap)
     return loss.squeeze(0) if unbatched and reduction == "none" else loss
+
+
+def small_for_kernels(input: torch.Tensor, size: int, threshold: int) -> bool:
+    """Whether a CPU ``input`` of ``size`` (elements or samples) is below ``threshold``, where
+    PyTorch's own kernel is faster (see :data:`BATCH_NORM_MIN_ELEMENTS`). A threshold read at
+    call time, so that tests and users can change it on the module."""
+    return input.device.type == "cpu" and size < threshold
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,6 +384,10 @@ def batch_norm_with_relu(input, running_mean, running_var, weight, bias, trainin
     tensors, a separate ``F.relu`` on CUDA (the GPU kernels have no fused ReLU)."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if small_for_kernels(input, input.numel(), BATCH_NORM_MIN_ELEMENTS):
+        output = F.batch_norm(input, running_mean, running_var, weight, bias, bool(training),
+                              momentum, eps)
+        return F.relu(output) if relu else output
     fuse = relu and input.device.type == "cpu"
     output = BatchNormFunction.apply(input, weight, bias, running_mean, running_var,
                                      bool(training), momentum, eps, fuse)

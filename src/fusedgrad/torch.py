@@ -35,10 +35,14 @@ Only this module, ``fusedgrad.distributed`` and the modules they share (``fusedg
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
+from torch.nn import functional as F
 
+from . import _torch_ops
 from ._torch_ops import (adopt_state, batch_norm, batch_norm_with_relu, linear_cross_entropy,
-                         meta_copy_arguments, softmax_cross_entropy, step_options)
+                         meta_copy_arguments, small_for_kernels, softmax_cross_entropy,
+                         step_options)
 from ._validate import check_real, check_softcap
 
 #: Multi-process drop-ins, defined in ``fusedgrad.distributed`` and re-exported here on first
@@ -74,6 +78,13 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         self.softcap = check_softcap(softcap)
 
     def forward(self, input, target):
+        if (not self.z_loss and self.softcap is None and isinstance(input, torch.Tensor)
+                and small_for_kernels(input, input.numel() // max(1, input.shape[1])
+                                      if input.dim() > 1 else 1,
+                                      _torch_ops.CROSS_ENTROPY_MIN_SAMPLES)):
+            # PyTorch's own module path (see _torch_ops.CROSS_ENTROPY_MIN_SAMPLES); the module's
+            # options were checked when it was built.
+            return super().forward(input, target)
         return softmax_cross_entropy(input, target, self.weight, self.ignore_index,
                                      self.reduction, self.label_smoothing, z_loss=self.z_loss,
                                      softcap=self.softcap)
@@ -101,6 +112,11 @@ class _FusedBatchNorm:
     _relu = False
 
     def forward(self, input):
+        if isinstance(input, torch.Tensor) and small_for_kernels(
+                input, input.numel(), _torch_ops.BATCH_NORM_MIN_ELEMENTS):
+            # PyTorch's own module path, unchanged (see _torch_ops.BATCH_NORM_MIN_ELEMENTS).
+            output = super().forward(input)
+            return F.relu(output) if self._relu else output
         self._check_input_dim(input)
         step = step_options(self)
         return batch_norm_with_relu(input, step.running_mean, step.running_var, self.weight,
