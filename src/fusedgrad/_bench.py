@@ -73,8 +73,10 @@ from fusedgrad._bench_report import Table
 class Case:
     """One benchmark case: input shape ``full``, or ``quick`` (default: the same) with --quick.
 
-    ``op`` is "cross_entropy", "batch_norm_train", "batch_norm_eval" or "model"; ``layout`` names
-    where the channels are ("NC", "NCHW", "NHWC") or, for the model case, its input layout;
+    ``op`` is "cross_entropy", "batch_norm_train", "batch_norm_eval", "linear_cross_entropy"
+    (shape (N, d, C): input (N, d), weight (C, d)) or "model"; ``layout`` names where the
+    channels are ("NC", "NCHW", "NHWC"), for the model case its input layout ("NDC": linear +
+    cross-entropy);
     ``default`` cases run when no ``--cases`` are named (the others are small smoke cases);
     ``dtype`` is the floating dtype of the input; ``fuse_relu``: the model case converts with
     ``convert_model(..., fuse_relu=True)``.
@@ -110,11 +112,14 @@ CPU_CASES = (
     Case("model_cnn", "model", "NCHW", (64, 3, 32, 32), (16, 3, 32, 32)),
     Case("model_cnn_fuse_relu", "model", "NCHW", (64, 3, 32, 32), (16, 3, 32, 32),
          fuse_relu=True),
+    Case("lce_vocab32k", "linear_cross_entropy", "NDC", (2048, 1024, 32000),
+         (512, 1024, 32000)),
     # Smoke cases: only when named with --cases (tests, the CUDA simulator).
     Case("ce_small", "cross_entropy", "NC", (8, 40), default=False),
     Case("bn_small", "batch_norm_train", "NCHW", (2, 4, 3, 3), default=False),
     Case("model_small", "model", "NCHW", (4, 3, 8, 8), default=False),
     Case("model_small_fuse_relu", "model", "NCHW", (4, 3, 8, 8), default=False, fuse_relu=True),
+    Case("lce_small", "linear_cross_entropy", "NDC", (64, 32, 500), default=False),
 )
 
 # The GPU cases are large enough to saturate an H100/H200-class device (issue 4 asks for
@@ -702,8 +707,20 @@ def _case_record(case: Case, quick: bool, device: Device, states: dict) -> dict:
     missing = device.missing_peers(case.op)
     notes += [f"{peer} not compared: {why}" for peer, why in missing.items()
               if f"{peer} not compared: {why}" not in notes]
-    if device.name != "cpu" and case.op != "model":
+    if device.name != "cpu" and case.op not in ("model", "linear_cross_entropy"):
         notes.append("NumPy reference not timed: it runs on the CPU only")
+    if case.op == "linear_cross_entropy":
+        n, d, classes = shape
+        flops = 6 * n * d * classes
+        notes.append(f"three matrix products of {flops / 3e9:.0f} GFLOP each, no roofline; "
+                     "fusedgrad is fusedgrad.torch.linear_cross_entropy, peers the unfused "
+                     "F.cross_entropy(x @ W.T, t) (eager, compiled, JAX) and PyTorch's chunked "
+                     "F.linear_cross_entropy")
+        for state, result in states.items():
+            fused = result["timings"].get("fusedgrad")
+            if fused:
+                notes.append(f"fusedgrad at {flops / fused['median_s'] / 1e9:.0f} GFLOP/s "
+                             f"({STATE_LABELS.get(state, state)})")
     return {"case": case.name, "op": case.op, "layout": case.layout, "shape": list(shape),
             "dtype": case.dtype, "device": device.name, "bytes": roofline_bytes(case, shape),
             "working_set_bytes": working_set_bytes(case, shape), "notes": notes,

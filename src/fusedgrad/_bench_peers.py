@@ -12,6 +12,8 @@ Each case builds its inputs once (seeded) and hands the same data to every imple
   installed; not a dependency of fusedgrad): cross-entropy as ``logsumexp - z[target]`` through
   ``jax.value_and_grad``, batch norm as Flax's ``BatchNorm`` computes it (mean and mean of
   squares in one pass) through ``jax.vjp``;
+- ``torch_chunked`` (linear + cross-entropy only): ``F.linear_cross_entropy`` with
+  ``options=LinearCrossEntropyOptions()``, PyTorch's own chunked path;
 - ``reference``: the float64 NumPy oracle ``fusedgrad.reference`` (CPU only), on the leading rows
   when the full input is above ``REFERENCE_ELEMENT_BUDGET`` elements, its time scaled linearly.
 
@@ -33,10 +35,10 @@ import numpy as np
 import fusedgrad
 from fusedgrad import reference
 
-IMPLEMENTATIONS = ("fusedgrad", "torch", "torch_compile", "jax", "reference")
-PEERS = ("torch", "torch_compile", "jax")
+IMPLEMENTATIONS = ("fusedgrad", "torch", "torch_compile", "torch_chunked", "jax", "reference")
+PEERS = ("torch", "torch_compile", "torch_chunked", "jax")
 LABELS = {"fusedgrad": "fusedgrad", "torch": "PyTorch eager", "torch_compile": "torch.compile",
-          "jax": "JAX jit", "reference": "NumPy float64"}
+          "torch_chunked": "PyTorch chunked", "jax": "JAX jit", "reference": "NumPy float64"}
 #: above this many input elements the float64 NumPy reference runs on the leading rows only.
 REFERENCE_ELEMENT_BUDGET = 1 << 22
 #: batch norm's epsilon in every implementation (PyTorch's default).
@@ -127,11 +129,13 @@ class Device:
         if self.torch_device is None:
             why = ("PyTorch not installed" if self.torch is None
                    else "this PyTorch build has no CUDA")
-            missing["torch"] = missing["torch_compile"] = why
+            missing["torch"] = missing["torch_compile"] = missing["torch_chunked"] = why
         else:
             why = torch_compile_unavailable(self.torch, self.name)
             if why:
                 missing["torch_compile"] = why
+        if op != "linear_cross_entropy":
+            missing["torch_chunked"] = "PyTorch's chunked path exists for linear + CE only"
         if op == "model":
             # The model case compares a converted model with PyTorch's own: nothing to compile
             # or translate for the other peers.
@@ -342,6 +346,54 @@ def _jax_batch_norm(jax, x, dy, weight, bias, axis: int, training: bool,
         eval_step(x_d, gamma, beta, running_mean, running_var)))
 
 
+def _linear_cross_entropy_runners(case, shape: tuple, device: Device, rng) -> list:
+    """Loss, grad_input and grad_linear_weight of ``cross_entropy(x @ W.T, t)``: fusedgrad
+    through ``fusedgrad.torch.linear_cross_entropy`` (its NumPy API without PyTorch) against
+    the unfused composite (eager and compiled), PyTorch's chunked path and JAX."""
+    n, d, classes = shape
+    x = (0.5 * rng.standard_normal((n, d), dtype=np.float32)).astype(case.dtype)
+    w = (0.02 * rng.standard_normal((classes, d), dtype=np.float32)).astype(case.dtype)
+    target = rng.integers(0, classes, size=n, dtype=np.int64)
+    torch = device.torch
+    if device.torch_device is None:
+        return [Runner("fusedgrad", lambda: fusedgrad.linear_cross_entropy(x, w, target))]
+    import fusedgrad.torch as fgt
+    on = device.torch_device
+    x_leaf = torch.from_numpy(x).to(on).requires_grad_()
+    w_leaf = torch.from_numpy(w).to(on).requires_grad_()
+    t = torch.from_numpy(target).to(on)
+    functional = torch.nn.functional
+
+    def step(loss_fn):
+        def run():
+            x_leaf.grad = w_leaf.grad = None
+            loss_fn(x_leaf, w_leaf, t).backward()
+        return run
+
+    def composite(a, b, c):
+        return functional.cross_entropy(a @ b.T, c)
+
+    runners = [Runner("fusedgrad", step(fgt.linear_cross_entropy))]
+    for impl, fn in _torch_variants(device, lambda: composite):
+        runners.append(Runner(impl, step(fn)))
+    options = torch.nn.LinearCrossEntropyOptions()
+    runners.append(Runner("torch_chunked", step(
+        lambda a, b, c: functional.linear_cross_entropy(a, b, c, options=options))))
+    if device.jax is not None:
+        jax = device.jax
+        jnp = jax.numpy
+
+        def loss(a, b, c):
+            z = a @ b.T
+            picked = jnp.take_along_axis(z, c[:, None], axis=1)[:, 0]
+            return jnp.mean(jax.nn.logsumexp(z, axis=1) - picked)
+
+        grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+        args = (jax.device_put(x), jax.device_put(w), jax.device_put(target.astype(np.int32)))
+        runners.append(Runner("jax", lambda: jax.block_until_ready(grads(*args))))
+    return runners
+
+
 # --------------------------------------------------------------------------------------------
 # The model-level case
 # --------------------------------------------------------------------------------------------
@@ -454,6 +506,7 @@ def fused_op_share(model, loss_fn, x, y, device: Device, steps: int) -> float:
 
 
 _RUNNER_BUILDERS = {"cross_entropy": _cross_entropy_runners,
+                    "linear_cross_entropy": _linear_cross_entropy_runners,
                     "batch_norm_train": _batch_norm_runners,
                     "batch_norm_eval": _batch_norm_runners,
                     "model": _model_runners}

@@ -63,6 +63,9 @@ def arrays(location: str):
         transposes the operand when asked (without a copy). ``out`` has the operands' dtype, or
         float32 for half-precision operands on the GPU. Accumulating may use a temporary of at
         most half the elements of ``a``.
+    ``matmul_accumulates_in_place(operand_dtype, out_dtype) -> bool``
+        Whether ``matmul(..., accumulate=True)`` adds into ``out`` without a temporary
+        (BLAS gemm with beta = 1 exposed by the library in use).
     ``add_to_rows(out, row) -> None``
         ``out[i, :] += row`` for every row ``i`` (the bias of the logits).
     ``column_sums(a, out, *, accumulate=False) -> None``

@@ -7,6 +7,8 @@ products are NumPy's (its BLAS), through ``fusedgrad._matmul``.
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from .. import _matmul
@@ -54,10 +56,37 @@ def shares_memory(a, b) -> bool:
 
 def matmul(a, b, out, *, transpose_a=False, transpose_b=False, accumulate=False) -> None:
     """``out = op(a) @ op(b)``, or ``out += ...`` with ``accumulate``; ``op`` transposes where
-    asked (a view: BLAS reads it as it lies). Accumulating uses a bounded temporary
-    (``fusedgrad._matmul.product`` says why and how large)."""
-    _matmul.product(np, a.T if transpose_a else a, b.T if transpose_b else b, out,
-                    accumulate=accumulate)
+    asked (a view: BLAS reads it as it lies).
+
+    When PyTorch is already loaded (``fusedgrad.torch``'s callers) the product runs on
+    zero-copy tensor views of the arrays: PyTorch's ``addmm_`` adds into ``out`` in place
+    (BLAS gemm with beta = 1), where NumPy's ``matmul`` needs a bounded temporary and an extra
+    pass to accumulate (``fusedgrad._matmul.product`` says why and how large); its BLAS
+    (MKL on x86) is also at least as fast on these shapes. Arrays PyTorch cannot view
+    (read-only, negative strides) go through NumPy.
+    """
+    a, b = (a.T if transpose_a else a), (b.T if transpose_b else b)
+    torch = torch_if_loaded()
+    if torch is not None and all(_torch_viewable(x) for x in (a, b, out)):
+        a, b, out = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(out)
+        _matmul.product(torch, a, b, out, accumulate=accumulate)
+        return
+    _matmul.product(np, a, b, out, accumulate=accumulate)
+
+
+def matmul_accumulates_in_place(operand_dtype, out_dtype) -> bool:
+    """Whether :func:`matmul` adds into ``out`` without a temporary (PyTorch loaded)."""
+    return torch_if_loaded() is not None
+
+
+def torch_if_loaded():
+    """The ``torch`` module if this process has imported it, else None (never imports it)."""
+    return sys.modules.get("torch")
+
+
+def _torch_viewable(arr) -> bool:
+    """Whether ``torch.from_numpy`` takes ``arr`` without a copy or a warning."""
+    return arr.flags.writeable and all(stride >= 0 for stride in arr.strides)
 
 
 def add_to_rows(out, row) -> None:

@@ -189,6 +189,13 @@ def matmul(a, b, out, *, transpose_a=False, transpose_b=False, accumulate=False)
                     accumulate=accumulate)
 
 
+def matmul_accumulates_in_place(operand_dtype, out_dtype) -> bool:
+    """Whether :func:`matmul` adds into ``out`` without a temporary: with PyTorch (``addmm_``)
+    and operands of ``out``'s dtype (bfloat16 operands accumulate into float32 through one)."""
+    return (not SIMULATED and np.dtype(operand_dtype) == np.dtype(out_dtype)
+            and _matrix_library().__name__ == "torch")
+
+
 def add_to_rows(out, row) -> None:
     """``out[i, :] += row`` for every row ``i`` of the 2-D ``out``, in place."""
     _, (out, row) = _library_views(out, row)
