@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import subprocess
@@ -306,6 +307,24 @@ def test_time_interleaved_alternates_until_each_has_enough():
     # The slow one stops after about 5 calls (0.01 s); the fast one runs on to max_repeats.
     assert timings["slow"].repeats < 10 and timings["fast"].repeats == 50
     assert calls[:6] == ["slow", "fast", "slow", "slow", "fast", "fast"]
+
+
+def test_each_timed_call_follows_untimed_calls_for_the_settle_time():
+    calls = []
+    settings = _bench.Settings(repeats=2, min_seconds=0.0, max_repeats=2, settle_seconds=0.01)
+
+    def tick(name):
+        calls.append(name)
+        time.sleep(0.003)
+
+    timings = _bench.time_interleaved({"a": lambda: tick("a"), "b": lambda: tick("b")},
+                                      settings)
+    assert timings["a"].repeats == timings["b"].repeats == 2
+    # Per round and implementation: untimed calls until 0.01 s have passed (at least 4 of
+    # 3 ms), then the timed one, in runs that never mix the implementations.
+    runs = [(name, len(list(group))) for name, group in itertools.groupby(calls[2:])]
+    assert calls[:2] == ["a", "b"] and [name for name, _ in runs] == ["a", "b", "a", "b"]
+    assert all(length >= 5 for _, length in runs)
 
 
 def test_paired_speedup_is_the_median_of_per_round_ratios():

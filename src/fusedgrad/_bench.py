@@ -8,9 +8,12 @@ Timing: one warm-up call per implementation (compilation, allocator; an implemen
 warm-up fails is dropped with a note), then the implementations are timed in alternation,
 round by round, so that a noisy moment on a shared machine hits them alike: each gets at least
 ``repeats`` timed calls and more until it has spent ``min_seconds`` (at most ``max_repeats``),
-each call between two device synchronisations on the GPU. Every timed call directly follows an
-untimed call of the same implementation, so each one meets the caches as its own previous call
-left them, whichever implementation ran before. Reported: the median time, and per peer the
+each call between two device synchronisations on the GPU. Every timed call directly follows
+untimed calls of the same implementation, for at least ``settle_seconds``, so each one meets the
+caches as its own previous call left them and the cores free of the implementation before it:
+thread pools keep spinning for a while after their work ends (measured here, 2026-12-04: right
+after a JAX call a 2.5 ms fusedgrad kernel took 4.0 ms, and 2.6 ms after 20 ms of its own
+calls; PyTorch's times moved by under 0.3 ms either way). Reported: the median time, and per peer the
 speed-up of fusedgrad as the median over the rounds of (peer time / fusedgrad time) in the same
 round, where a slow moment cancels (:func:`paired_speedup`); "vs best peer" is the smallest of
 those.
@@ -236,10 +239,13 @@ class Settings:
     repeats: int
     min_seconds: float
     max_repeats: int
+    #: Untimed calls of an implementation before each of its timed calls last at least this
+    #: long (at least one call), so that the previous implementation's threads have gone quiet.
+    settle_seconds: float = 0.0
 
 
-FULL_SETTINGS = Settings(repeats=7, min_seconds=1.0, max_repeats=100)
-QUICK_SETTINGS = Settings(repeats=3, min_seconds=0.2, max_repeats=30)
+FULL_SETTINGS = Settings(repeats=7, min_seconds=1.0, max_repeats=100, settle_seconds=0.02)
+QUICK_SETTINGS = Settings(repeats=3, min_seconds=0.2, max_repeats=30, settle_seconds=0.02)
 
 
 def time_interleaved(fns: dict, settings: Settings,
@@ -259,8 +265,14 @@ def time_interleaved(fns: dict, settings: Settings,
     while any(wants_more(samples) for samples in times.values()):
         for name, fn in fns.items():
             if wants_more(times[name]):
-                fn()  # untimed: the timed call finds the caches as this implementation left them
+                # untimed: the timed call finds the caches as this implementation left them,
+                # and the cores no longer shared with the one before
+                settle_start = time.perf_counter()
+                fn()
                 synchronize()
+                while time.perf_counter() - settle_start < settings.settle_seconds:
+                    fn()
+                    synchronize()
                 faults_before = minor_faults()
                 start = time.perf_counter()
                 fn()
