@@ -57,3 +57,21 @@ def test_same_bits_for_one_and_two_threads():
     one, two = _digest(1), _digest(2)
     assert len(one) == len(hashlib.sha256().hexdigest())
     assert one == two
+
+
+def test_ordered_sums_are_exact_on_integers_and_close_to_fsum():
+    import math
+
+    import numpy as np
+
+    from fusedgrad.cpu._reduce import ordered_gather_sum, ordered_sum
+    rng = np.random.default_rng(3)
+    for n in (0, 1, 7, 8, 9, 1001):
+        values = rng.standard_normal(n)
+        assert abs(ordered_sum(values) - math.fsum(values)) <= 1e-13 * max(1.0, n)
+        assert ordered_sum(np.ones(n)) == n
+        index = rng.integers(-1, 5, n)
+        table = rng.uniform(0.5, 2.0, 5)
+        kept = index[index != -1]
+        assert ordered_gather_sum(table, index, -1) == pytest.approx(table[kept].sum(), rel=1e-14)
+        assert ordered_gather_sum(np.ones(5), index, -1) == kept.size

@@ -21,7 +21,13 @@ Every term is a difference from a piece's own mean, so a large common offset (me
 """
 from __future__ import annotations
 
+import numpy as np
 from numba import njit
+
+#: Accumulators of :func:`ordered_sum`: enough independent additions in flight to hide the
+#: latency of a floating-point add (4 cycles, two ports: 8), so a long sum runs at load speed
+#: instead of one add per 4 cycles.
+SUM_LANES = 8
 
 
 def chunk_count(n: int, chunk: int) -> int:
@@ -70,3 +76,48 @@ def sum_partials(parts):
         for c in range(parts.shape[1]):
             total[c] += parts[k, c]
     return total
+
+
+@njit(cache=True, inline="always")
+def _combine_lanes(lanes):
+    """Sum of the SUM_LANES accumulators as a fixed tree: ((0+1)+(2+3))+((4+5)+(6+7))."""
+    return (((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]))
+            + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7])))
+
+
+@njit(cache=True)
+def ordered_sum(values):
+    """float64 sum of ``values`` (n,) in an order fixed by n alone: value i goes to accumulator
+    i mod SUM_LANES, and the accumulators are combined by :func:`_combine_lanes`. The same
+    bits for any thread count; exact for integers below 2**53."""
+    lanes = np.zeros(SUM_LANES, dtype=np.float64)
+    n = values.shape[0]
+    full = n - n % SUM_LANES
+    for i in range(0, full, SUM_LANES):
+        for k in range(SUM_LANES):
+            lanes[k] += values[i + k]
+    for i in range(full, n):
+        lanes[i - full] += values[i]
+    return _combine_lanes(lanes)
+
+
+@njit(cache=True)
+def ordered_gather_sum(table, index, skip):
+    """float64 sum of ``table[index[i]]`` over the i with ``index[i] != skip``, in the order
+    of :func:`ordered_sum` (position i to accumulator i mod SUM_LANES).
+
+    table: (C,) float64; index: (n,) int64, in [0, C) or equal to ``skip``.
+    """
+    lanes = np.zeros(SUM_LANES, dtype=np.float64)
+    n = index.shape[0]
+    full = n - n % SUM_LANES
+    for i in range(0, full, SUM_LANES):
+        for k in range(SUM_LANES):
+            t = index[i + k]
+            if t != skip:
+                lanes[k] += table[t]
+    for i in range(full, n):
+        t = index[i]
+        if t != skip:
+            lanes[i - full] += table[t]
+    return _combine_lanes(lanes)

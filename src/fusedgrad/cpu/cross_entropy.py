@@ -92,6 +92,7 @@ from numba import njit, prange
 
 from .._options import MODE_BACKWARD, MODE_FORWARD, MODE_FUSED, sample_count
 from ._math import FASTMATH_SOFTMAX, cast_like, divide, fast_exp, fast_tanh, fmax
+from ._reduce import ordered_gather_sum, ordered_sum
 
 #: Elements of one row processed together: the block of logits and of the gradient it writes
 #: (2 x 16 KiB in float64) stays in L1 between the max, exp and scale steps.
@@ -132,7 +133,7 @@ def class_weights(weight, n_classes):
 
 
 def target_weight_sum(target, weights, ignore_index) -> float:
-    return float(_target_weight_sum(target, weights, ignore_index))
+    return float(ordered_gather_sum(weights, target, ignore_index))
 
 
 def sample_scale(grad_loss, factor, n_samples):
@@ -149,7 +150,7 @@ def per_sample(values, n_samples):
 
 
 def sum_samples(values) -> float:
-    return float(_sum_in_order(values))
+    return float(ordered_sum(values))
 
 
 def scalar_result(value, dtype):
@@ -247,39 +248,22 @@ def _launch(kernel, mode, logits, target, weights, grad, grad_scale, lse, loss, 
 def _first_bad_index(target, n_classes, ignore_index):
     """First flat position of a target outside ``[0, C)`` and not ignored, or -1.
 
+    A branch-free scan first (it vectorises; an early exit would not), then the search for
+    the position only when the scan found one.
+
     target: (N*S,) int64.
     """
+    bad = 0
+    for i in range(target.shape[0]):
+        t = target[i]
+        bad |= ((t < 0) | (t >= n_classes)) & (t != ignore_index)
+    if not bad:
+        return -1
     for i in range(target.shape[0]):
         t = target[i]
         if (t < 0 or t >= n_classes) and t != ignore_index:
             return i
     return -1
-
-
-@njit(cache=True)
-def _target_weight_sum(target, weights, ignore_index):
-    """sum of w_t over the non-ignored samples, in sample order (the "mean" denominator).
-
-    target: (N*S,) int64; weights: (C,) float64.
-    """
-    total = 0.0
-    for i in range(target.shape[0]):
-        t = target[i]
-        if t != ignore_index:
-            total += weights[t]
-    return total
-
-
-@njit(cache=True)
-def _sum_in_order(values):
-    """Plain left-to-right float64 sum: the same bits whatever the thread count.
-
-    values: (n,) float64.
-    """
-    total = 0.0
-    for i in range(values.shape[0]):
-        total += values[i]
-    return total
 
 
 # Row primitives without a leading underscore are shared with the vocabulary-parallel kernels
@@ -610,7 +594,7 @@ def _rows_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
     softcap: None, or the cap c > 0 (float).
     """
     n, c = logits.shape
-    weight_total = _sum_in_order(weights)
+    weight_total = ordered_sum(weights)
     smooth_per_class = smoothing / c
     rows_per_chunk, n_chunks, n_blocks, block_shift, block_sum = _row_layout(n, c)
     per_sample_scale = grad_scale.shape[0] > 1
@@ -760,7 +744,7 @@ def _rows_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out, 
     softcap: None, or the cap c > 0 (float).
     """
     n, c = logits.shape
-    weight_total = _sum_in_order(weights)
+    weight_total = ordered_sum(weights)
     smooth_per_class = smoothing / c
     rows_per_chunk, n_chunks, n_blocks, block_shift, block_sum = _row_layout(n, c)
     per_sample_scale = grad_scale.shape[0] > 1
@@ -834,7 +818,7 @@ def _rows_small_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
     softcap: None, or the cap c > 0 (float).
     """
     n, c = logits.shape
-    weight_total = _sum_in_order(weights)
+    weight_total = ordered_sum(weights)
     n_blocks = (n + SMALL_LANES - 1) // SMALL_LANES
     n_groups = max(1, min(SMALL_GROUPS, n_blocks))
     blocks_per_group = (n_blocks + n_groups - 1) // n_groups
@@ -1063,7 +1047,7 @@ def _tiles_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out
     softcap: None, or the cap c > 0 (float).
     """
     n, c, n_pos = logits.shape
-    weight_total = _sum_in_order(weights)
+    weight_total = ordered_sum(weights)
     tiles_per_sample, n_tiles, tiles_per_chunk, n_chunks = _tile_layout(n, c, n_pos)
     lanes = np.empty((n_chunks, 4, TILE), dtype=logits.dtype)
     sample_lanes = np.empty((n_chunks, 3, TILE), dtype=np.float64)
@@ -1106,7 +1090,7 @@ def _tiles_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
     softcap: None, or the cap c > 0 (float).
     """
     n, c, n_pos = logits.shape
-    weight_total = _sum_in_order(weights)
+    weight_total = ordered_sum(weights)
     smooth_per_class = smoothing / c
     tiles_per_sample, n_tiles, tiles_per_chunk, n_chunks = _tile_layout(n, c, n_pos)
     lanes = np.empty((n_chunks, 7, TILE), dtype=np.float64)
