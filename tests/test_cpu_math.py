@@ -1,4 +1,4 @@
-"""Accuracy of the vectorisable exp and tanh (fusedgrad.cpu._math), measured in ulp.
+"""Accuracy of the vectorisable exp, tanh and log (fusedgrad.cpu._math), measured in ulp.
 
 The oracles are NumPy's exp and tanh in x87 extended precision (``np.longdouble``, 64-bit
 mantissa), which are accurate to far below a float64 ulp, so the measured error is our error.
@@ -10,7 +10,7 @@ import pytest
 
 from numba import njit
 
-from fusedgrad.cpu._math import FASTMATH_SOFTMAX, exp_array, tanh_array
+from fusedgrad.cpu._math import FASTMATH_SOFTMAX, exp_array, log_array, tanh_array
 
 # np.longdouble is x87 extended precision on x86-64 Linux; where it is plain float64 (other
 # platforms) it cannot measure a float64 function's error.
@@ -202,3 +202,34 @@ def test_tanh_loop_is_vectorised_without_libm_calls(dtype):
     asm = loop.inspect_asm(loop.signatures[0])
     assert re.search(r"\b[yz]mm\d+", asm), "the loop was not vectorised"
     assert not re.search(r"\$(tanh|tanhf|exp|expf)\b", asm), "a libm call is left in the loop"
+
+
+def _log_ulp_error(x):
+    got = np.empty_like(x)
+    log_array(x, got)
+    exact = np.log(x.astype(np.longdouble))
+    rounded = exact.astype(np.float64)
+    finite = np.isfinite(rounded) & (rounded != 0)
+    spacing = np.abs(np.spacing(rounded[finite])).astype(np.longdouble)
+    return np.abs(got[finite].astype(np.longdouble) - exact[finite]) / spacing
+
+
+@needs_extended
+@pytest.mark.parametrize("name, x", [
+    ("kernel range [1, 64]", np.linspace(1.0, 64.0, 2_000_001)),
+    ("around 1", np.linspace(0.5, 2.0, 2_000_001)),
+    ("whole positive range", np.exp(np.random.default_rng(0).uniform(-744.0, 709.7, 1_000_000))),
+    ("subnormal", np.random.default_rng(1).uniform(0.0, 2.2250738585072014e-308, 100_000)),
+])
+def test_log_ulp(name, x):
+    ulp = _log_ulp_error(x)
+    assert ulp.max() <= 1.25, name
+    assert ulp.mean() <= 0.35, name
+
+
+def test_log_special_values():
+    x = np.array([0.0, -0.0, -1.0, -np.inf, np.inf, np.nan, 5e-324, 1.0, np.finfo(np.float64).max])
+    got = np.empty_like(x)
+    log_array(x, got)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        np.testing.assert_array_equal(got, np.log(x))

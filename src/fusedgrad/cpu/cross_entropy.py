@@ -91,7 +91,8 @@ import numpy as np
 from numba import njit, prange
 
 from .._options import MODE_BACKWARD, MODE_FORWARD, MODE_FUSED, sample_count
-from ._math import FASTMATH_SOFTMAX, cast_like, divide, fast_exp, fast_tanh, fmax
+from ._math import (FASTMATH_SOFTMAX, cast_like, divide, fast_exp, fast_tanh, fmax, log_f64,
+                    select)
 from ._reduce import ordered_gather_sum, ordered_sum
 
 #: Elements of one row processed together: the block of logits and of the gradient it writes
@@ -916,6 +917,14 @@ def _lanes_sum_exp(z, g, shift, total, store, inplace, softcap):
 
 
 @njit(inline="always", fastmath=FASTMATH_SOFTMAX)
+def _lanes_lse(shift, total, lse):
+    """lse_k = shift_k + log(total_k) in float64, for all lanes in one vector loop (a libm
+    ``log`` per lane, in the scalar loss loop, cost more than the lanes' exps together)."""
+    for k in range(lse.shape[0]):
+        lse[k] = np.float64(shift[k]) + log_f64(np.float64(total[k]))
+
+
+@njit(inline="always", fastmath=FASTMATH_SOFTMAX)
 def _lanes_weighted_sum(z, w, out, softcap):
     """out_k = sum_c w_c z'[c, k] (float64)."""
     for k in range(out.shape[0]):
@@ -975,14 +984,14 @@ def _index_lanes(mode, z, g, width, target, first, lanes, sample_lanes, weights,
     target_slope = sample_lanes[1, :width]
     weighted = sample_lanes[2, :width]
     per_sample_scale = grad_scale.shape[0] > 1
-    # 1. the target logits z'_t and their slopes, read before g overwrites z
+    # 1. the target logits z'_t and their slopes, read before g overwrites z (steps 1-3 have
+    #    no branch per lane, so they vectorise: an ignored lane reads class 0 and selects 0)
     for k in range(width):
         t = target[first + k]
-        z_t, slope_t = 0.0, 0.0
-        if t != ignore_index:
-            z_t, slope_t = soft_cap_and_slope(z[t, k], softcap)
-        target_logit[k] = z_t
-        target_slope[k] = slope_t
+        kept = t != ignore_index
+        z_t, slope_t = soft_cap_and_slope(z[t if kept else 0, k], softcap)
+        target_logit[k] = select(kept, z_t, 0.0)
+        target_slope[k] = select(kept, slope_t, 0.0)
     # 2. the shift: the saved lse, or the lane maxima; then lse and the loss per lane
     if mode == MODE_BACKWARD:
         for k in range(width):
@@ -992,31 +1001,29 @@ def _index_lanes(mode, z, g, width, target, first, lanes, sample_lanes, weights,
         if smoothing > 0.0:
             _lanes_weighted_sum(z, weights, weighted, softcap)
         _lanes_sum_exp(z, g, shift, total, mode == MODE_FUSED, inplace, softcap)
+        _lanes_lse(shift, total, lse_out[first:first + width])
         for k in range(width):
             t = target[first + k]
-            lse = np.float64(shift[k]) + math.log(np.float64(total[k]))
-            lse_out[first + k] = lse
-            if t == ignore_index:
-                loss_out[first + k] = 0.0
-                continue
-            loss_out[first + k] = _index_loss(
-                lse, target_logit[k], weights[t], weighted[k] if smoothing > 0.0 else 0.0,
-                weight_total, smoothing, z_loss, c)
+            kept = t != ignore_index
+            loss = _index_loss(lse_out[first + k], target_logit[k], weights[t if kept else 0],
+                               weighted[k] if smoothing > 0.0 else 0.0, weight_total,
+                               smoothing, z_loss, c)
+            loss_out[first + k] = select(kept, loss, 0.0)
         if mode == MODE_FORWARD:
             return
     # 3. each lane's gradient factor (0 for an ignored sample) and smoothing coefficient
+    smooth_per_class = smoothing / c
     for k in range(width):
         t = target[first + k]
+        kept = t != ignore_index
         scale = grad_scale[first + k] if per_sample_scale else grad_scale[0]
-        if t == ignore_index:
-            factor[k] = 0
-            smooth[k] = 0
-            continue
         lse = lse_out[first + k]  # given in backward, stored by step 2 otherwise
-        coef = scale * index_coefficient(lse, weights[t], weight_total, smoothing, z_loss, c)
-        factor[k] = cast_like(coef / np.float64(total[k]) if mode == MODE_FUSED else coef,
-                              factor)
-        smooth[k] = cast_like(scale * smoothing / c, smooth)
+        coef = scale * index_coefficient(lse, weights[t if kept else 0], weight_total,
+                                         smoothing, z_loss, c)
+        if mode == MODE_FUSED:
+            coef = divide(coef, np.float64(total[k]))
+        factor[k] = cast_like(select(kept, coef, 0.0), factor)
+        smooth[k] = cast_like(select(kept, scale * smooth_per_class, 0.0), smooth)
     # 4. the gradient, then the target-class term (times the target's slope)
     _lanes_gradient(z, g, shift, factor, smooth, weights, mode == MODE_FUSED, inplace,
                     softcap)
@@ -1129,11 +1136,10 @@ def _tiles_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
                 if smoothing > 0.0:
                     _lanes_weighted_sum(z, weights, wz, softcap)
                 _lanes_sum_exp(z, g, shift, total, mode == MODE_FUSED, inplace, softcap)
+                _lanes_lse(shift, total, lse_out[first:first + width])
                 for k in range(width):
-                    lse = np.float64(shift[k]) + math.log(np.float64(total[k]))
-                    lse_out[first + k] = lse
-                    loss_out[first + k] = _prob_loss(lse, wy[k], wyz[k], wz[k], weight_total,
-                                                     smoothing, z_loss, c)
+                    loss_out[first + k] = _prob_loss(lse_out[first + k], wy[k], wyz[k], wz[k],
+                                                     weight_total, smoothing, z_loss, c)
                 if mode == MODE_FORWARD:
                     continue
             for k in range(width):
