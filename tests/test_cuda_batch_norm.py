@@ -4,7 +4,7 @@ Runs on a real GPU when there is one, else in Numba's CUDA simulator (in a subpr
 ``cuda_support``); shapes stay tiny because the simulator runs one Python thread per GPU thread.
 Both reduction layouts are exercised (a block per channel over (N, S) positions; 8 or 32
 adjacent channels per block for rows / channels-last), with several parts per channel merged in
-fixed order.
+fixed order, and the fused batch norm + ReLU (``relu=True`` / ``relu_output=``).
 """
 from __future__ import annotations
 
@@ -202,14 +202,163 @@ def test_out_and_running_buffers_are_checked_as_on_the_cpu(api):
     assert dx is out
 
 
+RELU_CASES = [
+    # shape, channel_axis, dtype, training: NCHW with one or several channels per block, rows,
+    # channels-last, eval; float16 reads and writes half precision, sums in float32
+    ((4, 3, 5), 1, np.float64, True),
+    ((6, 2, 37), 1, np.float32, True),
+    ((40, 3), -1, np.float32, True),
+    ((3, 2, 2, 4), -1, np.float64, True),
+    ((2, 3, 2, 3), 1, np.float32, False),
+    ((6, 3, 4), 1, np.float16, True),
+]
+
+
+def _relu_inputs(rng, shape, axis, dtype):
+    n_channels = shape[axis]
+    x = (rng.normal(size=shape) * 2 + 1).astype(dtype)
+    dy = rng.normal(size=shape).astype(dtype)
+    # Some of every channel's outputs on each side of the ReLU's kink...
+    weight = (rng.uniform(0.5, 1.5, size=n_channels) * (-1.0) ** np.arange(n_channels))
+    bias = rng.uniform(-0.5, 0.5, size=n_channels)
+    weight[0] = bias[0] = 0.0  # ...but channel 0's: y = 0 exactly, an exact-zero pre-activation
+    weight, bias = weight.astype(dtype), bias.astype(dtype)
+    running_mean = rng.normal(size=n_channels).astype(dtype)
+    running_var = rng.uniform(1, 2, size=n_channels).astype(dtype)
+    return x, dy, weight, bias, running_mean, running_var
+
+
 @cs.direct
-def test_fused_relu_is_cpu_only_and_says_so(api):
-    x = cs.to_device(np.arange(24.0).reshape(4, 3, 2))
-    with pytest.raises(NotImplementedError, match="CPU kernels only"):
-        api.batch_norm_forward(x, relu=True)
-    y, mean, invstd = api.batch_norm_forward(x)
-    with pytest.raises(NotImplementedError, match="CPU kernels only"):
-        api.batch_norm_backward(x, x, mean, invstd, relu_output=y)
+@pytest.mark.parametrize("shape,axis,dtype,training", RELU_CASES)
+def test_fused_relu_matches_reference_and_cpu(api, shape, axis, dtype, training):
+    """relu=True gives max(BN(x), 0) (the float64 reference with the ReLU applied, the CPU
+    kernels' result, and bit for bit the clamped output of the plain GPU forward); the
+    backward with relu_output= gives the reference gradients of dy masked where y > 0 (y == 0
+    masked too), and bit for bit the plain GPU backward of that masked dy."""
+    rng = np.random.default_rng(sum(shape) + 100)
+    x, dy, weight, bias, rm, rv = _relu_inputs(rng, shape, axis, dtype)
+    kw = dict(training=training, momentum=0.1, eps=1e-5, channel_axis=axis)
+    y_ref, mean_ref, invstd_ref, _ = ref.batch_norm_forward(x, weight, bias, rm, rv, **kw)
+    d_x, d_w, d_b = cs.to_device(x), cs.to_device(weight), cs.to_device(bias)
+    y, mean, invstd = api.batch_norm_forward(d_x, d_w, d_b, cs.to_device(rm), cs.to_device(rv),
+                                             relu=True, **kw)
+    y_plain, _, _ = api.batch_norm_forward(d_x, d_w, d_b, cs.to_device(rm), cs.to_device(rv),
+                                           **kw)
+    host_y = cs.to_host(y)
+    _check(y, np.maximum(y_ref, 0.0), dtype)
+    assert host_y.tobytes() == np.maximum(cs.to_host(y_plain), 0).astype(dtype).tobytes()
+    assert (host_y >= 0).all()
+    channel0 = np.moveaxis(host_y, axis, 0)[0]
+    assert (channel0 == 0).all()  # weight 0, bias 0: the exact-zero pre-activation
+    if dtype != np.float16:  # the CPU kernels take float32 and float64 only
+        y_cpu, _, _ = api.batch_norm_forward(x, weight, bias, rm.copy(), rv.copy(), relu=True,
+                                             **kw)
+        np.testing.assert_allclose(host_y.astype(np.float64), y_cpu, **TOL[dtype])
+
+    masked = np.where(host_y > 0, dy, np.zeros_like(dy))
+    assert (host_y == 0).any() and (host_y > 0).any()
+    dx_ref, dw_ref, db_ref = ref.batch_norm_backward(
+        masked, x, mean_ref, invstd_ref, weight, training=training, channel_axis=axis)
+    dx, dweight, dbias = api.batch_norm_backward(cs.to_device(dy), d_x, mean, invstd, d_w,
+                                                 training=training, channel_axis=axis,
+                                                 relu_output=y)
+    tol = dict(rtol=5e-2, atol=5e-2) if dtype == np.float16 else TOL[dtype]
+    for actual, expected in ((dx, dx_ref), (dweight, dw_ref), (dbias, db_ref)):
+        np.testing.assert_allclose(cs.to_host(actual).astype(np.float64), expected, **tol)
+    # Channel 0 is masked entirely: no gradient reaches it.
+    assert cs.to_host(dbias)[0] == 0 and cs.to_host(dweight)[0] == 0
+    assert not np.moveaxis(cs.to_host(dx), axis, 0)[0].any()
+    plain = api.batch_norm_backward(cs.to_device(masked), d_x, mean, invstd, d_w,
+                                    training=training, channel_axis=axis)
+    for fused, unfused in zip((dx, dweight, dbias), plain):
+        assert cs.to_host(fused).tobytes() == cs.to_host(unfused).tobytes()
+    if dtype != np.float16:
+        cpu = api.batch_norm_backward(dy, x, cs.to_host(mean), cs.to_host(invstd), weight,
+                                      training=training, channel_axis=axis, relu_output=host_y)
+        for actual, expected in zip((dx, dweight, dbias), cpu):
+            np.testing.assert_allclose(cs.to_host(actual), expected, **TOL[dtype])
+
+
+@cs.direct
+def test_fused_relu_masks_exact_zero_outputs_in_eval(api):
+    """x equal to the running mean gives y = +0 exactly (no bias): the backward masks dy there,
+    as the ReLU's backward does (its gradient at 0 is 0, as in torch.relu); NaN stays NaN."""
+    x = np.array([[0.5, -1.0, 0.5, 2.0], [3.0, 0.5, -0.25, 0.5]]).reshape(2, 1, 4)
+    x = np.concatenate([x, x[:, :, ::-1] - 0.5], axis=1)  # (2, 2, 4); channel 1 centre 0
+    x[1, 1, 3] = np.nan
+    rm, rv = np.array([0.5, 0.0]), np.array([1.0, 4.0])
+    dy = np.arange(1.0, 17.0).reshape(2, 2, 4)
+    d_x = cs.to_device(x)
+    y, mean, invstd = api.batch_norm_forward(d_x, running_mean=cs.to_device(rm),
+                                             running_var=cs.to_device(rv), training=False,
+                                             relu=True)
+    host_y = cs.to_host(y)
+    y_cpu, _, _ = api.batch_norm_forward(x, running_mean=rm, running_var=rv, training=False,
+                                         relu=True)
+    assert host_y.tobytes() == y_cpu.tobytes()
+    assert np.isnan(host_y[1, 1, 3]) and np.isnan(host_y).sum() == 1
+    zeros = x == rm[None, :, None]
+    assert zeros.sum() == 8 and (host_y[zeros] == 0).all()
+    dx, dweight, dbias = api.batch_norm_backward(cs.to_device(dy), d_x, mean, invstd,
+                                                 training=False, relu_output=y)
+    keep = host_y > 0  # NaN and exact zeros are masked
+    expected = np.where(keep, dy * cs.to_host(invstd)[None, :, None], 0.0)
+    expected[1, 1, 3] = np.nan  # x itself NaN: 0 * (x - mean) is NaN, as on the CPU
+    np.testing.assert_array_equal(cs.to_host(dx), expected)
+    np.testing.assert_array_equal(cs.to_host(dbias), np.where(keep, dy, 0.0).sum(axis=(0, 2)))
+
+
+@cs.direct
+def test_fused_relu_split_building_blocks_compose_to_fused(api):
+    """normalize(relu=True) is forward(relu=True)'s y, and backward_elementwise(relu_output3=)
+    on the sums of the masked dy is backward(relu_output3=)'s dx, bit for bit."""
+    from fusedgrad.cuda import _arrays
+    from fusedgrad.cuda import batch_norm as backend
+    rng = np.random.default_rng(17)
+    x3 = rng.normal(size=(3, 4, 6)).astype(np.float32)
+    dy3 = rng.normal(size=(3, 4, 6)).astype(np.float32)
+    weight = cs.to_device(rng.normal(size=4).astype(np.float32))
+    bias = cs.to_device(rng.normal(size=4).astype(np.float32))
+    d_x, d_dy = cs.to_device(x3), cs.to_device(dy3)
+
+    y_fused = _arrays.empty(x3.shape, np.float32)
+    mean, invstd = backend.forward(d_x, weight, bias, None, None, y_fused, training=True,
+                                   momentum=0.1, eps=1e-5, relu=True)
+    count, mean64, m2 = backend.channel_stats(d_x)
+    invstd64 = cs.to_device(1.0 / np.sqrt(cs.to_host(m2) / count + 1e-5))
+    y_split = backend.normalize(d_x, mean64, invstd64, weight, bias,
+                                _arrays.empty(x3.shape, np.float32), relu=True)
+    assert cs.to_host(y_split).tobytes() == cs.to_host(y_fused).tobytes()
+    host_y = cs.to_host(y_fused)
+    assert (host_y == 0).any() and (host_y > 0).any()
+
+    dx_fused = _arrays.empty(x3.shape, np.float32)
+    dweight, dbias = backend.backward(d_dy, d_x, mean, invstd, weight, dx_fused, training=True,
+                                      relu_output3=y_fused)
+    masked = cs.to_device(np.where(host_y > 0, dy3, np.float32(0)))
+    sum_dy, sum_dy_xhat = backend.backward_reduce(masked, d_x, mean, invstd)
+    dx_split = backend.backward_elementwise(d_dy, d_x, mean, invstd, weight, sum_dy, sum_dy_xhat,
+                                            count, _arrays.empty(x3.shape, np.float32),
+                                            relu_output3=y_fused)
+    assert cs.to_host(dx_split).tobytes() == cs.to_host(dx_fused).tobytes()
+    np.testing.assert_array_equal(cs.to_host(dbias), cs.to_host(sum_dy).astype(np.float32))
+    with pytest.raises(ValueError, match="relu_output3"):
+        backend.backward(d_dy, d_x, mean, invstd, weight, dx_fused, training=True,
+                         relu_output3=cs.to_device(host_y[:2]))
+
+
+@cs.direct
+def test_fused_relu_is_bitwise_reproducible(api):
+    rng = np.random.default_rng(18)
+    x = cs.to_device(rng.normal(size=(9, 5, 7)).astype(np.float32))
+    dy = cs.to_device(rng.normal(size=(9, 5, 7)).astype(np.float32))
+    outputs = []
+    for _ in range(2):
+        y, mean, invstd = api.batch_norm_forward(x, relu=True)
+        dx, dweight, dbias = api.batch_norm_backward(dy, x, mean, invstd, relu_output=y)
+        outputs.append(b"".join(cs.to_host(a).tobytes() for a in (y, mean, invstd, dx, dweight,
+                                                                    dbias)))
+    assert outputs[0] == outputs[1]
 
 
 @cs.real_gpu_only

@@ -314,3 +314,38 @@ def test_random_shapes_and_options(n, n_classes, spatial, reduction, smoothing, 
     np.testing.assert_allclose(cs.to_host(loss), expected_loss, rtol=1e-11, atol=1e-12,
                                equal_nan=True)
     np.testing.assert_allclose(cs.to_host(grad), expected_grad, rtol=1e-11, atol=1e-12)
+
+
+class _LaunchRecorder:
+    """Stands in for a ``@cuda.jit`` kernel and records the arguments of every launch."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.launches = []
+
+    def __getitem__(self, config):
+        launch = self.kernel[config]
+
+        def run(*args):
+            self.launches.append(args)
+            return launch(*args)
+        return run
+
+
+@cs.direct
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_kernel_launches_pass_no_none(api, monkeypatch, softcap):
+    # numba-cuda compiles a None argument (and the simulator runs it) but a real GPU launch
+    # raises NotImplementedError: (none, None); an uncapped call passes the cap as 0.0.
+    from fusedgrad.cuda import cross_entropy as ce_cuda
+    recorder = _LaunchRecorder(ce_cuda._ce_rows)
+    monkeypatch.setattr(ce_cuda, "_ce_rows", recorder)
+    logits, target, _ = _problem(np.random.default_rng(5), (4, 6))
+    z, t = cs.to_device(logits.astype(np.float32)), cs.to_device(target)
+    loss, grad = api.softmax_cross_entropy(z, t, softcap=softcap)
+    loss2, lse = api.softmax_cross_entropy_forward(z, t, softcap=softcap)
+    api.softmax_cross_entropy_backward(1.0, z, t, lse, softcap=softcap)
+    assert len(recorder.launches) == 3
+    for args in recorder.launches:
+        assert all(arg is not None for arg in args)
+        assert args[9] == (0.0 if softcap is None else softcap)

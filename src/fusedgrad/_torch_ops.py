@@ -321,7 +321,7 @@ class BatchNormFunction(torch.autograd.Function):
     zero-copy view, with ``channel_axis=-1`` (``ChannelLayout``); outputs and gradients come back
     in the same memory format.
 
-    With ``relu`` (CPU tensors) the output is ``max(BN(x), 0)`` and the function also saves
+    With ``relu`` the output is ``max(BN(x), 0)`` and the function also saves
     that output, whose sign masks the upstream gradient in the backward: the ReLU costs no pass
     over memory of its own, and no memory either, since the next layer keeps the output alive
     anyway.
@@ -380,18 +380,16 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 
 def batch_norm_with_relu(input, running_mean, running_var, weight, bias, training, momentum,
                          eps, *, relu):
-    """:func:`batch_norm`, followed by a ReLU if ``relu``: fused into the kernels for CPU
-    tensors, a separate ``F.relu`` on CUDA (the GPU kernels have no fused ReLU)."""
+    """:func:`batch_norm`, followed by a ReLU if ``relu``, fused into the kernels (CPU and
+    CUDA tensors; PyTorch's own path with ``F.relu`` below the CPU break-even size)."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
     if small_for_kernels(input, input.numel(), BATCH_NORM_MIN_ELEMENTS):
         output = F.batch_norm(input, running_mean, running_var, weight, bias, bool(training),
                               momentum, eps)
         return F.relu(output) if relu else output
-    fuse = relu and input.device.type == "cpu"
-    output = BatchNormFunction.apply(input, weight, bias, running_mean, running_var,
-                                     bool(training), momentum, eps, fuse)
-    return F.relu(output) if relu and not fuse else output
+    return BatchNormFunction.apply(input, weight, bias, running_mean, running_var,
+                                   bool(training), momentum, eps, bool(relu))
 
 
 # --------------------------------------------------------------------------------------------

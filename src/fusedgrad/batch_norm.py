@@ -90,8 +90,8 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     ValueError. Eval: running statistics (both required). ``out``: optional array for y.
     Returns y (x's shape and dtype), mean and invstd (C,) (float64 for float64 x, else float32).
 
-    ``relu=True`` (an addition to the contract; host arrays only): y = max(BN(x), 0), a batch
-    norm followed by a ReLU in one pass over memory (NaN stays NaN, as in ``torch.relu``).
+    ``relu=True`` (an addition to the contract; host and device arrays): y = max(BN(x), 0), a
+    batch norm followed by a ReLU in one pass over memory (NaN stays NaN, as in ``torch.relu``).
     Pass this y as ``relu_output`` to :func:`batch_norm_backward`.
     """
     location = _device.array_location(x=x, weight=weight, bias=bias, running_mean=running_mean,
@@ -107,9 +107,6 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     axis, n_channels = _check_x(arrays, x, channel_axis)
     training = _check_bool("training", training)
     relu = _check_bool("relu", relu)
-    if relu and location != _device.HOST:
-        raise NotImplementedError("relu=True (the fused ReLU) runs on the CPU kernels only; on "
-                                  "the GPU apply the ReLU separately")
     momentum = check_real("momentum", momentum)
     eps = check_real("eps", eps, low=0.0, low_open=True)
     _check_vector(arrays, "weight", weight, n_channels)
@@ -145,7 +142,8 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
 
     y = out if out is not None else arrays.empty(tuple(x.shape), x.dtype)
     mean, invstd = backend.forward(arrays.view3("x", x, axis), weight, bias, running_mean,
-                                   running_var, arrays.view3("out", y, axis), **kwargs)
+                                   running_var, arrays.view3("out", y, axis), relu=relu,
+                                   **kwargs)
     return y, mean, invstd
 
 
@@ -157,7 +155,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, chan
     forward; weight: (C,) or None. ``out``: optional array for dx. dweight = sum dy xhat and
     dbias = sum dy are (C,) (float64 for float64 x, else float32); dx has x's shape and dtype.
 
-    ``relu_output`` (an addition to the contract; host arrays only): the y of a forward with
+    ``relu_output`` (an addition to the contract; host and device arrays): the y of a forward with
     ``relu=True``. dy is then the gradient of that ReLU's output, and the ReLU's backward
     (dy where ``relu_output > 0``, else 0) is fused in: every formula above uses that masked
     dy.
@@ -175,8 +173,6 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, chan
     _check_like_x("dy", dy, x)
     if relu_output is not None:
         _check_like_x("relu_output", relu_output, x)
-    if relu_output is not None and location != _device.HOST:
-        raise NotImplementedError("relu_output (the fused ReLU) runs on the CPU kernels only")
     training = _check_bool("training", training)
     for name, vec in (("mean", mean), ("invstd", invstd)):
         if vec is None:
@@ -207,6 +203,7 @@ def backward_of_checked(dy, x, mean, invstd, weight, *, training, channel_axis,
         dy, x = arrays.as_array("dy", dy), arrays.as_array("x", x)
         mean, invstd = arrays.as_array("mean", mean), arrays.as_array("invstd", invstd)
         weight = _as_array(arrays, "weight", weight)
+        relu_output = _as_array(arrays, "relu_output", relu_output)
     return _run_backward(location, backend, arrays, dy, x, mean, invstd, weight, None,
                          channel_axis % x.ndim, training, relu_output)
 
@@ -214,7 +211,7 @@ def backward_of_checked(dy, x, mean, invstd, weight, *, training, channel_axis,
 def _run_backward(location, backend, arrays, dy, x, mean, invstd, weight, out, axis, training,
                   relu_output=None):
     """The backward on checked arguments, already arrays of ``arrays``; ``axis`` in
-    [0, ndim); ``relu_output`` (host only) fuses a ReLU's backward."""
+    [0, ndim); ``relu_output`` fuses a ReLU's backward."""
     if location == _device.HOST:
         x, channels_last = host_layout(x, axis)
         dy = host_like(x, axis, channels_last, dy)
@@ -233,5 +230,7 @@ def _run_backward(location, backend, arrays, dy, x, mean, invstd, weight, out, a
     dx = out if out is not None else arrays.empty(tuple(x.shape), x.dtype)
     dweight, dbias = backend.backward(
         arrays.view3("dy", dy, axis), arrays.view3("x", x, axis), mean, invstd, weight,
-        arrays.view3("out", dx, axis), training=training)
+        arrays.view3("out", dx, axis), training=training,
+        relu_output3=None if relu_output is None else arrays.view3("relu_output", relu_output,
+                                                                   axis))
     return dx, dweight, dbias

@@ -296,6 +296,12 @@ def _rows_of(scale, r0: int, r1: int):
     return scale if scale.shape[0] == 1 else scale[r0:r1]
 
 
+def _rows(a, r0: int, r1: int):
+    """Rows ``[r0, r1)`` of ``a``; ``a`` itself when that is all of it (numba-cuda cannot
+    slice an empty device array: 'non-empty slice into empty slice', seen on the H200)."""
+    return a if r0 == 0 and r1 == a.shape[0] else a[r0:r1]
+
+
 def _add_chunk_gradients(call: LinearCall, grad_logits, r0: int, r1: int, grads) -> None:
     """The products of one chunk's G = dloss/dZ[r0:r1] (``grad_logits``): dX[r0:r1] = G W,
     dW += G^T X[r0:r1], db += column sums of G. The first chunk writes dW and db, the others
@@ -304,9 +310,9 @@ def _add_chunk_gradients(call: LinearCall, grad_logits, r0: int, r1: int, grads)
     grad_input, grad_weight, grad_bias = grads
     first = r0 == 0
     if grad_input is not None:
-        arrays.matmul(grad_logits, call.linear_weight, grad_input[r0:r1])
+        arrays.matmul(grad_logits, call.linear_weight, _rows(grad_input, r0, r1))
     if grad_weight is not None:
-        arrays.matmul(grad_logits, call.input[r0:r1], grad_weight, transpose_a=True,
+        arrays.matmul(grad_logits, _rows(call.input, r0, r1), grad_weight, transpose_a=True,
                       accumulate=not first)
     if grad_bias is not None:
         arrays.column_sums(grad_logits, grad_bias, accumulate=not first)

@@ -175,8 +175,7 @@ def convert_model(module: nn.Module, *, fuse_relu: bool = False) -> nn.Module:
     ``fuse_relu=True`` (an addition to the contract, see ``docs/api.md``): inside
     ``nn.Sequential`` containers, a batch norm directly followed by an ``nn.ReLU`` becomes one
     ``BatchNormReLU1d/2d/3d`` and the ReLU an ``nn.Identity``, so that the ReLU's forward and
-    backward make no passes over memory of their own (CPU tensors; on CUDA the ReLU runs as
-    ``F.relu``). The
+    backward make no passes over memory of their own (CPU and CUDA tensors). The
     ``state_dict`` keys do not change (neither module holds state), so checkpoints still load
     both ways. Only a ``Sequential``'s order is known to be its call order, so batch norms in
     other containers are converted without fusing; hooks on a fused ReLU are dropped.

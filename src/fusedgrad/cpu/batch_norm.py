@@ -44,11 +44,11 @@ training=True) -> out3``
 ``forward`` equals channel_stats + normalize(mean, 1 / sqrt(m2 / count + eps)) and ``backward``
 equals backward_reduce + backward_elementwise(count = P*S), bit for bit.
 
-CPU only, for a batch norm followed by a ReLU (``fusedgrad.torch.BatchNormReLU*d``):
+For a batch norm followed by a ReLU (``fusedgrad.torch.BatchNormReLU*d``):
 ``forward(..., relu=True)`` and ``normalize(..., relu=True)`` write max(y, 0);
 ``backward(..., relu_output3=y3)`` and ``backward_elementwise(..., relu_output3=y3)`` take that
 output and use dy masked where it is not positive (the ReLU's backward) in every formula above.
-The GPU backend has no such arguments.
+The GPU backend takes the same arguments.
 
 Work decomposition ("tiles")
 ----------------------------

@@ -9,11 +9,15 @@ for compute capability 9.0 (H100/H200) and the signatures the launchers produce:
   float32, float64);
 * class-index targets int64 (``index_target`` converts int32 on the device: that conversion
   kernel is compiled from int32 and int64);
-* cross-entropy without and with logit soft-capping (``softcap`` typed ``none`` or float64:
-  two specialisations of ``_ce_rows``, the second labelled ``[dtype,softcap]``);
+* cross-entropy with and without logit soft-capping: one ``_ce_rows`` per dtype (``softcap``
+  is a float64, 0 for no cap, the only way numba-cuda can launch it);
 * per-channel parameters (``weight``, ``bias``, running buffers, statistics) of every floating
   dtype, with float32 and float64 accumulation;
-* array layouts ``A`` (any strides), the most general typing of the strided views.
+* array layouts ``A`` (any strides), the most general typing of the strided views, and for
+  the hot kernels (``_apply``, ``_partials``, ``_ce_rows``) also ``C``, the typing of
+  contiguous arrays (most launches: labels ending ``,C``);
+* the batch norm's fused ReLU: a runtime flag ``relu`` and its output array ``relu_y3`` (a
+  stand-in without it), so every batch-norm signature covers it.
 
 bfloat16: numba-cuda types bfloat16 arrays (NumPy has no such dtype; ``_arrays.BFloat16Array``
 gives device arrays of PyTorch's ``"<V2"`` bfloat16 that type), so every floating kernel is also
@@ -27,15 +31,18 @@ duration of the compilation; run it in a process of its own (``python -m
 fusedgrad.cuda._compile``, as the test does) so no device function compiled this way is reused
 by real launches. It must run WITHOUT the simulator (``NUMBA_ENABLE_CUDASIM`` unset or 0).
 
-Run ``python -m fusedgrad.cuda._compile [--cc 9.0]``: prints one line per signature and exits
-non-zero if any failed. PTX of float16/float32 kernels is checked for float64 arithmetic
-(``add.f64``, ``fma.rn.f64``, ``setp.*.f64``...): the ``_ce_rows`` and batch-norm elementwise
+Run ``python -m fusedgrad.cuda._compile [--cc 9.0] [--ptx-dir DIR]``: prints one line per
+signature and exits non-zero if any failed; ``--ptx-dir`` also writes each signature's PTX
+(for ``ptxas`` / ``nvdisasm``: docs/gpu.md, "SASS census"). PTX of float16/float32 kernels is
+checked for float64 arithmetic (``add.f64``, ``fma.rn.f64``, ``setp.*.f64``...): the
+``_ce_rows`` and batch-norm elementwise
 kernels must have none (converting to and storing float64 outputs is allowed).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 import sys
 import time
@@ -67,8 +74,8 @@ def _mat(dtype):
     return types.Array(dtype, 2, "A")
 
 
-def _arr3(dtype):
-    return types.Array(dtype, 3, "A")
+def _arr3(dtype, layout="A"):
+    return types.Array(dtype, 3, layout)
 
 
 def kernel_signatures():
@@ -80,11 +87,9 @@ def kernel_signatures():
     for name, t in FLOATS.items():
         acc = _acc(name)
         pure32 = name != "float64"
-        for softcap, suffix in ((types.none, ""), (f64, ",softcap")):
-            sigs.append((f"cross_entropy._ce_rows[{name}{suffix}]", ce._ce_rows.py_func,
-                         (i64, _arr3(t), _vec(i64), _arr3(t), b1, _vec(f64), i64, f64, f64,
-                          softcap, _vec(acc), _vec(f64), _vec(f64), _arr3(t), _vec(f64)),
-                         pure32))
+        sigs.append((f"cross_entropy._ce_rows[{name}]", ce._ce_rows.py_func,
+                     (i64, _arr3(t), _vec(i64), _arr3(t), b1, _vec(f64), i64, f64, f64, f64,
+                      _vec(acc), _vec(f64), _vec(f64), _arr3(t), _vec(f64)), pure32))
         sigs.append((f"cross_entropy._scaled_copy[{name}]", ce._scaled_copy.py_func,
                      (_vec(t), _vec(f64), f64), False))
         sigs.append((f"_arrays.convert[{name}->float64]", _arrays.convert.py_func,
@@ -92,12 +97,25 @@ def kernel_signatures():
         if name != "float64":
             sigs.append((f"_arrays.convert[float64->{name}]", _arrays.convert.py_func,
                          (_vec(f64), _vec(t)), False))
+        # The fused ReLU is a runtime flag (the same compiled kernel with and without it).
         sigs.append((f"batch_norm._apply[{name}]", bn._apply.py_func,
-                     (_arr3(t), _arr3(t), b1, _mat(acc), _arr3(t)), pure32))
+                     (_arr3(t), _arr3(t), _arr3(t), b1, b1, _mat(acc), _arr3(t)), pure32))
         stat = "float64" if name == "float64" else "float32"
         sigs.append((f"batch_norm._partials[{name},{stat}]", bn._partials.py_func,
-                     (_arr3(t), _arr3(t), b1, _mat(acc), _vec(PARAMS[stat]), i64, i64,
-                      _mat(f64), _mat(f64), _mat(f64)), False))
+                     (_arr3(t), _arr3(t), _arr3(t), b1, b1, _mat(acc), _vec(PARAMS[stat]), i64,
+                      i64, _mat(f64), _mat(f64), _mat(f64)), False))
+        # Contiguous arrays (the usual launch) are typed with layout "C", which addresses
+        # through GEPs and gives global loads (LDG) where "A" gives generic ones (LD).
+        c3, c2, c1 = _arr3(t, "C"), types.Array(acc, 2, "C"), types.Array(f64, 1, "C")
+        m64 = types.Array(f64, 2, "C")
+        sigs.append((f"batch_norm._apply[{name},C]", bn._apply.py_func,
+                     (c3, c3, c3, b1, b1, c2, c3), pure32))
+        sigs.append((f"batch_norm._partials[{name},{stat},C]", bn._partials.py_func,
+                     (c3, c3, c3, b1, b1, c2, types.Array(PARAMS[stat], 1, "C"), i64, i64,
+                      m64, m64, m64), False))
+        sigs.append((f"cross_entropy._ce_rows[{name},C]", ce._ce_rows.py_func,
+                     (i64, c3, types.Array(i64, 1, "C"), c3, b1, c1, i64, f64, f64, f64,
+                      types.Array(acc, 1, "C"), c1, c1, c3, c1), pure32))
     # (C,) parameters of any floating dtype meet the two accumulation dtypes (x's dtype only
     # matters through it in these kernels).
     for pname, p in PARAMS.items():
@@ -105,8 +123,8 @@ def kernel_signatures():
             t, acc = FLOATS[name], _acc(name)
             if pname != name:
                 sigs.append((f"batch_norm._partials[{name},{pname}]", bn._partials.py_func,
-                             (_arr3(t), _arr3(t), b1, _mat(acc), _vec(p), i64, i64, _mat(f64),
-                              _mat(f64), _mat(f64)), False))
+                             (_arr3(t), _arr3(t), _arr3(t), b1, b1, _mat(acc), _vec(p), i64,
+                              i64, _mat(f64), _mat(f64), _mat(f64)), False))
             sigs.append((f"batch_norm._finish_stats[{name},{pname}]", bn._finish_stats.py_func,
                          (_vec(f64), _vec(f64), f64, b1, f64, _vec(p), _vec(p), b1, f64,
                           _vec(f64), _vec(acc), _vec(acc)), False))
@@ -145,8 +163,15 @@ def _target_device(cc):
         yield
 
 
-def compile_all(cc=(9, 0), report=print):
-    """Compile every signature; returns a list of ``(label, error message or None)``."""
+def ptx_file_name(label: str) -> str:
+    """File name of a signature's PTX: the label with anything but ``[\\w.,-]`` made ``_``."""
+    return re.sub(r"[^\w.,-]+", "_", label).strip("_") + ".ptx"
+
+
+def compile_all(cc=(9, 0), report=print, ptx_dir=None):
+    """Compile every signature; returns a list of ``(label, error message or None)``.
+    ``ptx_dir``: also write each signature's PTX there (:func:`ptx_file_name`), e.g. for
+    ``ptxas`` / ``nvdisasm`` (docs/gpu.md, SASS census)."""
     if _simulated():
         raise RuntimeError("PTX compilation needs NUMBA_ENABLE_CUDASIM unset (not the simulator)")
     results = []
@@ -155,6 +180,9 @@ def compile_all(cc=(9, 0), report=print):
             start = time.perf_counter()
             try:
                 ptx, _ = cuda.compile_ptx(func, argtypes, cc=tuple(cc))
+                if ptx_dir is not None:
+                    with open(os.path.join(ptx_dir, ptx_file_name(label)), "w") as f:
+                        f.write(ptx)
                 error = None
                 if pure32 and _FLOAT64_ARITHMETIC.search(ptx):
                     error = ("float64 arithmetic in a float32-accumulating kernel: "
@@ -175,9 +203,12 @@ def _simulated() -> bool:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cc", default="9.0", help="compute capability, e.g. 9.0")
+    parser.add_argument("--ptx-dir", help="write each signature's PTX into this folder")
     args = parser.parse_args(argv)
     cc = tuple(int(v) for v in args.cc.split("."))
-    results = compile_all(cc)
+    if args.ptx_dir:
+        os.makedirs(args.ptx_dir, exist_ok=True)
+    results = compile_all(cc, ptx_dir=args.ptx_dir)
     failed = [label for label, error in results if error]
     print(f"{len(results) - len(failed)}/{len(results)} kernel signatures compiled to PTX "
           f"for cc {cc[0]}.{cc[1]}")

@@ -4,7 +4,10 @@ start from, and their host launchers.
 Backend interface: the same functions, arguments and semantics as ``fusedgrad.cpu.batch_norm``
 (see its docstring), on device arrays, each with an extra keyword ``stream=None`` (see
 ``_arrays``): ``forward``, ``backward``, and the split building blocks ``channel_stats``,
-``normalize``, ``backward_reduce``, ``backward_elementwise``. Outputs are allocated with
+``normalize``, ``backward_reduce``, ``backward_elementwise``; the fused ReLU too, as on the CPU:
+``forward(..., relu=True)`` / ``normalize(..., relu=True)`` write ``max(y, 0)``, and
+``backward(..., relu_output3=y3)`` / ``backward_elementwise(..., relu_output3=y3)`` mask dy
+where that output is not positive, in the sums and in dx. Outputs are allocated with
 ``_arrays.empty`` (the array interface of ``fusedgrad._device.arrays``). Big arrays come
 in the kernel layout ``(P, C, S)`` (any strides; NCHW -> ``(N, C, H*W)``, channels-last ->
 ``(N*H*W, C, 1)``); ``(C,)`` parameters may be float32 or float64 device arrays or ``None``.
@@ -83,6 +86,18 @@ def _shifted_moments(count, sum_shifted, sum_sq_shifted, shift):
 
 
 @cuda.jit(device=True, inline=True)
+def _relu(v, zero):
+    """max(v, 0) that keeps NaN, as ``torch.relu`` does."""
+    return zero if v < zero else v
+
+
+@cuda.jit(device=True, inline=True)
+def _masked(g, y, zero):
+    """The ReLU's backward: the upstream gradient where the ReLU's output is positive, else 0."""
+    return g if y > zero else zero
+
+
+@cuda.jit(device=True, inline=True)
 def _part_positions(n_positions, n_parts, part):
     """``[start, stop)`` of the positions of one part: equal contiguous ranges, fixed by shape."""
     per_part = (n_positions + n_parts - 1) // n_parts
@@ -93,18 +108,24 @@ def _part_positions(n_positions, n_parts, part):
 @cuda.jit(device=True, inline=True)
 def _block_channel(seg, n_channels):
     """This thread's channel, its lane among the threads of that channel, and the lane count."""
-    tid = cuda.threadIdx.x
-    channel = cuda.blockIdx.x * seg + tid % seg
-    return channel, tid // seg, cuda.blockDim.x // seg, channel < n_channels
+    # 32-bit unsigned: seg <= 32 and blockDim.x <= 1024, and Numba's int64 division would be a
+    # call of the software 64-bit division.
+    tid = np.uint32(cuda.threadIdx.x)
+    seg32 = np.uint32(seg)
+    channel = cuda.blockIdx.x * seg + np.int64(tid % seg32)
+    return (channel, np.int64(tid // seg32), np.int64(np.uint32(cuda.blockDim.x) // seg32),
+            channel < n_channels)
 
 
 @cuda.jit(device=True, inline=True)
-def _accumulate_pair(x3, dy3, with_grad, c, start, stop, step, n_inner, shift, mean_hi, mean_lo,
-                     invstd, acc_zero):
+def _accumulate_pair(x3, dy3, relu_y3, with_grad, relu, c, start, stop, step, n_inner, shift,
+                     mean_hi, mean_lo, invstd, acc_zero):
     """A thread's sums over positions ``j = start, start+step, .. < stop`` of channel ``c``.
 
     Statistics (``with_grad`` false): ``sum (x - shift)``, ``sum (x - shift)^2`` (shifted data).
-    Backward: ``sum dy``, ``sum dy * xhat`` with ``xhat = ((x - mean_hi) - mean_lo) invstd``.
+    Backward: ``sum dy``, ``sum dy * xhat`` with ``xhat = ((x - mean_hi) - mean_lo) invstd``;
+    with a fused ReLU (``relu``; ``relu_y3`` its output) dy is masked where that output is not
+    positive.
     Returns ``(count, u, v)``. Position ``j`` is element ``(p, s) = divmod(j, S)``; ``(p, s)``
     advance by a precomputed ``divmod(step, S)`` with one carry, so the loop has no integer
     division (64-bit division costs far more than the memory access on a GPU).
@@ -120,6 +141,8 @@ def _accumulate_pair(x3, dy3, with_grad, c, start, stop, step, n_inner, shift, m
         x = x3[p, c, s] + acc_zero
         if with_grad:
             g = dy3[p, c, s] + acc_zero
+            if relu:
+                g = _masked(g, relu_y3[p, c, s] + acc_zero, acc_zero)
             u += g
             v += g * (((x - mean_hi) - mean_lo) * invstd)
         else:
@@ -139,12 +162,15 @@ def _accumulate_pair(x3, dy3, with_grad, c, start, stop, step, n_inner, shift, m
 # Kernels
 # --------------------------------------------------------------------------------------------
 @cuda.jit
-def _partials(x3, dy3, with_grad, coef, invstd, seg, n_parts, part_a, part_b, part_c):
+def _partials(x3, dy3, relu_y3, with_grad, relu, coef, invstd, seg, n_parts, part_a, part_b,
+              part_c):
     """One partial per (part, channel) of a (P, C, S) array, float64, for block
     ``(channel block, part)``.
 
     x3: (P, C, S), float16 / bfloat16 / float32 / float64;
     dy3: (P, C, S), the dtype of x3;
+    relu_y3: (P, C, S), the dtype of x3: with ``relu`` (and ``with_grad``) the output of a
+    forward with a fused ReLU, whose backward masks dy; else a stand-in (x3), not read;
     coef: (6, C), or (1, 1) for the statistics, the accumulation dtype (float64 for float64
     x3, else float32);
     invstd: (C,) any float dtype;
@@ -177,8 +203,8 @@ def _partials(x3, dy3, with_grad, coef, invstd, seg, n_parts, part_a, part_b, pa
             inv = acc(invstd[c])
         else:
             shift = acc(x3[0, c, 0])  # one of the channel's values: see _shifted_moments
-        count, u, v = _accumulate_pair(x3, dy3, with_grad, c, start + lane, stop, lanes, n_inner,
-                                       shift, mean_hi, mean_lo, inv, acc(0.0))
+        count, u, v = _accumulate_pair(x3, dy3, relu_y3, with_grad, relu, c, start + lane, stop,
+                                       lanes, n_inner, shift, mean_hi, mean_lo, inv, acc(0.0))
     if with_grad:
         segment_reduce(float64(u), float64(v), 0.0, s_a, s_b, s_c, seg, OP_SUM)
     else:
@@ -315,18 +341,46 @@ def _dx_coefficients(mean, invstd, weight, has_weight, sum_dy, sum_dy_xhat, coun
         coef[_GAMMA, ch] = 0.0
 
 
+@cuda.jit(device=True, inline=True)
+def _apply_one(x3, dy3, relu_y3, has_dy, relu, out3, p, c, s, mean_hi, mean_lo, alpha, beta,
+               gamma, acc_zero):
+    """One element of :func:`_apply`."""
+    centered = (x3[p, c, s] + acc_zero - mean_hi) - mean_lo
+    value = beta * centered + gamma
+    if has_dy:
+        g = dy3[p, c, s] + acc_zero
+        if relu:
+            g = _masked(g, relu_y3[p, c, s] + acc_zero, acc_zero)
+        value += alpha * g
+    elif relu:
+        value = _relu(value, acc_zero)
+    out3[p, c, s] = value
+
+
 @cuda.jit
-def _apply(x3, dy3, has_dy, coef, out3):
+def _apply(x3, dy3, relu_y3, has_dy, relu, coef, out3):
     """``out = alpha dy + beta ((x - mean_hi) - mean_lo) + gamma`` per channel, every element.
+
+    Fused ReLU (``relu``, one flag for both directions, as the CPU kernels' ``relu`` /
+    ``relu_y``): without ``has_dy`` (the forward) the kernel writes ``max(out, 0)`` (NaN stays
+    NaN); with ``has_dy`` (the backward) ``relu_y3`` is the forward's output and dy is masked
+    where it is not positive (the ReLU's backward). A stand-in array (x3) takes ``relu_y3``'s
+    place otherwise: numba-cuda 0.30.4 types a ``None`` argument but cannot launch with one
+    (``NotImplementedError: (none, None)`` in the dispatcher's ``_prepare_args``, seen on an
+    H200), the reason the CPU's None-or-array ``relu_y`` is a flag and an array here.
 
     2-D blocks and grid: ``y`` walks the rows of the view, ``x`` runs along the contiguous axis.
     With ``S > 1`` a row is one ``(p, c)`` (its channel computed once per row), threads along
     ``s``; with ``S == 1`` (rows / channels-last) a row is one ``p``, threads along ``c``. Short
-    rows (7x7 maps) share a block (``blockDim.y`` rows). No per-element integer division.
+    rows (7x7 maps) share a block (``blockDim.y`` rows). No per-element integer division (two
+    per row: the row's channel and the inner range's trip count). A division-free variant (a
+    carried ``(p, c)``, while loops, coefficients hoisted per row) was 1.05-1.5x slower on an
+    H200: LLVM unrolled its loops four rows deep (72 -> 118 registers); see docs/gpu.md.
 
     x3: (P, C, S), float16 / bfloat16 / float32 / float64; dy3: (P, C, S), the dtype of x3
-    (read with ``has_dy`` only); coef: (6, C), the accumulation dtype; out3: (P, C, S), the dtype
-    of x3, written.
+    (read with ``has_dy`` only); relu_y3: (P, C, S), the dtype of x3 (read with ``has_dy`` and
+    ``relu`` only); coef: (6, C), the accumulation dtype; out3: (P, C, S), the dtype of x3,
+    written.
     """
     acc_zero = coef.dtype.type(0.0)
     n_channels = x3.shape[1]
@@ -342,11 +396,9 @@ def _apply(x3, dy3, has_dy, coef, out3):
             s = k if spatial else 0
             if not spatial:
                 c = k
-            centered = (x3[p, c, s] + acc_zero - coef[_MEAN_HI, c]) - coef[_MEAN_LO, c]
-            value = coef[_BETA, c] * centered + coef[_GAMMA, c]
-            if has_dy:
-                value += coef[_ALPHA, c] * (dy3[p, c, s] + acc_zero)
-            out3[p, c, s] = value
+            _apply_one(x3, dy3, relu_y3, has_dy, relu, out3, p, c, s, coef[_MEAN_HI, c],
+                       coef[_MEAN_LO, c], coef[_ALPHA, c], coef[_BETA, c], coef[_GAMMA, c],
+                       acc_zero)
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,7 +449,7 @@ def _moments(x3, plan, stream):
     unused = _arrays.empty((1,), np.float64, stream)
     parts = [_arrays.empty((plan.n_parts, plan.n_channels), np.float64, stream)
              for _ in range(3)]
-    _partials[plan.grid, THREADS, stream](x3, x3, False, acc_like, unused, plan.seg,
+    _partials[plan.grid, THREADS, stream](x3, x3, x3, False, False, acc_like, unused, plan.seg,
                                           plan.n_parts, *parts)
     mean = _arrays.empty((plan.n_channels,), np.float64, stream)
     m2 = _arrays.empty((plan.n_channels,), np.float64, stream)
@@ -414,28 +466,41 @@ def channel_stats(x3, *, stream=None):
     return plan.count, mean, m2
 
 
-def _apply_normalize(x3, plan, mean, invstd, weight, bias, out3, stream):
+def _apply_normalize(x3, plan, mean, invstd, weight, bias, out3, relu, stream):
     weight, has_weight = _optional_vector("weight", weight, stream)
     bias, has_bias = _optional_vector("bias", bias, stream)
     coef = _arrays.empty((_N_COEF, plan.n_channels), stat_dtype(x3.dtype), stream)
     _normalize_coefficients[plan.channel_blocks, THREADS, stream](
         mean, invstd, weight, has_weight, bias, has_bias, coef)
-    _apply[plan.apply_grid, plan.apply_block, stream](x3, x3, False, coef, out3)
+    _apply[plan.apply_grid, plan.apply_block, stream](x3, x3, x3, False, relu, coef, out3)
 
 
-def normalize(x3, mean, invstd, weight, bias, out3, *, stream=None):
-    """``out3 = (x - mean) * invstd * weight + bias`` per channel; returns ``out3``."""
+def _relu_output3(relu_output3, x3):
+    """The (P, C, S) device array of a fused ReLU's output, or None."""
+    if relu_output3 is None:
+        return None
+    relu_output3 = _device3("relu_output3", relu_output3)
+    if tuple(relu_output3.shape) != tuple(x3.shape) or relu_output3.dtype != x3.dtype:
+        raise ValueError(f"relu_output3 must have x3's shape {tuple(x3.shape)} and dtype "
+                         f"{x3.dtype}, got {tuple(relu_output3.shape)} {relu_output3.dtype}")
+    return relu_output3
+
+
+def normalize(x3, mean, invstd, weight, bias, out3, *, relu=False, stream=None):
+    """``out3 = (x - mean) * invstd * weight + bias`` per channel, then ``max(out3, 0)`` with
+    ``relu``; returns ``out3``."""
     x3, out3 = _device3("x3", x3), _device3("out3", out3)
     stream = _arrays.resolve_stream(stream)
     _apply_normalize(x3, _Plan(x3), _arrays.as_array("mean", mean),
-                     _arrays.as_array("invstd", invstd), weight, bias, out3, stream)
+                     _arrays.as_array("invstd", invstd), weight, bias, out3, bool(relu), stream)
     return out3
 
 
 def forward(x3, weight, bias, running_mean, running_var, out3, *, training, momentum, eps,
-            stream=None):
+            relu=False, stream=None):
     """Fused forward: statistics (training) or running statistics (eval), running-buffer update,
-    ``y`` into ``out3``. Returns ``(mean, invstd)``, new (C,) device arrays of the stat dtype."""
+    ``y`` into ``out3`` (``max(y, 0)`` with ``relu``: a batch norm followed by a ReLU in the
+    same pass). Returns ``(mean, invstd)``, new (C,) device arrays of the stat dtype."""
     x3, out3 = _device3("x3", x3), _device3("out3", out3)
     stream = _arrays.resolve_stream(stream)
     plan = _Plan(x3)
@@ -458,19 +523,20 @@ def forward(x3, weight, bias, running_mean, running_var, out3, *, training, mome
     _finish_stats[plan.channel_blocks, THREADS, stream](
         mean64, m2_64, float(plan.count), bool(training), float(eps), running_mean_d,
         running_var_d, has_running, float(momentum), invstd64, mean_out, invstd_out)
-    _apply_normalize(x3, plan, mean64, invstd64, weight, bias, out3, stream)
+    _apply_normalize(x3, plan, mean64, invstd64, weight, bias, out3, bool(relu), stream)
     return mean_out, invstd_out
 
 
-def _grad_sums(dy3, x3, plan, mean, invstd, stream):
+def _grad_sums(dy3, x3, relu_y3, plan, mean, invstd, stream):
     coef = _arrays.empty((_N_COEF, plan.n_channels), stat_dtype(x3.dtype), stream)
     ones, _ = _optional_vector("weight", None, stream)
     _normalize_coefficients[plan.channel_blocks, THREADS, stream](
         mean, invstd, ones, False, ones, False, coef)
     part_dy = _arrays.empty((plan.n_parts, plan.n_channels), np.float64, stream)
     part_dy_xhat = _arrays.empty((plan.n_parts, plan.n_channels), np.float64, stream)
-    _partials[plan.grid, THREADS, stream](x3, dy3, True, coef, invstd, plan.seg, plan.n_parts,
-                                          part_dy, part_dy_xhat, part_dy)
+    _partials[plan.grid, THREADS, stream](x3, dy3, x3 if relu_y3 is None else relu_y3, True,
+                                          relu_y3 is not None, coef, invstd, plan.seg,
+                                          plan.n_parts, part_dy, part_dy_xhat, part_dy)
     # One (2, C) array, rows (sum_dy, sum_dy_xhat), so the backward converts both to the
     # stat dtype in a single launch.
     sums = _arrays.empty((2, plan.n_channels), np.float64, stream)
@@ -483,41 +549,47 @@ def backward_reduce(dy3, x3, mean, invstd, *, stream=None):
     """``(sum_dy, sum_dy_xhat)``: (C,) float64 device arrays."""
     dy3, x3 = _device3("dy3", dy3), _device3("x3", x3)
     stream = _arrays.resolve_stream(stream)
-    sums = _grad_sums(dy3, x3, _Plan(x3), _arrays.as_array("mean", mean),
+    sums = _grad_sums(dy3, x3, None, _Plan(x3), _arrays.as_array("mean", mean),
                       _arrays.as_array("invstd", invstd), stream)
     return sums[0], sums[1]
 
 
-def _apply_dx(dy3, x3, plan, mean, invstd, weight, sum_dy, sum_dy_xhat, count, out3, training,
-              stream):
+def _apply_dx(dy3, x3, relu_y3, plan, mean, invstd, weight, sum_dy, sum_dy_xhat, count, out3,
+              training, stream):
     weight, has_weight = _optional_vector("weight", weight, stream)
     coef = _arrays.empty((_N_COEF, plan.n_channels), stat_dtype(x3.dtype), stream)
     _dx_coefficients[plan.channel_blocks, THREADS, stream](
         mean, invstd, weight, has_weight, sum_dy, sum_dy_xhat, float(count), bool(training),
         coef)
-    _apply[plan.apply_grid, plan.apply_block, stream](x3, dy3, True, coef, out3)
+    _apply[plan.apply_grid, plan.apply_block, stream](
+        x3, dy3, x3 if relu_y3 is None else relu_y3, True, relu_y3 is not None, coef, out3)
 
 
 def backward_elementwise(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, count, out3, *,
-                         training=True, stream=None):
-    """``dx`` into ``out3`` from the (global) sums and ``count``; returns ``out3``."""
+                         training=True, relu_output3=None, stream=None):
+    """``dx`` into ``out3`` from the (global) sums and ``count``; returns ``out3``.
+    ``relu_output3``: the output of a forward with ``relu=True``, whose backward masks dy where
+    it is not positive (the sums must then be those of the masked dy)."""
     dy3, x3, out3 = _device3("dy3", dy3), _device3("x3", x3), _device3("out3", out3)
     stream = _arrays.resolve_stream(stream)
-    _apply_dx(dy3, x3, _Plan(x3), _arrays.as_array("mean", mean),
-              _arrays.as_array("invstd", invstd), weight, _arrays.as_array("sum_dy", sum_dy),
-              _arrays.as_array("sum_dy_xhat", sum_dy_xhat), count, out3, training, stream)
+    _apply_dx(dy3, x3, _relu_output3(relu_output3, x3), _Plan(x3),
+              _arrays.as_array("mean", mean), _arrays.as_array("invstd", invstd), weight,
+              _arrays.as_array("sum_dy", sum_dy), _arrays.as_array("sum_dy_xhat", sum_dy_xhat),
+              count, out3, training, stream)
     return out3
 
 
-def backward(dy3, x3, mean, invstd, weight, out3, *, training, stream=None):
+def backward(dy3, x3, mean, invstd, weight, out3, *, training, relu_output3=None, stream=None):
     """Fused backward (reduce + elementwise). Returns ``(dweight, dbias)``, new (C,) device
-    arrays of the stat dtype."""
+    arrays of the stat dtype. ``relu_output3``: the output of a forward with ``relu=True``; the
+    ReLU's backward (dy where that output is positive, else 0) is fused into both passes."""
     dy3, x3, out3 = _device3("dy3", dy3), _device3("x3", x3), _device3("out3", out3)
+    relu_y3 = _relu_output3(relu_output3, x3)
     stream = _arrays.resolve_stream(stream)
     plan = _Plan(x3)
     mean, invstd = _arrays.as_array("mean", mean), _arrays.as_array("invstd", invstd)
-    sums = _grad_sums(dy3, x3, plan, mean, invstd, stream)
-    _apply_dx(dy3, x3, plan, mean, invstd, weight, sums[0], sums[1], plan.count, out3,
+    sums = _grad_sums(dy3, x3, relu_y3, plan, mean, invstd, stream)
+    _apply_dx(dy3, x3, relu_y3, plan, mean, invstd, weight, sums[0], sums[1], plan.count, out3,
               training, stream)
     n_sums = 2 * plan.n_channels
     grads = _arrays.empty((2, plan.n_channels), stat_dtype(x3.dtype), stream)

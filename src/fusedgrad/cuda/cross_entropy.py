@@ -36,8 +36,10 @@ Soft-capping (``softcap`` = c): each logit is read as ``z' = c tanh(z / c)`` (:f
 CUDA's ``tanh`` in the accumulation dtype) wherever it is read, so the statistics, ``K``,
 ``lse`` and the loss are those of ``z'``; the gradient pass multiplies each element by the
 slope ``dz'/dz = 1 - tanh^2(z / c)`` (the chain rule back to the uncapped logits,
-``docs/derivations.md``, section 1(e)). ``softcap=None`` is a different Numba type, so the
-uncapped kernel is compiled without any of it.
+``docs/derivations.md``, section 1(e)). The kernel takes the cap as a float64, :data:`NO_CAP`
+(0) for none: numba-cuda 0.30 compiles a ``None`` argument but cannot launch with one
+(``NotImplementedError: (none, None)``, seen on the H200), so the cap is tested at run time, one
+test that every thread of a launch takes the same way.
 
 Kernel layout: logits are viewed without copying as ``(N, C, S)`` (``S`` = product of the spatial
 axes, 1 for ``(N, C)``), sample ``r = n * S + s``. One kernel, :func:`_ce_rows`, serves every
@@ -75,6 +77,14 @@ from .._validate import stat_dtype
 from . import _arrays
 from ._reduce import OP_MAX, OP_SUM, SCRATCH_SIZE, THREADS, WARP_SIZE, group_reduce
 from ._target import SIMULATED
+
+#: The kernel's ``softcap`` when there is no cap (a cap is > 0).
+NO_CAP = 0.0
+
+
+def cap_argument(softcap) -> float:
+    """The kernel's float64 ``softcap`` for an option that is None (no cap) or a cap > 0."""
+    return NO_CAP if softcap is None else float(softcap)
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,11 +129,11 @@ def _lse_parts(row_max, row_sum, neg_inf):
 @cuda.jit(device=True, inline=True)
 def _soft_cap(z, softcap, acc_like):
     """``(z', dz'/dz)`` of one logit ``z`` (already in the accumulation dtype): ``(z, 1)`` when
-    ``softcap`` is None, else ``(c t, 1 - t^2)`` with ``t = tanh(z / c)``."""
+    ``softcap`` is :data:`NO_CAP`, else ``(c t, 1 - t^2)`` with ``t = tanh(z / c)``."""
     acc = acc_like.dtype.type
-    if softcap is None:
+    cap = acc(softcap)  # compared in the accumulation dtype: no float64 in float32 kernels
+    if cap == acc(NO_CAP):
         return z, acc(1.0)
-    cap = acc(softcap)
     t = math.tanh(z / cap)
     return cap * t, acc(1.0) - t * t
 
@@ -183,7 +193,7 @@ def _ce_rows(mode, logits, target_index, target_prob, is_prob, weight, ignore_in
     target_index: (N*S,) int64 class indices (a dummy with ``is_prob``);
     target_prob: (N, C, S), the dtype of logits (a dummy without ``is_prob``);
     weight: (C,) float64;
-    softcap: None, or the cap c > 0 (float64);
+    softcap: the cap c > 0, or NO_CAP (float64);
     acc_like: (1,), the accumulation dtype (float64 for float64 logits, else float32);
     lse: (N*S,) float64, written (``MODE_FUSED``, ``MODE_FORWARD``) or read (``MODE_BACKWARD``);
     loss: (N*S,) float64, written unless ``MODE_BACKWARD``;
@@ -505,5 +515,5 @@ def _run(mode, logits, target, weights, options, lse, loss, grad, grad_scale, st
     blocks = _arrays.launch_blocks(sample_count(logits.shape), rows_per_block)
     _ce_rows[blocks, (per_row, rows_per_block), stream](
         mode, logits3, target_index, target_prob, is_prob, weights, int(options.ignore_index),
-        float(options.label_smoothing), float(options.z_loss), options.softcap, acc_like, lse,
-        loss, grad3, grad_scale)
+        float(options.label_smoothing), float(options.z_loss), cap_argument(options.softcap),
+        acc_like, lse, loss, grad3, grad_scale)
