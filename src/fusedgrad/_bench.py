@@ -27,9 +27,9 @@ freed memory stays in the heap and is reused without faults, as under a caching 
 environment sets) and in a child process started with the other state's environment.
 
 Memory roofline: the bytes an operation must move at least, divided by the host's memory
-bandwidth measured in the same process, before and after the cases: the best of several probes
-(:data:`HOST_PROBES`), each counting the bytes read and written, over buffers twice the size of
-the last-level cache:
+bandwidth measured in the same process, before and after the cases: the best of the copy
+probes (:data:`HOST_PROBES`: ``np.copyto`` and a parallel scale, one read per write), each
+counting the bytes read and written, over buffers twice the size of the last-level cache:
 
 - cross-entropy forward + backward: logits read once + gradient written once, 2 * N * C * itemsize;
 - batch norm training forward + backward: five passes over x's size (forward reads x and writes
@@ -329,16 +329,20 @@ class Probe:
     roofline: bool = True
 
 
-#: The host probes. Each writes with ordinary stores, as fusedgrad's kernels do (a store first
-#: reads its cache line from memory), except the parallel copy: LLVM turns that loop into
-#: ``memcpy``, and glibc's ``memcpy`` switches to non-temporal stores (no read of the
-#: destination) above a size derived from the cache size. Its figure, up to 1.5 times the
-#: others for the same traffic counted, is reported but is not a ceiling for kernels that
-#: write through the cache, so it does not set the roofline.
+#: The host probes. The roofline is the best of the copies, one read per write: the traffic of
+#: the cross-entropy (logits in, gradient out) and of the batch-norm eval. Each writes with
+#: ordinary stores, as fusedgrad's kernels do (a store first reads its cache line from memory),
+#: so a written byte costs two transfers and a read byte one: the triad, two reads per write,
+#: counts more bytes per transfer (here about 1.3 times the copies' figure), and the parallel
+#: copy, which LLVM turns into ``memcpy``, uses glibc's non-temporal stores (no read of the
+#: destination) above a size derived from the cache size (up to 1.5 times). Both are reported
+#: beside the roofline, neither sets it: a kernel that reads as much as it writes through the
+#: cache cannot reach them.
 HOST_PROBES = (
     Probe("numpy copyto", 2, lambda dst, src: np.copyto(dst, src)),
     Probe("parallel scale", 2, lambda dst, src: _parallel_scale(src, dst, np.float32(1.5))),
-    Probe("parallel triad", 3, lambda dst, a, b: _parallel_triad(dst, a, b, np.float32(1.5))),
+    Probe("parallel triad", 3, lambda dst, a, b: _parallel_triad(dst, a, b, np.float32(1.5)),
+          roofline=False),
     Probe("parallel memcpy", 2, lambda dst, src: _parallel_copy(src, dst), roofline=False),
 )
 

@@ -116,11 +116,11 @@ class Table:
             for probe in measured["probes"]:
                 by_probe.setdefault((probe["probe"], probe["roofline"]), []).append(probe["GBps"])
             probes = ", ".join(f"{name} {'/'.join(f'{v:.1f}' for v in values)}"
-                               + ("" if counts else " (not a roofline: non-temporal stores)")
+                               + ("" if counts else " (not a roofline)")
                                for (name, counts), values in by_probe.items())
             self._print(f"memory bandwidth, {self._label(state)}: {measured['GBps']:.1f} GB/s "
-                        f"({measured['best_probe']}); probes before/after, GB/s of bytes read "
-                        f"+ written: {probes}")
+                        f"({measured['best_probe']}, the best copy: one read per write); probes "
+                        f"before/after, GB/s of bytes read + written: {probes}")
         for state in report["states"]:
             if state in report.get("state_environments", {}):
                 self._print(f"{self._label(state)}: {report['state_environments'][state]}")
