@@ -135,14 +135,16 @@ def test_large_mean_and_constant_channel_in_float32(api):
 
 
 @cs.direct
-def test_results_are_bitwise_reproducible(api):
+@pytest.mark.parametrize("relu", [False, True])
+def test_results_are_bitwise_reproducible(api, relu):
     rng = np.random.default_rng(10)
     x = cs.to_device(rng.normal(size=(9, 5, 7)).astype(np.float32))
     dy = cs.to_device(rng.normal(size=(9, 5, 7)).astype(np.float32))
     outputs = []
     for _ in range(2):
-        y, mean, invstd = api.batch_norm_forward(x)
-        dx, dweight, dbias = api.batch_norm_backward(dy, x, mean, invstd)
+        y, mean, invstd = api.batch_norm_forward(x, relu=relu)
+        dx, dweight, dbias = api.batch_norm_backward(dy, x, mean, invstd,
+                                                     relu_output=y if relu else None)
         outputs.append(b"".join(cs.to_host(a).tobytes() for a in (y, mean, invstd, dx, dweight,
                                                                     dbias)))
     assert outputs[0] == outputs[1]
@@ -345,20 +347,6 @@ def test_fused_relu_split_building_blocks_compose_to_fused(api):
     with pytest.raises(ValueError, match="relu_output3"):
         backend.backward(d_dy, d_x, mean, invstd, weight, dx_fused, training=True,
                          relu_output3=cs.to_device(host_y[:2]))
-
-
-@cs.direct
-def test_fused_relu_is_bitwise_reproducible(api):
-    rng = np.random.default_rng(18)
-    x = cs.to_device(rng.normal(size=(9, 5, 7)).astype(np.float32))
-    dy = cs.to_device(rng.normal(size=(9, 5, 7)).astype(np.float32))
-    outputs = []
-    for _ in range(2):
-        y, mean, invstd = api.batch_norm_forward(x, relu=True)
-        dx, dweight, dbias = api.batch_norm_backward(dy, x, mean, invstd, relu_output=y)
-        outputs.append(b"".join(cs.to_host(a).tobytes() for a in (y, mean, invstd, dx, dweight,
-                                                                    dbias)))
-    assert outputs[0] == outputs[1]
 
 
 @cs.real_gpu_only
