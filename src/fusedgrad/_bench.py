@@ -744,12 +744,6 @@ def _case_record(case: Case, quick: bool, device: Device, states: dict) -> dict:
             "states": states}
 
 
-def machine_gpu_is_simulated() -> bool:
-    """Whether the CUDA device is Numba's simulator (``NUMBA_ENABLE_CUDASIM=1``)."""
-    from fusedgrad._device import simulator_enabled
-    return simulator_enabled()
-
-
 def run(device_name: str, *, quick: bool = False, case_names=None, allocator: str = "both",
         out=sys.stdout, progress=sys.stderr) -> dict:
     """Run the benchmark, print progress lines to ``progress`` and the tables to ``out``.
@@ -769,7 +763,8 @@ def run(device_name: str, *, quick: bool = False, case_names=None, allocator: st
     """
     cases = select_cases(device_name, case_names)
     settings = QUICK_SETTINGS if quick else FULL_SETTINGS
-    if device_name == "cuda" and machine_gpu_is_simulated():
+    from fusedgrad._device import simulator_enabled
+    if device_name == "cuda" and simulator_enabled():
         # The simulator runs a Python thread per GPU thread: its times say nothing about a
         # GPU, so one timed call per implementation checks that the path works.
         settings = SIMULATOR_SETTINGS

@@ -925,6 +925,23 @@ def _lanes_lse(shift, total, lse):
 
 
 @njit(inline="always", fastmath=FASTMATH_SOFTMAX)
+def _lanes_shift_and_lse(mode, z, g, shift, total, weighted, weights, lse, smoothing, inplace,
+                         softcap):
+    """The lane kernels' common step: ``shift`` = the saved ``lse`` in ``MODE_BACKWARD``;
+    otherwise the lane maxima, ``weighted`` = sum_c w_c z'_c when smoothing, ``total`` = the
+    sums of exponentials (stored to g in ``MODE_FUSED``) and ``lse`` = shift + log(total)."""
+    if mode == MODE_BACKWARD:
+        for k in range(shift.shape[0]):
+            shift[k] = cast_like(lse[k], shift)
+        return
+    _lanes_max(z, shift, softcap)
+    if smoothing > 0.0:
+        _lanes_weighted_sum(z, weights, weighted, softcap)
+    _lanes_sum_exp(z, g, shift, total, mode == MODE_FUSED, inplace, softcap)
+    _lanes_lse(shift, total, lse)
+
+
+@njit(inline="always", fastmath=FASTMATH_SOFTMAX)
 def _lanes_weighted_sum(z, w, out, softcap):
     """out_k = sum_c w_c z'[c, k] (float64)."""
     for k in range(out.shape[0]):
@@ -993,15 +1010,9 @@ def _index_lanes(mode, z, g, width, target, first, lanes, sample_lanes, weights,
         target_logit[k] = select(kept, z_t, 0.0)
         target_slope[k] = select(kept, slope_t, 0.0)
     # 2. the shift: the saved lse, or the lane maxima; then lse and the loss per lane
-    if mode == MODE_BACKWARD:
-        for k in range(width):
-            shift[k] = cast_like(lse_out[first + k], shift)
-    else:
-        _lanes_max(z, shift, softcap)
-        if smoothing > 0.0:
-            _lanes_weighted_sum(z, weights, weighted, softcap)
-        _lanes_sum_exp(z, g, shift, total, mode == MODE_FUSED, inplace, softcap)
-        _lanes_lse(shift, total, lse_out[first:first + width])
+    _lanes_shift_and_lse(mode, z, g, shift, total, weighted, weights,
+                         lse_out[first:first + width], smoothing, inplace, softcap)
+    if mode != MODE_BACKWARD:
         for k in range(width):
             t = target[first + k]
             kept = t != ignore_index
@@ -1128,15 +1139,9 @@ def _tiles_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
                     wy[k] += wyk
                     if mode != MODE_BACKWARD and wyk != 0.0:
                         wyz[k] += wyk * soft_cap(zc[k], softcap)
-            if mode == MODE_BACKWARD:
-                for k in range(width):
-                    shift[k] = cast_like(lse_out[first + k], shift)
-            else:
-                _lanes_max(z, shift, softcap)
-                if smoothing > 0.0:
-                    _lanes_weighted_sum(z, weights, wz, softcap)
-                _lanes_sum_exp(z, g, shift, total, mode == MODE_FUSED, inplace, softcap)
-                _lanes_lse(shift, total, lse_out[first:first + width])
+            _lanes_shift_and_lse(mode, z, g, shift, total, wz, weights,
+                                 lse_out[first:first + width], smoothing, inplace, softcap)
+            if mode != MODE_BACKWARD:
                 for k in range(width):
                     loss_out[first + k] = _prob_loss(lse_out[first + k], wy[k], wyz[k], wz[k],
                                                      weight_total, smoothing, z_loss, c)
