@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, HealthCheck
 from hypothesis import strategies as st
 
+from oracles import assert_close_scaled, central_differences
 import fusedgrad as fg
 from fusedgrad import reference
 
@@ -37,11 +38,7 @@ def make_problem(shape, target_kind, dtype=np.float64, seed=0, ignore_some=True)
 
 
 def assert_close(actual, expected, dtype, what):
-    actual = np.asarray(actual, dtype=np.float64)
-    expected = np.asarray(expected, dtype=np.float64)
-    scale = max(1.0, float(np.max(np.abs(expected)))) if expected.size else 1.0
-    np.testing.assert_allclose(actual, expected, rtol=RTOL[dtype], atol=ATOL[dtype] * scale,
-                               err_msg=what)
+    assert_close_scaled(actual, expected, RTOL[dtype], ATOL[dtype], what)
 
 
 def run_all(logits, target, **options):
@@ -140,15 +137,8 @@ def test_gradient_matches_finite_differences(target_kind, shape):
     logits, target = make_problem(shape, target_kind, seed=11)
     options = dict(weight=np.linspace(0.5, 1.5, shape[1]), label_smoothing=0.2, z_loss=0.05)
     _, grad = fg.softmax_cross_entropy(logits, target, **options)
-    step = 1e-6
-    numeric = np.zeros_like(logits)
-    for idx in np.ndindex(*logits.shape):
-        plus, minus = logits.copy(), logits.copy()
-        plus[idx] += step
-        minus[idx] -= step
-        loss_plus, _ = fg.softmax_cross_entropy_forward(plus, target, **options)
-        loss_minus, _ = fg.softmax_cross_entropy_forward(minus, target, **options)
-        numeric[idx] = (float(loss_plus) - float(loss_minus)) / (2 * step)
+    numeric = central_differences(
+        lambda z: float(fg.softmax_cross_entropy_forward(z, target, **options)[0]), logits)
     np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-8)
 
 

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import cuda_support as cs
 from cuda_support import api  # noqa: F401  (fixture)
+from oracles import assert_close_scaled
 from fusedgrad import reference as ref
 
 test_kernels_in_simulator = cs.simulator_test(__file__)
@@ -37,8 +38,7 @@ def _problem(rng, shape, *, prob=False, ignore_every=0, weighted=False, scale=3.
 def _close(actual, expected, dtype):
     rtol, atol = {np.float64: (1e-11, 1e-12), np.float32: (2e-5, 2e-6),
                   np.float16: (2e-2, 2e-3)}[dtype]
-    np.testing.assert_allclose(np.asarray(actual, dtype=np.float64), expected, rtol=rtol,
-                               atol=atol * max(1.0, float(np.max(np.abs(expected)))))
+    assert_close_scaled(actual, expected, rtol, atol)
 
 
 CASES = [

@@ -12,6 +12,7 @@ import pytest
 
 import cuda_support as cs
 from cuda_support import api  # noqa: F401  (fixture)
+from oracles import assert_close_scaled
 from fusedgrad import reference as ref
 
 test_kernels_in_simulator = cs.simulator_test(__file__)
@@ -33,10 +34,7 @@ def _problem(n, d, c, *, prob=False, seed=0, dtype=np.float64):
 
 def _close(actual, expected, dtype, what):
     rtol, atol = {np.float64: (1e-11, 1e-12), np.float32: (2e-5, 2e-6)}[dtype]
-    expected = np.asarray(expected, dtype=np.float64)
-    np.testing.assert_allclose(np.asarray(actual, dtype=np.float64), expected, rtol=rtol,
-                               atol=atol * max(1.0, float(np.max(np.abs(expected)))),
-                               err_msg=what)
+    assert_close_scaled(actual, expected, rtol, atol, what)
 
 
 CASES = [

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from oracles import assert_close_scaled, central_differences
 import fusedgrad as fg
 import fusedgrad.torch as fgt
 from fusedgrad import _matmul, linear_ce, reference
@@ -45,11 +46,7 @@ def make_problem(n, d, c, *, dtype=np.float64, target_kind="index", ignore_every
 
 
 def assert_close(actual, expected, dtype, what):
-    actual = np.asarray(actual, dtype=np.float64)
-    expected = np.asarray(expected, dtype=np.float64)
-    scale = max(1.0, float(np.max(np.abs(expected)))) if expected.size else 1.0
-    np.testing.assert_allclose(actual, expected, rtol=RTOL[dtype], atol=ATOL[dtype] * scale,
-                               err_msg=what)
+    assert_close_scaled(actual, expected, RTOL[dtype], ATOL[dtype], what)
 
 
 def assert_all_close(results, expected, dtype):
@@ -244,19 +241,15 @@ def test_gradients_match_finite_differences(target_kind):
     options = dict(weight=weight, label_smoothing=0.2, z_loss=0.05, chunk_size=2)
     _, grad_input, grad_weight, grad_bias = fg.linear_cross_entropy(x, w, target, linear_bias=b,
                                                                     **options)
-    step = 1e-6
-
     def loss_at(arrays):
         return float(fg.linear_cross_entropy(arrays[0], arrays[1], target, linear_bias=arrays[2],
                                              **options)[0])
 
+    inputs = (x, w, b)
     for which, analytic in enumerate((grad_input, grad_weight, grad_bias)):
-        numeric = np.zeros_like(analytic)
-        for idx in np.ndindex(*analytic.shape):
-            plus, minus = [x.copy(), w.copy(), b.copy()], [x.copy(), w.copy(), b.copy()]
-            plus[which][idx] += step
-            minus[which][idx] -= step
-            numeric[idx] = (loss_at(plus) - loss_at(minus)) / (2 * step)
+        def loss_of(a, which=which):
+            return loss_at(inputs[:which] + (a,) + inputs[which + 1:])
+        numeric = central_differences(loss_of, inputs[which])
         np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-8)
 
 

@@ -3,6 +3,7 @@ PyTorch's float64 implementation and against central finite differences."""
 import numpy as np
 import pytest
 
+from oracles import central_differences
 from fusedgrad import reference as R
 
 torch = pytest.importorskip("torch")
@@ -45,24 +46,13 @@ def test_cross_entropy_matches_torch(shape, reduction, label_smoothing, weighted
     np.testing.assert_allclose(grad, expected_grad, rtol=1e-10, atol=1e-12)
 
 
-def _central_differences(objective, x, h=1e-6):
-    """d objective / d x by central differences, one element at a time (float64)."""
-    numeric = np.zeros_like(x)
-    for idx in np.ndindex(x.shape):
-        up, down = x.copy(), x.copy()
-        up[idx] += h
-        down[idx] -= h
-        numeric[idx] = (objective(up) - objective(down)) / (2 * h)
-    return numeric
-
-
 @pytest.mark.parametrize("probabilities", [False, True])
 def test_cross_entropy_gradient_matches_finite_differences(probabilities):
     rng = np.random.default_rng(1)
     logits, target, weight = _problem(rng, (3, 4), probabilities)
     options = dict(weight=weight, label_smoothing=0.2, z_loss=0.1)
     _, grad, _ = R.softmax_cross_entropy(logits, target, **options)
-    numeric = _central_differences(
+    numeric = central_differences(
         lambda z: R.softmax_cross_entropy(z, target, **options)[0], logits)
     np.testing.assert_allclose(grad, numeric, atol=1e-8)
 
@@ -118,7 +108,7 @@ def test_batch_norm_backward_matches_finite_differences():
 
     _, mean, invstd, _ = R.batch_norm_forward(x, weight, bias)
     dx, _, _ = R.batch_norm_backward(dy, x, mean, invstd, weight)
-    np.testing.assert_allclose(dx, _central_differences(objective, x), atol=1e-7)
+    np.testing.assert_allclose(dx, central_differences(objective, x), atol=1e-7)
 
 
 def test_batch_norm_eval_uses_running_statistics():
