@@ -218,6 +218,26 @@ def test_every_target_ignored(shape):
     np.testing.assert_array_equal(x.grad.numpy(), 0.0)
 
 
+@pytest.mark.parametrize("ignore_index", [-100, 2])
+def test_mean_without_weight_counts_kept_targets(ignore_index):
+    """weight=None divides the mean by the count of kept targets (counted, not gathered from
+    unit weights): the same bits as explicit unit weights, for index and spatial targets."""
+    from fusedgrad.cpu import cross_entropy as ce_cpu
+    for shape in [(37, 5), (6, 5, 7)]:
+        logits, target = make_problem(shape, "index", ignore_some=False)
+        target.flat[1::4] = ignore_index
+        ones = np.ones(shape[1])
+        loss, grad = fg.softmax_cross_entropy(logits, target, ignore_index=ignore_index)
+        loss_w, grad_w = fg.softmax_cross_entropy(logits, target, weight=ones,
+                                                  ignore_index=ignore_index)
+        np.testing.assert_array_equal(loss, loss_w)
+        np.testing.assert_array_equal(grad, grad_w)
+        flat = ce_cpu.index_target(target)
+        kept = int(np.count_nonzero(flat != ignore_index))
+        assert ce_cpu.target_weight_sum(flat, ones, ignore_index, unit_weights=True) == kept
+        assert ce_cpu.target_weight_sum(flat, ones, ignore_index) == kept
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_minus_inf_logits_as_masks(dtype):
     logits, target = make_problem((6, 3000), "index", dtype, ignore_some=False)

@@ -61,7 +61,7 @@ class CheckedCall:
     weights: object           # float64 (C,)
     sample_shape: tuple
     n_samples: int
-    denominator: float        # "mean" divides by this
+    denominator: float        # "mean" divides by this (unused, and not computed, otherwise)
     reduction: str
     options: CrossEntropyOptions
     result_dtype: np.dtype    # dtype of loss and lse
@@ -148,7 +148,9 @@ def prepare_for_shape(location, logits_shape, logits_dtype, target, weight, igno
     else:
         target = backend.index_target(target)
         backend.check_index_target(target, n_classes, ignore_index)
-        denominator = backend.target_weight_sum(target, weights, ignore_index)
+        denominator = (backend.target_weight_sum(target, weights, ignore_index,
+                                                 unit_weights=weight is None)
+                       if reduction == "mean" else float(n_samples))
     options = CrossEntropyOptions(ignore_index=ignore_index, label_smoothing=label_smoothing,
                                   z_loss=z_loss, softcap=softcap)
     result_dtype = stat_dtype(logits_dtype)

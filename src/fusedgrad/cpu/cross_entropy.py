@@ -23,8 +23,10 @@ Preparing the kernels' arrays (no kernel runs, nothing is written):
     to ``ignore_index``. Called before anything is written.
 ``class_weights(weight, n_classes) -> array``
     float64 ``(C,)`` contiguous: ``weight`` converted, or ones when ``weight is None``.
-``target_weight_sum(target, weights, ignore_index) -> float``
+``target_weight_sum(target, weights, ignore_index, *, unit_weights=False) -> float``
     ``sum_i w[target_i]`` over non-ignored samples: the "mean" denominator for index targets.
+    ``unit_weights`` (every weight is 1, as for ``weight=None``): the sum is the count of
+    non-ignored samples, counted without reading the weights (the same value, exactly).
 ``sample_scale(grad_loss, factor, n_samples) -> array``
     float64 gradient scale per sample: length 1 holding ``factor * grad_loss`` for a scalar
     ``grad_loss`` (``None`` means 1), or length ``N * S`` (``factor * grad_loss`` flattened) for
@@ -133,7 +135,9 @@ def class_weights(weight, n_classes):
     return np.ascontiguousarray(weight, dtype=np.float64)
 
 
-def target_weight_sum(target, weights, ignore_index) -> float:
+def target_weight_sum(target, weights, ignore_index, *, unit_weights=False) -> float:
+    if unit_weights:
+        return float(_kept_count(target, ignore_index))
     return float(ordered_gather_sum(weights, target, ignore_index))
 
 
@@ -265,6 +269,16 @@ def _first_bad_index(target, n_classes, ignore_index):
         if (t < 0 or t >= n_classes) and t != ignore_index:
             return i
     return -1
+
+
+@njit(cache=True)
+def _kept_count(target, ignore_index):
+    """Number of targets not equal to ``ignore_index`` (an integer count: it vectorises, where
+    the float64 gather of :func:`ordered_gather_sum` cannot)."""
+    kept = 0
+    for i in range(target.shape[0]):
+        kept += target[i] != ignore_index
+    return kept
 
 
 # Row primitives without a leading underscore are shared with the vocabulary-parallel kernels
@@ -834,10 +848,13 @@ def _rows_small_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
                            min(n_blocks, (group + 1) * blocks_per_group)):
             r0 = block * SMALL_LANES
             width = min(n, r0 + SMALL_LANES) - r0
-            for r in range(width):
-                row = logits[r0 + r]
-                for j in range(c):
-                    z_t[j, r] = row[j]
+            # column by column: a strided read and a contiguous write per class vectorises
+            # (vector gathers); row by row it was one scalar copy per logit (65536 x 10: the
+            # kernel 7% slower)
+            for j in range(c):
+                column, lane = logits[r0:r0 + width, j], z_t[j]
+                for r in range(width):
+                    lane[r] = column[r]
             _index_lanes(mode, z_t, g_t, width, target, r0, lanes[group], sample_lanes[group],
                          weights, weight_total, grad_scale, lse_out, loss_out, ignore_index,
                          smoothing, z_loss, False, softcap)

@@ -394,7 +394,11 @@ def _to_host_float(device_scalar, stream) -> float:
     return float(device_scalar.copy_to_host(stream=stream)[0])
 
 
-def target_weight_sum(target, weights, ignore_index, *, stream=None) -> float:
+def target_weight_sum(target, weights, ignore_index, *, unit_weights=False,
+                      stream=None) -> float:
+    """The host backend's; ``unit_weights`` changes nothing here (the weights are summed on the
+    device either way, ones included, which gives the count exactly)."""
+    del unit_weights
     stream = _arrays.resolve_stream(stream)
     n = target.shape[0]
     sample_weight = _arrays.empty((n,), np.float64, stream)
