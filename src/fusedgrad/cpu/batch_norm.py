@@ -76,6 +76,10 @@ Sweeps that only apply per-channel coefficients (eval forward, and the second sw
 unfused regimes) involve no reduction, so they may cut the work differently without changing a
 bit: with long runs they take whole rows across all channels, i.e. contiguous memory.
 
+In NCHW a tile's rows lie one image apart, so each run starts cold for the hardware
+prefetchers; the run loops prefetch the rows two ahead in software (``_prefetch``; at
+64 x 256 x 28 x 28, forward + backward 14.0 -> 10.7 ms).
+
 Each sweep starts one worker per thread, and worker w takes the w-th contiguous share of the
 tiles (``_worker_tiles``). The second sweep of an unfused call walks each share backwards, so a
 core begins with the memory its first sweep read last, which is still in its L2 cache (4096 x 1024
@@ -114,6 +118,7 @@ from numba import njit, prange
 
 from .._validate import stat_dtype
 from ._math import FASTMATH_SUMS
+from ._prefetch import prefetch_run, prefetch_run_for_write
 from ._reduce import chunk_bounds, chunk_count, merge_moments, sum_partials
 
 #: Widest tile row, in values: the column accumulators (2 x 8 bytes float64 and 2 x 4 in the
@@ -122,6 +127,12 @@ MAX_TILE_WIDTH = 1024
 #: Tile rows whose column sums are accumulated in x's dtype before they are folded into the
 #: float64 totals (even: rows go in pairs): each float32 lane adds at most this many terms.
 FOLD_ROWS = 64
+#: The run loops (S >= RUN_MIN_WIDTH) prefetch the tile row this many rows ahead, for reading
+#: in the reductions and for writing in the elementwise passes (``_prefetch``: a tile's rows
+#: lie far apart in NCHW, so each would start cold for the hardware prefetchers); not where the
+#: rows are adjacent. The column loops do not: at 32 x 2048 x 7 x 7 (rows of 20 channels x 49
+#: values) prefetching made forward + backward 12% slower (2.10 against 1.87 ms).
+PREFETCH_ROWS = 2
 #: Narrowest useful sub-row when a long S is cut into q pieces.
 MIN_TILE_WIDTH = 256
 #: Runs of at least this many values per channel are looped over one by one (scalar
@@ -253,6 +264,15 @@ def _run_dx(dy, x, relu_y, out, i0, n, mean_hi, a, b, c):
         zero = y_run.dtype.type(0)
         for i in range(n):
             o_run[i] = a * _masked(g_run[i], y_run[i], zero) + b * (x_run[i] - mean_hi) + c
+
+
+@njit(cache=True, inline="always")
+def _prefetch_grad_row(dy, x, relu_y, start, n):
+    """Prefetch what the backward's sums read of one tile row: dy, x and a fused ReLU's output."""
+    prefetch_run(dy, start, n)
+    prefetch_run(x, start, n)
+    if relu_y is not None:
+        prefetch_run(relu_y, start, n)
 
 
 @njit(cache=True, inline="always")
@@ -390,6 +410,8 @@ def _tile_moments(x, r0, r1, q, row_stride, j0, sub, shift, sum_d, sum_d2):
     if sub >= RUN_MIN_WIDTH:
         for r in range(r0, r1):
             start = _row_start(r, q, row_stride, j0, sub)
+            if r + PREFETCH_ROWS < r1 and nch * sub < row_stride:
+                prefetch_run(x, _row_start(r + PREFETCH_ROWS, q, row_stride, j0, sub), nch * sub)
             for k in range(nch):
                 s1, s2 = _run_moments(x, start + k * sub, sub, shift[k])
                 sum_d[k] += s1
@@ -413,6 +435,10 @@ def _tile_grad(dy, x, relu_y, r0, r1, q, row_stride, j0, sub, mean_hi, totals_dy
     if sub >= RUN_MIN_WIDTH:
         for r in range(r0, r1):
             start = _row_start(r, q, row_stride, j0, sub)
+            if r + PREFETCH_ROWS < r1 and nch * sub < row_stride:
+                _prefetch_grad_row(dy, x, relu_y,
+                                   _row_start(r + PREFETCH_ROWS, q, row_stride, j0, sub),
+                                   nch * sub)
             for k in range(nch):
                 s_dy, s_dyd = _run_grad(dy, x, relu_y, start + k * sub, sub, mean_hi[k])
                 totals_dy[k] += s_dy
@@ -434,6 +460,9 @@ def _tile_affine(x, out, r0, r1, q, row_stride, j0, sub, mean_hi, scale, shift, 
     if sub >= RUN_MIN_WIDTH:
         for r in range(r0, r1):
             start = _row_start(r, q, row_stride, j0, sub)
+            if r + PREFETCH_ROWS < r1 and nch * sub < row_stride:
+                prefetch_run_for_write(out, _row_start(r + PREFETCH_ROWS, q, row_stride, j0, sub),
+                                       nch * sub)
             for k in range(nch):
                 _run_affine(x, out, start + k * sub, sub, mean_hi[k], scale[k], shift[k], relu)
     else:
@@ -450,6 +479,9 @@ def _tile_dx(dy, x, relu_y, out, r0, r1, q, row_stride, j0, sub, mean_hi, a, b, 
     if sub >= RUN_MIN_WIDTH:
         for r in range(r0, r1):
             start = _row_start(r, q, row_stride, j0, sub)
+            if r + PREFETCH_ROWS < r1 and nch * sub < row_stride:
+                prefetch_run_for_write(out, _row_start(r + PREFETCH_ROWS, q, row_stride, j0, sub),
+                                       nch * sub)
             for k in range(nch):
                 _run_dx(dy, x, relu_y, out, start + k * sub, sub, mean_hi[k], a[k], b[k], c[k])
     else:
