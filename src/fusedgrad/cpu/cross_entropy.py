@@ -1018,34 +1018,39 @@ def _index_lanes(mode, z, g, width, target, first, lanes, sample_lanes, weights,
     target_slope = sample_lanes[1, :width]
     weighted = sample_lanes[2, :width]
     per_sample_scale = grad_scale.shape[0] > 1
+    # the block's samples as slices indexed by k: Numba cannot tell that first + k is not
+    # negative, and its wraparound test per lane turns the vector loads into gathers
+    targets, lse_lanes = target[first:first + width], lse_out[first:first + width]
+    scales = grad_scale[first:first + width] if per_sample_scale else grad_scale
     # 1. the target logits z'_t and their slopes, read before g overwrites z (steps 1-3 have
     #    no branch per lane, so they vectorise: an ignored lane reads class 0 and selects 0)
     for k in range(width):
-        t = target[first + k]
+        t = targets[k]
         kept = t != ignore_index
         z_t, slope_t = soft_cap_and_slope(z[t if kept else 0, k], softcap)
         target_logit[k] = select(kept, z_t, 0.0)
         target_slope[k] = select(kept, slope_t, 0.0)
     # 2. the shift: the saved lse, or the lane maxima; then lse and the loss per lane
-    _lanes_shift_and_lse(mode, z, g, shift, total, weighted, weights,
-                         lse_out[first:first + width], smoothing, inplace, softcap)
+    _lanes_shift_and_lse(mode, z, g, shift, total, weighted, weights, lse_lanes, smoothing,
+                         inplace, softcap)
     if mode != MODE_BACKWARD:
+        loss_lanes = loss_out[first:first + width]
         for k in range(width):
-            t = target[first + k]
+            t = targets[k]
             kept = t != ignore_index
-            loss = _index_loss(lse_out[first + k], target_logit[k], weights[t if kept else 0],
+            loss = _index_loss(lse_lanes[k], target_logit[k], weights[t if kept else 0],
                                weighted[k] if smoothing > 0.0 else 0.0, weight_total,
                                smoothing, z_loss, c)
-            loss_out[first + k] = select(kept, loss, 0.0)
+            loss_lanes[k] = select(kept, loss, 0.0)
         if mode == MODE_FORWARD:
             return
     # 3. each lane's gradient factor (0 for an ignored sample) and smoothing coefficient
     smooth_per_class = smoothing / c
     for k in range(width):
-        t = target[first + k]
+        t = targets[k]
         kept = t != ignore_index
-        scale = grad_scale[first + k] if per_sample_scale else grad_scale[0]
-        lse = lse_out[first + k]  # given in backward, stored by step 2 otherwise
+        scale = scales[k] if per_sample_scale else scales[0]
+        lse = lse_lanes[k]  # given in backward, stored by step 2 otherwise
         coef = scale * index_coefficient(lse, weights[t if kept else 0], weight_total,
                                          smoothing, z_loss, c)
         if mode == MODE_FUSED:
@@ -1056,9 +1061,9 @@ def _index_lanes(mode, z, g, width, target, first, lanes, sample_lanes, weights,
     _lanes_gradient(z, g, shift, factor, smooth, weights, mode == MODE_FUSED, inplace,
                     softcap)
     for k in range(width):
-        t = target[first + k]
+        t = targets[k]
         if t != ignore_index:
-            scale = grad_scale[first + k] if per_sample_scale else grad_scale[0]
+            scale = scales[k] if per_sample_scale else scales[0]
             term = scale * (1.0 - smoothing) * weights[t]
             if softcap is not None:
                 term *= target_slope[k]
@@ -1156,17 +1161,21 @@ def _tiles_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
                     wy[k] += wyk
                     if mode != MODE_BACKWARD and wyk != 0.0:
                         wyz[k] += wyk * soft_cap(zc[k], softcap)
-            _lanes_shift_and_lse(mode, z, g, shift, total, wz, weights,
-                                 lse_out[first:first + width], smoothing, inplace, softcap)
+            # per-sample values as slices indexed by k (see _index_lanes)
+            lse_lanes = lse_out[first:first + width]
+            scales = grad_scale[first:first + width] if per_sample_scale else grad_scale
+            _lanes_shift_and_lse(mode, z, g, shift, total, wz, weights, lse_lanes, smoothing,
+                                 inplace, softcap)
             if mode != MODE_BACKWARD:
+                loss_lanes = loss_out[first:first + width]
                 for k in range(width):
-                    loss_out[first + k] = _prob_loss(lse_out[first + k], wy[k], wyz[k], wz[k],
-                                                     weight_total, smoothing, z_loss, c)
+                    loss_lanes[k] = _prob_loss(lse_lanes[k], wy[k], wyz[k], wz[k],
+                                               weight_total, smoothing, z_loss, c)
                 if mode == MODE_FORWARD:
                     continue
             for k in range(width):
-                scale[k] = grad_scale[first + k] if per_sample_scale else grad_scale[0]
-                lse = lse_out[first + k]  # given in backward, stored by the loop above otherwise
+                scale[k] = scales[k] if per_sample_scale else scales[0]
+                lse = lse_lanes[k]  # given in backward, stored by the loop above otherwise
                 coef = scale[k] * _prob_coefficient(lse, wy[k], weight_total, smoothing,
                                                     z_loss, c)
                 factor[k] = coef / np.float64(total[k]) if mode == MODE_FUSED else coef
