@@ -192,7 +192,7 @@ def small_for_kernels(input: torch.Tensor, size: int, threshold: int) -> bool:
     """Whether a CPU ``input`` of ``size`` (elements or samples) is below ``threshold``, where
     PyTorch's own kernel is faster (see :data:`BATCH_NORM_MIN_ELEMENTS`). A threshold read at
     call time, so that tests and users can change it on the module."""
-    return input.device.type == "cpu" and size < threshold
+    return size < threshold and input.is_cpu  # is_cpu: no torch.device object per call
 
 
 # --------------------------------------------------------------------------------------------
