@@ -10,8 +10,13 @@
 #      compiles the same signatures without a GPU;
 #   2. a correctness check at benchmark scale against PyTorch CUDA, with bitwise
 #      reproducibility (two runs give the same bytes);
-#   3. python -m fusedgrad bench --device cuda --json: fusedgrad vs PyTorch CUDA and the
-#      device's measured copy bandwidth.
+#   3. Nsight Compute (when `ncu` is on the PATH, --clock-control none): DRAM throughput,
+#      occupancy, registers and issued instructions of every kernel one cross-entropy call and
+#      one batch-norm forward + backward launch (issue 13's profile);
+#   4. python -m fusedgrad bench --device cuda --json: fusedgrad vs PyTorch eager,
+#      torch.compile and Liger-Kernel, and the device's measured copy bandwidth.
+# Wheels the image lacks (NumPy below 2.5 for numba-cuda, liger-kernel) are installed first
+# from .whl/ when that folder exists (carry it; see docs/gpu.md).
 # Usage: bench/gpu_check.sh [OUT_DIR]   (default: $OUT if set, else results/gpu)
 # Everything goes to OUT_DIR; the exit status is non-zero if any step failed.
 set -uo pipefail
@@ -38,7 +43,14 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT_DIR/
     [ "$rc" -eq 0 ] || status=1
 }
 
-# At most 8 files come back from the device machine: keep to 7.
+if [ -d .whl ]; then
+    "$python" -m pip install -q --no-deps --no-index --find-links .whl "numpy<2.5" \
+        >> "$out_dir/summary.txt" 2>&1 || status=1
+    "$python" -m pip install -q --no-deps --no-index --find-links .whl liger-kernel \
+        >> "$out_dir/summary.txt" 2>&1 \
+        || echo "liger-kernel: no wheel in .whl" >> "$out_dir/summary.txt"
+fi
+# At most 8 files come back from the device machine: keep to 8.
 step versions 60 bash -c 'nvidia-smi; "$0" -c "import sys, numpy, numba, torch
 from importlib.metadata import version
 print(sys.version)
@@ -136,6 +148,26 @@ ok = all(r["reproducible"] for r in results) and all(
     v < 1e-3 for r in results for k, v in r.items() if k.endswith("_err"))
 sys.exit(0 if ok else 1)
 PY
+if command -v ncu >/dev/null 2>&1; then
+    step ncu 100 ncu --clock-control none --section SpeedOfLight --section Occupancy \
+        --section LaunchStats --section ComputeWorkloadAnalysis --launch-count 40 \
+        "$python" - <<'PY'
+"""One call of each kernel family at issue 13's sizes (after ncu's first launches, the JIT)."""
+import numpy as np
+import torch
+
+import fusedgrad as fg
+
+logits = torch.randn(4096, 65536, device="cuda")
+target = torch.randint(0, 65536, (4096,), device="cuda")
+fg.softmax_cross_entropy(logits, target)
+x = torch.randn(256, 256, 56, 56, device="cuda")
+dy = torch.randn_like(x)
+_, mean, invstd = fg.batch_norm_forward(x)
+fg.batch_norm_backward(dy, x, mean, invstd)
+torch.cuda.synchronize()
+PY
+fi
 # The bench gets what is left of the budget (GPU_CHECK_SECONDS, default 290 s: 5 minutes with
 # a margin).
 budget=${GPU_CHECK_SECONDS:-290}

@@ -443,3 +443,40 @@ def test_default_run_without_torch_skips_the_model_case(monkeypatch):
     assert "error" not in outcome and "torch" not in outcome["timings"]
     assert "torch not compared: PyTorch not installed" in report["results"][0]["notes"]
     assert "skipping model_small: the model-level case needs PyTorch" in out.getvalue()
+
+
+def test_liger_peer_gets_its_own_copy_of_the_logits():
+    """Liger-Kernel's cross-entropy writes its gradient over its input, and on the GPU every
+    implementation shares one logits tensor: the Liger runner must work on a copy. Checked on
+    the CPU with a stand-in module that overwrites its input the same way."""
+    torch = pytest.importorskip("torch")
+
+    class OverwritingCrossEntropy(torch.nn.Module):
+        def forward(self, logits, target):
+            loss = torch.nn.functional.cross_entropy(logits, target)
+            logits.data.zero_()  # where Liger's kernel stores the gradient
+            return loss
+
+    device = _bench_peers.Device("cpu")
+    device.liger = types.SimpleNamespace(LigerCrossEntropyLoss=OverwritingCrossEntropy)
+    case = _bench.select_cases("cpu", ["ce_small"])[0]
+    runners = {r.impl: r for r in _bench_peers.build_runners(case, device, quick=True)}
+    loss_before, _ = runners["fusedgrad"].fn()
+    runners["liger"].fn()
+    runners["liger"].fn()
+    loss_after, _ = runners["fusedgrad"].fn()
+    assert float(loss_before) != pytest.approx(np.log(case.shape(True)[1]))  # not all zeros
+    assert float(loss_before) == float(loss_after)
+
+
+def test_gpu_peers_missing_without_a_gpu_say_why():
+    """Without CUDA the GPU-only peer is reported missing with PyTorch's reason, for the
+    operations Liger-Kernel covers, and not mentioned for the others."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without a GPU")
+    device = _bench_peers.Device("cuda")
+    assert device.liger is None
+    for op in _bench_peers.LIGER_OPS:
+        assert device.missing_peers(op)["liger"] == "this PyTorch build has no CUDA"
+    assert "liger" not in device.missing_peers("batch_norm_train")

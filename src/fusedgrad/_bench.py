@@ -142,6 +142,9 @@ CUDA_CASES = (
     Case("bn_nhwc", "batch_norm_train", "NHWC", (256, 56, 56, 256), (64, 56, 56, 256)),
     Case("bn_eval_nchw", "batch_norm_eval", "NCHW", (256, 256, 56, 56), (64, 256, 56, 56)),
     Case("model_cnn", "model", "NCHW", (256, 3, 64, 64), (64, 3, 64, 64)),
+    # an LM head: 4096 tokens, hidden size 4096, Llama 3's vocabulary
+    Case("lce_vocab128k", "linear_cross_entropy", "NDC", (4096, 4096, 128256),
+         (1024, 4096, 128256)),
 ) + tuple(case for case in CPU_CASES if not case.default)  # the same smoke cases
 
 
@@ -731,8 +734,9 @@ def _case_record(case: Case, quick: bool, device: Device, states: dict) -> dict:
         flops = 6 * n * d * classes
         notes.append(f"three matrix products of {flops / 3e9:.0f} GFLOP each, no roofline; "
                      "fusedgrad is fusedgrad.torch.linear_cross_entropy, peers the unfused "
-                     "F.cross_entropy(x @ W.T, t) (eager, compiled, JAX) and PyTorch's chunked "
-                     "F.linear_cross_entropy")
+                     "F.cross_entropy(x @ W.T, t) (eager, compiled, JAX), PyTorch's chunked "
+                     "F.linear_cross_entropy and, on the GPU, Liger-Kernel's fused linear "
+                     "cross-entropy")
         for state, result in states.items():
             fused = result["timings"].get("fusedgrad")
             if fused:

@@ -13,7 +13,12 @@ Each case builds its inputs once (seeded) and hands the same data to every imple
   ``jax.value_and_grad``, batch norm as Flax's ``BatchNorm`` computes it (mean and mean of
   squares in one pass) through ``jax.vjp``;
 - ``torch_chunked`` (linear + cross-entropy only): ``F.linear_cross_entropy`` with
-  ``options=LinearCrossEntropyOptions()``, PyTorch's own chunked path;
+  ``options=LinearCrossEntropyOptions()``, PyTorch's own chunked path (PyTorch 2.13 and later);
+- ``liger`` (GPU, cross-entropy and linear + cross-entropy): Liger-Kernel's Triton kernels,
+  ``LigerCrossEntropyLoss`` and ``LigerFusedLinearCrossEntropyLoss``, when ``liger-kernel`` is
+  installed (not a dependency of fusedgrad). Its cross-entropy writes the gradient over the
+  logits in its forward, so it gets a copy of them, which after the first call holds
+  gradients: the same work per call, on other values;
 - ``reference``: the float64 NumPy oracle ``fusedgrad.reference`` (CPU only), on the leading rows
   when the full input is above ``REFERENCE_ELEMENT_BUDGET`` elements, its time scaled linearly.
 
@@ -35,10 +40,14 @@ import numpy as np
 import fusedgrad
 from fusedgrad import reference
 
-IMPLEMENTATIONS = ("fusedgrad", "torch", "torch_compile", "torch_chunked", "jax", "reference")
-PEERS = ("torch", "torch_compile", "torch_chunked", "jax")
+IMPLEMENTATIONS = ("fusedgrad", "torch", "torch_compile", "torch_chunked", "jax", "liger",
+                   "reference")
+PEERS = ("torch", "torch_compile", "torch_chunked", "jax", "liger")
 LABELS = {"fusedgrad": "fusedgrad", "torch": "PyTorch eager", "torch_compile": "torch.compile",
-          "torch_chunked": "PyTorch chunked", "jax": "JAX jit", "reference": "NumPy float64"}
+          "torch_chunked": "PyTorch chunked", "jax": "JAX jit", "liger": "Liger-Kernel",
+          "reference": "NumPy float64"}
+#: the operations Liger-Kernel has a kernel for
+LIGER_OPS = ("cross_entropy", "linear_cross_entropy")
 #: above this many input elements the float64 NumPy reference runs on the leading rows only.
 REFERENCE_ELEMENT_BUDGET = 1 << 22
 #: batch norm's epsilon in every implementation (PyTorch's default).
@@ -66,6 +75,21 @@ def import_jax():
     return jax
 
 
+def import_liger():
+    """``liger_kernel.transformers``, or None when Liger-Kernel is not installed or does not load
+    (it needs Triton and a GPU)."""
+    try:
+        import liger_kernel.transformers as liger
+    except Exception:  # ImportError, or Triton failing to set up without a GPU
+        return None
+    return liger
+
+
+def has_chunked_linear_cross_entropy(torch) -> bool:
+    """Whether PyTorch has ``F.linear_cross_entropy`` with its chunked option (2.13 and later)."""
+    return hasattr(torch.nn, "LinearCrossEntropyOptions")
+
+
 def match_torch_threads(torch) -> None:
     """Give PyTorch as many intra-op threads as Numba uses, so the comparison is like for like."""
     if torch is not None:
@@ -85,19 +109,23 @@ class Device:
     """Puts a case's inputs where it runs and synchronises around each timed call.
 
     ``torch_device`` is where the PyTorch peers run ("cpu" or "cuda"), or None when PyTorch is
-    missing or, on the GPU, has no CUDA; ``jax`` is the module on the CPU when installed.
+    missing or, on the GPU, has no CUDA; ``jax`` is the module on the CPU when installed;
+    ``liger`` Liger-Kernel's modules on the GPU when installed.
     """
 
     def __init__(self, name: str):
         self.name = name
         self.torch = import_torch()
         self.jax = import_jax() if name == "cpu" else None
+        self.liger = None
         self._cuda = None
         if name == "cuda":
             from numba import cuda
             self._cuda = cuda
         usable = self.torch is not None and (name == "cpu" or self.torch.cuda.is_available())
         self.torch_device = name if usable else None
+        if name == "cuda" and usable:
+            self.liger = import_liger()
 
     def inputs(self, host: np.ndarray, dtype: str | None = None) -> tuple:
         """``host`` as ``dtype`` on this device: (array for fusedgrad, tensor for torch or None).
@@ -136,6 +164,12 @@ class Device:
                 missing["torch_compile"] = why
         if op != "linear_cross_entropy":
             missing["torch_chunked"] = "PyTorch's chunked path exists for linear + CE only"
+        elif self.torch is not None and not has_chunked_linear_cross_entropy(self.torch):
+            missing["torch_chunked"] = (f"PyTorch {self.torch.__version__} has no "
+                                        "F.linear_cross_entropy (2.13 and later)")
+        if self.name != "cpu" and op in LIGER_OPS and self.liger is None:
+            missing["liger"] = (missing["torch"] if self.torch_device is None
+                                else "Liger-Kernel not installed (pip install liger-kernel)")
         if op == "model":
             # The model case compares a converted model with PyTorch's own: nothing to compile
             # or translate for the other peers.
@@ -207,6 +241,15 @@ def _cross_entropy_runners(case, shape: tuple, device: Device, rng) -> list:
                 loss_fn(leaf, target_t).backward()
 
             runners.append(Runner(impl, torch_step))
+    if device.liger is not None:
+        liger_loss = device.liger.LigerCrossEntropyLoss()
+        liger_leaf = logits_t.detach().clone().requires_grad_()
+
+        def liger_step():
+            liger_leaf.grad = None
+            liger_loss(liger_leaf, target_t).backward()
+
+        runners.append(Runner("liger", liger_step))
     if device.jax is not None:
         runners.append(_jax_cross_entropy(device.jax, logits, target))
     if device.name == "cpu":
@@ -376,9 +419,13 @@ def _linear_cross_entropy_runners(case, shape: tuple, device: Device, rng) -> li
     runners = [Runner("fusedgrad", step(fgt.linear_cross_entropy))]
     for impl, fn in _torch_variants(device, lambda: composite):
         runners.append(Runner(impl, step(fn)))
-    options = torch.nn.LinearCrossEntropyOptions()
-    runners.append(Runner("torch_chunked", step(
-        lambda a, b, c: functional.linear_cross_entropy(a, b, c, options=options))))
+    if has_chunked_linear_cross_entropy(torch):
+        options = torch.nn.LinearCrossEntropyOptions()
+        runners.append(Runner("torch_chunked", step(
+            lambda a, b, c: functional.linear_cross_entropy(a, b, c, options=options))))
+    if device.liger is not None:
+        liger_loss = device.liger.LigerFusedLinearCrossEntropyLoss()
+        runners.append(Runner("liger", step(lambda a, b, c: liger_loss(b, a, c))))
     if device.jax is not None:
         jax = device.jax
         jnp = jax.numpy
