@@ -61,7 +61,7 @@ class CheckedCall:
     weights: object           # float64 (C,)
     sample_shape: tuple
     n_samples: int
-    denominator: float        # "mean" divides by this (unused, and not computed, otherwise)
+    denominator: float        # "mean" divides by this (other reductions: n_samples, unused)
     reduction: str
     options: CrossEntropyOptions
     result_dtype: np.dtype    # dtype of loss and lse

@@ -267,6 +267,16 @@ def _run_dx(dy, x, relu_y, out, i0, n, mean_hi, a, b, c):
 
 
 @njit(cache=True, inline="always")
+def _ahead_row_start(r, r1, q, row_stride, j0, sub, width):
+    """Start of the tile row PREFETCH_ROWS after row r, the one the run loops prefetch; -1 when
+    the tile has no such row or its rows of ``width`` values are adjacent in memory (one stream,
+    which the hardware prefetchers follow)."""
+    if r + PREFETCH_ROWS < r1 and width < row_stride:
+        return _row_start(r + PREFETCH_ROWS, q, row_stride, j0, sub)
+    return -1
+
+
+@njit(cache=True, inline="always")
 def _prefetch_grad_row(dy, x, relu_y, start, n):
     """Prefetch what the backward's sums read of one tile row: dy, x and a fused ReLU's output."""
     prefetch_run(dy, start, n)
@@ -410,8 +420,9 @@ def _tile_moments(x, r0, r1, q, row_stride, j0, sub, shift, sum_d, sum_d2):
     if sub >= RUN_MIN_WIDTH:
         for r in range(r0, r1):
             start = _row_start(r, q, row_stride, j0, sub)
-            if r + PREFETCH_ROWS < r1 and nch * sub < row_stride:
-                prefetch_run(x, _row_start(r + PREFETCH_ROWS, q, row_stride, j0, sub), nch * sub)
+            ahead = _ahead_row_start(r, r1, q, row_stride, j0, sub, nch * sub)
+            if ahead >= 0:
+                prefetch_run(x, ahead, nch * sub)
             for k in range(nch):
                 s1, s2 = _run_moments(x, start + k * sub, sub, shift[k])
                 sum_d[k] += s1
@@ -435,10 +446,9 @@ def _tile_grad(dy, x, relu_y, r0, r1, q, row_stride, j0, sub, mean_hi, totals_dy
     if sub >= RUN_MIN_WIDTH:
         for r in range(r0, r1):
             start = _row_start(r, q, row_stride, j0, sub)
-            if r + PREFETCH_ROWS < r1 and nch * sub < row_stride:
-                _prefetch_grad_row(dy, x, relu_y,
-                                   _row_start(r + PREFETCH_ROWS, q, row_stride, j0, sub),
-                                   nch * sub)
+            ahead = _ahead_row_start(r, r1, q, row_stride, j0, sub, nch * sub)
+            if ahead >= 0:
+                _prefetch_grad_row(dy, x, relu_y, ahead, nch * sub)
             for k in range(nch):
                 s_dy, s_dyd = _run_grad(dy, x, relu_y, start + k * sub, sub, mean_hi[k])
                 totals_dy[k] += s_dy
@@ -460,9 +470,9 @@ def _tile_affine(x, out, r0, r1, q, row_stride, j0, sub, mean_hi, scale, shift, 
     if sub >= RUN_MIN_WIDTH:
         for r in range(r0, r1):
             start = _row_start(r, q, row_stride, j0, sub)
-            if r + PREFETCH_ROWS < r1 and nch * sub < row_stride:
-                prefetch_run_for_write(out, _row_start(r + PREFETCH_ROWS, q, row_stride, j0, sub),
-                                       nch * sub)
+            ahead = _ahead_row_start(r, r1, q, row_stride, j0, sub, nch * sub)
+            if ahead >= 0:
+                prefetch_run_for_write(out, ahead, nch * sub)
             for k in range(nch):
                 _run_affine(x, out, start + k * sub, sub, mean_hi[k], scale[k], shift[k], relu)
     else:
@@ -479,9 +489,9 @@ def _tile_dx(dy, x, relu_y, out, r0, r1, q, row_stride, j0, sub, mean_hi, a, b, 
     if sub >= RUN_MIN_WIDTH:
         for r in range(r0, r1):
             start = _row_start(r, q, row_stride, j0, sub)
-            if r + PREFETCH_ROWS < r1 and nch * sub < row_stride:
-                prefetch_run_for_write(out, _row_start(r + PREFETCH_ROWS, q, row_stride, j0, sub),
-                                       nch * sub)
+            ahead = _ahead_row_start(r, r1, q, row_stride, j0, sub, nch * sub)
+            if ahead >= 0:
+                prefetch_run_for_write(out, ahead, nch * sub)
             for k in range(nch):
                 _run_dx(dy, x, relu_y, out, start + k * sub, sub, mean_hi[k], a[k], b[k], c[k])
     else:
