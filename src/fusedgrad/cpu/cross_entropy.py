@@ -73,7 +73,8 @@ Kernels (chosen by ``_run``; each runs in one of the modes of ``fusedgrad._optio
 * ``_rows_index_kernel`` / ``_rows_prob_kernel``: (N, C) logits, vectorised along the row.
   Online softmax over L1-sized blocks of BLOCK classes: block max, then exp(z - block max)
   written straight into the gradient buffer while summing, then one in-place scaling of the
-  row (still in L1/L2). One exp per element, logits read from memory once.
+  row (still in L1/L2). One exp per element, logits read from memory once. Compiled for
+  512-bit vectors where the CPU has them (``_codegen``).
 * ``_tiles_index_kernel`` / ``_tiles_prob_kernel``: (N, C, S) views of k-D logits (no
   transposing copy), vectorised across TILE spatial positions, which are contiguous for a
   fixed (n, c): one sample per vector lane (``_index_lanes`` for class indices).
@@ -93,6 +94,7 @@ import numpy as np
 from numba import njit, prange
 
 from .._options import MODE_BACKWARD, MODE_FORWARD, MODE_FUSED, sample_count
+from ._codegen import prefer_wide_vectors
 from ._math import (FASTMATH_SOFTMAX, cast_like, divide, fast_exp, fast_tanh, fmax, log_f64,
                     select)
 from ._reduce import ordered_gather_sum, ordered_sum
@@ -614,6 +616,7 @@ def _rows_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
     rows_per_chunk, n_chunks, n_blocks, block_shift, block_sum = _row_layout(n, c)
     per_sample_scale = grad_scale.shape[0] > 1
     for chunk in prange(n_chunks):
+        prefer_wide_vectors()
         shifts = block_shift[chunk]
         sums = block_sum[chunk]
         for i in range(chunk * rows_per_chunk, min(n, (chunk + 1) * rows_per_chunk)):
@@ -764,6 +767,7 @@ def _rows_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out, 
     rows_per_chunk, n_chunks, n_blocks, block_shift, block_sum = _row_layout(n, c)
     per_sample_scale = grad_scale.shape[0] > 1
     for chunk in prange(n_chunks):
+        prefer_wide_vectors()
         shifts = block_shift[chunk]
         sums = block_sum[chunk]
         for i in range(chunk * rows_per_chunk, min(n, (chunk + 1) * rows_per_chunk)):

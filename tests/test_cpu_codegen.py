@@ -1,0 +1,39 @@
+"""The per-function vector-width hint of ``fusedgrad.cpu._codegen``: it reaches the LLVM IR of
+the function that calls it (the prange body, compiled as a function of its own), and only that
+function, and it changes no result."""
+import numpy as np
+from numba import njit, prange
+
+from fusedgrad.cpu._codegen import _PREFER_512_BIT, prefer_wide_vectors
+
+
+@njit(parallel=True)
+def _scaled_with_hint(x, out):
+    for chunk in prange(2):
+        prefer_wide_vectors()
+        half = x.shape[0] // 2
+        for i in range(chunk * half, (chunk + 1) * half):
+            out[i] = np.float32(1.5) * x[i]
+
+
+@njit(parallel=True)
+def _scaled_without_hint(x, out):
+    for chunk in prange(2):
+        half = x.shape[0] // 2
+        for i in range(chunk * half, (chunk + 1) * half):
+            out[i] = np.float32(1.5) * x[i]
+
+
+def _llvm_text(dispatcher) -> str:
+    text = dispatcher.inspect_llvm(dispatcher.signatures[0])
+    return "".join(text.values()) if isinstance(text, dict) else text
+
+
+def test_hint_marks_the_parallel_body_and_changes_no_value():
+    x = np.arange(4096, dtype=np.float32)
+    with_hint, without_hint = np.empty_like(x), np.empty_like(x)
+    _scaled_with_hint(x, with_hint)
+    _scaled_without_hint(x, without_hint)
+    np.testing.assert_array_equal(with_hint, without_hint)
+    assert _PREFER_512_BIT in _llvm_text(_scaled_with_hint)
+    assert _PREFER_512_BIT not in _llvm_text(_scaled_without_hint)
