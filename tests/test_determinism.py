@@ -23,6 +23,7 @@ cases = [
     ((300, 7), np.float64, "index"),
     ((5, 9, 30, 20), np.float32, "index"), # tile kernel
     ((6, 5, 70), np.float64, "prob"),
+    ((40000, 3), np.float32, "index"),     # small-C kernel; the loss summed in parallel chunks
 ]
 for shape, dtype, kind in cases:
     logits = (3 * rng.standard_normal(shape)).astype(dtype)
@@ -75,3 +76,48 @@ def test_ordered_sums_are_exact_on_integers_and_close_to_fsum():
         kept = index[index != -1]
         assert ordered_gather_sum(table, index, -1) == pytest.approx(table[kept].sum(), rel=1e-14)
         assert ordered_gather_sum(np.ones(5), index, -1) == kept.size
+
+
+def test_chunked_sum_is_ordered_sum_per_chunk_added_in_chunk_order():
+    import numpy as np
+
+    from fusedgrad.cpu._reduce import SUM_CHUNK, chunked_sum, ordered_sum
+    rng = np.random.default_rng(4)
+    for n in (0, 5, SUM_CHUNK, SUM_CHUNK + 1, 3 * SUM_CHUNK + 5):
+        values = rng.standard_normal(n) * 10.0 ** rng.integers(-8, 8, n)
+        if n <= SUM_CHUNK:
+            assert chunked_sum(values) == ordered_sum(values)
+            continue
+        partials = [ordered_sum(values[lo:lo + SUM_CHUNK]) for lo in range(0, n, SUM_CHUNK)]
+        expected = partials[0]
+        for partial in partials[1:]:
+            expected += partial
+        assert chunked_sum(values) == expected
+
+
+ORDER_SCRIPT = r"""
+import numpy as np
+from numba import njit
+from fusedgrad.cpu._reduce import ordered_sum
+
+@njit(fastmath=True)
+def from_a_fastmath_kernel(values):
+    return ordered_sum(values)
+
+values = np.random.default_rng(0).standard_normal(3 * 16384 + 5)[2 * 16384:3 * 16384].copy()
+inside = from_a_fastmath_kernel(values)  # compiles ordered_sum first, as the kernel's callee
+print(inside == ordered_sum.py_func(values), ordered_sum(values) == ordered_sum.py_func(values))
+"""
+
+
+def test_ordered_sum_keeps_its_order_when_first_compiled_for_a_fastmath_caller(tmp_path):
+    """Numba compiles a callee with its caller's ``fastmath`` unless the callee sets its own,
+    and keeps that compilation for later calls: an unflagged ``ordered_sum`` first compiled for
+    a fastmath kernel (the cross-entropy's weight sum) was reassociated, and every later sum
+    in the process, and the disk cache, depended on which call came first. A fresh cache
+    directory makes the compilation order the one written in the script."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", ORDER_SCRIPT], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "True"]

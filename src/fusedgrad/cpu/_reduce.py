@@ -18,16 +18,26 @@ M2_a = sum (x - mu_a)^2, M2_b:
 
 Every term is a difference from a piece's own mean, so a large common offset (mean 1e4, spread
 1) never meets a catastrophic cancellation, unlike sum(x^2) - n mu^2.
+
+Every compiled function here says ``fastmath=False``. Numba compiles a callee with its caller's
+``fastmath`` flags unless the callee sets its own, and keeps that compilation for every later
+call with the same types: the cross-entropy kernels (``FASTMATH_SOFTMAX``, with ``reassoc``)
+call :func:`ordered_sum`, so without the flag its additions could be reordered, and the bits of
+every sum in the process (and in the disk cache) would depend on which call compiled it first.
 """
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 #: Accumulators of :func:`ordered_sum`: enough independent additions in flight to hide the
 #: latency of a floating-point add (4 cycles, two ports: 8), so a long sum runs at load speed
 #: instead of one add per 4 cycles.
 SUM_LANES = 8
+#: Values per chunk of :func:`chunked_sum`. Long sums are split so that both cores add (a
+#: per-sample loss array right after the kernel that wrote it: each core then reads mostly the
+#: half it wrote itself); up to this length it is :func:`ordered_sum`, bit for bit.
+SUM_CHUNK = 16384
 
 
 def chunk_count(n: int, chunk: int) -> int:
@@ -42,7 +52,7 @@ def chunk_bounds(index, n, chunk):
     return lo, min(n, lo + chunk)
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def merge_moments(counts, means, m2s):
     """Chan-merge K partial moments in index order, independently for each of C columns.
 
@@ -68,7 +78,7 @@ def merge_moments(counts, means, m2s):
     return n_a, mean, m2
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def sum_partials(parts):
     """Sum the rows of ``parts`` (K, C) float64 in row order: one (C,) float64 array."""
     total = parts[0].copy()
@@ -85,23 +95,53 @@ def _combine_lanes(lanes):
             + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7])))
 
 
-@njit(cache=True)
-def ordered_sum(values):
-    """float64 sum of ``values`` (n,) in an order fixed by n alone: value i goes to accumulator
-    i mod SUM_LANES, and the accumulators are combined by :func:`_combine_lanes`. The same
-    bits for any thread count; exact for integers below 2**53."""
+@njit(cache=True, inline="always")
+def _lanes_sum(values, lo, hi):
+    """float64 sum of ``values[lo:hi]``: value lo + i goes to accumulator i mod SUM_LANES, and
+    the accumulators are combined by :func:`_combine_lanes`."""
     lanes = np.zeros(SUM_LANES, dtype=np.float64)
-    n = values.shape[0]
-    full = n - n % SUM_LANES
-    for i in range(0, full, SUM_LANES):
+    full = lo + (hi - lo) // SUM_LANES * SUM_LANES
+    for i in range(lo, full, SUM_LANES):
         for k in range(SUM_LANES):
             lanes[k] += values[i + k]
-    for i in range(full, n):
+    for i in range(full, hi):
         lanes[i - full] += values[i]
     return _combine_lanes(lanes)
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
+def ordered_sum(values):
+    """float64 sum of ``values`` (n,) in an order fixed by n alone: value i goes to accumulator
+    i mod SUM_LANES, and the accumulators are combined by :func:`_combine_lanes`. The same
+    bits for any thread count; exact for integers below 2**53."""
+    return _lanes_sum(values, 0, values.shape[0])
+
+
+@njit(cache=True, parallel=True, fastmath=False)
+def _chunked_sum_parallel(values):
+    n = values.shape[0]
+    n_chunks = (n + SUM_CHUNK - 1) // SUM_CHUNK
+    partials = np.empty(n_chunks, dtype=np.float64)
+    for chunk in prange(n_chunks):
+        lo, hi = chunk_bounds(chunk, n, SUM_CHUNK)
+        partials[chunk] = _lanes_sum(values, lo, hi)
+    total = partials[0]
+    for chunk in range(1, n_chunks):
+        total += partials[chunk]
+    return total
+
+
+def chunked_sum(values) -> float:
+    """float64 sum of ``values`` (n,): chunks of SUM_CHUNK values, each summed as by
+    :func:`ordered_sum`, on the threads in parallel, their partials added in chunk order. The
+    order is fixed by n alone (the same bits for any thread count), and a sum of at most
+    SUM_CHUNK values is :func:`ordered_sum` itself (no parallel region to start)."""
+    if values.shape[0] <= SUM_CHUNK:
+        return float(ordered_sum(values))
+    return float(_chunked_sum_parallel(values))
+
+
+@njit(cache=True, fastmath=False)
 def ordered_gather_sum(table, index, skip):
     """float64 sum of ``table[index[i]]`` over the i with ``index[i] != skip``, in the order
     of :func:`ordered_sum` (position i to accumulator i mod SUM_LANES).

@@ -97,7 +97,7 @@ from .._options import MODE_BACKWARD, MODE_FORWARD, MODE_FUSED, sample_count
 from ._codegen import prefer_wide_vectors
 from ._math import (FASTMATH_SOFTMAX, cast_like, divide, fast_exp, fast_tanh, fmax, log_f64,
                     select)
-from ._reduce import ordered_gather_sum, ordered_sum
+from ._reduce import chunked_sum, ordered_gather_sum, ordered_sum
 
 #: Elements of one row processed together: the block of logits and of the gradient it writes
 #: (2 x 16 KiB in float64) stays in L1 between the max, exp and scale steps.
@@ -157,7 +157,7 @@ def per_sample(values, n_samples):
 
 
 def sum_samples(values) -> float:
-    return float(ordered_sum(values))
+    return chunked_sum(values)
 
 
 def scalar_result(value, dtype):
