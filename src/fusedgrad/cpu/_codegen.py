@@ -6,8 +6,9 @@ clock that 512-bit code caused on older Xeons. Where a loop is bound by arithmet
 memory, 512-bit vectors halve the instructions of its vector loops: the row kernels of the cross-entropy (one
 exp per element) measured 10-15% faster with them on data in cache (2026-12-04, the 2-core Xeon
 of ``docs/performance.md``: 8192 x 1000 float32, 2.61 -> 2.35 ms; 64 x 128256, 0.33 -> 0.28 ns per
-element), and no faster on data streamed from memory. The batch-norm sweeps and the small-class
-and spatial cross-entropy kernels measured the same or 2-5% slower, so they keep the default.
+element), and no faster on data streamed from memory. The batch-norm sweeps showed no
+consistent difference, the small-class cross-entropy kernel none either, and the spatial one
+was 2-9% slower, so they keep the default.
 
 Setting the preference for the whole process (``NUMBA_CPU_FEATURES``) would change every other
 Numba function of the user's program, so a kernel asks for itself, with the LLVM function
