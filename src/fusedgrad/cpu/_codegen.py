@@ -3,10 +3,11 @@
 LLVM's x86 backend vectorises with 256-bit registers on AVX-512 CPUs unless a function asks for
 wider ones: the host's ``prefer-256-bit`` tuning, which Numba inherits, guards against the lower
 clock that 512-bit code caused on older Xeons. Where a loop is bound by arithmetic rather than
-memory, 512-bit vectors halve the instructions of its vector loops: the row kernels of the cross-entropy (one
-exp per element) measured 10-15% faster with them on data in cache (2026-12-04, the 2-core Xeon
-of ``docs/performance.md``: 8192 x 1000 float32, 2.61 -> 2.35 ms; 64 x 128256, 0.33 -> 0.28 ns per
-element), and no faster on data streamed from memory. The batch-norm sweeps showed no
+memory, 512-bit vectors halve the instructions of its vector loops: the row kernels of the
+cross-entropy (one exp per element) measured 10-15% faster with them on data in cache
+(2026-12-04, the 2-core Xeon of ``docs/performance.md``: 8192 x 1000 float32, 2.61-2.62 ->
+2.33-2.37 ms; 64 x 128256, 0.32-0.34 -> 0.28-0.29 ns per element), and no faster on data
+streamed from memory. The batch-norm sweeps showed no
 consistent difference, the small-class cross-entropy kernel none either, and the spatial one
 was 2-9% slower, so they keep the default.
 

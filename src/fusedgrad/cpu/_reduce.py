@@ -118,9 +118,8 @@ def ordered_sum(values):
 
 
 @njit(cache=True, parallel=True, fastmath=False)
-def _chunked_sum_parallel(values):
+def _chunked_sum_parallel(values, n_chunks):
     n = values.shape[0]
-    n_chunks = (n + SUM_CHUNK - 1) // SUM_CHUNK
     partials = np.empty(n_chunks, dtype=np.float64)
     for chunk in prange(n_chunks):
         lo, hi = chunk_bounds(chunk, n, SUM_CHUNK)
@@ -138,7 +137,7 @@ def chunked_sum(values) -> float:
     SUM_CHUNK values is :func:`ordered_sum` itself (no parallel region to start)."""
     if values.shape[0] <= SUM_CHUNK:
         return float(ordered_sum(values))
-    return float(_chunked_sum_parallel(values))
+    return float(_chunked_sum_parallel(values, chunk_count(values.shape[0], SUM_CHUNK)))
 
 
 @njit(cache=True, fastmath=False)
