@@ -5,8 +5,9 @@ Numba picks the CUDA simulator or the real target once per process, from
 
 * in a process with the simulator switched on, or with a real GPU: the tests run directly;
 * otherwise (the usual CI process: no GPU, no simulator) a single test re-runs the same file
-  under pytest in a subprocess with ``NUMBA_ENABLE_CUDASIM=1`` and asserts it passed; the
-  direct tests are skipped in the parent, so every kernel still runs once per pytest session.
+  under pytest in a subprocess with ``NUMBA_ENABLE_CUDASIM=1`` (started beside the rest of
+  the suite, see ``background``) and asserts it passed; the direct tests are skipped in the
+  parent, so every kernel still runs once per pytest session.
 
 The ``api`` fixture (import it into the test module) is the public package: under the
 simulator, ``fusedgrad._device.is_device_array`` recognises the simulator's fake device arrays
@@ -15,11 +16,12 @@ simulator, ``fusedgrad._device.is_device_array`` recognises the simulator's fake
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
+
+import background
 
 SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
 
@@ -47,23 +49,30 @@ direct = pytest.mark.skipif(
     not RUN_HERE, reason="runs in the CUDA-simulator subprocess (test_*_in_simulator)")
 
 
-def run_file_in_simulator(path: str, timeout: float = 240.0) -> None:
-    """Run one test file under pytest with the simulator on; fail with its output if it fails."""
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    proc = subprocess.run(
+def simulator_run(path: str, timeout: float = 480.0) -> background.Run:
+    """One test file under pytest with the simulator on, in a subprocess."""
+    return background.Run(
+        "simulator-" + os.path.basename(path),
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", path],
-        env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, (f"simulator run of {os.path.basename(path)} failed:\n"
-                                  + proc.stdout[-6000:] + proc.stderr[-3000:])
-    assert " passed" in proc.stdout, proc.stdout[-2000:]
+        env={"NUMBA_ENABLE_CUDASIM": "1"}, timeout=timeout)
 
 
 def simulator_test(path: str):
-    """The test that runs the file at ``path`` in the simulator when this process can't run it."""
-    def test_kernels_in_simulator():
-        if RUN_HERE:
+    """The test that runs the file at ``path`` in the simulator when this process can't run it
+    (beside the rest of the suite, see ``background``)."""
+    if RUN_HERE:
+        def test_kernels_in_simulator():
             pytest.skip("this process runs the tests directly")
-        run_file_in_simulator(path)
+        return test_kernels_in_simulator
+
+    run = simulator_run(path)
+
+    @run.mark
+    def test_kernels_in_simulator():
+        proc = run.result()
+        assert proc.returncode == 0, (f"simulator run of {os.path.basename(path)} failed:\n"
+                                      + proc.stdout[-6000:] + proc.stderr[-3000:])
+        assert " passed" in proc.stdout, proc.stdout[-2000:]
     return test_kernels_in_simulator
 
 

@@ -5,6 +5,7 @@ import io
 import itertools
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ import numba
 import numpy as np
 import pytest
 
+import background
 import fusedgrad
 from fusedgrad import _bench, _bench_peers, _bench_report
 from fusedgrad.__main__ import main
@@ -63,20 +65,23 @@ def test_info_prints_versions_threads_layer_gpu_and_cache(tmp_path):
 # --------------------------------------------------------------------------------------------
 # bench
 # --------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def quick_report(tmp_path_factory):
-    """One quick run of the smoke cases on the CPU with --json and --plot, in both allocator
-    states (shared by tests)."""
-    folder = tmp_path_factory.mktemp("bench")
-    json_path, png_path = folder / "report.json", folder / "speedups.png"
-    env = _bench.environment_for("default")  # this run's own state: glibc's default
-    result = subprocess.run(
-        [sys.executable, "-m", "fusedgrad", "bench", "--quick", "--device", "cpu", "--cases",
-         ",".join(SMOKE_CASES), "--json", str(json_path), "--plot", str(png_path)],
-        capture_output=True, text=True, timeout=900, env=env)
-    return result, json_path, png_path
+#: One quick run of the smoke cases on the CPU with --json and --plot, in both allocator states,
+#: in this run's own state (glibc's default); read by the tests marked with it.
+QUICK_BENCH = background.Run(
+    "bench-quick",
+    lambda folder: [sys.executable, "-m", "fusedgrad", "bench", "--quick", "--device", "cpu",
+                    "--cases", ",".join(SMOKE_CASES), "--json", f"{folder}/report.json",
+                    "--plot", f"{folder}/speedups.png"],
+    env=_bench.environment_for("default"), timeout=900)
 
 
+@pytest.fixture
+def quick_report():
+    folder = pathlib.Path(QUICK_BENCH.folder)
+    return QUICK_BENCH.result(), folder / "report.json", folder / "speedups.png"
+
+
+@QUICK_BENCH.mark
 def test_bench_quick_runs_and_prints_aligned_tables(quick_report):
     result, _, _ = quick_report
     assert result.returncode == 0, result.stdout + result.stderr
@@ -99,6 +104,7 @@ def test_bench_quick_runs_and_prints_aligned_tables(quick_report):
         assert result.stderr.count(f"running {case} ") == 2  # once per allocator state
 
 
+@QUICK_BENCH.mark
 def test_bench_json_has_both_allocator_states_every_peer_and_the_roofline(quick_report):
     result, json_path, _ = quick_report
     assert result.returncode == 0, result.stdout + result.stderr
@@ -159,6 +165,7 @@ def test_bench_json_has_both_allocator_states_every_peer_and_the_roofline(quick_
         assert "model_small (freed memory kept, fresh process): step" in result.stdout
 
 
+@QUICK_BENCH.mark
 def test_bench_plot_is_a_png(quick_report):
     result, _, png_path = quick_report
     assert result.returncode == 0, result.stdout + result.stderr
@@ -411,12 +418,20 @@ def test_table_says_why_a_case_is_above_the_roofline(working_set, says):
     assert "above 100%" not in out.getvalue()
 
 
+#: The CUDA path of the benchmark in the simulator (without a GPU), in a subprocess.
+SIMULATED_BENCH = background.Run(
+    "bench-simulator",
+    lambda folder: [sys.executable, "-m", "fusedgrad", "bench", "--device", "cuda", "--quick",
+                    "--cases", "ce_small,bn_small", "--json", f"{folder}/cuda.json"],
+    env={"NUMBA_ENABLE_CUDASIM": "1"}, timeout=480)
+
+
 @pytest.mark.skipif(fusedgrad.cuda_available(), reason="a real GPU runs gpu_check.sh instead")
-def test_bench_cuda_path_runs_in_the_simulator(tmp_path):
+@SIMULATED_BENCH.mark
+def test_bench_cuda_path_runs_in_the_simulator():
     pytest.importorskip("numba.cuda")
-    json_path = tmp_path / "cuda.json"
-    result = run_cli("bench", "--device", "cuda", "--quick", "--cases", "ce_small,bn_small",
-                     "--json", str(json_path), env={"NUMBA_ENABLE_CUDASIM": "1"}, timeout=240)
+    json_path = pathlib.Path(SIMULATED_BENCH.folder) / "cuda.json"
+    result = SIMULATED_BENCH.result()
     assert result.returncode == 0, result.stdout + result.stderr
     assert "device-to-device copy" in result.stdout
     report = json.loads(json_path.read_text())

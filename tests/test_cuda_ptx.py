@@ -7,20 +7,24 @@ with the simulator switched off, because Numba chooses simulator or real target 
 """
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import sys
 
 import pytest
 
+import background
+
 pytest.importorskip("numba.cuda", reason="numba-cuda (the [cuda] extra) is not installed")
 
 
+#: The compiler's run, beside the rest of the suite (see ``background``).
+PTX_BUILD = background.Run("ptx", [sys.executable, "-m", "fusedgrad.cuda._compile", "--cc", "9.0"],
+                           env={"NUMBA_ENABLE_CUDASIM": "0"}, timeout=480)
+
+
+@PTX_BUILD.mark
 def test_every_kernel_signature_compiles_to_ptx_for_cc90():
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
-    proc = subprocess.run([sys.executable, "-m", "fusedgrad.cuda._compile", "--cc", "9.0"],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = PTX_BUILD.result()
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
     summary = re.search(r"(\d+)/(\d+) kernel signatures compiled to PTX for cc 9\.0", output)
