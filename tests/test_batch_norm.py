@@ -378,6 +378,42 @@ def test_2048_channels_of_1x1():
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_streamed_outputs_equal_ordinary_stores_bit_for_bit(dtype, relu, monkeypatch):
+    """Outputs of at least STREAM_MIN_BYTES starting on a cache line (the buffer pool's) are
+    written with non-temporal stores from a staging row: the same arithmetic, so the same bits
+    as with ordinary stores, here for y and dx of a channels-last batch (rows of 256 channels:
+    whole lines) and against the float64 reference."""
+    shape, axis = (16, 16, 16, 256), 3
+    rng = np.random.default_rng(7)
+    x, dy, weight, bias, _, _ = _inputs(rng, shape, axis, dtype)
+    assert x.nbytes >= cpu_bn.STREAM_MIN_BYTES
+
+    def run():
+        y, mean, invstd = fg.batch_norm_forward(x, weight, bias, channel_axis=axis, relu=relu)
+        dx, dweight, dbias = fg.batch_norm_backward(
+            dy, x, mean, invstd, weight, channel_axis=axis, relu_output=y if relu else None)
+        assert y.ctypes.data % 64 == 0 and dx.ctypes.data % 64 == 0
+        return y.copy(), dx.copy(), dweight, dbias
+
+    decisions = []
+    streams = cpu_bn._streams
+    monkeypatch.setattr(cpu_bn, "_streams", lambda out3: decisions.append(streams(out3))
+                        or decisions[-1])
+    streamed = run()
+    assert decisions == [True, True]  # y and dx were streamed
+    monkeypatch.setattr(cpu_bn, "_streams", lambda out3: False)
+    ordinary = run()
+    for a, b in zip(streamed, ordinary):
+        np.testing.assert_array_equal(a, b)
+    y_r, _, _, _ = reference.batch_norm_forward(x, weight, bias, channel_axis=axis,
+                                                training=True)
+    if relu:
+        y_r = np.maximum(y_r, 0.0)
+    np.testing.assert_allclose(streamed[0], y_r, **TOL[dtype])
+
+
 def test_channels_last_memory_needs_no_copy_and_out():
     rng = np.random.default_rng(8)
     nhwc = rng.standard_normal((4, 5, 6, 8)).astype(np.float32)

@@ -18,7 +18,20 @@ def empty_cache():
 
 
 def first_nbytes():
-    return int(np.prod(LARGE)) * 4
+    """Bytes the pool holds for one released LARGE buffer: the array and the slack that lets
+    it start on a 64-byte boundary."""
+    return int(np.prod(LARGE)) * 4 + _alloc.ALIGNMENT - 1
+
+
+def test_pooled_buffers_start_on_a_cache_line():
+    """The kernels' non-temporal stores need 64-byte aligned rows (NumPy's large arrays start
+    16 bytes past a page), fresh from the allocator or reused."""
+    for _ in range(3):
+        array = _alloc.empty(LARGE, np.float32)
+        assert array.ctypes.data % 64 == 0 and array.shape == LARGE
+        assert array.nbytes == first_nbytes() - (_alloc.ALIGNMENT - 1)
+        del array
+        gc.collect()
 
 
 def test_released_buffer_is_reused():

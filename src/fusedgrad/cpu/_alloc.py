@@ -30,9 +30,14 @@ from .._buffer_cache import MIN_BYTES, ReleasedBuffers
 
 _POOL = ReleasedBuffers("FUSEDGRAD_HOST_CACHE_MB", default_mb=1024)
 
+#: Pooled buffers start on a cache line (NumPy's own large arrays start 16 bytes past a page):
+#: the kernels write whole lines of them with non-temporal stores (``_stream``).
+ALIGNMENT = 64
+
 
 def empty(shape, dtype) -> np.ndarray:
-    """An uninitialised C-contiguous array, from a released buffer of the same size if any."""
+    """An uninitialised C-contiguous array, from a released buffer of the same size if any;
+    from ``MIN_BYTES`` on, its data starts on a 64-byte boundary."""
     dtype = np.dtype(dtype)
     shape = tuple(int(s) for s in shape) if isinstance(shape, (tuple, list)) else (int(shape),)
     nbytes = math.prod(shape) * dtype.itemsize
@@ -40,9 +45,10 @@ def empty(shape, dtype) -> np.ndarray:
         return np.empty(shape, dtype)
     arena = _POOL.take(nbytes)
     if arena is None:
-        arena = np.empty(nbytes, np.uint8)
-    lease = np.frombuffer(memoryview(arena), np.uint8)
-    finalizer = weakref.finalize(lease, _POOL.give_back, nbytes, arena, nbytes)
+        arena = np.empty(nbytes + ALIGNMENT - 1, np.uint8)
+    offset = -arena.ctypes.data % ALIGNMENT
+    lease = np.frombuffer(memoryview(arena)[offset:offset + nbytes], np.uint8)
+    finalizer = weakref.finalize(lease, _POOL.give_back, nbytes, arena, arena.nbytes)
     finalizer.atexit = False
     return lease.view(dtype).reshape(shape)
 
