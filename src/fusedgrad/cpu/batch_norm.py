@@ -80,10 +80,11 @@ In NCHW a tile's rows lie one image apart, so each run starts cold for the hardw
 prefetchers; the run loops prefetch the rows two ahead in software (``_prefetch``; at
 64 x 256 x 28 x 28, forward + backward 14.0 -> 10.7 ms).
 
-The second sweeps write their output with non-temporal stores (``_stream``: each tile row or
-run is computed into a staging row in L1, then copied out in whole 64-byte lines without the
-line being read first) when the output is at least STREAM_MIN_BYTES and every piece starts on
-a cache line (the buffer pool's outputs start on one). Channels-last 64 x 28 x 28 x 256,
+In training, the second sweeps write their output with non-temporal stores (``_stream``: each
+tile row or run is computed into a staging row in L1, then copied out in whole 64-byte lines
+without the line being read first) when the output is at least STREAM_MIN_BYTES and every
+piece starts on a cache line (the buffer pool's outputs start on one); see ``_streams`` for
+why not in eval. Channels-last 64 x 28 x 28 x 256,
 forward + backward through the API, freed memory kept: 14.9-15.9 -> 12.3-12.6 ms among the
 other batch-norm cases, 14.0-14.2 -> 9.5-9.9 ms on its own (the inputs then stay in the L3
 cache from one call to the next, no longer evicted by the outputs); (N, C) 4096 x 1024
@@ -837,11 +838,14 @@ def _flat(a):
 
 
 def _streams(out3) -> bool:
-    """Whether a sweep writes ``out3`` with non-temporal stores: when it is larger than the two
-    L2 caches together (it is not going to stay in them for its next reader anyway) and starts
-    on a cache line (then the column loops stream every row whose lines it fills whole, see
-    :func:`_whole_lines`). An ordinary store first reads the line it writes, so a streamed
-    output costs one transfer per byte instead of two."""
+    """Whether a training sweep writes ``out3`` with non-temporal stores: when it is larger than
+    the two L2 caches together (it is not going to stay in them for its next reader anyway) and
+    starts on a cache line (then the loops stream every row or run whose lines it fills whole,
+    see :func:`_whole_lines`). An ordinary store first reads the line it writes, so a streamed
+    output costs one transfer per byte instead of two. Not in eval: its single pass over x and
+    y can live in the L3 cache from call to call, which streamed stores defeat (eval NCHW
+    64 x 256 x 28 x 28, freed memory kept: 2.39-2.51 ms with ordinary stores, 3.74-3.75
+    streamed)."""
     return out3.nbytes >= STREAM_MIN_BYTES and out3.ctypes.data % STREAM_BYTES == 0
 
 
@@ -877,14 +881,14 @@ def channel_stats(x3):
     return count, mean, m2
 
 
-def normalize(x3, mean, invstd, weight, bias, out3, *, relu=False):
+def normalize(x3, mean, invstd, weight, bias, out3, *, relu=False, stream=False):
     """out3 = (x - mean) * invstd * weight + bias per channel, then max(out3, 0) with ``relu``
-    (CPU only); returns out3."""
+    (CPU only); returns out3. ``stream``: non-temporal stores where :func:`_streams` allows."""
     geo = _geometry(x3)
     c = geo.n_channels
     _normalize_sweep(_flat(x3), _flat(out3), *geo.elementwise_args, _as_f64(mean, c, 0.0),
                      _as_f64(invstd, c, 1.0), _as_f64(weight, c, 1.0), _as_f64(bias, c, 0.0),
-                     relu, _streams(out3), _n_workers())
+                     relu, stream and _streams(out3), _n_workers())
     return out3
 
 
@@ -910,7 +914,7 @@ def backward_reduce(dy3, x3, mean, invstd):
 
 
 def backward_elementwise(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, count, out3, *,
-                         training=True, relu_output3=None):
+                         training=True, relu_output3=None, stream=False):
     """dx into out3 from (global) sums and count; returns out3. ``relu_output3`` (CPU only):
     the output of a forward with a fused ReLU, whose backward masks dy where it is not
     positive (the sums must then be those of the masked dy)."""
@@ -919,8 +923,8 @@ def backward_elementwise(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xhat, cou
     _dx_sweep(_flat(dy3), _flat(x3), _flat_or_none(relu_output3), _flat(out3),
               *geo.elementwise_args, _as_f64(mean, c, 0.0),
               _as_f64(invstd, c, 1.0), _as_f64(weight, c, 1.0), _as_f64(sum_dy, c, 0.0),
-              _as_f64(sum_dy_xhat, c, 0.0), float(count), bool(training), _streams(out3),
-              _n_workers())
+              _as_f64(sum_dy_xhat, c, 0.0), float(count), bool(training),
+              stream and _streams(out3), _n_workers())
     return out3
 
 
@@ -944,7 +948,7 @@ def forward(x3, weight, bias, running_mean, running_var, out3, *, training, mome
         var = m2 / count
         if invstd is None:
             invstd = 1.0 / np.sqrt(var + eps)
-            normalize(x3, mean, invstd, gamma, beta, out3, relu=relu)
+            normalize(x3, mean, invstd, gamma, beta, out3, relu=relu, stream=True)
         if running_mean is not None:
             _update_running(running_mean, mean, momentum, 1.0)
         if running_var is not None:
@@ -968,5 +972,5 @@ def backward(dy3, x3, mean, invstd, weight, out3, *, training, relu_output3=None
     if not fused:
         backward_elementwise(dy3, x3, mean, invstd, gamma, sum_dy, sum_dy_xhat,
                              x3.shape[0] * x3.shape[2], out3, training=training,
-                             relu_output3=relu_output3)
+                             relu_output3=relu_output3, stream=training)
     return sum_dy_xhat.astype(stat), sum_dy.astype(stat)
