@@ -27,12 +27,13 @@ import weakref
 import numpy as np
 
 from .._buffer_cache import MIN_BYTES, ReleasedBuffers
+from ._stream import STREAM_BYTES
 
 _POOL = ReleasedBuffers("FUSEDGRAD_HOST_CACHE_MB", default_mb=1024)
 
 #: Pooled buffers start on a cache line (NumPy's own large arrays start 16 bytes past a page):
 #: the kernels write whole lines of them with non-temporal stores (``_stream``).
-ALIGNMENT = 64
+ALIGNMENT = STREAM_BYTES
 
 
 def empty(shape, dtype) -> np.ndarray:
