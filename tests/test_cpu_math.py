@@ -8,9 +8,12 @@ import re
 import numpy as np
 import pytest
 
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
-from fusedgrad.cpu._math import FASTMATH_SOFTMAX, exp_array, log_array, tanh_array
+from fusedgrad.cpu._math import (FASTMATH_SOFTMAX, _scale_by_pow2_codegen, _target_has_scalef,
+                                 exp_array, log_array, tanh_array)
 
 # np.longdouble is x87 extended precision on x86-64 Linux; where it is plain float64 (other
 # platforms) it cannot measure a float64 function's error.
@@ -92,6 +95,58 @@ def test_exp_subnormal_results(dtype):
     step = np.spacing(dtype(0))
     assert np.all(np.abs(got - exact) <= step + np.spacing(exact))
     assert np.count_nonzero(got) > 0.9 * np.count_nonzero(exact)
+
+
+def _scale_by_pow2_kernel(scalef):
+    """A loop of ``p * 2^k`` through the vscalef (``ldexp``) path or the integer-bits path."""
+    codegens = {np.float32: _scale_by_pow2_codegen(32, 23, 127, ir.FloatType(), scalef),
+                np.float64: _scale_by_pow2_codegen(64, 52, 1023, ir.DoubleType(), scalef)}
+
+    @intrinsic
+    def scale(typingctx, p, k):
+        dtype = np.float32 if p == types.float32 else np.float64
+        return p(p, k), codegens[dtype]
+
+    @njit
+    def kernel(p, k, out):
+        for i in range(p.shape[0]):
+            out[i] = scale(p[i], k[i])
+
+    return kernel
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_exp_scaling_by_vscalef_and_by_exponent_bits_give_the_same_bits(dtype):
+    # AVX-512 CPUs scale by ldexp (vscalef), others by two factors built from exponent bits;
+    # both must round p * 2^k once, so every result, subnormals and overflow included, agrees.
+    k_low, k_high = (-159, 128) if dtype == np.float32 else (-1077, 1025)
+    rng = np.random.default_rng(7)
+    k = np.repeat(np.arange(k_low, k_high + 1), 64).astype(dtype)
+    p = rng.uniform(0.5, 2.0, k.size).astype(dtype)
+    p[::64] = dtype(1.0)
+    results = []
+    for scalef in (True, False):
+        out = np.empty_like(p)
+        with np.errstate(over="ignore"):
+            _scale_by_pow2_kernel(scalef)(p, k, out)
+        results.append(out)
+    assert np.array_equal(results[0].view(np.uint8), results[1].view(np.uint8))
+    with np.errstate(over="ignore", under="ignore"):
+        exact = (p.astype(np.longdouble) * np.exp2(k.astype(np.longdouble))).astype(dtype)
+    assert np.array_equal(results[0], exact)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_exp_loop_is_vectorised_with_vscalef_on_avx512(dtype):
+    # A fresh compilation, as for tanh below; without AVX-512 a vector ldexp would be one libm
+    # call per element, which is why the integer path exists.
+    loop = njit(fastmath=FASTMATH_SOFTMAX)(exp_array.py_func)
+    x = np.linspace(-3.0, 3.0, 64).astype(dtype)
+    loop(x, np.empty_like(x))
+    asm = loop.inspect_asm(loop.signatures[0])
+    assert re.search(r"\b[yz]mm\d+", asm), "the loop was not vectorised"
+    assert not re.search(r"\$(exp|expf|ldexp|ldexpf)\b", asm), "a libm call is left in the loop"
+    assert bool(re.search(r"\bvscalefp[sd]\b", asm)) == _target_has_scalef()
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,7 +256,8 @@ def test_tanh_loop_is_vectorised_without_libm_calls(dtype):
     loop(x, np.empty_like(x))
     asm = loop.inspect_asm(loop.signatures[0])
     assert re.search(r"\b[yz]mm\d+", asm), "the loop was not vectorised"
-    assert not re.search(r"\$(tanh|tanhf|exp|expf)\b", asm), "a libm call is left in the loop"
+    assert not re.search(r"\$(tanh|tanhf|exp|expf|ldexp|ldexpf)\b", asm), \
+        "a libm call is left in the loop"
 
 
 def _log_ulp_error(x):
