@@ -8,11 +8,10 @@ import re
 import numpy as np
 import pytest
 
-from llvmlite import ir
-from numba import njit, types
+from numba import njit
 from numba.extending import intrinsic
 
-from fusedgrad.cpu._math import (FASTMATH_SOFTMAX, _scale_by_pow2_codegen, _target_has_scalef,
+from fusedgrad.cpu._math import (FASTMATH_SOFTMAX, _emit_scale_by_pow2, _target_has_scalef,
                                  exp_array, log_array, tanh_array)
 
 # np.longdouble is x87 extended precision on x86-64 Linux; where it is plain float64 (other
@@ -99,13 +98,12 @@ def test_exp_subnormal_results(dtype):
 
 def _scale_by_pow2_kernel(scalef):
     """A loop of ``p * 2^k`` through the vscalef (``ldexp``) path or the integer-bits path."""
-    codegens = {np.float32: _scale_by_pow2_codegen(32, 23, 127, ir.FloatType(), scalef),
-                np.float64: _scale_by_pow2_codegen(64, 52, 1023, ir.DoubleType(), scalef)}
-
     @intrinsic
     def scale(typingctx, p, k):
-        dtype = np.float32 if p == types.float32 else np.float64
-        return p(p, k), codegens[dtype]
+        def codegen(context, builder, signature, args):
+            return _emit_scale_by_pow2(builder, *args, scalef=scalef)
+
+        return p(p, k), codegen
 
     @njit
     def kernel(p, k, out):

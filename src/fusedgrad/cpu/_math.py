@@ -1,10 +1,11 @@
 """Vectorisable ``exp`` and ``tanh`` for float32 and float64, in plain arithmetic for Numba.
 
 Numba 0.68 on this platform has no SVML, so ``math.exp`` or ``math.tanh`` inside a loop is a
-scalar libm call and stops LLVM from vectorising the loop. :func:`exp_f32`, :func:`exp_f64`,
-:func:`tanh_f32` and :func:`tanh_f64` use only multiplies, FMAs, divisions, ``floor``, ``abs``,
-``copysign``, compares, an int conversion and a bit cast, which LLVM turns into AVX2 (``ymm``)
-code when they are inlined into a loop.
+scalar libm call and stops LLVM from vectorising the loop. :func:`fast_exp` and
+:func:`fast_tanh` use only multiplies, FMAs, divisions, ``floor``, ``abs``, ``copysign``,
+compares, an int conversion and a bit cast or ``ldexp``, which LLVM turns into vector code
+(``ymm``/``zmm``) inside a loop. Each is one Numba intrinsic that writes its LLVM IR directly
+(``_emit_exp``, ``_emit_tanh``), see the note above :func:`_emit_polynomial` for why.
 
 exp
 ---
@@ -39,7 +40,7 @@ result (``copysign``, which also keeps ``tanh(-0.0) = -0.0``). Two formulas, bot
 one selected per element (an LLVM ``select``, which vectorises; a branch would not)::
 
     a < 0.75:    tanh(a) = a + a u P(u),           u = a^2
-    a >= 0.75:   tanh(a) = 1 - 2 / (exp(2a) + 1)   (exp_f32 / exp_f64 above)
+    a >= 0.75:   tanh(a) = 1 - 2 / (exp(2a) + 1)   (the exp above)
 
 ``P`` is a near-minimax polynomial for ``(tanh(sqrt(u)) - sqrt(u)) / u^1.5`` on
 ``[0, 0.5625]`` (mpmath's ``chebyfit``, computed at 60 digits): 6 terms for float32
@@ -93,10 +94,10 @@ they do in PyTorch.
 """
 from __future__ import annotations
 
-import math
+from typing import NamedTuple
 
-import numpy as np
 import llvmlite.binding as llvm
+import numpy as np
 from llvmlite import ir
 from numba import config, njit, types
 from numba.core import cgutils
@@ -131,13 +132,12 @@ def _target_has_scalef() -> bool:
     return "+avx512f" in features.split(",")
 
 
-def _scale_by_pow2_codegen(int_bits: int, mantissa_bits: int, bias: int, float_type,
-                           scalef: bool | None = None):
+def _emit_scale_by_pow2(builder, p, k, scalef: bool | None = None):
     """LLVM IR for ``p * 2^k`` (``k`` an integer-valued float, ``p`` in [0.5, 2)), rounded once.
 
     With AVX-512 it is LLVM's ``ldexp``, which the x86 backend turns into one ``vscalefps`` (or
     ``vscalefpd``) per vector: the product rounded once, into the subnormal range or to 0 or
-    inf as IEEE arithmetic does. In the float32 exp loop of the cross-entropy that made 108
+    inf as IEEE arithmetic does. In a float32 loop like the cross-entropy's exp pass that made 108
     instructions per 64 elements instead of 127, 0.315-0.33 instead of 0.36-0.38 ns per element
     on one core (2026-12-05, the Xeon of ``docs/performance.md``), with every result bit for bit
     equal. Without AVX-512 the backend makes a vector ``ldexp`` into one libm call per element,
@@ -151,31 +151,31 @@ def _scale_by_pow2_codegen(int_bits: int, mantissa_bits: int, bias: int, float_t
     subnormal range when the true result is there. Doing the split with one integer add (not
     two multiplies) keeps fast-math reassociation from forming the overflowing ``2^k``.
     """
+    float_type = p.type
+    int_bits, mantissa_bits, bias = _FLOAT_LAYOUT[float_type.intrinsic_name]
     int_type = ir.IntType(int_bits)
-    exponent_type = ir.IntType(32)
-    ldexp_name = f"llvm.ldexp.f{int_bits}.i32"
-
-    def codegen(context, builder, signature, args):
-        p, k = args
-        if _target_has_scalef() if scalef is None else scalef:
-            ldexp = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(float_type, [float_type, exponent_type]),
-                ldexp_name)
-            return builder.call(ldexp, [p, builder.fptosi(k, exponent_type)])
-        k_int = builder.fptosi(k, int_type)
-        k_half = builder.ashr(k_int, ir.Constant(int_type, 1))
-        k_rest = builder.sub(k_int, k_half)
-        p_bits = builder.bitcast(p, int_type)
-        shifted = builder.add(p_bits, builder.shl(k_rest, ir.Constant(int_type, mantissa_bits)))
-        half_bits = builder.shl(builder.add(k_half, ir.Constant(int_type, bias)),
-                                ir.Constant(int_type, mantissa_bits))
-        return builder.fmul(builder.bitcast(shifted, float_type),
-                            builder.bitcast(half_bits, float_type))
-
-    return codegen
+    if _target_has_scalef() if scalef is None else scalef:
+        exponent_type = ir.IntType(32)
+        ldexp = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(float_type, [float_type, exponent_type]),
+            f"llvm.ldexp.{float_type.intrinsic_name}.i32")
+        return builder.call(ldexp, [p, builder.fptosi(k, exponent_type)])
+    k_int = builder.fptosi(k, int_type)
+    k_half = builder.ashr(k_int, ir.Constant(int_type, 1))
+    k_rest = builder.sub(k_int, k_half)
+    p_bits = builder.bitcast(p, int_type)
+    shifted = builder.add(p_bits, builder.shl(k_rest, ir.Constant(int_type, mantissa_bits)))
+    half_bits = builder.shl(builder.add(k_half, ir.Constant(int_type, bias)),
+                            ir.Constant(int_type, mantissa_bits))
+    return builder.fmul(builder.bitcast(shifted, float_type),
+                        builder.bitcast(half_bits, float_type))
 
 
-def _reduce_by_ln2_codegen(ln2_hi: float, ln2_lo: float):
+#: Bits of the float, of its mantissa, and the exponent bias, by LLVM type name.
+_FLOAT_LAYOUT = {"f32": (32, 23, 127), "f64": (64, 52, 1023)}
+
+
+def _emit_reduce_by_ln2(builder, x, k, ln2_hi: float, ln2_lo: float):
     """LLVM IR for ``r = (x - k*ln2_hi) - k*ln2_lo`` that fast-math cannot re-associate.
 
     Numba adds the kernel's fast-math flags only to float instructions that carry none, so
@@ -183,77 +183,55 @@ def _reduce_by_ln2_codegen(ln2_hi: float, ln2_lo: float):
     more exact) keeps ``reassoc`` from folding them into ``x - k*(ln2_hi + ln2_lo)``, which
     would lose the low part of ln2 (measured: 214 ulp at x = 709 in float64).
     """
-    def codegen(context, builder, signature, args):
-        x, k = args
-        hi = ir.Constant(x.type, ln2_hi)
-        lo = ir.Constant(x.type, ln2_lo)
-        head = builder.fsub(x, builder.fmul(k, hi, flags=("contract",)), flags=("contract",))
-        return builder.fsub(head, builder.fmul(k, lo, flags=("contract",)), flags=("contract",))
-
-    return codegen
+    hi = ir.Constant(x.type, ln2_hi)
+    lo = ir.Constant(x.type, ln2_lo)
+    head = builder.fsub(x, builder.fmul(k, hi, flags=("contract",)), flags=("contract",))
+    return builder.fsub(head, builder.fmul(k, lo, flags=("contract",)), flags=("contract",))
 
 
-@intrinsic
-def _scale_by_pow2_f32(typingctx, p, k):
-    """``p * 2^k`` for float32 ``p`` and an integer-valued float32 ``k`` in [-159, 128]."""
-    if p != types.float32 or k != types.float32:
-        return None
-    return types.float32(p, k), _scale_by_pow2_codegen(32, 23, 127, ir.FloatType())
+class _ExpConstants(NamedTuple):
+    """exp's clamps, log2(e), ln2 split as hi + lo (``hi`` has few enough significant bits that
+    k * hi is exact) and g's coefficients, lowest degree first."""
+    low: float
+    high: float
+    log2e: float
+    ln2_hi: float
+    ln2_lo: float
+    g: tuple
 
 
-@intrinsic
-def _scale_by_pow2_f64(typingctx, p, k):
-    """``p * 2^k`` for float64 ``p`` and an integer-valued float64 ``k`` in [-1077, 1025]."""
-    if p != types.float64 or k != types.float64:
-        return None
-    return types.float64(p, k), _scale_by_pow2_codegen(64, 52, 1023, ir.DoubleType())
-
-
-# float32 constants (module globals are frozen into the compiled code with their NumPy dtype).
-_F32_LOW = np.float32(-104.0)
-_F32_HIGH = np.float32(89.0)
-_F32_LOG2E = np.float32(1.4426950408889634)
-_F32_HALF = np.float32(0.5)
-_F32_ONE = np.float32(1.0)
-_F32_LN2_HI = np.float32(0.693359375)         # 8 significant bits: k * LN2_HI is exact
-_F32_LN2_LO = np.float32(-2.12194440e-4)      # ln2 - LN2_HI
-_F32_G0 = np.float32(0.5)
-_F32_G1 = np.float32(0.1666657702559799)
-_F32_G2 = np.float32(0.041666554662050534)
-_F32_G3 = np.float32(0.008363173074513711)
-_F32_G4 = np.float32(0.001392617611993558)
-
-_F64_LOW = np.float64(-746.0)
-_F64_HIGH = np.float64(710.0)
-_F64_LOG2E = 1.4426950408889634
-_F64_LN2_HI = 0.69314718055966295651160180568695068359375    # 32 significant bits
-_F64_LN2_LO = 0.28235290563031577122588448175013436025525412068e-12
-_F64_G = (0.5, 0.1666666666666667, 0.04166666666666667, 0.008333333333326141,
-          0.0013888888888883752, 0.00019841269874800493, 2.4801587325533363e-05,
-          2.7557255425746435e-06, 2.7557273661348637e-07, 2.510520637395701e-08,
-          2.0914679376583935e-09)
-_F64_G0, _F64_G1, _F64_G2, _F64_G3, _F64_G4, _F64_G5, _F64_G6, _F64_G7, _F64_G8, _F64_G9, \
-    _F64_G10 = _F64_G
-
+_EXP_CONSTANTS = {
+    "f32": _ExpConstants(
+        low=-104.0, high=89.0, log2e=float(np.float32(1.4426950408889634)),
+        ln2_hi=0.693359375,                                  # 8 significant bits
+        ln2_lo=float(np.float32(-2.12194440e-4)),            # ln2 - ln2_hi
+        g=tuple(float(np.float32(c)) for c in (
+            0.5, 0.1666657702559799, 0.041666554662050534, 0.008363173074513711,
+            0.001392617611993558))),
+    "f64": _ExpConstants(
+        low=-746.0, high=710.0, log2e=1.4426950408889634,
+        ln2_hi=0.69314718055966295651160180568695068359375,  # 32 significant bits
+        ln2_lo=0.28235290563031577122588448175013436025525412068e-12,
+        g=(0.5, 0.1666666666666667, 0.04166666666666667, 0.008333333333326141,
+           0.0013888888888883752, 0.00019841269874800493, 2.4801587325533363e-05,
+           2.7557255425746435e-06, 2.7557273661348637e-07, 2.510520637395701e-08,
+           2.0914679376583935e-09)),
+}
+_F64_LN2_HI = _EXP_CONSTANTS["f64"].ln2_hi
+_F64_LN2_LO = _EXP_CONSTANTS["f64"].ln2_lo
 
 # tanh: the switch point between the two formulas, and P's coefficients, lowest degree first.
 _TANH_SWITCH = 0.75
-_F32_TANH_SWITCH = np.float32(_TANH_SWITCH)
-_F32_TWO = np.float32(2.0)
-_F32_P0 = np.float32(-0.3333333134651184)
-_F32_P1 = np.float32(0.1333317905664444)
-_F32_P2 = np.float32(-0.05393585190176964)
-_F32_P3 = np.float32(0.021615318953990936)
-_F32_P4 = np.float32(-0.00793380755931139)
-_F32_P5 = np.float32(0.0019095024326816201)
-
-_F64_P = (-0.3333333333333333, 0.13333333333332661, -0.05396825396758208,
-          0.021869488509711037, -0.008863234987439102, 0.0035921213885060418,
-          -0.0014557818253310693, 0.0005897469986953327, -0.00023809406936979282,
-          9.42476297649358e-05, -3.449472469998217e-05, 1.0048053928129499e-05,
-          -1.6408599646831444e-06)
-_F64_P0, _F64_P1, _F64_P2, _F64_P3, _F64_P4, _F64_P5, _F64_P6, _F64_P7, _F64_P8, _F64_P9, \
-    _F64_P10, _F64_P11, _F64_P12 = _F64_P
+_TANH_P = {
+    "f32": tuple(float(np.float32(c)) for c in (
+        -0.3333333134651184, 0.1333317905664444, -0.05393585190176964, 0.021615318953990936,
+        -0.00793380755931139, 0.0019095024326816201)),
+    "f64": (-0.3333333333333333, 0.13333333333332661, -0.05396825396758208,
+            0.021869488509711037, -0.008863234987439102, 0.0035921213885060418,
+            -0.0014557818253310693, 0.0005897469986953327, -0.00023809406936979282,
+            9.42476297649358e-05, -3.449472469998217e-05, 1.0048053928129499e-05,
+            -1.6408599646831444e-06),
+}
 
 
 def _nan_propagating_codegen(name):
@@ -358,42 +336,15 @@ def _cast_like_overload(value, array):
 
 
 @intrinsic
-def _reduce_by_ln2_f32(typingctx, x, k):
-    """``x - k ln2`` in float32, ``k`` an integer-valued float32 in [-159, 128]."""
-    if x != types.float32 or k != types.float32:
-        return None
-    return types.float32(x, k), _reduce_by_ln2_codegen(float(_F32_LN2_HI), float(_F32_LN2_LO))
-
-
-@intrinsic
 def _reduce_by_ln2_f64(typingctx, x, k):
-    """``x - k ln2`` in float64, ``k`` an integer-valued float64 in [-1077, 1025]."""
+    """``x - k ln2`` in float64, ``k`` an integer-valued float64 (for :func:`log_f64`)."""
     if x != types.float64 or k != types.float64:
         return None
-    return types.float64(x, k), _reduce_by_ln2_codegen(_F64_LN2_HI, _F64_LN2_LO)
 
+    def codegen(context, builder, signature, args):
+        return _emit_reduce_by_ln2(builder, *args, _F64_LN2_HI, _F64_LN2_LO)
 
-@njit(inline="always", fastmath=FASTMATH_SOFTMAX, cache=True)
-def exp_f32(x):
-    """exp(x) for a float32 ``x``, returned as float32; max error about 1 ulp (see module)."""
-    clamped = fmin(fmax(x, _F32_LOW), _F32_HIGH)
-    k = np.floor(clamped * _F32_LOG2E + _F32_HALF)
-    r = _reduce_by_ln2_f32(clamped, k)
-    g = _F32_G0 + r * (_F32_G1 + r * (_F32_G2 + r * (_F32_G3 + r * _F32_G4)))
-    p = _F32_ONE + r + (r * r) * g
-    return _scale_by_pow2_f32(p, k)
-
-
-@njit(inline="always", fastmath=FASTMATH_SOFTMAX, cache=True)
-def exp_f64(x):
-    """exp(x) for a float64 ``x``; max error about 1 ulp (see module)."""
-    clamped = fmin(fmax(x, _F64_LOW), _F64_HIGH)
-    k = np.floor(clamped * _F64_LOG2E + 0.5)
-    r = _reduce_by_ln2_f64(clamped, k)
-    g = _F64_G0 + r * (_F64_G1 + r * (_F64_G2 + r * (_F64_G3 + r * (_F64_G4 + r * (
-        _F64_G5 + r * (_F64_G6 + r * (_F64_G7 + r * (_F64_G8 + r * (_F64_G9 + r * _F64_G10)))))))))
-    p = 1.0 + r + (r * r) * g
-    return _scale_by_pow2_f64(p, k)
+    return types.float64(x, k), codegen
 
 
 #: log: the bits of sqrt(1/2), the significand's lower bound; 2^54 and the smallest normal
@@ -427,60 +378,109 @@ def log_f64(x):
     return select(x < 0.0, np.nan, select(x != x, x, result))
 
 
-def fast_exp(x):
-    """exp(x) in the precision of ``x``: :func:`exp_f32` or :func:`exp_f64` inside jitted code.
+# exp and tanh are emitted as LLVM IR by one intrinsic each, rather than written as jitted
+# functions inlined into the kernels: Numba inlines an ``inline="always"`` function by copying
+# and re-typing its IR at every call site, and the soft-capped kernels call tanh (which holds
+# an exp) at a dozen sites per mode; their first compilation took 18-20 s each (7 s without
+# the cap). The instructions, their order and their fast-math flags (the kernel's, added by
+# Numba to every float instruction that has none) are those the jitted functions produced.
+def _constant(float_type, value):
+    return ir.Constant(float_type, float(value))
 
-    Called from Python it is NumPy's ``np.exp``; jitted kernels generic over the logits dtype
-    call this name and get the matching polynomial inlined.
-    """
+
+def _emit_polynomial(builder, x, coefficients):
+    """c0 + x (c1 + x (c2 + ... + x c_n)), evaluated innermost first."""
+    float_type = x.type
+    total = builder.fmul(x, _constant(float_type, coefficients[-1]))
+    for degree in range(len(coefficients) - 2, -1, -1):
+        total = builder.fadd(_constant(float_type, coefficients[degree]), total)
+        if degree > 0:
+            total = builder.fmul(x, total)
+    return total
+
+
+def _call_intrinsic(builder, name, *args):
+    """A call of the LLVM intrinsic ``llvm.<name>`` on floats of one type."""
+    float_type = args[0].type
+    fn = builder.module.declare_intrinsic(f"llvm.{name}", [float_type],
+                                          ir.FunctionType(float_type, [float_type] * len(args)))
+    return builder.call(fn, args)
+
+
+def _emit_exp(builder, x):
+    """exp(x), float32 or float64 (the method of the module's docstring)."""
+    float_type = x.type
+    c = _EXP_CONSTANTS[float_type.intrinsic_name]
+    clamped = _call_intrinsic(builder, "minimum",
+                              _call_intrinsic(builder, "maximum", x,
+                                              _constant(float_type, c.low)),
+                              _constant(float_type, c.high))
+    k = _call_intrinsic(builder, "floor", builder.fadd(
+        builder.fmul(clamped, _constant(float_type, c.log2e)), _constant(float_type, 0.5)))
+    r = _emit_reduce_by_ln2(builder, clamped, k, c.ln2_hi, c.ln2_lo)
+    g = _emit_polynomial(builder, r, c.g)
+    p = builder.fadd(builder.fadd(_constant(float_type, 1.0), r),
+                     builder.fmul(builder.fmul(r, r), g))
+    return _emit_scale_by_pow2(builder, p, k)
+
+
+def _emit_tanh(builder, x):
+    """tanh(x), float32 or float64 (the method of the module's docstring)."""
+    float_type = x.type
+    one = _constant(float_type, 1.0)
+    a = _call_intrinsic(builder, "fabs", x)
+    u = builder.fmul(a, a)
+    p = _emit_polynomial(builder, u, _TANH_P[float_type.intrinsic_name])
+    near_zero = builder.fadd(a, builder.fmul(a, builder.fmul(u, p)))
+    exp_2a = _emit_exp(builder, builder.fadd(a, a))
+    away_from_zero = builder.fsub(
+        one, builder.fdiv(_constant(float_type, 2.0), builder.fadd(exp_2a, one)))
+    below_switch = builder.fcmp_ordered("<", a, _constant(float_type, _TANH_SWITCH))
+    return _call_intrinsic(builder, "copysign",
+                           builder.select(below_switch, near_zero, away_from_zero), x)
+
+
+def _float_intrinsic(emit):
+    """A Numba intrinsic of one float32 or float64 argument whose IR ``emit`` writes."""
+    def typer(typingctx, x):
+        if x not in (types.float32, types.float64):
+            return None
+
+        def codegen(context, builder, signature, args):
+            return emit(builder, args[0])
+
+        return x(x), codegen
+
+    return intrinsic(typer)
+
+
+_exp = _float_intrinsic(_emit_exp)
+_tanh = _float_intrinsic(_emit_tanh)
+
+
+def fast_exp(x):
+    """exp(x) in the precision of ``x`` (float32 or float64) inside jitted code, about 1 ulp
+    (see the module). Called from Python it is NumPy's ``np.exp``."""
     return np.exp(x)
 
 
 @overload(fast_exp, inline="always")
 def _fast_exp_overload(x):
-    if x == types.float32:
-        return lambda x: exp_f32(x)
-    if x == types.float64:
-        return lambda x: exp_f64(x)
+    if x in (types.float32, types.float64):
+        return lambda x: _exp(x)
     return None
 
 
-@njit(inline="always", fastmath=FASTMATH_SOFTMAX, cache=True)
-def tanh_f32(x):
-    """tanh(x) for a float32 ``x``, returned as float32; max error about 1 ulp (see module)."""
-    a = abs(x)
-    u = a * a
-    p = _F32_P0 + u * (_F32_P1 + u * (_F32_P2 + u * (_F32_P3 + u * (_F32_P4 + u * _F32_P5))))
-    near_zero = a + a * (u * p)
-    away_from_zero = _F32_ONE - divide(_F32_TWO, exp_f32(a + a) + _F32_ONE)
-    return math.copysign(select(a < _F32_TANH_SWITCH, near_zero, away_from_zero), x)
-
-
-@njit(inline="always", fastmath=FASTMATH_SOFTMAX, cache=True)
-def tanh_f64(x):
-    """tanh(x) for a float64 ``x``; max error about 1.1 ulp (see module)."""
-    a = abs(x)
-    u = a * a
-    p = _F64_P0 + u * (_F64_P1 + u * (_F64_P2 + u * (_F64_P3 + u * (_F64_P4 + u * (
-        _F64_P5 + u * (_F64_P6 + u * (_F64_P7 + u * (_F64_P8 + u * (_F64_P9 + u * (
-            _F64_P10 + u * (_F64_P11 + u * _F64_P12)))))))))))
-    near_zero = a + a * (u * p)
-    away_from_zero = 1.0 - divide(2.0, exp_f64(a + a) + 1.0)
-    return math.copysign(select(a < _TANH_SWITCH, near_zero, away_from_zero), x)
-
-
 def fast_tanh(x):
-    """tanh(x) in the precision of ``x``: :func:`tanh_f32` or :func:`tanh_f64` inside jitted
-    code (called from Python it is NumPy's ``np.tanh``), as :func:`fast_exp` is for exp."""
+    """tanh(x) in the precision of ``x`` inside jitted code, about 1 ulp (see the module), as
+    :func:`fast_exp` is for exp. Called from Python it is NumPy's ``np.tanh``."""
     return np.tanh(x)
 
 
 @overload(fast_tanh, inline="always")
 def _fast_tanh_overload(x):
-    if x == types.float32:
-        return lambda x: tanh_f32(x)
-    if x == types.float64:
-        return lambda x: tanh_f64(x)
+    if x in (types.float32, types.float64):
+        return lambda x: _tanh(x)
     return None
 
 
