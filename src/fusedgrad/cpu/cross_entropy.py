@@ -527,6 +527,16 @@ def _row_layout(n, c):
     return rows_per_chunk, n_chunks, n_blocks, block_shift, block_sum
 
 
+@njit(inline="always")
+def _block_rescale(block_shift, top):
+    """exp(m_b - M), which brings a block's sum of exponentials (shifted by its own maximum
+    m_b) to the row's shift M: exactly 1, without a libm call, for the block that holds the
+    row's maximum, which is the only block of a row of up to BLOCK classes."""
+    if block_shift == top:
+        return 1.0
+    return math.exp(block_shift - top)
+
+
 @njit(inline="always", fastmath=FASTMATH_SOFTMAX)
 def _row_exp_blocks(z, g, store, inplace, w, with_weighted, block_shift, block_sum, softcap):
     """One trip over a row in L1-sized blocks; returns (M, S, sum_j w_j z'_j).
@@ -558,7 +568,7 @@ def _row_exp_blocks(z, g, store, inplace, w, with_weighted, block_shift, block_s
     total = 0.0
     for b in range(n_blocks):
         if block_sum[b] != 0.0:
-            total += block_sum[b] * math.exp(block_shift[b] - top)
+            total += block_sum[b] * _block_rescale(block_shift[b], top)
     return top, total, weighted
 
 
@@ -572,7 +582,7 @@ def _row_scale_blocks(g, top, total, factor, smooth, w, block_shift, block_sum, 
         hi = min(c, lo + BLOCK)
         block_factor = 0.0
         if block_sum[b] != 0.0:
-            block_factor = factor * math.exp(block_shift[b] - top) / total
+            block_factor = factor * _block_rescale(block_shift[b], top) / total
         _scale_minus_weighted(g[lo:hi], block_shift[b], block_factor, smooth, w[lo:hi],
                               softcap)
 
@@ -801,7 +811,7 @@ def _rows_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out, 
                     hi = min(c, lo + BLOCK)
                     block_factor = 0.0
                     if sums[b] != 0.0:
-                        block_factor = coef * math.exp(shifts[b] - top) / total
+                        block_factor = coef * _block_rescale(shifts[b], top) / total
                     _scale_minus_target(g[lo:hi], shifts[b], block_factor, y[lo:hi],
                                         weights[lo:hi], 1.0 - smoothing, smooth_per_class, scale,
                                         softcap)
