@@ -134,16 +134,24 @@ def test_exp_scaling_by_vscalef_and_by_exponent_bits_give_the_same_bits(dtype):
     assert np.array_equal(results[0], exact)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_exp_loop_is_vectorised_with_vscalef_on_avx512(dtype):
-    # A fresh compilation, as for tanh below; without AVX-512 a vector ldexp would be one libm
-    # call per element, which is why the integer path exists.
-    loop = njit(fastmath=FASTMATH_SOFTMAX)(exp_array.py_func)
+def _vectorised_loop_asm(array_function, dtype):
+    """Assembly of a fresh compilation of an ``*_array`` loop (code loaded from Numba's cache has
+    none), checked to be vectorised and free of libm calls (exp, tanh, or a scalarised ldexp)."""
+    loop = njit(fastmath=FASTMATH_SOFTMAX)(array_function.py_func)
     x = np.linspace(-3.0, 3.0, 64).astype(dtype)
     loop(x, np.empty_like(x))
     asm = loop.inspect_asm(loop.signatures[0])
     assert re.search(r"\b[yz]mm\d+", asm), "the loop was not vectorised"
-    assert not re.search(r"\$(exp|expf|ldexp|ldexpf)\b", asm), "a libm call is left in the loop"
+    assert not re.search(r"\$(tanh|tanhf|exp|expf|ldexp|ldexpf)\b", asm), \
+        "a libm call is left in the loop"
+    return asm
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_exp_loop_is_vectorised_with_vscalef_on_avx512(dtype):
+    # Without AVX-512 a vector ldexp would be one libm call per element, which is why the
+    # integer path exists.
+    asm = _vectorised_loop_asm(exp_array, dtype)
     assert bool(re.search(r"\bvscalefp[sd]\b", asm)) == _target_has_scalef()
 
 
@@ -248,14 +256,7 @@ def test_tanh_is_monotonic_on_a_dense_grid(dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_tanh_loop_is_vectorised_without_libm_calls(dtype):
-    # A fresh compilation of tanh_array's loop: code loaded from Numba's cache has no assembly.
-    loop = njit(fastmath=FASTMATH_SOFTMAX)(tanh_array.py_func)
-    x = np.linspace(-3.0, 3.0, 64).astype(dtype)
-    loop(x, np.empty_like(x))
-    asm = loop.inspect_asm(loop.signatures[0])
-    assert re.search(r"\b[yz]mm\d+", asm), "the loop was not vectorised"
-    assert not re.search(r"\$(tanh|tanhf|exp|expf|ldexp|ldexpf)\b", asm), \
-        "a libm call is left in the loop"
+    _vectorised_loop_asm(tanh_array, dtype)
 
 
 def _log_ulp_error(x):
