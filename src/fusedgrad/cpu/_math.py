@@ -94,6 +94,7 @@ they do in PyTorch.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import llvmlite.binding as llvm
@@ -119,12 +120,14 @@ FASTMATH_SUMS = {"nsz", "contract", "reassoc"}
 FASTMATH_SOFTMAX = FASTMATH_SUMS | {"arcp", "afn"}
 
 
+@functools.cache
 def _target_has_scalef() -> bool:
     """Whether the CPU Numba compiles for has AVX-512 (``vscalefps`` / ``vscalefpd``).
 
     Read as Numba reads it for its target machine: ``NUMBA_CPU_FEATURES`` when set, else the
-    host's features. Numba's cache index holds the CPU's name and features too, so a kernel
-    compiled here is never loaded on a CPU that chose the other way.
+    host's features (both fixed for the process, so they are read once). Numba's cache index
+    holds the CPU's name and features too, so a kernel compiled here is never loaded on a CPU
+    that chose the other way.
     """
     features = config.CPU_FEATURES
     if features is None:
@@ -217,8 +220,6 @@ _EXP_CONSTANTS = {
            2.7557255425746435e-06, 2.7557273661348637e-07, 2.510520637395701e-08,
            2.0914679376583935e-09)),
 }
-_F64_LN2_HI = _EXP_CONSTANTS["f64"].ln2_hi
-_F64_LN2_LO = _EXP_CONSTANTS["f64"].ln2_lo
 
 # tanh: the switch point between the two formulas, and P's coefficients, lowest degree first.
 _TANH_SWITCH = 0.75
@@ -234,14 +235,12 @@ _TANH_P = {
 }
 
 
-def _nan_propagating_codegen(name):
-    def codegen(context, builder, signature, args):
-        float_type = args[0].type
-        fn = builder.module.declare_intrinsic(
-            name, [float_type], ir.FunctionType(float_type, [float_type, float_type]))
-        return builder.call(fn, args)
-
-    return codegen
+def _call_intrinsic(builder, name, *args):
+    """A call of the LLVM intrinsic ``llvm.<name>`` on floats of one type."""
+    float_type = args[0].type
+    fn = builder.module.declare_intrinsic(f"llvm.{name}", [float_type],
+                                          ir.FunctionType(float_type, [float_type] * len(args)))
+    return builder.call(fn, args)
 
 
 @intrinsic
@@ -254,15 +253,11 @@ def fmax(typingctx, a, b):
     """
     if a != b or a not in (types.float32, types.float64):
         return None
-    return a(a, b), _nan_propagating_codegen("llvm.maximum")
 
+    def codegen(context, builder, signature, args):
+        return _call_intrinsic(builder, "maximum", *args)
 
-@intrinsic
-def fmin(typingctx, a, b):
-    """NaN-propagating minimum of two floats of one type (``llvm.minimum``)."""
-    if a != b or a not in (types.float32, types.float64):
-        return None
-    return a(a, b), _nan_propagating_codegen("llvm.minimum")
+    return a(a, b), codegen
 
 
 @intrinsic
@@ -342,7 +337,8 @@ def _reduce_by_ln2_f64(typingctx, x, k):
         return None
 
     def codegen(context, builder, signature, args):
-        return _emit_reduce_by_ln2(builder, *args, _F64_LN2_HI, _F64_LN2_LO)
+        constants = _EXP_CONSTANTS["f64"]
+        return _emit_reduce_by_ln2(builder, *args, constants.ln2_hi, constants.ln2_lo)
 
     return types.float64(x, k), codegen
 
@@ -397,14 +393,6 @@ def _emit_polynomial(builder, x, coefficients):
         if degree > 0:
             total = builder.fmul(x, total)
     return total
-
-
-def _call_intrinsic(builder, name, *args):
-    """A call of the LLVM intrinsic ``llvm.<name>`` on floats of one type."""
-    float_type = args[0].type
-    fn = builder.module.declare_intrinsic(f"llvm.{name}", [float_type],
-                                          ir.FunctionType(float_type, [float_type] * len(args)))
-    return builder.call(fn, args)
 
 
 def _emit_exp(builder, x):
