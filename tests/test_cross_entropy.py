@@ -312,6 +312,40 @@ def test_out_and_inplace(shape, target_kind):
     np.testing.assert_allclose(work, grad, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("target_kind", ["index", "prob"])
+def test_streamed_gradient_rows_equal_ordinary_ones(dtype, target_kind):
+    # 2-D rows of more than one block whose gradient reaches STREAM_MIN_BYTES go through a
+    # staging row and non-temporal stores; a few of the same rows, too small a gradient to
+    # stream, take the ordinary path. With reduction="none" each row's gradient depends on its
+    # row alone, so the two must agree bit for bit (out=, inplace= and a row of -inf logits
+    # and an ignored target included).
+    from fusedgrad.cpu.cross_entropy import BLOCK, _streams_rows
+    n_classes = 2 * BLOCK + 37
+    n_rows = (4 << 20) // (n_classes * np.dtype(dtype).itemsize) + 3
+    logits, target = make_problem((n_rows, n_classes), target_kind, dtype)
+    logits[1, BLOCK:2 * BLOCK] = -np.inf
+    options = dict(reduction="none", label_smoothing=0.1, z_loss=1e-3, softcap=20.0)
+    loss, grad = fg.softmax_cross_entropy(logits, target, **options)
+    assert _streams_rows(grad)
+    few = slice(0, 5)
+    few_loss, few_grad = fg.softmax_cross_entropy(logits[few], target[few], **options)
+    assert not _streams_rows(few_grad)
+    np.testing.assert_array_equal(grad[few], few_grad)
+    np.testing.assert_array_equal(loss[few], few_loss)
+    out = np.full_like(logits, 7.0)
+    fg.softmax_cross_entropy(logits, target, out=out, **options)
+    np.testing.assert_array_equal(out, grad)
+    work = logits.copy()
+    fg.softmax_cross_entropy(work, target, inplace=True, **options)
+    np.testing.assert_array_equal(work, grad)
+    expected_loss, expected_grad, _ = reference.softmax_cross_entropy(
+        logits.astype(np.float64), target if target_kind == "index" else
+        target.astype(np.float64), **options)
+    assert_close(loss, expected_loss, dtype, "loss")
+    assert_close(grad, expected_grad, dtype, "grad")
+
+
 def test_non_contiguous_inputs_and_output():
     base, _ = make_problem((8, 12), "index")
     logits = base[:, ::2]                          # strided columns

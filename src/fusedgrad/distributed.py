@@ -297,8 +297,9 @@ def bn_backward_elementwise(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, co
 @njit(cache=True, inline="always")
 def _row_chunks(n_rows, n_cols):
     """(rows per chunk, chunks): chunks of about CHUNK_ELEMENTS logits, as the single-process
-    row kernels cut them; the chunking depends on the shape only (each row is computed by one
-    thread, in a fixed order of blocks). A rank may hold no classes, hence max(1, n_cols)."""
+    (N, C, S) kernels cut their samples; the chunking depends on the shape only (each row is
+    computed by one thread, in a fixed order of blocks). A rank may hold no classes, hence
+    max(1, n_cols)."""
     rows = max(1, CHUNK_ELEMENTS // max(1, n_cols))
     return rows, (n_rows + rows - 1) // rows
 

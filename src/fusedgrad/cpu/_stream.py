@@ -12,6 +12,9 @@ no faster (21.8-22.2 against 22.9-23.1 GB/s): callers stream only whole lines.
 
 The stores are weakly ordered: :func:`store_fence` must follow them before another thread reads
 the memory (each parallel worker calls it at the end of its share).
+
+Users: batch norm's second sweeps (``batch_norm._streams``) and the fused cross-entropy's rows
+of large vocabularies (``cross_entropy._streams_rows``), both from STREAM_MIN_BYTES of output.
 """
 from __future__ import annotations
 
@@ -22,6 +25,9 @@ from numba.extending import intrinsic
 
 #: Bytes per non-temporal store: one cache line, one 512-bit vector.
 STREAM_BYTES = 64
+#: Outputs from this size on are written with non-temporal stores where the rows allow it:
+#: the two L2 caches of the machines in docs/performance.md, 2 x 2 MiB.
+STREAM_MIN_BYTES = 4 * 1024 * 1024
 
 
 @intrinsic

@@ -130,7 +130,7 @@ from numba import njit, prange
 from .._validate import stat_dtype
 from ._math import FASTMATH_SUMS
 from ._prefetch import prefetch_run, prefetch_run_for_write
-from ._stream import STREAM_BYTES, store_fence, stream_copy
+from ._stream import STREAM_BYTES, STREAM_MIN_BYTES, store_fence, stream_copy
 from ._reduce import chunk_bounds, chunk_count, merge_moments, sum_partials
 
 #: Widest tile row, in values: the column accumulators (2 x 8 bytes float64 and 2 x 4 in the
@@ -159,9 +159,6 @@ ROW_BLOCK_BYTES = 1024 * 1024
 MIN_TILES = 8
 #: ...but keep at least this many contiguous values per tile row (vector loops, cache lines).
 MIN_ROW_VALUES = 64
-#: Outputs from this size on are written with non-temporal stores where the rows allow it
-#: (see ``_streams``): the two L2 caches of the machines in docs/performance.md, 2 x 2 MiB.
-STREAM_MIN_BYTES = 4 * 1024 * 1024
 
 
 def plan_tiles(shape3, itemsize):

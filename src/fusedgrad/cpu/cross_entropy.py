@@ -74,7 +74,12 @@ Kernels (chosen by ``_run``; each runs in one of the modes of ``fusedgrad._optio
   Online softmax over L1-sized blocks of BLOCK classes: block max, then exp(z - block max)
   written straight into the gradient buffer while summing, then one in-place scaling of the
   row (still in L1/L2). One exp per element, logits read from memory once. Compiled for
-  512-bit vectors where the CPU has them (``_codegen``).
+  512-bit vectors where the CPU has them (``_codegen``). One worker per thread takes a
+  contiguous share of the rows. Rows of more than one block with a gradient of at least
+  STREAM_MIN_BYTES (large vocabularies) keep the exponentials in a staging row of the
+  worker's instead, and each block, once scaled, goes to the gradient with non-temporal
+  stores (``_stream``), so the gradient's lines are never read from memory before being
+  written (see :func:`_streams_rows`).
 * ``_tiles_index_kernel`` / ``_tiles_prob_kernel``: (N, C, S) views of k-D logits (no
   transposing copy), vectorised across TILE spatial positions, which are contiguous for a
   fixed (n, c): one sample per vector lane (``_index_lanes`` for class indices).
@@ -90,6 +95,7 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -98,12 +104,13 @@ from ._codegen import prefer_wide_vectors
 from ._math import (FASTMATH_SOFTMAX, cast_like, divide, fast_exp, fast_tanh, fmax, log_f64,
                     select)
 from ._reduce import chunked_sum, ordered_gather_sum, ordered_sum
+from ._stream import STREAM_MIN_BYTES, store_fence, stream_copy
 
 #: Elements of one row processed together: the block of logits and of the gradient it writes
 #: (2 x 16 KiB in float64) stays in L1 between the max, exp and scale steps.
 BLOCK = 2048
-#: Rows are distributed to threads in chunks of about this many elements. The chunking depends
-#: only on the shape, never on the thread count.
+#: The (N, C, S) kernels deal samples to threads in chunks of about this many elements. The
+#: chunking depends only on the shape, never on the thread count.
 CHUNK_ELEMENTS = 1 << 15
 #: Rows with at most this many classes go to the small-C kernel (one row per vector lane).
 SMALL_C = 32
@@ -209,13 +216,16 @@ def _run(mode, logits, target, weights, grad, grad_scale, lse, loss, options):
     (and the gradient is copied back), the only case with an N x C temporary.
     """
     if target.dtype == np.int64 and logits.ndim == 2:
-        small = logits.shape[1] <= SMALL_C
-        _launch(_rows_small_kernel if small else _rows_index_kernel, mode, logits, target,
-                weights, grad, grad_scale, lse, loss, options)
+        if logits.shape[1] <= SMALL_C:
+            _launch(_rows_small_kernel, mode, logits, target, weights, grad, grad_scale, lse,
+                    loss, options)
+        else:
+            _launch_rows(_rows_index_kernel, mode, logits, target, weights, grad, grad_scale,
+                         lse, loss, options)
         return
     if logits.ndim == 2:
-        _launch(_rows_prob_kernel, mode, logits, target, weights, grad, grad_scale, lse, loss,
-                options)
+        _launch_rows(_rows_prob_kernel, mode, logits, target, weights, grad, grad_scale, lse,
+                     loss, options)
         return
     shape3 = (logits.shape[0], logits.shape[1], -1)
     logits3 = _spatial_view(logits)
@@ -238,14 +248,38 @@ def _run(mode, logits, target, weights, grad, grad_scale, lse, loss, options):
         np.copyto(grad, grad3.reshape(grad.shape))
 
 
-def _launch(kernel, mode, logits, target, weights, grad, grad_scale, lse, loss, options):
+def _launch(kernel, mode, logits, target, weights, grad, grad_scale, lse, loss, options,
+            *row_arguments):
     """Call a kernel; inplace (``grad`` is the logits' memory) it reads the logits through
     ``grad``: with a single pointer LLVM needs no runtime overlap check, which would send the
     loops to their scalar fallback (slower, and rounding differently from the out= path)."""
     inplace = grad is not None and np.shares_memory(grad, logits)
     kernel(mode, logits, target, weights, logits if grad is None else grad, grad_scale, lse,
            loss, options.ignore_index, options.label_smoothing, options.z_loss, inplace,
-           options.softcap)
+           options.softcap, *row_arguments)
+
+
+def _launch_rows(kernel, mode, logits, target, weights, grad, grad_scale, lse, loss, options):
+    """:func:`_launch` for the (N, C) row kernels, which also take their number of workers (one
+    per thread, read here: inside a kernel the call would keep Numba from caching it) and
+    whether they stream (:func:`_streams_rows`)."""
+    n_workers = max(1, min(numba.get_num_threads(), logits.shape[0]))
+    _launch(kernel, mode, logits, target, weights, grad, grad_scale, lse, loss, options,
+            n_workers, mode == MODE_FUSED and _streams_rows(grad))
+
+
+def _streams_rows(grad) -> bool:
+    """Whether the fused row kernels write ``grad`` with non-temporal stores: rows of more than
+    one BLOCK, contiguous, of at least STREAM_MIN_BYTES in all. Through the API on the Xeon of
+    docs/performance.md (2026-12-05, two threads, float32, each version alternately): 4096 x
+    32000 53.8 -> 47.7-49.2 ms, 1024 x 128256 52.8 -> 45.6-47.3 ms. Rows of one block are
+    not streamed: streamed through a staging row, 8192 x 1000 (whose logits and gradient can
+    stay in the L3 cache from call to call) took 2.9-3.4 ms against 2.1-2.5. Nor is a whole
+    row streamed after its scaling: at 4096 x 32000 that gained nothing (51.6 against 50.9
+    ms), each block's second read then coming from L2 instead of L1.
+    """
+    return (grad.shape[1] > BLOCK and grad.strides[1] == grad.itemsize
+            and grad.nbytes >= STREAM_MIN_BYTES)
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,15 +550,37 @@ def _prob_coefficient(lse, wy, weight_total, smoothing, z_loss, n_classes):
 # Row kernel: (N, C) logits, class-index targets; vectorised along the row
 # --------------------------------------------------------------------------------------------
 @njit(inline="always")
-def _row_layout(n, c):
-    """Rows per chunk (about CHUNK_ELEMENTS logits), number of chunks, blocks per row, and
-    the per-chunk scratch of block shifts and sums (float64, n_chunks x n_blocks)."""
-    rows_per_chunk = max(1, CHUNK_ELEMENTS // c)
-    n_chunks = (n + rows_per_chunk - 1) // rows_per_chunk
+def _row_layout(c, n_workers, grad, stream):
+    """Blocks per row and each worker's scratch: block shifts and sums (float64,
+    n_workers x n_blocks) and, when streaming, a staging row of grad's dtype (n_workers x C;
+    n_workers x 0 otherwise)."""
     n_blocks = (c + BLOCK - 1) // BLOCK
-    block_shift = np.empty((n_chunks, n_blocks), dtype=np.float64)
-    block_sum = np.empty((n_chunks, n_blocks), dtype=np.float64)
-    return rows_per_chunk, n_chunks, n_blocks, block_shift, block_sum
+    block_shift = np.empty((n_workers, n_blocks), dtype=np.float64)
+    block_sum = np.empty((n_workers, n_blocks), dtype=np.float64)
+    staging = np.empty((n_workers, c if stream else 0), dtype=grad.dtype)
+    return n_blocks, block_shift, block_sum, staging
+
+
+@njit(inline="always")
+def _worker_rows(worker, n_workers, n):
+    """``range`` arguments for the worker's contiguous share of the rows. Which thread
+    computes a row never changes the row's result."""
+    return (worker * n) // n_workers, ((worker + 1) * n) // n_workers
+
+
+@njit(inline="always")
+def _block_bounds(b, c):
+    lo = b * BLOCK
+    return lo, min(c, lo + BLOCK)
+
+
+@njit(inline="always")
+def _block_factor(factor, block_shift, block_sum, top, total):
+    """factor * exp(m_b - M) / S: what turns block b's stored exponentials into factor * p_j
+    (0 for a block of -inf logits, whose sum is 0)."""
+    if block_sum == 0.0:
+        return 0.0
+    return factor * _block_rescale(block_shift, top) / total
 
 
 @njit(inline="always")
@@ -554,8 +610,7 @@ def _row_exp_blocks(z, g, store, inplace, w, with_weighted, block_shift, block_s
     row_max = -np.inf
     weighted = 0.0
     for b in range(n_blocks):
-        lo = b * BLOCK
-        hi = min(c, lo + BLOCK)
+        lo, hi = _block_bounds(b, c)
         zb = z[lo:hi]
         m = soft_cap(max_of(zb), softcap)
         shift = m if m > -np.inf else cast_like(0.0, z)
@@ -572,24 +627,9 @@ def _row_exp_blocks(z, g, store, inplace, w, with_weighted, block_shift, block_s
     return top, total, weighted
 
 
-@njit(inline="always", fastmath=FASTMATH_SOFTMAX)
-def _row_scale_blocks(g, top, total, factor, smooth, w, block_shift, block_sum, softcap):
-    """g_j = (factor * p_j - smooth * w_j) * slope_j over the blocks written by
-    :func:`_row_exp_blocks` (slope 1 without a cap)."""
-    c = g.shape[0]
-    for b in range(block_sum.shape[0]):
-        lo = b * BLOCK
-        hi = min(c, lo + BLOCK)
-        block_factor = 0.0
-        if block_sum[b] != 0.0:
-            block_factor = factor * _block_rescale(block_shift[b], top) / total
-        _scale_minus_weighted(g[lo:hi], block_shift[b], block_factor, smooth, w[lo:hi],
-                              softcap)
-
-
 @njit(cache=True, parallel=True, fastmath=FASTMATH_SOFTMAX)
 def _rows_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out, loss_out,
-                       ignore_index, smoothing, z_loss, inplace, softcap):
+                       ignore_index, smoothing, z_loss, inplace, softcap, n_workers, stream):
     """Softmax cross-entropy of (N, C) logits against class indices, one row per sample.
 
     For a row with target t (one-hot y), smoothing s and q_c = (1 - s) y_c + s / C:
@@ -618,20 +658,25 @@ def _rows_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
     grad_scale: (1,) or (N,) float64, the gradient's factor per sample;
     lse_out: (N,) float64, written (read in ``MODE_BACKWARD``);
     loss_out: (N,) float64, written (a (0,) stand-in in ``MODE_BACKWARD``);
-    softcap: None, or the cap c > 0 (float).
+    softcap: None, or the cap c > 0 (float);
+    n_workers: the parallel workers, each taking a contiguous share of the rows;
+    stream: (fused mode only) the exponentials go to a staging row, and each block of the
+    gradient, once scaled, to ``grad`` with non-temporal stores (``grad`` contiguous rows).
     """
     n, c = logits.shape
     weight_total = ordered_sum(weights)
     smooth_per_class = smoothing / c
-    rows_per_chunk, n_chunks, n_blocks, block_shift, block_sum = _row_layout(n, c)
+    n_blocks, block_shift, block_sum, staging = _row_layout(c, n_workers, grad, stream)
     per_sample_scale = grad_scale.shape[0] > 1
-    for chunk in prange(n_chunks):
+    for worker in prange(n_workers):
         prefer_wide_vectors()
-        shifts = block_shift[chunk]
-        sums = block_sum[chunk]
-        for i in range(chunk * rows_per_chunk, min(n, (chunk + 1) * rows_per_chunk)):
+        shifts = block_shift[worker]
+        sums = block_sum[worker]
+        for i in range(*_worker_rows(worker, n_workers, n)):
             z = logits[i]
             g = grad[i]
+            # where the exp pass stores: the worker's staging row when streaming
+            stored = staging[worker] if stream else g
             t = target[i]
             ignored = t == ignore_index
             scale = grad_scale[i] if per_sample_scale else grad_scale[0]
@@ -646,13 +691,13 @@ def _rows_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
             # has no target term; its slope is 1 like every uncapped one, a constant then)
             z_t, slope_t = (0.0, 1.0) if ignored else soft_cap_and_slope(z[t], softcap)
             # 2. lse: the saved one, or one trip over the row in blocks (the exponentials go
-            #    to g in the fused mode)
+            #    to ``stored`` in the fused mode)
             if mode == MODE_BACKWARD:
                 lse = lse_out[i]
             else:
                 top, total, weighted = _row_exp_blocks(
-                    z, g, mode == MODE_FUSED, inplace, weights, smoothing > 0.0, shifts, sums,
-                    softcap)
+                    z, stored, mode == MODE_FUSED, inplace and not stream, weights,
+                    smoothing > 0.0, shifts, sums, softcap)
                 lse = top + math.log(total)
                 lse_out[i] = lse
                 # 3. the loss (0 for an ignored row)
@@ -667,13 +712,24 @@ def _rows_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
             #    the stored exponentials (fused) or exp(z' - lse) (backward), times the slope,
             #    then the target-class term (times its slope)
             coef = scale * index_coefficient(lse, w_t, weight_total, smoothing, z_loss, c)
+            target_term = cast_like(scale * (1.0 - smoothing) * w_t * slope_t, g)
             if mode == MODE_FUSED:
-                _row_scale_blocks(g, top, total, coef, scale * smooth_per_class, weights,
-                                  shifts, sums, softcap)
+                for b in range(n_blocks):
+                    lo, hi = _block_bounds(b, c)
+                    _scale_minus_weighted(
+                        stored[lo:hi], shifts[b],
+                        _block_factor(coef, shifts[b], sums[b], top, total),
+                        scale * smooth_per_class, weights[lo:hi], softcap)
+                    if lo <= t < hi:
+                        stored[t] -= target_term
+                    if stream:
+                        stream_copy(g, lo, stored[lo:hi], hi - lo)
             else:
                 exp_scale_minus_weighted(z, g, lse, coef, scale * smooth_per_class, weights,
                                          inplace, softcap)
-            g[t] -= cast_like(scale * (1.0 - smoothing) * w_t * slope_t, g)
+                g[t] -= target_term
+        if stream:
+            store_fence()
 
 
 @njit(inline="always", fastmath=FASTMATH_SOFTMAX)
@@ -753,13 +809,13 @@ def _exp_scale_minus_target_loop(z, g, lse, coef, y, w, keep, smooth_per_class, 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH_SOFTMAX)
 def _rows_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out, loss_out,
-                      ignore_index, smoothing, z_loss, inplace, softcap):
+                      ignore_index, smoothing, z_loss, inplace, softcap, n_workers, stream):
     """Probability targets y (N, C) with the row machinery of :func:`_rows_index_kernel`:
     loss and gradient per :func:`_prob_loss` / :func:`_prob_coefficient`,
     dloss/dz_j = p_j (sum_c w_c q_c + 2 z_loss lse) - w_j q_j (of z', times the slope
     1 - t_j^2, with a ``softcap``). The target sums are taken in a first trip over the row
     (before an inplace exp overwrites the logits); the exp trip and the scaling then find the
-    row in cache. ``ignore_index`` is unused.
+    row in cache. ``ignore_index`` is unused; ``n_workers`` and ``stream`` as there.
 
     logits: (N, C) float32 / float64, any strides;
     target: (N, C) probabilities, the dtype of logits;
@@ -774,27 +830,29 @@ def _rows_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out, 
     n, c = logits.shape
     weight_total = ordered_sum(weights)
     smooth_per_class = smoothing / c
-    rows_per_chunk, n_chunks, n_blocks, block_shift, block_sum = _row_layout(n, c)
+    n_blocks, block_shift, block_sum, staging = _row_layout(c, n_workers, grad, stream)
     per_sample_scale = grad_scale.shape[0] > 1
-    for chunk in prange(n_chunks):
+    for worker in prange(n_workers):
         prefer_wide_vectors()
-        shifts = block_shift[chunk]
-        sums = block_sum[chunk]
-        for i in range(chunk * rows_per_chunk, min(n, (chunk + 1) * rows_per_chunk)):
+        shifts = block_shift[worker]
+        sums = block_sum[worker]
+        for i in range(*_worker_rows(worker, n_workers, n)):
             z = logits[i]
             y = target[i]
             g = grad[i]
+            stored = staging[worker] if stream else g
             scale = grad_scale[i] if per_sample_scale else grad_scale[0]
             # 1. the target sums Y, sum w y z', sum w z': a first trip over the row, before an
             #    inplace exp overwrites the logits (Y alone in the backward mode)
             wy, wyz, wz = _row_target_sums(z, y, weights, mode != MODE_BACKWARD, softcap)
             # 2. lse: the saved one, or the exp trip over the row in blocks (the exponentials
-            #    go to g in the fused mode)
+            #    go to ``stored`` in the fused mode)
             if mode == MODE_BACKWARD:
                 lse = lse_out[i]
             else:
-                top, total, unused = _row_exp_blocks(z, g, mode == MODE_FUSED, inplace, weights,
-                                                     False, shifts, sums, softcap)
+                top, total, unused = _row_exp_blocks(z, stored, mode == MODE_FUSED,
+                                                     inplace and not stream, weights, False,
+                                                     shifts, sums, softcap)
                 lse = top + math.log(total)
                 lse_out[i] = lse
                 # 3. the loss
@@ -807,17 +865,18 @@ def _rows_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out, 
             coef = scale * _prob_coefficient(lse, wy, weight_total, smoothing, z_loss, c)
             if mode == MODE_FUSED:
                 for b in range(n_blocks):
-                    lo = b * BLOCK
-                    hi = min(c, lo + BLOCK)
-                    block_factor = 0.0
-                    if sums[b] != 0.0:
-                        block_factor = coef * _block_rescale(shifts[b], top) / total
-                    _scale_minus_target(g[lo:hi], shifts[b], block_factor, y[lo:hi],
-                                        weights[lo:hi], 1.0 - smoothing, smooth_per_class, scale,
-                                        softcap)
+                    lo, hi = _block_bounds(b, c)
+                    _scale_minus_target(stored[lo:hi], shifts[b],
+                                        _block_factor(coef, shifts[b], sums[b], top, total),
+                                        y[lo:hi], weights[lo:hi], 1.0 - smoothing,
+                                        smooth_per_class, scale, softcap)
+                    if stream:
+                        stream_copy(g, lo, stored[lo:hi], hi - lo)
             else:
                 _exp_scale_minus_target(z, g, lse, coef, y, weights, 1.0 - smoothing,
                                         smooth_per_class, scale, inplace, softcap)
+        if stream:
+            store_fence()
 
 
 # --------------------------------------------------------------------------------------------
