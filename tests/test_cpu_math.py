@@ -12,7 +12,7 @@ from numba import njit
 from numba.extending import intrinsic
 
 from fusedgrad.cpu._math import (FASTMATH_SOFTMAX, _emit_scale_by_pow2, _target_has_scalef,
-                                 exp_array, log_array, tanh_array)
+                                 exp_array, exp_of_shifted, log_array, tanh_array)
 
 # np.longdouble is x87 extended precision on x86-64 Linux; where it is plain float64 (other
 # platforms) it cannot measure a float64 function's error.
@@ -153,6 +153,28 @@ def test_exp_loop_is_vectorised_with_vscalef_on_avx512(dtype):
     # integer path exists.
     asm = _vectorised_loop_asm(exp_array, dtype)
     assert bool(re.search(r"\bvscalefp[sd]\b", asm)) == _target_has_scalef()
+
+
+def _exp_of_shifted_array(x, out):
+    for i in range(x.shape[0]):
+        out[i] = exp_of_shifted(x[i])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_exp_of_shifted_is_exp_bit_for_bit_without_the_clamp_above(dtype):
+    # The cross-entropy's exp of a logit minus its row's maximum: no argument above 0, so the
+    # clamp above (89 / 710) is left out, and nothing else changes.
+    low = SWEEPS[dtype][0]
+    x = np.concatenate([np.linspace(low, 0.0, 2_000_001), np.linspace(0.0, 80.0, 1001),
+                        [-np.inf, np.nan, -0.0]]).astype(dtype)
+    loop = njit(fastmath=FASTMATH_SOFTMAX)(_exp_of_shifted_array)
+    got, expected = np.empty_like(x), np.empty_like(x)
+    loop(x, got)
+    exp_array(x, expected)
+    np.testing.assert_array_equal(got.view(f"u{x.itemsize}"), expected.view(f"u{x.itemsize}"))
+    asm = loop.inspect_asm(loop.signatures[0])
+    assert re.search(r"\b[yz]mm\d+", asm), "the loop was not vectorised"
+    assert not re.search(r"\bvminp[sd]\b", asm), "the clamp above is still there"
 
 
 # --------------------------------------------------------------------------------------------

@@ -395,14 +395,14 @@ def _emit_polynomial(builder, x, coefficients):
     return total
 
 
-def _emit_exp(builder, x):
-    """exp(x), float32 or float64 (the method of the module's docstring)."""
+def _emit_exp(builder, x, clamp_above=True):
+    """exp(x), float32 or float64 (the method of the module's docstring). Without
+    ``clamp_above`` the clamp at ``high`` is left out, for arguments that never exceed it."""
     float_type = x.type
     c = _EXP_CONSTANTS[float_type.intrinsic_name]
-    clamped = _call_intrinsic(builder, "minimum",
-                              _call_intrinsic(builder, "maximum", x,
-                                              _constant(float_type, c.low)),
-                              _constant(float_type, c.high))
+    clamped = _call_intrinsic(builder, "maximum", x, _constant(float_type, c.low))
+    if clamp_above:
+        clamped = _call_intrinsic(builder, "minimum", clamped, _constant(float_type, c.high))
     k = _call_intrinsic(builder, "floor", builder.fadd(
         builder.fmul(clamped, _constant(float_type, c.log2e)), _constant(float_type, 0.5)))
     r = _emit_reduce_by_ln2(builder, clamped, k, c.ln2_hi, c.ln2_lo)
@@ -443,6 +443,7 @@ def _float_intrinsic(emit):
 
 
 _exp = _float_intrinsic(_emit_exp)
+_exp_of_shifted = _float_intrinsic(lambda builder, x: _emit_exp(builder, x, clamp_above=False))
 _tanh = _float_intrinsic(_emit_tanh)
 
 
@@ -456,6 +457,21 @@ def fast_exp(x):
 def _fast_exp_overload(x):
     if x in (types.float32, types.float64):
         return lambda x: _exp(x)
+    return None
+
+
+def exp_of_shifted(x):
+    """:func:`fast_exp` for ``x <= 0`` or NaN, such as a logit minus its row's maximum or
+    log-sum-exp: the clamp above (x > 89 in float32) is left out, one vector instruction of the
+    ~18 in a float32 exp loop. Every result is the bits of :func:`fast_exp` for x <= 89.
+    Called from Python it is NumPy's ``np.exp``."""
+    return np.exp(x)
+
+
+@overload(exp_of_shifted, inline="always")
+def _exp_of_shifted_overload(x):
+    if x in (types.float32, types.float64):
+        return lambda x: _exp_of_shifted(x)
     return None
 
 
