@@ -344,7 +344,8 @@ def _shard_stats_kernel(logits, target, offset, weights, shift, ignore_index, wi
             w_total = 0.0
             for lo in range(0, c, BLOCK):
                 zb = z[lo:min(c, lo + BLOCK)]
-                total += np.float64(sum_exp_shifted(zb, zb, s_cast, False, False, softcap))
+                total += np.float64(sum_exp_shifted(zb, zb, s_cast, False, False, softcap,
+                                                           None)[0])
                 if with_weighted:
                     w_total += weighted_sum(zb, weights[lo:min(c, lo + BLOCK)], softcap)
             sum_exp[i] = total
