@@ -456,26 +456,12 @@ def fast_exp(x):
     return np.exp(x)
 
 
-@overload(fast_exp, inline="always")
-def _fast_exp_overload(x):
-    if x in (types.float32, types.float64):
-        return lambda x: _exp(x)
-    return None
-
-
 def exp_of_shifted(x):
-    """:func:`fast_exp` for ``x <= 0`` or NaN, such as a logit minus its row's maximum or
-    log-sum-exp: the clamp above (x > 89 in float32) is left out, one vector instruction of the
+    """:func:`fast_exp` for ``x <= 0`` or NaN, such as a logit minus its row's or block's
+    maximum: the clamp above (x > 89 in float32) is left out, one vector instruction of the
     ~18 in a float32 exp loop. Every result is the bits of :func:`fast_exp` for x <= 89.
     Called from Python it is NumPy's ``np.exp``."""
     return np.exp(x)
-
-
-@overload(exp_of_shifted, inline="always")
-def _exp_of_shifted_overload(x):
-    if x in (types.float32, types.float64):
-        return lambda x: _exp_of_shifted(x)
-    return None
 
 
 def fast_tanh(x):
@@ -484,11 +470,19 @@ def fast_tanh(x):
     return np.tanh(x)
 
 
-@overload(fast_tanh, inline="always")
-def _fast_tanh_overload(x):
-    if x in (types.float32, types.float64):
-        return lambda x: _tanh(x)
-    return None
+def _overload_for_floats(function, intrinsic_of_float):
+    """Make ``function`` (a NumPy-backed Python function) call ``intrinsic_of_float`` inside
+    jitted code, for float32 and float64 arguments."""
+    @overload(function, inline="always")
+    def _overload(x):
+        if x in (types.float32, types.float64):
+            return lambda x: intrinsic_of_float(x)
+        return None
+
+
+_overload_for_floats(fast_exp, _exp)
+_overload_for_floats(exp_of_shifted, _exp_of_shifted)
+_overload_for_floats(fast_tanh, _tanh)
 
 
 @njit(cache=True, fastmath=FASTMATH_SOFTMAX)

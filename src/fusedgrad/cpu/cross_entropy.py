@@ -607,6 +607,17 @@ def _prefetch_logits(z, lo, hi):
 
 
 @njit(inline="always")
+def _enter_row(logits, i, end, prefetch):
+    """Row i of a worker's share (which ends before row ``end``) and the row after it (row i
+    itself for the share's last), whose maximum row i's exp pass takes; with ``prefetch`` the
+    next row's first block is asked for."""
+    c = logits.shape[1]
+    if prefetch and i + 1 < end:
+        _prefetch_logits(logits[i + 1], 0, min(c, BLOCK))
+    return logits[i], logits[min(i + 1, end - 1)]
+
+
+@njit(inline="always")
 def _block_factor(factor, block_shift, block_sum, top, total):
     """factor * exp(m_b - M) / S: what turns block b's stored exponentials into factor * p_j
     (0 for a block of -inf logits, whose sum is 0)."""
@@ -736,12 +747,9 @@ def _rows_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
         # the maximum of row i, when row i - 1's exp pass took it (NaN: not known)
         next_max = cast_like(np.nan, logits)
         for i in range(first, end):
-            if prefetch and i + 1 < end:
-                _prefetch_logits(logits[i + 1], 0, min(c, BLOCK))
+            z, z_next = _enter_row(logits, i, end, prefetch)
             known_max = next_max
             next_max = cast_like(np.nan, logits)
-            z = logits[i]
-            z_next = logits[i + 1] if i + 1 < end else z
             g = grad[i]
             # where the exp pass stores: the worker's staging row when streaming
             stored = staging[worker] if stream else g
@@ -908,12 +916,9 @@ def _rows_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out, 
         first, end = _worker_rows(worker, n_workers, n)
         next_max = cast_like(np.nan, logits)
         for i in range(first, end):
-            if prefetch and i + 1 < end:
-                _prefetch_logits(logits[i + 1], 0, min(c, BLOCK))
+            z, z_next = _enter_row(logits, i, end, prefetch)
             known_max = next_max
             next_max = cast_like(np.nan, logits)
-            z = logits[i]
-            z_next = logits[i + 1] if i + 1 < end else z
             y = target[i]
             g = grad[i]
             stored = staging[worker] if stream else g
