@@ -52,6 +52,14 @@ def chunk_bounds(index, n, chunk):
     return lo, min(n, lo + chunk)
 
 
+@njit(cache=True, inline="always")
+def worker_share(worker, n_workers, n):
+    """``[lo, hi)`` of worker ``worker``'s contiguous share when ``n`` items are dealt to
+    ``n_workers`` (one per thread). Only which thread computes an item depends on it, so it may
+    follow the thread count where :func:`chunk_bounds` may not: no result depends on it."""
+    return (worker * n) // n_workers, ((worker + 1) * n) // n_workers
+
+
 @njit(cache=True, fastmath=False)
 def merge_moments(counts, means, m2s):
     """Chan-merge K partial moments in index order, independently for each of C columns.

@@ -131,7 +131,7 @@ from .._validate import stat_dtype
 from ._math import FASTMATH_SUMS
 from ._prefetch import prefetch_run, prefetch_run_for_write
 from ._stream import STREAM_BYTES, STREAM_MIN_BYTES, store_fence, stream_copy
-from ._reduce import chunk_bounds, chunk_count, merge_moments, sum_partials
+from ._reduce import chunk_bounds, chunk_count, merge_moments, sum_partials, worker_share
 
 #: Widest tile row, in values: the column accumulators (2 x 8 bytes float64 and 2 x 4 in the
 #: input dtype per column) and per-column vectors of a tile stay inside the 48 KB L1.
@@ -646,8 +646,7 @@ def _worker_tiles(worker, n_workers, n_tiles, backwards):
     Only which thread computes a tile depends on it, never the tile's result (each tile writes
     its own partials, merged in tile order), so any split gives the same bits.
     """
-    lo = (worker * n_tiles) // n_workers
-    hi = ((worker + 1) * n_tiles) // n_workers
+    lo, hi = worker_share(worker, n_workers, n_tiles)
     return (hi - 1, lo - 1, -1) if backwards else (lo, hi, 1)
 
 

@@ -104,7 +104,7 @@ from ._codegen import prefer_wide_vectors
 from ._math import (FASTMATH_SOFTMAX, cast_like, divide, exp_of_shifted, fast_exp,
                     fast_tanh, fmax, log_f64, select)
 from ._prefetch import prefetch_run
-from ._reduce import chunked_sum, ordered_gather_sum, ordered_sum
+from ._reduce import chunked_sum, ordered_gather_sum, ordered_sum, worker_share
 from ._stream import STREAM_MIN_BYTES, store_fence, stream_copy
 
 #: Elements of one row processed together: the block of logits and of the gradient it writes
@@ -582,13 +582,6 @@ def _row_layout(c, n_workers, grad, stream):
 
 
 @njit(inline="always")
-def _worker_rows(worker, n_workers, n):
-    """``range`` arguments for the worker's contiguous share of the rows. Which thread
-    computes a row never changes the row's result."""
-    return (worker * n) // n_workers, ((worker + 1) * n) // n_workers
-
-
-@njit(inline="always")
 def _block_bounds(b, c):
     lo = b * BLOCK
     return lo, min(c, lo + BLOCK)
@@ -743,7 +736,7 @@ def _rows_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
         prefer_wide_vectors()
         shifts = block_shift[worker]
         sums = block_sum[worker]
-        first, end = _worker_rows(worker, n_workers, n)
+        first, end = worker_share(worker, n_workers, n)
         # the maximum of row i, when row i - 1's exp pass took it (NaN: not known)
         next_max = cast_like(np.nan, logits)
         for i in range(first, end):
@@ -913,7 +906,7 @@ def _rows_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out, 
         prefer_wide_vectors()
         shifts = block_shift[worker]
         sums = block_sum[worker]
-        first, end = _worker_rows(worker, n_workers, n)
+        first, end = worker_share(worker, n_workers, n)
         next_max = cast_like(np.nan, logits)
         for i in range(first, end):
             z, z_next = _enter_row(logits, i, end, prefetch)
