@@ -312,15 +312,29 @@ def test_out_and_inplace(shape, target_kind):
     np.testing.assert_allclose(work, grad, rtol=1e-12, atol=1e-15)
 
 
+def test_gradient_rows_are_not_streamed_where_streaming_does_not_pay(monkeypatch):
+    from fusedgrad.cpu import _stream
+    from fusedgrad.cpu.cross_entropy import _streams_rows
+    assert not _stream.streaming_pays_on("znver5") and not _stream.streaming_pays_on("znver4")
+    assert _stream.streaming_pays_on("sapphirerapids") and _stream.streaming_pays_on("skylake")
+    grad = np.empty((64, 32768), dtype=np.float32)
+    monkeypatch.setattr(_stream, "STREAMING_PAYS", True)
+    assert _streams_rows(grad)
+    monkeypatch.setattr(_stream, "STREAMING_PAYS", False)
+    assert not _streams_rows(grad)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("target_kind", ["index", "prob"])
-def test_streamed_gradient_rows_equal_ordinary_ones(dtype, target_kind):
+def test_streamed_gradient_rows_equal_ordinary_ones(dtype, target_kind, monkeypatch):
     # 2-D rows of more than one block whose gradient reaches STREAM_MIN_BYTES go through a
     # staging row and non-temporal stores; a few of the same rows, too small a gradient to
     # stream, take the ordinary path. With reduction="none" each row's gradient depends on its
     # row alone, so the two must agree bit for bit (out=, inplace= and a row of -inf logits
     # and an ignored target included).
+    from fusedgrad.cpu import _stream
     from fusedgrad.cpu.cross_entropy import BLOCK, _streams_rows
+    monkeypatch.setattr(_stream, "STREAMING_PAYS", True)  # streamed on any CPU
     n_classes = 2 * BLOCK + 37
     n_rows = (4 << 20) // (n_classes * np.dtype(dtype).itemsize) + 3
     logits, target = make_problem((n_rows, n_classes), target_kind, dtype)

@@ -671,6 +671,24 @@ def test_small_batch_norm_runs_pytorchs_kernel_and_large_runs_fusedgrads(
         assert calls == (["BatchNormFunction"] if fused else [])
 
 
+@pytest.mark.parametrize("relu", [False, True])
+def test_small_batch_norm_refuses_one_value_per_channel_in_training_as_pytorch_does(
+        default_thresholds, relu):
+    cls = fgt.BatchNormReLU2d if relu else fgt.BatchNorm2d
+    ours, theirs = cls(3), nn.BatchNorm2d(3)
+    x = torch.randn(1, 3, 1, 1)
+    with pytest.raises(ValueError, match="more than 1 value per channel") as ours_error:
+        ours(x)
+    with pytest.raises(ValueError) as theirs_error:
+        theirs(x)
+    assert str(ours_error.value) == str(theirs_error.value)
+    ours.eval(), theirs.eval()
+    torch.testing.assert_close(ours(x), theirs(x).relu() if relu else theirs(x))
+    # an empty batch is not "one value per channel": PyTorch's kernel takes it
+    empty = torch.randn(0, 3, 4, 4)
+    assert ours.train()(empty).shape == empty.shape
+
+
 def test_small_cross_entropy_runs_pytorchs_kernel_unless_an_option_needs_fusedgrads(
         default_thresholds, monkeypatch):
     calls = _kernel_calls(monkeypatch, default_thresholds)

@@ -385,11 +385,33 @@ def batch_norm_with_relu(input, running_mean, running_var, weight, bias, trainin
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
     if small_for_kernels(input, input.numel(), BATCH_NORM_MIN_ELEMENTS):
-        output = F.batch_norm(input, running_mean, running_var, weight, bias, bool(training),
-                              momentum, eps)
-        return F.relu(output) if relu else output
+        return small_batch_norm(input, running_mean, running_var, weight, bias, training,
+                                momentum, eps, relu=relu)
     return BatchNormFunction.apply(input, weight, bias, running_mean, running_var,
                                    bool(training), momentum, eps, bool(relu))
+
+
+def small_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                     *, relu):
+    """PyTorch's batch-norm kernel (``torch.batch_norm``, what ``F.batch_norm`` calls) for a
+    CPU ``input`` below BATCH_NORM_MIN_ELEMENTS, with the ReLU, if any, applied in place.
+
+    Below that size a call costs microseconds, most of them fixed, so the Python around the
+    kernel matters: ``F.batch_norm`` adds a ``__torch_function__`` check and a Python loop over
+    the sizes (its "more than 1 value per channel" check, done here from ``numel``), and an
+    out-of-place ReLU a second output. The ReLU may overwrite the batch norm's output: that
+    output is this function's own, and the batch norm's backward saves its input, not its
+    output (as with ``nn.ReLU(inplace=True)`` after a batch norm, as in torchvision's ResNets).
+    """
+    training = bool(training)
+    channels = input.shape[1] if input.dim() > 1 else 1
+    if training and channels and input.numel() == channels:
+        raise ValueError("Expected more than 1 value per channel when training, got input size "
+                         f"{input.size()}")
+    # cudnn_enabled=False: the input is a CPU tensor, where PyTorch ignores the flag.
+    output = torch.batch_norm(input, weight, bias, running_mean, running_var, training,
+                              momentum, eps, False)
+    return torch.relu_(output) if relu else output
 
 
 # --------------------------------------------------------------------------------------------

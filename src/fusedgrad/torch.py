@@ -37,12 +37,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from . import _torch_ops
 from ._torch_ops import (adopt_state, batch_norm, batch_norm_with_relu, linear_cross_entropy,
-                         meta_copy_arguments, small_for_kernels, softmax_cross_entropy,
-                         step_options)
+                         meta_copy_arguments, small_batch_norm, small_for_kernels,
+                         softmax_cross_entropy, step_options)
 from ._validate import check_real, check_softcap
 
 #: Multi-process drop-ins, defined in ``fusedgrad.distributed`` and re-exported here on first
@@ -112,13 +111,15 @@ class _FusedBatchNorm:
     _relu = False
 
     def forward(self, input):
-        if isinstance(input, torch.Tensor) and small_for_kernels(
-                input, input.numel(), _torch_ops.BATCH_NORM_MIN_ELEMENTS):
-            # PyTorch's own module path, unchanged (see _torch_ops.BATCH_NORM_MIN_ELEMENTS).
-            output = super().forward(input)
-            return F.relu(output) if self._relu else output
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
         self._check_input_dim(input)
         step = step_options(self)
+        if small_for_kernels(input, input.numel(), _torch_ops.BATCH_NORM_MIN_ELEMENTS):
+            # PyTorch's kernel (see _torch_ops.BATCH_NORM_MIN_ELEMENTS), called directly.
+            return small_batch_norm(input, step.running_mean, step.running_var, self.weight,
+                                    self.bias, step.use_batch_stats, step.momentum, self.eps,
+                                    relu=self._relu)
         return batch_norm_with_relu(input, step.running_mean, step.running_var, self.weight,
                                     self.bias, step.use_batch_stats, step.momentum, self.eps,
                                     relu=self._relu)

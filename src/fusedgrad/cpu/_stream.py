@@ -10,6 +10,16 @@ written): 51 MB arrays 23.1-23.4 GB/s with ordinary stores, 29.8-31.8 with non-t
 1 KiB row starts and ends in a partial line written with ordinary stores, the streamed loop was
 no faster (21.8-22.2 against 22.9-23.1 GB/s): callers stream only whole lines.
 
+Not on every CPU: on the 2-core AMD EPYC (Zen 5, ``znver5``) of ``docs/performance.md``
+(2026-12-05, two threads, each version alternately in one process) the cross-entropy's
+streamed rows were the slower ones, 4096 x 32000 float32 28.9 ms streamed against 21.0 with
+ordinary stores, 1024 x 128256 26.6 against 20.4 (one thread: 50.4 / 40.5, 46.4 / 35.7). A
+bare loop there showed why: one core reading a row and streaming it back took the sum of the
+read alone and the write alone (17 + 15 ms over 524 MB each way), while the same copy with
+ordinary stores took 25.5 ms. Batch norm's streamed sweeps were level there (NCHW, channels-
+last) or slower ((N, C) 4096 x 1024: 1.91 against 1.65 ms). So callers stream only where
+:data:`STREAMING_PAYS`: on every CPU but AMD's Zen cores, the one family measured slower.
+
 The stores are weakly ordered: :func:`store_fence` must follow them before another thread reads
 the memory (each parallel worker calls it at the end of its share).
 
@@ -18,7 +28,7 @@ of large vocabularies (``cross_entropy._streams_rows``), both from STREAM_MIN_BY
 """
 from __future__ import annotations
 
-from llvmlite import ir
+from llvmlite import binding, ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -28,6 +38,19 @@ STREAM_BYTES = 64
 #: Outputs from this size on are written with non-temporal stores where the rows allow it:
 #: the two L2 caches of the machines in docs/performance.md, 2 x 2 MiB.
 STREAM_MIN_BYTES = 4 * 1024 * 1024
+
+
+def streaming_pays_on(cpu_name: str) -> bool:
+    """Whether non-temporal stores speed up large outputs on the CPU LLVM calls ``cpu_name``
+    (``llvmlite.binding.get_host_cpu_name()``): not on AMD's Zen cores (``znver*``), see the
+    module's docstring. A property of the machine, never of a measurement, so a machine
+    always takes the same path."""
+    return not cpu_name.startswith("znver")
+
+
+#: Whether the callers write large outputs with non-temporal stores on this machine (read at
+#: call time: tests set it to run the streamed path on any machine).
+STREAMING_PAYS = streaming_pays_on(binding.get_host_cpu_name())
 
 
 @intrinsic

@@ -80,7 +80,8 @@ In NCHW a tile's rows lie one image apart, so each run starts cold for the hardw
 prefetchers; the run loops prefetch the rows two ahead in software (``_prefetch``; at
 64 x 256 x 28 x 28, forward + backward 14.0 -> 10.7 ms).
 
-In training, the second sweeps write their output with non-temporal stores (``_stream``: each
+In training, on CPUs where it pays (``_stream.STREAMING_PAYS``: not on AMD's Zen cores), the
+second sweeps write their output with non-temporal stores (``_stream``: each
 tile row or run is computed into a staging row in L1, then copied out in whole 64-byte lines
 without the line being read first) when the output is at least STREAM_MIN_BYTES and every
 piece starts on a cache line (the buffer pool's outputs start on one); see ``_streams`` for
@@ -130,6 +131,7 @@ from numba import njit, prange
 from .._validate import stat_dtype
 from ._math import FASTMATH_SUMS
 from ._prefetch import prefetch_run, prefetch_run_for_write
+from . import _stream
 from ._stream import STREAM_BYTES, STREAM_MIN_BYTES, store_fence, stream_copy
 from ._reduce import chunk_bounds, chunk_count, merge_moments, sum_partials, worker_share
 
@@ -839,15 +841,16 @@ def _flat(a):
 
 
 def _streams(out3) -> bool:
-    """Whether a training sweep writes ``out3`` with non-temporal stores: when it is larger than
-    the two L2 caches together (it is not going to stay in them for its next reader anyway) and
-    starts on a cache line (then the loops stream every row or run whose lines it fills whole,
-    see :func:`_whole_lines`). An ordinary store first reads the line it writes, so a streamed
+    """Whether a training sweep writes ``out3`` with non-temporal stores: on a CPU where they
+    pay (``_stream.STREAMING_PAYS``), when it is larger than the two L2 caches together (it is
+    not going to stay in them for its next reader anyway) and starts on a cache line (then the
+    loops stream every row or run whose lines it fills whole, see :func:`_whole_lines`). An ordinary store first reads the line it writes, so a streamed
     output costs one transfer per byte instead of two. Not in eval: its single pass over x and
     y can live in the L3 cache from call to call, which streamed stores defeat (eval NCHW
     64 x 256 x 28 x 28, freed memory kept: 2.39-2.51 ms with ordinary stores, 3.74-3.75
     streamed)."""
-    return out3.nbytes >= STREAM_MIN_BYTES and out3.ctypes.data % STREAM_BYTES == 0
+    return (_stream.STREAMING_PAYS and out3.nbytes >= STREAM_MIN_BYTES
+            and out3.ctypes.data % STREAM_BYTES == 0)
 
 
 def _flat_or_none(a):

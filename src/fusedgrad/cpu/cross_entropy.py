@@ -76,7 +76,8 @@ Kernels (chosen by ``_run``; each runs in one of the modes of ``fusedgrad._optio
   row (still in L1/L2). One exp per element, logits read from memory once. Compiled for
   512-bit vectors where the CPU has them (``_codegen``). One worker per thread takes a
   contiguous share of the rows. Rows of more than one block with a gradient of at least
-  STREAM_MIN_BYTES (large vocabularies) keep the exponentials in a staging row of the
+  STREAM_MIN_BYTES (large vocabularies), on CPUs where non-temporal stores pay
+  (``_stream.STREAMING_PAYS``), keep the exponentials in a staging row of the
   worker's instead, and each block, once scaled, goes to the gradient with non-temporal
   stores (``_stream``), so the gradient's lines are never read from memory before being
   written (see :func:`_streams_rows`).
@@ -105,6 +106,7 @@ from ._math import (FASTMATH_SOFTMAX, cast_like, divide, exp_of_shifted, fast_ex
                     fast_tanh, fmax, log_f64, select)
 from ._prefetch import prefetch_run
 from ._reduce import chunked_sum, ordered_gather_sum, ordered_sum, worker_share
+from . import _stream
 from ._stream import STREAM_MIN_BYTES, store_fence, stream_copy
 
 #: Elements of one row processed together: the block of logits and of the gradient it writes
@@ -274,8 +276,9 @@ def _launch_rows(kernel, mode, logits, target, weights, grad, grad_scale, lse, l
 
 
 def _streams_rows(grad) -> bool:
-    """Whether the fused row kernels write ``grad`` with non-temporal stores: rows of more than
-    one BLOCK, contiguous, of at least STREAM_MIN_BYTES in all. Through the API on the Xeon of
+    """Whether the fused row kernels write ``grad`` with non-temporal stores: on a CPU where they
+    pay (``_stream.STREAMING_PAYS``), rows of more than one BLOCK, contiguous, of at least
+    STREAM_MIN_BYTES in all. Through the API on the Xeon of
     docs/performance.md (2026-12-05, two threads, float32, each version alternately): 4096 x
     32000 53.8 -> 47.7-49.2 ms, 1024 x 128256 52.8 -> 45.6-47.3 ms. Rows of one block are
     not streamed: streamed through a staging row, 8192 x 1000 (whose logits and gradient can
@@ -285,8 +288,8 @@ def _streams_rows(grad) -> bool:
     trip: read the logits, write the gradient) keeps ordinary stores: streamed block by block
     through the staging row, 4096 x 32000 took 40.9-41.4 ms either way.
     """
-    return (grad.shape[1] > BLOCK and grad.strides[1] == grad.itemsize
-            and grad.nbytes >= STREAM_MIN_BYTES)
+    return (_stream.STREAMING_PAYS and grad.shape[1] > BLOCK
+            and grad.strides[1] == grad.itemsize and grad.nbytes >= STREAM_MIN_BYTES)
 
 
 # --------------------------------------------------------------------------------------------
