@@ -682,7 +682,8 @@ def test_small_batch_norm_refuses_one_value_per_channel_in_training_as_pytorch_d
     with pytest.raises(ValueError) as theirs_error:
         theirs(x)
     assert str(ours_error.value) == str(theirs_error.value)
-    ours.eval(), theirs.eval()
+    ours.eval()
+    theirs.eval()
     torch.testing.assert_close(ours(x), theirs(x).relu() if relu else theirs(x))
     # an empty batch is not "one value per channel": PyTorch's kernel takes it
     empty = torch.randn(0, 3, 4, 4)

@@ -40,8 +40,8 @@ from torch import nn
 
 from . import _torch_ops
 from ._torch_ops import (adopt_state, batch_norm, batch_norm_with_relu, linear_cross_entropy,
-                         meta_copy_arguments, small_batch_norm, small_for_kernels,
-                         softmax_cross_entropy, step_options)
+                         meta_copy_arguments, small_for_kernels, softmax_cross_entropy,
+                         step_options)
 from ._validate import check_real, check_softcap
 
 #: Multi-process drop-ins, defined in ``fusedgrad.distributed`` and re-exported here on first
@@ -111,15 +111,9 @@ class _FusedBatchNorm:
     _relu = False
 
     def forward(self, input):
-        if not isinstance(input, torch.Tensor):
-            raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
         self._check_input_dim(input)
         step = step_options(self)
-        if small_for_kernels(input, input.numel(), _torch_ops.BATCH_NORM_MIN_ELEMENTS):
-            # PyTorch's kernel (see _torch_ops.BATCH_NORM_MIN_ELEMENTS), called directly.
-            return small_batch_norm(input, step.running_mean, step.running_var, self.weight,
-                                    self.bias, step.use_batch_stats, step.momentum, self.eps,
-                                    relu=self._relu)
+        # Small CPU inputs go to PyTorch's kernel inside (see _torch_ops.small_batch_norm).
         return batch_norm_with_relu(input, step.running_mean, step.running_var, self.weight,
                                     self.bias, step.use_batch_stats, step.momentum, self.eps,
                                     relu=self._relu)

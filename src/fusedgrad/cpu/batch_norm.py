@@ -846,10 +846,9 @@ def _streams(out3) -> bool:
     not going to stay in them for its next reader anyway) and starts on a cache line (then the
     loops stream every row or run whose lines it fills whole, see :func:`_whole_lines`). An
     ordinary store first reads the line it writes, so a streamed output costs one transfer per
-    byte instead of two. Not in eval: its single pass over x and
-    y can live in the L3 cache from call to call, which streamed stores defeat (eval NCHW
-    64 x 256 x 28 x 28, freed memory kept: 2.39-2.51 ms with ordinary stores, 3.74-3.75
-    streamed)."""
+    byte instead of two. Not in eval: its single pass over x and y can live in the L3 cache
+    from call to call, which streamed stores defeat (eval NCHW 64 x 256 x 28 x 28, freed
+    memory kept: 2.39-2.51 ms with ordinary stores, 3.74-3.75 streamed)."""
     return (_stream.STREAMING_PAYS and out3.nbytes >= STREAM_MIN_BYTES
             and out3.ctypes.data % STREAM_BYTES == 0)
 
