@@ -317,22 +317,28 @@ def test_time_interleaved_alternates_until_each_has_enough():
     assert calls[:6] == ["slow", "fast", "slow", "slow", "fast", "fast"]
 
 
-def test_each_timed_call_follows_untimed_calls_for_the_settle_time():
+def test_each_timed_call_follows_untimed_calls_for_the_settle_time(monkeypatch):
+    # A simulated clock in which every call takes exactly 3 ms: the counts below follow from the
+    # settle logic alone, not from how the machine schedules sleeps (a loaded CI runner once
+    # slept long enough to cut a run to 4 calls).
+    clock = [0.0]
+    monkeypatch.setattr(_bench, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     calls = []
     settings = _bench.Settings(repeats=2, min_seconds=0.0, max_repeats=2, settle_seconds=0.01)
 
     def tick(name):
         calls.append(name)
-        time.sleep(0.003)
+        clock[0] += 0.003
 
     timings = _bench.time_interleaved({"a": lambda: tick("a"), "b": lambda: tick("b")},
                                       settings)
     assert timings["a"].repeats == timings["b"].repeats == 2
-    # Per round and implementation: untimed calls until 0.01 s have passed (at least 4 of
-    # 3 ms), then the timed one, in runs that never mix the implementations.
+    assert timings["a"].samples == pytest.approx([0.003, 0.003])
+    assert timings["b"].samples == pytest.approx([0.003, 0.003])
+    # Per round and implementation: untimed calls until 0.01 s have passed (4 of 3 ms), then the
+    # timed one, in runs that never mix the implementations.
     runs = [(name, len(list(group))) for name, group in itertools.groupby(calls[2:])]
-    assert calls[:2] == ["a", "b"] and [name for name, _ in runs] == ["a", "b", "a", "b"]
-    assert all(length >= 5 for _, length in runs)
+    assert calls[:2] == ["a", "b"] and runs == [("a", 5), ("b", 5), ("a", 5), ("b", 5)]
 
 
 def test_paired_speedup_is_the_median_of_per_round_ratios():
