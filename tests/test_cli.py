@@ -341,6 +341,18 @@ def test_each_timed_call_follows_untimed_calls_for_the_settle_time(monkeypatch):
     assert calls[:2] == ["a", "b"] and runs == [("a", 5), ("b", 5), ("a", 5), ("b", 5)]
 
 
+def test_header_names_numpys_blas_kernels_and_warns_when_they_are_forced(monkeypatch):
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    machine = _bench.machine_info()
+    header = _bench.machine_header(machine)
+    assert machine["OPENBLAS_CORETYPE"] == "Haswell"
+    assert "warning: OPENBLAS_CORETYPE=Haswell" in header
+    # threadpoolctl (a dependency of scikit-learn, in the test extra) reads the loaded BLAS
+    assert machine["numpy_blas"] and f"NumPy's BLAS: {machine['numpy_blas']}" in header
+    monkeypatch.delenv("OPENBLAS_CORETYPE")
+    assert "OPENBLAS_CORETYPE" not in _bench.machine_header(_bench.machine_info())
+
+
 def test_paired_speedup_is_the_median_of_per_round_ratios():
     torch_timing = _bench.Timing(1.0, 2.0, 4, [2.0, 4.0, 1.0, 9.0])
     fused = _bench.Timing(1.0, 1.0, 3, [1.0, 1.0, 2.0])

@@ -505,6 +505,30 @@ def gpu_description() -> dict:
     return {"available": available, "name": name}
 
 
+def numpy_blas() -> str | None:
+    """The BLAS behind NumPy's ``matmul`` (linear + cross-entropy's products on the host) and
+    the kernels it chose at load time, e.g. "openblas 0.3.31, SkylakeX kernels, 2 threads";
+    None without threadpoolctl (not a dependency). OpenBLAS picks its kernels for the CPU it
+    finds unless ``OPENBLAS_CORETYPE`` names others, and on AVX-512 machines the AVX2 ones
+    ("Haswell") run its products at about half the speed."""
+    try:
+        import threadpoolctl
+    except ImportError:
+        return None
+    blas = [library for library in threadpoolctl.threadpool_info()
+            if library.get("user_api") == "blas"]
+    # SciPy, when loaded (by scikit-learn, say), brings an OpenBLAS of its own: NumPy's is the
+    # one in NumPy's wheel folder (numpy.libs), or the only one in other installs.
+    blas.sort(key=lambda library: "numpy" not in library.get("filepath", ""))
+    if not blas:
+        return None
+    library = blas[0]
+    kernels = library.get("architecture")
+    kernels = f", {kernels} kernels" if kernels else ""
+    return (f"{library.get('internal_api')} {library.get('version')}{kernels}, "
+            f"{library.get('num_threads')} threads")
+
+
 def machine_info(device: str = "cpu") -> dict:
     """Everything needed to interpret a benchmark: CPU, threads, versions, GPU, cache, date."""
     run_tiny_parallel_kernel()
@@ -518,6 +542,8 @@ def machine_info(device: str = "cpu") -> dict:
         "NUMBA_NUM_THREADS": os.environ.get("NUMBA_NUM_THREADS"),
         "threading_layer": numba.threading_layer(),
         "versions": package_versions(),
+        "numpy_blas": numpy_blas(),
+        "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
         "gpu": gpu_description(),
         "cache_dir": kernel_cache_dir(),
         "NUMBA_CACHE_DIR": os.environ.get("NUMBA_CACHE_DIR"),
@@ -812,6 +838,12 @@ def machine_header(machine: dict) -> str:
               f"device: {machine['device']}; cpu: {machine['cpu']} ({machine['cpu_count']} "
               f"cores{cache}); numba threads: {machine['numba_threads']} "
               f"({machine['threading_layer']}); gpu: {gpu}\n{versions}")
+    if machine.get("numpy_blas"):
+        header += f"\nNumPy's BLAS: {machine['numpy_blas']}"
+    if machine.get("OPENBLAS_CORETYPE"):
+        header += (f"\nwarning: OPENBLAS_CORETYPE={machine['OPENBLAS_CORETYPE']} chooses "
+                   "OpenBLAS's kernels instead of those for this CPU: linear + cross-entropy's "
+                   "products run at those kernels' speed")
     load = machine["load_average_1min"]
     if load is not None and load > 0.5 * machine["cpu_count"]:
         header += (f"\nwarning: load average {load:.1f} on {machine['cpu_count']} cores before "
