@@ -619,6 +619,27 @@ def test_host_matmul(transpose_a, accumulate):
     np.testing.assert_allclose(out, expected, rtol=1e-13)
 
 
+def test_host_products_leave_pytorch_where_its_blas_does_not_pay(monkeypatch):
+    """On AMD's Zen cores (MKL's AVX2 path) the products go through NumPy even with PyTorch
+    loaded; elsewhere through PyTorch's addmm_, in place."""
+    assert not host_arrays.torch_blas_pays_on("znver5")
+    assert host_arrays.torch_blas_pays_on("sapphirerapids")
+    rng = np.random.default_rng(22)
+    g, x = rng.standard_normal((8, 40)), rng.standard_normal((8, 6))
+    for pays in (False, True):
+        monkeypatch.setattr(host_arrays, "TORCH_BLAS_PAYS", pays)
+        viewed = []
+        monkeypatch.setattr(torch, "from_numpy",
+                            lambda arr, real=torch.from_numpy: viewed.append(arr) or real(arr))
+        out = rng.standard_normal((40, 6))
+        expected = out + g.T @ x
+        host_arrays.matmul(g, x, out, transpose_a=True, accumulate=True)
+        np.testing.assert_allclose(out, expected, rtol=1e-13)
+        assert host_arrays.matmul_accumulates_in_place(g.dtype, out.dtype) == pays
+        assert len(viewed) == (3 if pays else 0)
+        monkeypatch.undo()
+
+
 def test_accumulating_product_temporary_is_half_of_a():
     """out (C, d) += a (C x k) @ b, with C * d much larger than a: the temporary is bounded by
     half of a, not by out."""

@@ -3,13 +3,15 @@
 The interface is documented once, in ``fusedgrad._device.arrays``; ``fusedgrad.cuda._arrays`` is
 the device side. Here the arrays are NumPy arrays: anything ``np.asarray`` takes is accepted as
 an input, large outputs come from the pool of released host buffers (``_alloc``), and the matrix
-products are NumPy's (its BLAS), through ``fusedgrad._matmul``.
+products are NumPy's or PyTorch's (their BLAS, see :func:`matmul`), through
+``fusedgrad._matmul``.
 """
 from __future__ import annotations
 
 import sys
 
 import numpy as np
+from llvmlite import binding
 
 from .. import _matmul
 from . import _alloc
@@ -54,19 +56,37 @@ def shares_memory(a, b) -> bool:
     return np.shares_memory(a, b)
 
 
+def torch_blas_pays_on(cpu_name: str) -> bool:
+    """Whether PyTorch's BLAS should run the host products, when PyTorch is loaded, on the CPU
+    LLVM calls ``cpu_name`` (``llvmlite.binding.get_host_cpu_name()``): not on AMD's Zen cores
+    (``znver*``). PyTorch's x86 wheels use MKL, which takes its AVX2 path on AMD processors: on
+    the 2-core AMD EPYC (Zen 5) of ``docs/performance.md`` (2026-12-05) it ran the float32
+    products of linear + cross-entropy (2048 x 1024 @ 1024 x 32000) at 203 GFLOP/s, NumPy's
+    OpenBLAS at 470-530 with the AVX-512 kernels it picks for that CPU (260-273 with the AVX2
+    ones that ``OPENBLAS_CORETYPE=Haswell`` forces), so a whole call at N=2048, d=1024, C=32000
+    took 2.14 s through PyTorch and 1.26 s through NumPy, the temporary NumPy needs to
+    accumulate included. On the Xeons measured, MKL ran these products at 283-320 GFLOP/s.
+    A property of the machine, never of a measurement, so a machine always takes the same path
+    (the two libraries' products round differently)."""
+    return not cpu_name.startswith("znver")
+
+
+#: Whether :func:`matmul` hands the products to PyTorch when it is loaded (read at call time).
+TORCH_BLAS_PAYS = torch_blas_pays_on(binding.get_host_cpu_name())
+
+
 def matmul(a, b, out, *, transpose_a=False, transpose_b=False, accumulate=False) -> None:
     """``out = op(a) @ op(b)``, or ``out += ...`` with ``accumulate``; ``op`` transposes where
     asked (a view: BLAS reads it as it lies).
 
-    When PyTorch is already loaded (``fusedgrad.torch``'s callers) the product runs on
-    zero-copy tensor views of the arrays: PyTorch's ``addmm_`` adds into ``out`` in place
-    (BLAS gemm with beta = 1), where NumPy's ``matmul`` needs a bounded temporary and an extra
-    pass to accumulate (``fusedgrad._matmul.product`` says why and how large); its BLAS
-    (MKL on x86) is also at least as fast on these shapes. Arrays PyTorch cannot view
-    (read-only, negative strides) go through NumPy.
+    When PyTorch is already loaded (``fusedgrad.torch``'s callers) and :data:`TORCH_BLAS_PAYS`,
+    the product runs on zero-copy tensor views of the arrays: PyTorch's ``addmm_`` adds into
+    ``out`` in place (BLAS gemm with beta = 1), where NumPy's ``matmul`` needs a bounded
+    temporary and an extra pass to accumulate (``fusedgrad._matmul.product`` says why and how
+    large). Arrays PyTorch cannot view (read-only, negative strides) go through NumPy.
     """
     a, b = (a.T if transpose_a else a), (b.T if transpose_b else b)
-    torch = torch_if_loaded()
+    torch = torch_if_loaded() if TORCH_BLAS_PAYS else None
     if torch is not None and all(_torch_viewable(x) for x in (a, b, out)):
         a, b, out = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(out)
         _matmul.product(torch, a, b, out, accumulate=accumulate)
@@ -75,8 +95,8 @@ def matmul(a, b, out, *, transpose_a=False, transpose_b=False, accumulate=False)
 
 
 def matmul_accumulates_in_place(operand_dtype, out_dtype) -> bool:
-    """Whether :func:`matmul` adds into ``out`` without a temporary (PyTorch loaded)."""
-    return torch_if_loaded() is not None
+    """Whether :func:`matmul` adds into ``out`` without a temporary (PyTorch's BLAS)."""
+    return TORCH_BLAS_PAYS and torch_if_loaded() is not None
 
 
 def torch_if_loaded():
