@@ -575,13 +575,15 @@ def _prob_coefficient(lse, wy, weight_total, smoothing, z_loss, n_classes):
 @njit(inline="always")
 def _row_layout(c, n_workers, grad, stream):
     """Blocks per row and each worker's scratch: block shifts and sums (float64,
-    n_workers x n_blocks) and, when streaming, a staging row of grad's dtype (n_workers x C;
-    n_workers x 0 otherwise)."""
+    n_workers x n_blocks), when streaming a staging row of grad's dtype (n_workers x C;
+    n_workers x 0 otherwise), and a spare row of zeros (n_workers x C for a one-block row, x 0
+    otherwise: see :func:`_enter_row`)."""
     n_blocks = (c + BLOCK - 1) // BLOCK
     block_shift = np.empty((n_workers, n_blocks), dtype=np.float64)
     block_sum = np.empty((n_workers, n_blocks), dtype=np.float64)
     staging = np.empty((n_workers, c if stream else 0), dtype=grad.dtype)
-    return n_blocks, block_shift, block_sum, staging
+    spare = np.zeros((n_workers, c if n_blocks == 1 else 0), dtype=grad.dtype)
+    return n_blocks, block_shift, block_sum, staging, spare
 
 
 @njit(inline="always")
@@ -603,14 +605,21 @@ def _prefetch_logits(z, lo, hi):
 
 
 @njit(inline="always")
-def _enter_row(logits, i, end, prefetch):
-    """Row i of a worker's share (which ends before row ``end``) and the row after it (row i
-    itself for the share's last), whose maximum row i's exp pass takes; with ``prefetch`` the
-    next row's first block is asked for."""
-    c = logits.shape[1]
-    if prefetch and i + 1 < end:
-        _prefetch_logits(logits[i + 1], 0, min(c, BLOCK))
-    return logits[i], logits[min(i + 1, end - 1)]
+def _enter_row(logits, i, end, prefetch, spare):
+    """Row i of a worker's share (which ends before row ``end``) and the row whose maximum row
+    i's exp pass takes: the next row, whose first block is asked for with ``prefetch``, or, for
+    the share's last row, ``spare``, a row of zeros nobody writes (that maximum is then unused).
+
+    Not row i itself: in place, the exp pass writes row i, and LLVM's runtime overlap check
+    between the row written and the row whose maximum is taken then selects the scalar loop,
+    whose sum rounds differently. Where the shares end depends on the thread count, so those
+    rows differed by an ulp between one and two threads (seen 2026-12-05: one of 16 rows of
+    16 x 300 float64 logits, fused in place, as linear + cross-entropy runs it)."""
+    if i + 1 < end:
+        if prefetch:
+            _prefetch_logits(logits[i + 1], 0, min(logits.shape[1], BLOCK))
+        return logits[i], logits[i + 1]
+    return logits[i], spare
 
 
 @njit(inline="always")
@@ -655,8 +664,8 @@ def _row_exp_blocks(z, g, store, inplace, w, with_weighted, block_shift, block_s
 
     A row of one block skips its max pass when the previous row's exp pass took its maximum
     (``known_max``, NaN when unknown: a NaN maximum is then merely taken again), and takes the
-    maximum of ``z_next`` (the next row, or ``z`` itself for a worker's last row) in its own
-    exp pass: the exps keep the vector units busy while the next row's logits arrive, where a
+    maximum of ``z_next`` (the next row, or a spare row for a worker's last, see
+    :func:`_enter_row`) in its own exp pass: the exps keep the vector units busy while the next row's logits arrive, where a
     max pass of their own waits on memory. Measured on 8192 x 1000 float32 (2026-12-05, two
     threads, a bare loop of the three passes): 1.79-1.80 ms with a max pass per row, 1.49-1.56
     ms with the max taken one row ahead. The maximum is the same whichever loop takes it.
@@ -732,7 +741,8 @@ def _rows_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
     n, c = logits.shape
     weight_total = ordered_sum(weights)
     smooth_per_class = smoothing / c
-    n_blocks, block_shift, block_sum, staging = _row_layout(c, n_workers, grad, stream)
+    n_blocks, block_shift, block_sum, staging, spare = _row_layout(c, n_workers, grad,
+                                                                  stream)
     per_sample_scale = grad_scale.shape[0] > 1
     prefetch = logits.size * logits.itemsize >= PREFETCH_MIN_BYTES
     for worker in prange(n_workers):
@@ -743,7 +753,7 @@ def _rows_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
         # the maximum of row i, when row i - 1's exp pass took it (NaN: not known)
         next_max = cast_like(np.nan, logits)
         for i in range(first, end):
-            z, z_next = _enter_row(logits, i, end, prefetch)
+            z, z_next = _enter_row(logits, i, end, prefetch, spare[worker])
             known_max = next_max
             next_max = cast_like(np.nan, logits)
             g = grad[i]
@@ -902,7 +912,8 @@ def _rows_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out, 
     n, c = logits.shape
     weight_total = ordered_sum(weights)
     smooth_per_class = smoothing / c
-    n_blocks, block_shift, block_sum, staging = _row_layout(c, n_workers, grad, stream)
+    n_blocks, block_shift, block_sum, staging, spare = _row_layout(c, n_workers, grad,
+                                                                  stream)
     per_sample_scale = grad_scale.shape[0] > 1
     prefetch = logits.size * logits.itemsize >= PREFETCH_MIN_BYTES
     for worker in prange(n_workers):
@@ -912,7 +923,7 @@ def _rows_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out, 
         first, end = worker_share(worker, n_workers, n)
         next_max = cast_like(np.nan, logits)
         for i in range(first, end):
-            z, z_next = _enter_row(logits, i, end, prefetch)
+            z, z_next = _enter_row(logits, i, end, prefetch, spare[worker])
             known_max = next_max
             next_max = cast_like(np.nan, logits)
             y = target[i]
