@@ -8,9 +8,11 @@ chunk sizes include 1, sizes that do not divide N and sizes above N; the memory 
 memory at most 1/8 of the logits) is measured with tracemalloc. The GPU path is tested in
 ``test_cuda_linear_cross_entropy.py``.
 """
+import contextlib
 import tracemalloc
 import warnings
 
+import numba
 import numpy as np
 import pytest
 import torch
@@ -23,6 +25,7 @@ import fusedgrad as fg
 import fusedgrad.torch as fgt
 from fusedgrad import _matmul, linear_ce, reference
 from fusedgrad.cpu import _arrays as host_arrays
+from fusedgrad.cpu import cross_entropy as host_ce
 
 RTOL = {np.float64: 1e-11, np.float32: 2e-5}
 ATOL = {np.float64: 1e-12, np.float32: 2e-6}
@@ -638,6 +641,32 @@ def test_host_products_leave_pytorch_where_its_blas_does_not_pay(monkeypatch):
         assert host_arrays.matmul_accumulates_in_place(g.dtype, out.dtype) == pays
         assert len(viewed) == (3 if pays else 0)
         monkeypatch.undo()
+
+
+@pytest.mark.parametrize("torch_runs_products", [False, True])
+def test_chunk_kernels_run_on_one_thread_where_numpy_runs_the_products(torch_runs_products,
+                                                                       monkeypatch):
+    """Numba's spinning workers would take a core from NumPy's BLAS threads (see
+    ``kernels_between_products``); the results are those of the two-thread kernels."""
+    monkeypatch.setattr(host_arrays, "TORCH_BLAS_PAYS", torch_runs_products)
+    x, w, b, target, _ = make_problem(64, 8, 300, dtype=np.float64, ignore_every=5)
+    threads_seen = []
+    real_fused = host_ce.fused
+
+    def recording_fused(*args):
+        threads_seen.append(numba.get_num_threads())
+        return real_fused(*args)
+
+    with monkeypatch.context() as patch:  # the kernels on every thread, as outside the loop
+        patch.setattr(host_arrays, "kernels_between_products", contextlib.nullcontext)
+        expected = fg.linear_cross_entropy(x, w, target, linear_bias=b, chunk_size=16)
+    monkeypatch.setattr(host_ce, "fused", recording_fused)
+    threads = numba.get_num_threads()
+    result = fg.linear_cross_entropy(x, w, target, linear_bias=b, chunk_size=16)
+    assert threads_seen == [threads if torch_runs_products else 1] * 4
+    assert numba.get_num_threads() == threads
+    for got, want in zip(result, expected):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_accumulating_product_temporary_is_half_of_a():

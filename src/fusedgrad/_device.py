@@ -66,6 +66,9 @@ def arrays(location: str):
     ``matmul_accumulates_in_place(operand_dtype, out_dtype) -> bool``
         Whether ``matmul(..., accumulate=True)`` adds into ``out`` without a temporary
         (BLAS gemm with beta = 1 exposed by the library in use).
+    ``kernels_between_products() -> context manager``
+        Within it, fusedgrad's kernels run between the products without slowing them (the
+        host: on one thread where NumPy's BLAS, with its own threads, runs the products).
     ``add_to_rows(out, row) -> None``
         ``out[i, :] += row`` for every row ``i`` (the bias of the logits).
     ``column_sums(a, out, *, accumulate=False) -> None``

@@ -217,8 +217,9 @@ def fused_of_checked(call: LinearCall, grad_loss, wanted):
     buffer = _chunk_buffer(call)
     for r0, r1 in call.chunks():
         logits = _chunk_logits(call, buffer, r0, r1)
-        loss = backend.fused(logits, ce.target[r0:r1], ce.weights, logits,
-                             _rows_of(scale, r0, r1), ce.options)
+        with arrays.kernels_between_products():
+            loss = backend.fused(logits, ce.target[r0:r1], ce.weights, logits,
+                                 _rows_of(scale, r0, r1), ce.options)
         arrays.copyto(per_row_loss[r0:r1], loss)
         _add_chunk_gradients(call, logits, r0, r1, grads)
     _zero_gradients_of_empty_batch(call, buffer, grads)
@@ -236,7 +237,8 @@ def forward_of_checked(call: LinearCall):
     buffer = _chunk_buffer(call)
     for r0, r1 in call.chunks():
         logits = _chunk_logits(call, buffer, r0, r1)
-        loss, lse = backend.forward(logits, ce.target[r0:r1], ce.weights, ce.options)
+        with arrays.kernels_between_products():
+            loss, lse = backend.forward(logits, ce.target[r0:r1], ce.weights, ce.options)
         arrays.copyto(per_row_loss[r0:r1], loss)
         arrays.copyto(per_row_lse[r0:r1], lse)
     lse = backend.sample_result(per_row_lse, ce.sample_shape, ce.result_dtype)
@@ -257,8 +259,9 @@ def backward_of_checked(call: LinearCall, grad_loss, lse, wanted):
     buffer = _chunk_buffer(call)
     for r0, r1 in call.chunks():
         logits = _chunk_logits(call, buffer, r0, r1)
-        backend.backward(logits, ce.target[r0:r1], ce.weights, lse_rows[r0:r1], logits,
-                         _rows_of(scale, r0, r1), ce.options)
+        with call.arrays.kernels_between_products():
+            backend.backward(logits, ce.target[r0:r1], ce.weights, lse_rows[r0:r1], logits,
+                             _rows_of(scale, r0, r1), ce.options)
         _add_chunk_gradients(call, logits, r0, r1, grads)
     _zero_gradients_of_empty_batch(call, buffer, grads)
     return grads

@@ -8,8 +8,10 @@ products are NumPy's or PyTorch's (their BLAS, see :func:`matmul`), through
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 
+import numba
 import numpy as np
 from llvmlite import binding
 
@@ -96,7 +98,34 @@ def matmul(a, b, out, *, transpose_a=False, transpose_b=False, accumulate=False)
 
 def matmul_accumulates_in_place(operand_dtype, out_dtype) -> bool:
     """Whether :func:`matmul` adds into ``out`` without a temporary (PyTorch's BLAS)."""
+    return _torch_runs_products()
+
+
+def _torch_runs_products() -> bool:
+    """Whether :func:`matmul` hands the products to PyTorch (for arrays it can view)."""
     return TORCH_BLAS_PAYS and torch_if_loaded() is not None
+
+
+@contextlib.contextmanager
+def kernels_between_products():
+    """Runs the chunk loop's fusedgrad kernels (the cross-entropy between the products) on
+    one thread where NumPy's BLAS runs the products. Its pool of threads is not Numba's: after
+    a parallel kernel, Numba's OpenMP workers keep spinning, waiting for more work, and take a
+    core from the BLAS product that follows. Measured on the 2-core AMD EPYC (Zen 5) of
+    ``docs/performance.md`` (2026-12-05): at 170 rows x 32000 classes, a product after the
+    two-thread kernel took 37.7 ms, after the one-thread kernel 31.9 (31.3 with
+    ``OMP_WAIT_POLICY=passive``), while the kernel took 1.8 ms on one thread (1.3-2.7 on two); a whole
+    call at N=2048, d=1024, C=32000 took 1.16 s instead of 1.29 s (medians of 5, alternating
+    in one process). The kernels' results do not depend on their thread count."""
+    if _torch_runs_products():  # PyTorch's BLAS (OpenMP threads): not measured, kept as it was
+        yield
+        return
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(threads)
 
 
 def torch_if_loaded():

@@ -37,6 +37,7 @@ dtype-conversion kernel) and :func:`device_sum` (a deterministic sum of a 1-D ar
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import math
@@ -194,6 +195,11 @@ def matmul_accumulates_in_place(operand_dtype, out_dtype) -> bool:
     and operands of ``out``'s dtype (bfloat16 operands accumulate into float32 through one)."""
     return (not SIMULATED and np.dtype(operand_dtype) == np.dtype(out_dtype)
             and _matrix_library().__name__ == "torch")
+
+
+def kernels_between_products():
+    """Nothing to arrange on the GPU: kernels and products share the library's stream."""
+    return contextlib.nullcontext()
 
 
 def add_to_rows(out, row) -> None:
