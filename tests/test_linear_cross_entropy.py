@@ -114,15 +114,20 @@ def test_default_chunk_rows_rule():
     assert rows(512, 4096, 4, True) == 59
     # Accumulating through a temporary of half the buffer: 2/3 of that.
     assert rows(2048, 32000, 4, False) == 167
+    # ... or through a temporary of at most 4 MiB (the host's), whichever leaves more rows.
+    assert rows(2048, 32000, 4, False, 4 << 20) == 218
+    assert rows(512, 4096, 4, False, 4 << 20) == 39           # half the buffer is smaller
     assert rows(100_000, 32000, 4, True) == 524       # 64 MiB of logits per chunk
     assert rows(100_000, 512_000, 4, True) == 32      # wide rows: MIN_CHUNK_ROWS
     assert rows(64, 500, 4, True) == 32               # small batches too
     assert rows(10, 50, 8, True) == 10                # ... or the whole batch
-    for n, c, itemsize in [(512, 4096, 4), (2048, 32000, 4), (3000, 1000, 8)]:
-        for in_place in (True, False):
-            chunk = rows(n, c, itemsize, in_place) * c * itemsize * (1 if in_place else 1.5)
-            reserve = n * linear_ce.ROW_BYTES + c * linear_ce.CLASS_BYTES
-            assert chunk + reserve <= n * c * itemsize / 8
+    for n, c, itemsize in [(512, 4096, 4), (2048, 32000, 4), (3000, 1000, 8),
+                           (8192, 128256, 4)]:
+        reserve = n * linear_ce.ROW_BYTES + c * linear_ce.CLASS_BYTES
+        for in_place, scratch in [(True, None), (False, None), (False, 4 << 20)]:
+            buffer = rows(n, c, itemsize, in_place, scratch) * c * itemsize
+            temporary = 0 if in_place else min(buffer / 2, scratch or buffer)
+            assert buffer + temporary + reserve <= n * c * itemsize / 8
 
 
 @pytest.mark.parametrize("chunk_size", [1, 2, 5, 13, 14, 1000])
@@ -455,6 +460,24 @@ def test_peak_extra_memory_is_at_most_an_eighth_of_the_logits(reduction, monkeyp
     assert extra <= logits_bytes / 8, f"{extra} bytes: {extra / logits_bytes:.3f} of the logits"
 
 
+def test_peak_extra_memory_with_the_host_scratch_bound(monkeypatch):
+    """Logits large enough (134 MB) that the chunk buffer takes the budget but the host's
+    MATMUL_SCRATCH_BYTES, not two thirds of it; the products through NumPy (as on AMD's Zen,
+    or without PyTorch)."""
+    monkeypatch.setenv("FUSEDGRAD_HOST_CACHE_MB", "0")
+    monkeypatch.setattr(host_arrays, "TORCH_BLAS_PAYS", False)
+    n, d, c = 2048, 16, 16384
+    x, w, _, target, _ = make_problem(n, d, c, dtype=np.float32, ignore_every=5)
+    call = linear_ce.prepare(x, w, target, None, None, -100, "mean", 0.0, 0.0, None, None)
+    assert call.chunk_rows == linear_ce.default_chunk_rows(n, c, 4, False, 4 << 20) > \
+        linear_ce.default_chunk_rows(n, c, 4, False)
+    fg.linear_cross_entropy(x, w, target)
+    peak, (_, grad_input, grad_weight, _) = traced_peak(
+        lambda: fg.linear_cross_entropy(x, w, target))
+    extra = peak - grad_input.nbytes - grad_weight.nbytes
+    assert extra <= n * c * 4 / 8, f"{extra / (n * c * 4):.3f} of the logits"
+
+
 def test_torch_function_peak_extra_memory(monkeypatch):
     """The torch function's NumPy allocations (its chunk buffers and gradients), forward and
     the recomputing "none" backward."""
@@ -681,6 +704,20 @@ def test_accumulating_product_temporary_is_half_of_a():
                                                      accumulate=True))
     assert peak <= g.nbytes / 2 + 4096
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_accumulating_product_temporary_keeps_within_scratch_bytes():
+    rng = np.random.default_rng(23)
+    g = rng.standard_normal((64, 2048)).astype(np.float32)
+    x = rng.standard_normal((64, 256)).astype(np.float32)
+    out = rng.standard_normal((2048, 256)).astype(np.float32)
+    expected = out + g.T @ x
+    scratch = 64 * 256 * 4                           # 64 rows of out, a quarter of half of g
+    peak, _ = traced_peak(lambda: _matmul.product(np, g.T, x, out, accumulate=True,
+                                                  scratch_bytes=scratch))
+    assert peak <= scratch + 4096
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+    assert host_arrays.MATMUL_SCRATCH_BYTES == 4 << 20
 
 
 @pytest.mark.parametrize("accumulate", [False, True])

@@ -62,7 +62,9 @@ def arrays(location: str):
         ``out = op(a) @ op(b)``, or ``out += op(a) @ op(b)`` with ``accumulate``, where ``op``
         transposes the operand when asked (without a copy). ``out`` has the operands' dtype, or
         float32 for half-precision operands on the GPU. Accumulating may use a temporary of at
-        most half the elements of ``a``.
+        most half the elements of ``a``, and at most ``MATMUL_SCRATCH_BYTES``.
+    ``MATMUL_SCRATCH_BYTES: int | None``
+        That bound in bytes (None: half of ``a`` only).
     ``matmul_accumulates_in_place(operand_dtype, out_dtype) -> bool``
         Whether ``matmul(..., accumulate=True)`` adds into ``out`` without a temporary
         (BLAS gemm with beta = 1 exposed by the library in use).

@@ -13,7 +13,7 @@ These are the products of ``fusedgrad.linear_cross_entropy``'s chunk loop. The a
 from __future__ import annotations
 
 
-def product(xp, a, b, out, *, accumulate: bool) -> None:
+def product(xp, a, b, out, *, accumulate: bool, scratch_bytes: int | None = None) -> None:
     """``out = a @ b``, or ``out += a @ b`` with ``accumulate``; 2-D arrays of the library ``xp``
     (``a`` and ``b`` may be transposed views; the libraries' BLAS takes them without copies).
 
@@ -25,7 +25,9 @@ def product(xp, a, b, out, *, accumulate: bool) -> None:
     ``out``, for ``dL/dW`` the size of the weight, per chunk. So the product is formed a block of
     ``out``'s rows at a time in one temporary, which is then added to those rows; the temporary
     holds at most half as many elements as ``a`` (the chunk's gradient ``G^T``), so the chunk
-    loop's extra memory stays within 1.5 chunk buffers. The price is one more write and read
+    loop's extra memory stays within 1.5 chunk buffers, and at most ``scratch_bytes`` where
+    given (the host's bound, which leaves the rest of the memory budget to the chunk buffer:
+    see ``fusedgrad.cpu._arrays.MATMUL_SCRATCH_BYTES``). The price is one more write and read
     of each block, small next to the ``2 * k`` flops the product spends per element of ``out``
     (``k`` the chunk's rows). BLAS gemm with ``beta = 1`` through SciPy would avoid it, but
     SciPy is not a dependency of fusedgrad, and its wrappers copy arrays that are not
@@ -46,6 +48,8 @@ def product(xp, a, b, out, *, accumulate: bool) -> None:
         return
     n_rows, n_cols = out.shape[0], out.shape[1]
     block = max(1, (a.shape[0] * a.shape[1]) // (2 * max(n_cols, 1)))
+    if scratch_bytes is not None:
+        block = min(block, max(1, scratch_bytes // (max(n_cols, 1) * a.itemsize)))
     scratch = xp.empty_like(out[:block], dtype=a.dtype)
     for r0 in range(0, n_rows, block):
         r1 = min(r0 + block, n_rows)

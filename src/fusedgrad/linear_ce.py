@@ -28,9 +28,9 @@ GPU) behind the device-array interface (``fusedgrad._device.arrays``: ``matmul``
 
 Memory beyond the inputs and the returned gradients: the chunk buffer (``chunk_rows x C``), the
 temporary of accumulating ``dloss/dW`` where the library cannot add into its output (at most
-half the chunk buffer, ``fusedgrad._matmul.product``), and a few float64 values per row (the
-losses, the gradient scale for "none"). :func:`default_chunk_rows` keeps all of it under
-1/8 of the logits' size.
+half the chunk buffer, on the host at most 4 MiB, ``fusedgrad._matmul.product``), and a few
+float64 values per row (the losses, the gradient scale for "none").
+:func:`default_chunk_rows` keeps all of it under 1/8 of the logits' size.
 
 Internal interface, for ``fusedgrad.torch``'s autograd Function (``fusedgrad._torch_ops``):
 :func:`prepare` checks a call and returns a :class:`LinearCall`; :func:`fused_of_checked` runs
@@ -73,21 +73,26 @@ ALL_GRADIENTS = (True, True, True)
 
 
 def default_chunk_rows(n_rows: int, n_classes: int, itemsize: int,
-                       accumulates_in_place: bool) -> int:
+                       accumulates_in_place: bool, scratch_bytes: int | None = None) -> int:
     """Rows per chunk for ``chunk_size=None``: as many as the memory bound allows, up to
     CHUNK_BYTES of logits, and at least MIN_CHUNK_ROWS (or all N rows, if fewer).
 
     The bound: the chunk buffer (``rows * C * itemsize``), plus, where the library cannot
     add a product into its output (``accumulates_in_place`` False: NumPy, CuPy), the weight
-    gradient's temporary of at most half the buffer (``fusedgrad._matmul.product``), plus
-    ROW_BYTES per row of the batch and CLASS_BYTES per class, within 1/MEMORY_SHARE of the
-    logits' N * C * itemsize.
+    gradient's temporary of at most half the buffer and at most ``scratch_bytes``
+    (``fusedgrad._matmul.product``), plus ROW_BYTES per row of the batch and CLASS_BYTES per
+    class, within 1/MEMORY_SHARE of the logits' N * C * itemsize.
     """
     row_bytes = n_classes * itemsize
-    per_chunk_row = row_bytes if accumulates_in_place else row_bytes * 3 / 2
     budget = (n_rows * row_bytes / MEMORY_SHARE - n_rows * ROW_BYTES
               - n_classes * CLASS_BYTES)
-    by_memory = int(budget // per_chunk_row)
+    if accumulates_in_place:
+        by_memory = int(budget // row_bytes)
+    else:
+        # the temporary is the smaller of its two bounds: each gives a chunk that fits
+        by_memory = int(budget // (row_bytes * 3 / 2))
+        if scratch_bytes is not None:
+            by_memory = max(by_memory, int((budget - scratch_bytes) // row_bytes))
     by_bytes = CHUNK_BYTES // max(1, row_bytes)
     return max(1, min(n_rows, max(MIN_CHUNK_ROWS, min(by_memory, by_bytes))))
 
@@ -149,7 +154,8 @@ def prepare(input, linear_weight, target, linear_bias, weight, ignore_index, red
     if chunk_size is None:
         chunk_rows = default_chunk_rows(
             n_rows, n_classes, input.dtype.itemsize,
-            arrays.matmul_accumulates_in_place(input.dtype, stat_dtype(input.dtype)))
+            arrays.matmul_accumulates_in_place(input.dtype, stat_dtype(input.dtype)),
+            arrays.MATMUL_SCRATCH_BYTES)
     else:
         chunk_rows = check_int("chunk_size", chunk_size)
         if chunk_rows < 1:

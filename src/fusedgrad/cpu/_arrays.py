@@ -93,7 +93,18 @@ def matmul(a, b, out, *, transpose_a=False, transpose_b=False, accumulate=False)
         a, b, out = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(out)
         _matmul.product(torch, a, b, out, accumulate=accumulate)
         return
-    _matmul.product(np, a, b, out, accumulate=accumulate)
+    _matmul.product(np, a, b, out, accumulate=accumulate, scratch_bytes=MATMUL_SCRATCH_BYTES)
+
+
+#: The most bytes NumPy's accumulating products take for their temporary (besides the rule of
+#: at most half of ``a``), so that the chunk buffer of linear + cross-entropy gets the rest of
+#: its memory budget. Measured on the 2-core AMD EPYC (Zen 5) of ``docs/performance.md``
+#: (2026-12-05), N=2048, d=1024, C=32000 float32, alternating in one process: 167 rows per
+#: chunk with a temporary of half the buffer (10.7 MB) 1.07-1.10 s; 240 rows with 2 MiB
+#: 0.96-1.00 s; 232 rows with 4 MiB 0.94-0.99 s. A product alone (k rows of G^T X accumulated
+#: into 32000 x 1024) was slower in blocks of 512 rows (2 MiB) than of 2048 (8 MiB), 354
+#: against 419 GFLOP/s at k=250: 4 MiB sits between the two.
+MATMUL_SCRATCH_BYTES = 4 << 20
 
 
 def matmul_accumulates_in_place(operand_dtype, out_dtype) -> bool:
@@ -114,9 +125,9 @@ def kernels_between_products():
     core from the BLAS product that follows. Measured on the 2-core AMD EPYC (Zen 5) of
     ``docs/performance.md`` (2026-12-05): at 170 rows x 32000 classes, a product after the
     two-thread kernel took 37.7 ms, after the one-thread kernel 31.9 (31.3 with
-    ``OMP_WAIT_POLICY=passive``), while the kernel took 1.8 ms on one thread (1.3-2.7 on two); a whole
-    call at N=2048, d=1024, C=32000 took 1.16 s instead of 1.29 s (medians of 5, alternating
-    in one process). The kernels' results do not depend on their thread count."""
+    ``OMP_WAIT_POLICY=passive``), while the kernel took 1.8 ms on one thread (1.3-2.7 on two);
+    a whole call at N=2048, d=1024, C=32000 took 1.16 s instead of 1.29 s (medians of 5,
+    alternating in one process). The kernels' results do not depend on their thread count."""
     if _torch_runs_products():  # PyTorch's BLAS (OpenMP threads): not measured, kept as it was
         yield
         return

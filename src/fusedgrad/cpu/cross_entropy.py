@@ -665,10 +665,11 @@ def _row_exp_blocks(z, g, store, inplace, w, with_weighted, block_shift, block_s
     A row of one block skips its max pass when the previous row's exp pass took its maximum
     (``known_max``, NaN when unknown: a NaN maximum is then merely taken again), and takes the
     maximum of ``z_next`` (the next row, or a spare row for a worker's last, see
-    :func:`_enter_row`) in its own exp pass: the exps keep the vector units busy while the next row's logits arrive, where a
-    max pass of their own waits on memory. Measured on 8192 x 1000 float32 (2026-12-05, two
-    threads, a bare loop of the three passes): 1.79-1.80 ms with a max pass per row, 1.49-1.56
-    ms with the max taken one row ahead. The maximum is the same whichever loop takes it.
+    :func:`_enter_row`) in its own exp pass: the exps keep the vector units busy while the next
+    row's logits arrive, where a max pass of their own waits on memory. Measured on
+    8192 x 1000 float32 (2026-12-05, two threads, a bare loop of the three passes): 1.79-1.80
+    ms with a max pass per row, 1.49-1.56 ms with the max taken one row ahead. The maximum is
+    the same whichever loop takes it.
     """
     c = z.shape[0]
     if c <= BLOCK:

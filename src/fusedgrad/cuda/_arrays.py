@@ -190,6 +190,11 @@ def matmul(a, b, out, *, transpose_a=False, transpose_b=False, accumulate=False)
                     accumulate=accumulate)
 
 
+#: No bound on the accumulating products' temporary but half of ``a`` (unmeasured on a GPU,
+#: where each block is a kernel launch).
+MATMUL_SCRATCH_BYTES = None
+
+
 def matmul_accumulates_in_place(operand_dtype, out_dtype) -> bool:
     """Whether :func:`matmul` adds into ``out`` without a temporary: with PyTorch (``addmm_``)
     and operands of ``out``'s dtype (bfloat16 operands accumulate into float32 through one)."""
