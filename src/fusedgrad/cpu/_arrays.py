@@ -13,10 +13,10 @@ import sys
 
 import numba
 import numpy as np
-from llvmlite import binding
 
 from .. import _matmul
 from . import _alloc
+from ._codegen import HOST_CPU_NAME, is_amd_zen
 
 #: Floating dtypes the CPU kernels are compiled for (big arrays and per-channel or per-class
 #: vectors alike).
@@ -70,11 +70,11 @@ def torch_blas_pays_on(cpu_name: str) -> bool:
     accumulate included. On the Xeons measured, MKL ran these products at 283-320 GFLOP/s.
     A property of the machine, never of a measurement, so a machine always takes the same path
     (the two libraries' products round differently)."""
-    return not cpu_name.startswith("znver")
+    return not is_amd_zen(cpu_name)
 
 
 #: Whether :func:`matmul` hands the products to PyTorch when it is loaded (read at call time).
-TORCH_BLAS_PAYS = torch_blas_pays_on(binding.get_host_cpu_name())
+TORCH_BLAS_PAYS = torch_blas_pays_on(HOST_CPU_NAME)
 
 
 def matmul(a, b, out, *, transpose_a=False, transpose_b=False, accumulate=False) -> None:

@@ -15,9 +15,24 @@ Setting the preference for the whole process (``NUMBA_CPU_FEATURES``) would chan
 Numba function of the user's program, so a kernel asks for itself, with the LLVM function
 attribute ``prefer-vector-width``, which the x86 backend reads per function (other targets
 ignore it; CPUs without AVX-512 have no vectors wider than 256 bits to use).
+
+Also here: the host CPU's name as LLVM gives it, and the one family test the other modules
+make on it (:func:`is_amd_zen`), so that they decide from the same name.
 """
+from llvmlite import binding
 from numba.core import types
 from numba.extending import intrinsic
+
+#: The host CPU as LLVM names it (``llvmlite.binding.get_host_cpu_name()``): "znver5",
+#: "sapphirerapids", ... The choices that depend on the CPU family read it once, at import.
+HOST_CPU_NAME = binding.get_host_cpu_name()
+
+
+def is_amd_zen(cpu_name: str) -> bool:
+    """Whether LLVM's ``cpu_name`` is one of AMD's Zen cores (``znver*``): the family on which
+    non-temporal stores (``_stream.streaming_pays_on``) and PyTorch's BLAS
+    (``_arrays.torch_blas_pays_on``) were measured slower."""
+    return cpu_name.startswith("znver")
 
 #: The attribute's IR text. llvmlite validates function attributes against a list that has no
 #: string (key = value) attributes, so it is added to the set directly and goes into the IR as

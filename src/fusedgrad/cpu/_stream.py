@@ -28,10 +28,12 @@ of large vocabularies (``cross_entropy._streams_rows``), both from STREAM_MIN_BY
 """
 from __future__ import annotations
 
-from llvmlite import binding, ir
+from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from ._codegen import HOST_CPU_NAME, is_amd_zen
 
 #: Bytes per non-temporal store: one cache line, one 512-bit vector.
 STREAM_BYTES = 64
@@ -45,12 +47,12 @@ def streaming_pays_on(cpu_name: str) -> bool:
     (``llvmlite.binding.get_host_cpu_name()``): not on AMD's Zen cores (``znver*``), see the
     module's docstring. A property of the machine, never of a measurement, so a machine
     always takes the same path."""
-    return not cpu_name.startswith("znver")
+    return not is_amd_zen(cpu_name)
 
 
 #: Whether the callers write large outputs with non-temporal stores on this machine (read at
 #: call time: tests set it to run the streamed path on any machine).
-STREAMING_PAYS = streaming_pays_on(binding.get_host_cpu_name())
+STREAMING_PAYS = streaming_pays_on(HOST_CPU_NAME)
 
 
 @intrinsic
