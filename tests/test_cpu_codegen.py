@@ -1,10 +1,11 @@
-"""The per-function vector-width hint of ``fusedgrad.cpu._codegen``: it reaches the LLVM IR of
-the function that calls it (the prange body, compiled as a function of its own), and only that
-function, and it changes no result."""
+"""The per-function vector-width hints of ``fusedgrad.cpu._codegen``: each reaches the LLVM IR of
+the function that calls it (a prange body, compiled as a function of its own, or a plain
+``@njit`` function), and only that function, and it changes no result."""
 import numpy as np
 from numba import njit, prange
 
-from fusedgrad.cpu._codegen import _PREFER_512_BIT, prefer_wide_vectors
+from fusedgrad.cpu._codegen import (_PREFER_256_BIT, _PREFER_512_BIT, prefer_narrow_vectors,
+                                    prefer_wide_vectors)
 
 
 @njit(parallel=True)
@@ -37,3 +38,26 @@ def test_hint_marks_the_parallel_body_and_changes_no_value():
     np.testing.assert_array_equal(with_hint, without_hint)
     assert _PREFER_512_BIT in _llvm_text(_scaled_with_hint)
     assert _PREFER_512_BIT not in _llvm_text(_scaled_without_hint)
+
+
+@njit
+def _affine_with_narrow_hint(x, out):
+    prefer_narrow_vectors()
+    for i in range(x.shape[0]):
+        out[i] = np.float32(1.5) * x[i] + np.float32(0.25)
+
+
+@njit
+def _affine_without_hint(x, out):
+    for i in range(x.shape[0]):
+        out[i] = np.float32(1.5) * x[i] + np.float32(0.25)
+
+
+def test_narrow_hint_marks_its_function_and_changes_no_value():
+    x = np.arange(4096, dtype=np.float32)
+    with_hint, without_hint = np.empty_like(x), np.empty_like(x)
+    _affine_with_narrow_hint(x, with_hint)
+    _affine_without_hint(x, without_hint)
+    np.testing.assert_array_equal(with_hint, without_hint)
+    assert _PREFER_256_BIT in _llvm_text(_affine_with_narrow_hint)
+    assert _PREFER_256_BIT not in _llvm_text(_affine_without_hint)

@@ -129,6 +129,7 @@ import numpy as np
 from numba import njit, prange
 
 from .._validate import stat_dtype
+from ._codegen import prefer_narrow_vectors
 from ._math import FASTMATH_SUMS
 from ._prefetch import prefetch_run, prefetch_run_for_write
 from . import _stream
@@ -257,6 +258,7 @@ def _run_grad(dy, x, relu_y, i0, n, mean_hi):
 
 @njit(cache=True, fastmath=FASTMATH_SUMS)
 def _run_affine(x_run, o_run, mean_hi, scale, shift, relu):
+    prefer_narrow_vectors()
     n = o_run.shape[0]
     zero = o_run.dtype.type(0)
     if relu:
@@ -269,6 +271,7 @@ def _run_affine(x_run, o_run, mean_hi, scale, shift, relu):
 
 @njit(cache=True, fastmath=FASTMATH_SUMS)
 def _run_dx(g_run, x_run, y_run, o_run, mean_hi, a, b, c):
+    prefer_narrow_vectors()
     n = o_run.shape[0]
     if y_run is None:
         for i in range(n):
@@ -403,6 +406,7 @@ def _cols_affine(x, out, r0, r1, q, row_stride, j0, sub, mean_hi, scale, shift, 
     loop the unstreamed channels-last forward + backward took 16.2-16.4 ms against 14.4-14.5
     (2026-12-05, freed memory kept), so each target gets a loop of its own (same in _cols_dx).
     """
+    prefer_narrow_vectors()
     width = scale.shape[0]
     if stream and _whole_lines(out, q, row_stride, j0, sub, width):
         staged = np.empty(width, out.dtype)
@@ -438,6 +442,7 @@ def _row_or_none(a, s0, width):
 @njit(cache=True, fastmath=FASTMATH_SUMS)
 def _cols_dx(dy, x, relu_y, out, r0, r1, q, row_stride, j0, sub, mean_hi, a, b, c, stream):
     """Tile rows r0..r1 of dx (``stream``: as in :func:`_cols_affine`)."""
+    prefer_narrow_vectors()
     width = a.shape[0]
     if stream and _whole_lines(out, q, row_stride, j0, sub, width):
         staged = np.empty(width, out.dtype)
