@@ -397,8 +397,6 @@ def test_streamed_outputs_equal_ordinary_stores_bit_for_bit(dtype, relu, monkeyp
         assert y.ctypes.data % 64 == 0 and dx.ctypes.data % 64 == 0
         return y.copy(), dx.copy(), dweight, dbias
 
-    from fusedgrad.cpu import _stream
-    monkeypatch.setattr(_stream, "STREAMING_PAYS", True)  # streamed on any CPU
     decisions = []
     streams = cpu_bn._streams
     monkeypatch.setattr(cpu_bn, "_streams", lambda out3: decisions.append(streams(out3))

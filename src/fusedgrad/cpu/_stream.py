@@ -16,9 +16,11 @@ streamed rows were the slower ones, 4096 x 32000 float32 28.9 ms streamed agains
 ordinary stores, 1024 x 128256 26.6 against 20.4 (one thread: 50.4 / 40.5, 46.4 / 35.7). A
 bare loop there showed why: one core reading a row and streaming it back took the sum of the
 read alone and the write alone (17 + 15 ms over 524 MB each way), while the same copy with
-ordinary stores took 25.5 ms. Batch norm's streamed sweeps were level there (NCHW, channels-
-last) or slower ((N, C) 4096 x 1024: 1.91 against 1.65 ms). So callers stream only where
-:data:`STREAMING_PAYS`: on every CPU but AMD's Zen cores, the one family measured slower.
+ordinary stores took 25.5 ms. So the cross-entropy streams only where :data:`STREAMING_PAYS`:
+on every CPU but AMD's Zen cores, the one family measured slower. Batch norm streams on every
+CPU: its streamed sweeps were level or slower on that EPYC while their loops used 512-bit
+vectors ((N, C) 4096 x 1024: 1.91 against 1.65 ms), and faster since they use 256-bit ones
+(``batch_norm``'s module docstring).
 
 The stores are weakly ordered: :func:`store_fence` must follow them before another thread reads
 the memory (each parallel worker calls it at the end of its share).
@@ -50,8 +52,8 @@ def streaming_pays_on(cpu_name: str) -> bool:
     return not is_amd_zen(cpu_name)
 
 
-#: Whether the callers write large outputs with non-temporal stores on this machine (read at
-#: call time: tests set it to run the streamed path on any machine).
+#: Whether the cross-entropy writes large gradients with non-temporal stores on this machine
+#: (read at call time: tests set it to run the streamed path on any machine).
 STREAMING_PAYS = streaming_pays_on(HOST_CPU_NAME)
 
 

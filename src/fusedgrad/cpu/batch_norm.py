@@ -80,7 +80,7 @@ In NCHW a tile's rows lie one image apart, so each run starts cold for the hardw
 prefetchers; the run loops prefetch the rows two ahead in software (``_prefetch``; at
 64 x 256 x 28 x 28, forward + backward 14.0 -> 10.7 ms).
 
-In training, on CPUs where it pays (``_stream.STREAMING_PAYS``: not on AMD's Zen cores), the
+In training, the
 second sweeps write their output with non-temporal stores (``_stream``: each
 tile row or run is computed into a staging row in L1, then copied out in whole 64-byte lines
 without the line being read first) when the output is at least STREAM_MIN_BYTES and every
@@ -90,7 +90,11 @@ forward + backward through the API, freed memory kept: 14.9-15.9 -> 12.3-12.6 ms
 other batch-norm cases, 14.0-14.2 -> 9.5-9.9 ms on its own (the inputs then stay in the L3
 cache from one call to the next, no longer evicted by the outputs); (N, C) 4096 x 1024
 4.6 -> 3.5 ms. The fused NCHW tiles keep ordinary stores: streamed, their backward took
-6.6 against 5.7 ms.
+6.6 against 5.7 ms. On the Zen 5 EPYC of docs/performance.md streaming pays too, since the
+elementwise loops use 256-bit vectors there (``_codegen.prefer_narrow_vectors``): forward +
+backward through the API, each version in turn in one process, (N, C) 4096 x 1024
+1.76-1.86 -> 1.57-1.63 ms, channels-last 6.85-7.13 -> 6.18-6.31 ms, NCHW level (5.73-5.80
+either way); with 512-bit loops it had been level or slower ((N, C) 1.91 against 1.65 ms).
 
 Each sweep starts one worker per thread, and worker w takes the w-th contiguous share of the
 tiles (``_worker_tiles``). The second sweep of an unfused call walks each share backwards, so a
@@ -132,7 +136,6 @@ from .._validate import stat_dtype
 from ._codegen import prefer_narrow_vectors
 from ._math import FASTMATH_SUMS
 from ._prefetch import prefetch_run, prefetch_run_for_write
-from . import _stream
 from ._stream import STREAM_BYTES, STREAM_MIN_BYTES, store_fence, stream_copy
 from ._reduce import chunk_bounds, chunk_count, merge_moments, sum_partials, worker_share
 
@@ -846,16 +849,16 @@ def _flat(a):
 
 
 def _streams(out3) -> bool:
-    """Whether a training sweep writes ``out3`` with non-temporal stores: on a CPU where they
-    pay (``_stream.STREAMING_PAYS``), when it is larger than the two L2 caches together (it is
-    not going to stay in them for its next reader anyway) and starts on a cache line (then the
-    loops stream every row or run whose lines it fills whole, see :func:`_whole_lines`). An
-    ordinary store first reads the line it writes, so a streamed output costs one transfer per
-    byte instead of two. Not in eval: its single pass over x and y can live in the L3 cache
-    from call to call, which streamed stores defeat (eval NCHW 64 x 256 x 28 x 28, freed
-    memory kept: 2.39-2.51 ms with ordinary stores, 3.74-3.75 streamed)."""
-    return (_stream.STREAMING_PAYS and out3.nbytes >= STREAM_MIN_BYTES
-            and out3.ctypes.data % STREAM_BYTES == 0)
+    """Whether a training sweep writes ``out3`` with non-temporal stores: when it is larger
+    than the two L2 caches together (it is not going to stay in them for its next reader
+    anyway) and starts on a cache line (then the loops stream every row or run whose lines it
+    fills whole, see :func:`_whole_lines`); on every CPU (see the module docstring; the
+    cross-entropy decides per CPU family, ``_stream.STREAMING_PAYS``). An ordinary store first
+    reads the line it writes, so a streamed output costs one transfer per byte instead of two.
+    Not in eval: its single pass over x and y can live in the L3 cache from call to call, which
+    streamed stores defeat (eval NCHW 64 x 256 x 28 x 28, freed memory kept: 2.39-2.51 ms with
+    ordinary stores, 3.74-3.75 streamed)."""
+    return out3.nbytes >= STREAM_MIN_BYTES and out3.ctypes.data % STREAM_BYTES == 0
 
 
 def _flat_or_none(a):
