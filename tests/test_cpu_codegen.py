@@ -2,6 +2,7 @@
 the function that calls it (a prange body, compiled as a function of its own, or a plain
 ``@njit`` function), and only that function, and it changes no result."""
 import numpy as np
+import pytest
 from numba import njit, prange
 
 from fusedgrad.cpu._codegen import (_PREFER_256_BIT, _PREFER_512_BIT, prefer_narrow_vectors,
@@ -30,16 +31,6 @@ def _llvm_text(dispatcher) -> str:
     return "".join(text.values()) if isinstance(text, dict) else text
 
 
-def test_hint_marks_the_parallel_body_and_changes_no_value():
-    x = np.arange(4096, dtype=np.float32)
-    with_hint, without_hint = np.empty_like(x), np.empty_like(x)
-    _scaled_with_hint(x, with_hint)
-    _scaled_without_hint(x, without_hint)
-    np.testing.assert_array_equal(with_hint, without_hint)
-    assert _PREFER_512_BIT in _llvm_text(_scaled_with_hint)
-    assert _PREFER_512_BIT not in _llvm_text(_scaled_without_hint)
-
-
 @njit
 def _affine_with_narrow_hint(x, out):
     prefer_narrow_vectors()
@@ -53,11 +44,15 @@ def _affine_without_hint(x, out):
         out[i] = np.float32(1.5) * x[i] + np.float32(0.25)
 
 
-def test_narrow_hint_marks_its_function_and_changes_no_value():
+@pytest.mark.parametrize("hinted, unhinted, attribute", [
+    (_scaled_with_hint, _scaled_without_hint, _PREFER_512_BIT),  # in a prange body
+    (_affine_with_narrow_hint, _affine_without_hint, _PREFER_256_BIT),  # in a plain function
+], ids=["wide", "narrow"])
+def test_hint_marks_its_function_and_changes_no_value(hinted, unhinted, attribute):
     x = np.arange(4096, dtype=np.float32)
     with_hint, without_hint = np.empty_like(x), np.empty_like(x)
-    _affine_with_narrow_hint(x, with_hint)
-    _affine_without_hint(x, without_hint)
+    hinted(x, with_hint)
+    unhinted(x, without_hint)
     np.testing.assert_array_equal(with_hint, without_hint)
-    assert _PREFER_256_BIT in _llvm_text(_affine_with_narrow_hint)
-    assert _PREFER_256_BIT not in _llvm_text(_affine_without_hint)
+    assert attribute in _llvm_text(hinted)
+    assert attribute not in _llvm_text(unhinted)
