@@ -436,6 +436,22 @@ def test_table_says_why_a_case_is_above_the_roofline(working_set, says):
     assert "above 100%" not in out.getvalue()
 
 
+@pytest.mark.parametrize("after, warns", [(48.3, True), (85.2, False)])
+def test_report_warns_when_the_bandwidth_changed_during_the_cases(after, warns):
+    report = _synthetic_report(90.0, 1 << 20, 32 << 20)
+    probes = report["bandwidth"]["default"]["probes"]
+    probes[0]["GBps"] = 88.8
+    probes += [{"probe": "parallel scale", "when": "after", "GBps": after, "roofline": True},
+               {"probe": "parallel triad", "when": "after", "GBps": 120.0, "roofline": False}]
+    out = io.StringIO()
+    _bench_report.Table(out).render(report)
+    warning = f"warning: the memory bandwidth changed during the cases of glibc default " \
+              f"(best copy 88.8 GB/s before, {after:.1f} after)"
+    assert (warning in out.getvalue()) == warns
+    probes.pop(0)  # no probe before: nothing to compare
+    assert _bench_report.bandwidth_shift(probes) is None
+
+
 #: The CUDA path of the benchmark in the simulator (without a GPU), in a subprocess.
 SIMULATED_BENCH = background.Run(
     "bench-simulator",

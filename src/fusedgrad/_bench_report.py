@@ -13,6 +13,24 @@ from fusedgrad._bench_peers import IMPLEMENTATIONS, LABELS, PEERS
 #: Page faults per timed call above which the notes list a case's counts (a thousand 4 KiB
 #: pages, 4 MB of fresh memory, cost a visible fraction of a millisecond).
 FAULTS_WORTH_A_NOTE = 1000
+#: Ratio between the best roofline probe before a process's cases and the best after it from
+#: which the report warns that the memory bandwidth changed during the run. The 2-core AMD
+#: EPYC of docs/performance.md flips between about 88 and about 47 GB/s within minutes (1.9x);
+#: repeated probes in one state stay within about 10%.
+BANDWIDTH_SHIFT = 1.25
+
+
+def bandwidth_shift(probes: list):
+    """(best before, best after) of a process's roofline probes, in GB/s, when one is at least
+    BANDWIDTH_SHIFT times the other; None when they agree or one side is missing."""
+    best = {}
+    for probe in probes:
+        if probe["roofline"]:
+            best[probe["when"]] = max(best.get(probe["when"], 0.0), probe["GBps"])
+    before, after = best.get("before"), best.get("after")
+    if not before or not after or max(before, after) < BANDWIDTH_SHIFT * min(before, after):
+        return None
+    return before, after
 
 
 def _ms(seconds) -> str:
@@ -121,6 +139,12 @@ class Table:
             self._print(f"memory bandwidth, {self._label(state)}: {measured['GBps']:.1f} GB/s "
                         f"({measured['best_probe']}, the best copy: one read per write); probes "
                         f"before/after, GB/s of bytes read + written: {probes}")
+            shift = bandwidth_shift(measured["probes"])
+            if shift:
+                self._print(f"warning: the memory bandwidth changed during the cases of "
+                            f"{self._label(state)} (best copy {shift[0]:.1f} GB/s before, "
+                            f"{shift[1]:.1f} after): a memory-bound case's time and % roof "
+                            f"depend on when it ran")
         for state in report["states"]:
             if state in report.get("state_environments", {}):
                 self._print(f"{self._label(state)}: {report['state_environments'][state]}")
