@@ -88,7 +88,7 @@ def matmul(a, b, out, *, transpose_a=False, transpose_b=False, accumulate=False)
     large). Arrays PyTorch cannot view (read-only, negative strides) go through NumPy.
     """
     a, b = (a.T if transpose_a else a), (b.T if transpose_b else b)
-    torch = torch_if_loaded() if TORCH_BLAS_PAYS else None
+    torch = _torch_for_products()
     if torch is not None and all(_torch_viewable(x) for x in (a, b, out)):
         a, b, out = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(out)
         _matmul.product(torch, a, b, out, accumulate=accumulate)
@@ -109,12 +109,13 @@ MATMUL_SCRATCH_BYTES = 4 << 20
 
 def matmul_accumulates_in_place(operand_dtype, out_dtype) -> bool:
     """Whether :func:`matmul` adds into ``out`` without a temporary (PyTorch's BLAS)."""
-    return _torch_runs_products()
+    return _torch_for_products() is not None
 
 
-def _torch_runs_products() -> bool:
-    """Whether :func:`matmul` hands the products to PyTorch (for arrays it can view)."""
-    return TORCH_BLAS_PAYS and torch_if_loaded() is not None
+def _torch_for_products():
+    """The ``torch`` module when :func:`matmul` hands the products to it (for arrays it can
+    view): loaded, and :data:`TORCH_BLAS_PAYS`; otherwise None."""
+    return torch_if_loaded() if TORCH_BLAS_PAYS else None
 
 
 @contextlib.contextmanager
@@ -128,7 +129,8 @@ def kernels_between_products():
     ``OMP_WAIT_POLICY=passive``), while the kernel took 1.8 ms on one thread (1.3-2.7 on two);
     a whole call at N=2048, d=1024, C=32000 took 1.16 s instead of 1.29 s (medians of 5,
     alternating in one process). The kernels' results do not depend on their thread count."""
-    if _torch_runs_products():  # PyTorch's BLAS (OpenMP threads): not measured, kept as it was
+    if _torch_for_products() is not None:
+        # PyTorch's BLAS (OpenMP threads) runs them: not measured, kept as it was
         yield
         return
     threads = numba.get_num_threads()
