@@ -44,6 +44,7 @@ def is_amd_zen(cpu_name: str) -> bool:
     (``_arrays.torch_blas_pays_on``) were measured slower."""
     return cpu_name.startswith("znver")
 
+
 #: The attributes' IR text. llvmlite validates function attributes against a list that has no
 #: string (key = value) attributes, so they are added to the set directly and go into the IR as
 #: written.

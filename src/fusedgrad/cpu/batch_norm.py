@@ -80,21 +80,19 @@ In NCHW a tile's rows lie one image apart, so each run starts cold for the hardw
 prefetchers; the run loops prefetch the rows two ahead in software (``_prefetch``; at
 64 x 256 x 28 x 28, forward + backward 14.0 -> 10.7 ms).
 
-In training, the
-second sweeps write their output with non-temporal stores (``_stream``: each
+In training, the second sweeps write their output with non-temporal stores (``_stream``: each
 tile row or run is computed into a staging row in L1, then copied out in whole 64-byte lines
-without the line being read first) when the output is at least STREAM_MIN_BYTES and every
-piece starts on a cache line (the buffer pool's outputs start on one); see ``_streams`` for
-why not in eval. Channels-last 64 x 28 x 28 x 256,
-forward + backward through the API, freed memory kept: 14.9-15.9 -> 12.3-12.6 ms among the
-other batch-norm cases, 14.0-14.2 -> 9.5-9.9 ms on its own (the inputs then stay in the L3
-cache from one call to the next, no longer evicted by the outputs); (N, C) 4096 x 1024
-4.6 -> 3.5 ms. The fused NCHW tiles keep ordinary stores: streamed, their backward took
-6.6 against 5.7 ms. On the Zen 5 EPYC of docs/performance.md streaming pays too, since the
-elementwise loops use 256-bit vectors there (``_codegen.prefer_narrow_vectors``): forward +
-backward through the API, each version in turn in one process, (N, C) 4096 x 1024
-1.76-1.86 -> 1.57-1.63 ms, channels-last 6.85-7.13 -> 6.18-6.31 ms, NCHW level (5.73-5.80
-either way); with 512-bit loops it had been level or slower ((N, C) 1.91 against 1.65 ms).
+without the line being read first) when the output is at least STREAM_MIN_BYTES and every piece
+starts on a cache line (the buffer pool's outputs start on one); see ``_streams`` for why not in
+eval. Channels-last 64 x 28 x 28 x 256, forward + backward through the API, freed memory kept:
+14.9-15.9 -> 12.3-12.6 ms among the other batch-norm cases, 14.0-14.2 -> 9.5-9.9 ms on its own
+(the inputs then stay in the L3 cache from one call to the next, no longer evicted by the
+outputs); (N, C) 4096 x 1024 4.6 -> 3.5 ms. The fused NCHW tiles keep ordinary stores: streamed,
+their backward took 6.6 against 5.7 ms. On the Zen 5 EPYC of docs/performance.md streaming pays
+too, since the elementwise loops use 256-bit vectors there (``_codegen.prefer_narrow_vectors``):
+forward + backward through the API, each version in turn in one process, (N, C) 4096 x 1024
+1.76-1.86 -> 1.57-1.63 ms, channels-last 6.85-7.13 -> 6.18-6.31 ms, NCHW level (5.73-5.80 either
+way); with 512-bit loops it had been level or slower ((N, C) 1.91 against 1.65 ms).
 
 Each sweep starts one worker per thread, and worker w takes the w-th contiguous share of the
 tiles (``_worker_tiles``). The second sweep of an unfused call walks each share backwards, so a
