@@ -7,9 +7,10 @@ launchers derive from the array shapes only, so a result is bitwise identical fr
 
 Two implementations of the in-block reduction, chosen once at import time:
 
-* real GPU: a warp reduces with ``cuda.shfl_down_sync`` (tree 16, 8, 4, 2, 1 lanes), lane 0 of
-  each warp stores its value in shared memory, thread 0 of the group folds the per-warp values
-  in warp order;
+* real GPU: a warp reduces with ``cuda.shfl_xor_sync`` (lane distances 16, 8, 4, 2, 1), which
+  leaves the result in every lane: a group of one warp (a warp per row) needs nothing more,
+  no shared memory and no barrier; in a wider group lane 0 of each warp stores its value in
+  shared memory and the group's first warp combines them with ``cuda.shfl_down_sync``;
 * Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``, see ``_target.SIMULATED``): the simulator
   has no warp shuffles, so a shared-memory tree (halving strides with ``syncthreads``) does the
   same job.
@@ -91,26 +92,41 @@ def _group_reduce_tree(value, scratch, op):
 
 
 @cuda.jit(device=True, inline=True)
+def _warp_butterfly(value, op):
+    """``value`` combined over the 32 lanes of a warp, in every lane: ``shfl_xor`` with lane
+    distances 16, 8, 4, 2, 1, a fixed order."""
+    offset = WARP_SIZE // 2
+    while offset > 0:
+        value = combine(value, cuda.shfl_xor_sync(_FULL_MASK, value, offset), op)
+        offset //= 2
+    return value
+
+
+@cuda.jit(device=True, inline=True)
 def _group_reduce_shuffle(value, scratch, op):
-    """Warp shuffles, then thread 0 of the group folds the per-warp results in warp order."""
+    """Warp shuffles; a one-warp group is done there, without shared memory or a barrier.
+    Wider groups: each warp's lane 0 stores the warp's value, then the group's first warp
+    combines those ``n_warps`` values (a power of two) with ``shfl_down`` in a fixed tree."""
     if cuda.blockDim.x == 1:
+        return value
+    value = _warp_butterfly(value, op)
+    if cuda.blockDim.x == WARP_SIZE:
         return value
     lane = cuda.threadIdx.x % WARP_SIZE
     warp = cuda.threadIdx.x // WARP_SIZE
     n_warps = cuda.blockDim.x // WARP_SIZE
     base = cuda.threadIdx.y * n_warps
-    offset = WARP_SIZE // 2
-    while offset > 0:
-        value = combine(value, cuda.shfl_down_sync(_FULL_MASK, value, offset), op)
-        offset //= 2
     if lane == 0:
         scratch[base + warp] = value
     cuda.syncthreads()
-    if cuda.threadIdx.x == 0:
-        total = scratch[base]
-        for w in range(1, n_warps):
-            total = combine(total, scratch[base + w], op)
-        scratch[base] = total
+    if warp == 0:
+        total = scratch[base + (lane & (n_warps - 1))]  # lanes past n_warps never reach lane 0
+        offset = n_warps // 2
+        while offset > 0:
+            total = combine(total, cuda.shfl_down_sync(_FULL_MASK, total, offset), op)
+            offset //= 2
+        if lane == 0:
+            scratch[base] = total
     cuda.syncthreads()
     total = scratch[base]
     cuda.syncthreads()  # everyone has read the result before the scratch is reused
