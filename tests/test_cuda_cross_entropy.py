@@ -268,6 +268,63 @@ def test_softcap_fused_forward_backward_inplace_match_reference(api, shape, prob
     _close(cs.to_host(d_logits), expected_grad, dtype)
 
 
+
+DENSE_CASES = [
+    # shape, weighted, reduction, label_smoothing, z_loss, softcap, dtype, threads_per_row
+    ((5, 70), False, "mean", 0.0, 0.0, None, np.float32, 32),     # the usual call
+    ((4, 70), True, "sum", 0.1, 0.01, None, np.float32, 32),      # every option but the cap
+    ((3, 300), True, "none", 0.2, 1e-3, 2.0, np.float32, 64),     # several warps, a cap
+    ((9, 45), False, "mean", 0.1, 0.0, 5.0, np.float16, 32),      # 16-bit, unweighted smoothing
+    ((2, 33), False, "none", 0.0, 0.0, None, np.float32, 128),    # fewer classes than threads
+]
+
+
+@cs.direct
+@pytest.mark.parametrize("shape,weighted,reduction,smoothing,z_loss,softcap,dtype,per_row",
+                         DENSE_CASES)
+def test_dense_row_kernel_matches_reference(api, monkeypatch, shape, weighted, reduction,
+                                            smoothing, z_loss, softcap, dtype, per_row):
+    """The dense-row kernel (contiguous rows of 16/32-bit logits, class-index targets): fused,
+    forward, backward from the saved lse, and in place, with masked (-inf) and ignored
+    samples and a chunk of CHUNK logits per thread that the row does not fill."""
+    from fusedgrad.cuda import cross_entropy as backend
+    monkeypatch.setattr(backend, "_threads_per_row", lambda n_classes, n_spatial: per_row)
+    recorder = _LaunchRecorder(backend._dense_kernel(per_row))
+    monkeypatch.setattr(backend, "_dense_kernel", lambda width: recorder)
+    rng = np.random.default_rng(shape[1])
+    logits, target, weight = _problem(rng, shape, ignore_every=3, weighted=weighted)
+    logits[0, 1::4] = -np.inf
+    logits[-1] += 1e4 if dtype == np.float32 else 0.0  # large logits: no cancellation
+    logits = logits.astype(dtype)
+    weight = None if weight is None else weight.astype(dtype)
+    kwargs = dict(weight=weight, reduction=reduction, label_smoothing=smoothing,
+                  z_loss=z_loss, softcap=softcap)
+    expected_loss, expected_grad, expected_lse = ref.softmax_cross_entropy(logits, target,
+                                                                           **kwargs)
+    d_target = cs.to_device(target)
+    kwargs["weight"] = None if weight is None else cs.to_device(weight)
+
+    loss, grad = api.softmax_cross_entropy(cs.to_device(logits), d_target, **kwargs)
+    _close(cs.to_host(loss), expected_loss, dtype)
+    _close(cs.to_host(grad), expected_grad, dtype)
+    loss2, lse = api.softmax_cross_entropy_forward(cs.to_device(logits), d_target, **kwargs)
+    _close(cs.to_host(loss2), expected_loss, dtype)
+    _close(cs.to_host(lse), expected_lse, dtype)
+    # the backward from a float64 lse (a float32 one is off by 5e-4 at 1e4): the kernel keeps
+    # what rounding the saved lse to float32 loses
+    grad_loss = np.linspace(-1.0, 2.0, shape[0]) if reduction == "none" else 0.5
+    grad2 = api.softmax_cross_entropy_backward(
+        cs.to_device(grad_loss) if reduction == "none" else grad_loss, cs.to_device(logits),
+        d_target, cs.to_device(np.asarray(expected_lse, dtype=np.float64)), **kwargs)
+    scale = grad_loss[:, None] if reduction == "none" else grad_loss
+    _close(cs.to_host(grad2), expected_grad * scale, dtype)
+    d_logits = cs.to_device(logits)
+    _, grad3 = api.softmax_cross_entropy(d_logits, d_target, inplace=True, **kwargs)
+    assert grad3 is d_logits
+    assert cs.to_host(d_logits).tobytes() == cs.to_host(grad).tobytes()
+    assert len(recorder.launches) == 4
+    assert all(arg is not None for args in recorder.launches for arg in args)
+
 @cs.direct
 def test_softcap_float16_accumulates_in_float32(api):
     rng = np.random.default_rng(12)

@@ -10,11 +10,13 @@ for compute capability 9.0 (H100/H200) and the signatures the launchers produce:
 * class-index targets int64 (``index_target`` converts int32 on the device: that conversion
   kernel is compiled from int32 and int64);
 * cross-entropy with and without logit soft-capping: one ``_ce_rows`` per dtype (``softcap``
-  is a float64, 0 for no cap, the only way numba-cuda can launch it);
+  is a float64, 0 for no cap, the only way numba-cuda can launch it), and the dense-row kernels
+  for the 16- and 32-bit dtypes;
 * per-channel parameters (``weight``, ``bias``, running buffers, statistics) of every floating
   dtype, with float32 and float64 accumulation;
 * array layouts ``A`` (any strides), the most general typing of the strided views, and for
-  the hot kernels (``_apply``, ``_partials``, ``_ce_rows``) also ``C``, the typing of
+  the hot kernels (``_apply``, ``_partials``, ``_ce_rows``; the dense-row kernels only) also
+  ``C``, the typing of
   contiguous arrays (most launches: labels ending ``,C``);
 * the batch norm's fused ReLU: a runtime flag ``relu`` and its output array ``relu_y3`` (a
   stand-in without it), so every batch-norm signature covers it.
@@ -35,8 +37,9 @@ Run ``python -m fusedgrad.cuda._compile [--cc 9.0] [--ptx-dir DIR]``: prints one
 signature and exits non-zero if any failed; ``--ptx-dir`` also writes each signature's PTX
 (for ``ptxas`` / ``nvdisasm``: docs/gpu.md, "SASS census"). PTX of float16/float32 kernels is
 checked for float64 arithmetic (``add.f64``, ``fma.rn.f64``, ``setp.*.f64``...): the
-``_ce_rows`` and batch-norm elementwise
-kernels must have none (converting to and storing float64 outputs is allowed).
+batch-norm elementwise kernels must have none, the cross-entropy kernels (``_ce_rows``,
+the dense-row kernels) one, the per-sample split of a saved lse (converting to and storing
+float64 outputs is allowed).
 """
 from __future__ import annotations
 
@@ -79,77 +82,91 @@ def _arr3(dtype, layout="A"):
 
 
 def kernel_signatures():
-    """``(label, python function, argument types, must_be_float32)`` for every launch form."""
+    """``(label, kernel, argument types, float64_budget)`` for every launch form (``kernel``:
+    the ``@cuda.jit`` dispatcher, compiled with its own ``fastmath`` option).
+
+    ``float64_budget``: None where float64 arithmetic is expected; else the most float64
+    arithmetic instructions the PTX may hold (0 for the float32-accumulating elementwise
+    kernels; 1 for the cross-entropy kernels, which split a saved float64 lse once per sample,
+    see ``cross_entropy._split_lse``)."""
     from . import _arrays, _reduce, batch_norm as bn, cross_entropy as ce
 
     f64, i64, b1 = types.float64, types.int64, types.boolean
     sigs = []
     for name, t in FLOATS.items():
         acc = _acc(name)
-        pure32 = name != "float64"
-        sigs.append((f"cross_entropy._ce_rows[{name}]", ce._ce_rows.py_func,
+        pure32 = 0 if name != "float64" else None
+        split32 = 1 if name != "float64" else None
+        sigs.append((f"cross_entropy._ce_rows[{name}]", ce._ce_rows,
                      (i64, _arr3(t), _vec(i64), _arr3(t), b1, _vec(f64), i64, f64, f64, f64,
-                      _vec(acc), _vec(f64), _vec(f64), _arr3(t), _vec(f64)), pure32))
-        sigs.append((f"cross_entropy._scaled_copy[{name}]", ce._scaled_copy.py_func,
-                     (_vec(t), _vec(f64), f64), False))
-        sigs.append((f"_arrays.convert[{name}->float64]", _arrays.convert.py_func,
-                     (_vec(t), _vec(f64)), False))
+                      _vec(acc), _vec(f64), _vec(f64), _arr3(t), _vec(f64)), split32))
+        sigs.append((f"cross_entropy._scaled_copy[{name}]", ce._scaled_copy,
+                     (_vec(t), _vec(f64), f64), None))
+        sigs.append((f"_arrays.convert[{name}->float64]", _arrays.convert,
+                     (_vec(t), _vec(f64)), None))
         if name != "float64":
-            sigs.append((f"_arrays.convert[float64->{name}]", _arrays.convert.py_func,
-                         (_vec(f64), _vec(t)), False))
+            sigs.append((f"_arrays.convert[float64->{name}]", _arrays.convert,
+                         (_vec(f64), _vec(t)), None))
         # The fused ReLU is a runtime flag (the same compiled kernel with and without it).
-        sigs.append((f"batch_norm._apply[{name}]", bn._apply.py_func,
+        sigs.append((f"batch_norm._apply[{name}]", bn._apply,
                      (_arr3(t), _arr3(t), _arr3(t), b1, b1, _mat(acc), _arr3(t)), pure32))
         stat = "float64" if name == "float64" else "float32"
-        sigs.append((f"batch_norm._partials[{name},{stat}]", bn._partials.py_func,
+        sigs.append((f"batch_norm._partials[{name},{stat}]", bn._partials,
                      (_arr3(t), _arr3(t), _arr3(t), b1, b1, _mat(acc), _vec(PARAMS[stat]), i64,
-                      i64, _mat(f64), _mat(f64), _mat(f64)), False))
+                      i64, _mat(f64), _mat(f64), _mat(f64)), None))
         # Contiguous arrays (the usual launch) are typed with layout "C", which addresses
         # through GEPs and gives global loads (LDG) where "A" gives generic ones (LD).
         c3, c2, c1 = _arr3(t, "C"), types.Array(acc, 2, "C"), types.Array(f64, 1, "C")
         m64 = types.Array(f64, 2, "C")
-        sigs.append((f"batch_norm._apply[{name},C]", bn._apply.py_func,
+        sigs.append((f"batch_norm._apply[{name},C]", bn._apply,
                      (c3, c3, c3, b1, b1, c2, c3), pure32))
-        sigs.append((f"batch_norm._partials[{name},{stat},C]", bn._partials.py_func,
+        sigs.append((f"batch_norm._partials[{name},{stat},C]", bn._partials,
                      (c3, c3, c3, b1, b1, c2, types.Array(PARAMS[stat], 1, "C"), i64, i64,
-                      m64, m64, m64), False))
-        sigs.append((f"cross_entropy._ce_rows[{name},C]", ce._ce_rows.py_func,
+                      m64, m64, m64), None))
+        sigs.append((f"cross_entropy._ce_rows[{name},C]", ce._ce_rows,
                      (i64, c3, types.Array(i64, 1, "C"), c3, b1, c1, i64, f64, f64, f64,
-                      types.Array(acc, 1, "C"), c1, c1, c3, c1), pure32))
+                      types.Array(acc, 1, "C"), c1, c1, c3, c1), split32))
+        if name != "float64":
+            c2t = types.Array(t, 2, "C")
+            for width in ce.DENSE_WIDTHS:
+                sigs.append((f"cross_entropy.ce_dense_rows[{name},{width},C]",
+                             ce._dense_kernel(width),
+                             (i64, c2t, types.Array(i64, 1, "C"), c1, i64, f64, f64, f64, c1,
+                              c1, c2t, c1), split32))
     # (C,) parameters of any floating dtype meet the two accumulation dtypes (x's dtype only
     # matters through it in these kernels).
     for pname, p in PARAMS.items():
         for name in ("float32", "float64"):
             t, acc = FLOATS[name], _acc(name)
             if pname != name:
-                sigs.append((f"batch_norm._partials[{name},{pname}]", bn._partials.py_func,
+                sigs.append((f"batch_norm._partials[{name},{pname}]", bn._partials,
                              (_arr3(t), _arr3(t), _arr3(t), b1, b1, _mat(acc), _vec(p), i64,
-                              i64, _mat(f64), _mat(f64), _mat(f64)), False))
-            sigs.append((f"batch_norm._finish_stats[{name},{pname}]", bn._finish_stats.py_func,
+                              i64, _mat(f64), _mat(f64), _mat(f64)), None))
+            sigs.append((f"batch_norm._finish_stats[{name},{pname}]", bn._finish_stats,
                          (_vec(f64), _vec(f64), f64, b1, f64, _vec(p), _vec(p), b1, f64,
-                          _vec(f64), _vec(acc), _vec(acc)), False))
+                          _vec(f64), _vec(acc), _vec(acc)), None))
             sigs.append((f"batch_norm._normalize_coefficients[{name},{pname}]",
-                         bn._normalize_coefficients.py_func,
-                         (_vec(p), _vec(p), _vec(p), b1, _vec(p), b1, _mat(acc)), False))
+                         bn._normalize_coefficients,
+                         (_vec(p), _vec(p), _vec(p), b1, _vec(p), b1, _mat(acc)), None))
             sigs.append((f"batch_norm._dx_coefficients[{name},{pname}]",
-                         bn._dx_coefficients.py_func,
+                         bn._dx_coefficients,
                          (_vec(p), _vec(p), _vec(p), b1, _vec(f64), _vec(f64), f64, b1,
-                          _mat(acc)), False))
+                          _mat(acc)), None))
     for iname, it in (("int32", types.int32), ("int64", types.int64)):
-        sigs.append((f"_arrays.convert[{iname}->int64]", _arrays.convert.py_func,
-                     (_vec(it), _vec(i64)), False))
+        sigs.append((f"_arrays.convert[{iname}->int64]", _arrays.convert,
+                     (_vec(it), _vec(i64)), None))
     sigs += [
-        ("cross_entropy._first_bad_target", ce._first_bad_target.py_func,
-         (_vec(i64), i64, i64, _vec(i64)), False),
-        ("cross_entropy._target_weights", ce._target_weights.py_func,
-         (_vec(i64), _vec(f64), i64, _vec(f64)), False),
-        ("cross_entropy._fill", ce._fill.py_func, (_vec(f64), f64), False),
-        ("batch_norm._merge_stat_parts", bn._merge_stat_parts.py_func,
-         (_mat(f64), _mat(f64), _mat(f64), _vec(f64), _vec(f64)), False),
-        ("batch_norm._sum_grad_parts", bn._sum_grad_parts.py_func,
-         (_mat(f64), _mat(f64), _vec(f64), _vec(f64)), False),
-        ("_reduce.sum_chunks", _reduce.sum_chunks.py_func,
-         (_vec(f64), _vec(f64), i64), False),
+        ("cross_entropy._first_bad_target", ce._first_bad_target,
+         (_vec(i64), i64, i64, _vec(i64)), None),
+        ("cross_entropy._target_weights", ce._target_weights,
+         (_vec(i64), _vec(f64), i64, _vec(f64)), None),
+        ("cross_entropy._fill", ce._fill, (_vec(f64), f64), None),
+        ("batch_norm._merge_stat_parts", bn._merge_stat_parts,
+         (_mat(f64), _mat(f64), _mat(f64), _vec(f64), _vec(f64)), None),
+        ("batch_norm._sum_grad_parts", bn._sum_grad_parts,
+         (_mat(f64), _mat(f64), _vec(f64), _vec(f64)), None),
+        ("_reduce.sum_chunks", _reduce.sum_chunks,
+         (_vec(f64), _vec(f64), i64), None),
     ]
     return sigs
 
@@ -176,17 +193,20 @@ def compile_all(cc=(9, 0), report=print, ptx_dir=None):
         raise RuntimeError("PTX compilation needs NUMBA_ENABLE_CUDASIM unset (not the simulator)")
     results = []
     with _target_device(cc):
-        for label, func, argtypes, pure32 in kernel_signatures():
+        for label, kernel, argtypes, float64_budget in kernel_signatures():
             start = time.perf_counter()
             try:
-                ptx, _ = cuda.compile_ptx(func, argtypes, cc=tuple(cc))
+                ptx, _ = cuda.compile_ptx(kernel.py_func, argtypes, cc=tuple(cc),
+                                          fastmath=kernel.targetoptions.get("fastmath", False))
                 if ptx_dir is not None:
                     with open(os.path.join(ptx_dir, ptx_file_name(label)), "w") as f:
                         f.write(ptx)
                 error = None
-                if pure32 and _FLOAT64_ARITHMETIC.search(ptx):
-                    error = ("float64 arithmetic in a float32-accumulating kernel: "
-                             + _FLOAT64_ARITHMETIC.search(ptx).group(0))
+                found = [m.group(0).strip() for m in _FLOAT64_ARITHMETIC.finditer(ptx)]
+                if float64_budget is not None and len(found) > float64_budget:
+                    error = (f"{len(found)} float64 arithmetic instructions in a "
+                             f"float32-accumulating kernel (at most {float64_budget}): "
+                             + ", ".join(sorted(set(found))))
             except Exception as exc:  # report every failing signature, not just the first
                 error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
             results.append((label, error))

@@ -42,9 +42,12 @@ slope ``dz'/dz = 1 - tanh^2(z / c)`` (the chain rule back to the uncapped logits
 test that every thread of a launch takes the same way.
 
 Kernel layout: logits are viewed without copying as ``(N, C, S)`` (``S`` = product of the spatial
-axes, 1 for ``(N, C)``), sample ``r = n * S + s``. One kernel, :func:`_ce_rows`, serves every
-launch shape: a "group" of ``blockDim.x`` threads handles one sample and ``blockDim.y`` samples
-share a block.
+axes, 1 for ``(N, C)``), sample ``r = n * S + s``. Two kernels, one launch shape: a "group" of
+``blockDim.x`` threads handles one sample and ``blockDim.y`` samples share a block. The
+dense-row kernel (:func:`_dense_rows_kernel`, one compiled kernel per ``blockDim.x``) takes the
+common case at about 17 instructions per logit: contiguous rows (``S = 1``), class-index
+targets, 16/32-bit logits, groups of 32 threads or more. :func:`_ce_rows` takes every other
+case (spatial logits, probability targets, float64, a thread per sample).
 
 * ``blockDim.x = 256 or 1024`` (large C): a block per sample; each thread runs the online softmax
   (:func:`_online_lse_update`) over classes ``tx, tx + 256, ...`` (logits read once for the
@@ -124,6 +127,19 @@ def _lse_parts(row_max, row_sum, neg_inf):
     if row_max == neg_inf:
         return row_max, row_sum
     return row_max, math.log(row_sum)
+
+
+@cuda.jit(device=True, inline=True)
+def _split_lse(saved_lse, acc_like):
+    """A saved float64 ``lse`` as ``(center, rest)`` in the accumulation dtype, the parts the
+    gradient pass takes in place of ``(m, log_sum)``: ``center`` is ``lse`` rounded and ``rest``
+    what the rounding lost (0 in float64). ``z - lse = (z - center) - rest`` then keeps the
+    accuracy of float32 arithmetic for large logits: ``lse`` rounded to float32 alone would
+    be off by up to half a unit in the last place, 5e-4 at 1e4, a relative error of 5e-4 in
+    every probability. One float64 subtraction per sample."""
+    acc = acc_like.dtype.type
+    center = acc(saved_lse)
+    return center, acc(saved_lse - float64(center))
 
 
 @cuda.jit(device=True, inline=True)
@@ -264,9 +280,8 @@ def _ce_rows(mode, logits, target_index, target_prob, is_prob, weight, ignore_in
                             + acc(z_loss) * w_target * row_lse * row_lse)
             loss[row] = row_loss
     else:
-        center = acc(lse[row])  # saved lse: log p = (z - lse) - 0
-        log_sum = acc_zero
-        row_lse = center
+        center, log_sum = _split_lse(lse[row], acc_like)
+        row_lse = center + log_sum
 
     # 5. second read of the row: grad = scale (p (A + 2 z_loss w_t lse) - w q) times the
     #    slope dz'/dz (1 without a cap), zeros for ignored samples and where the scale is 0
@@ -283,6 +298,283 @@ def _ce_rows(mode, logits, target_index, target_prob, is_prob, weight, ignore_in
                                         keep, smooth_per_class, acc_like)
                 g = scale * (math.exp((z - center) - log_sum) * coef - wq) * slope
             grad[n, c, s] = g
+
+
+# --------------------------------------------------------------------------------------------
+# Dense rows: the common case, with few instructions per logit
+# --------------------------------------------------------------------------------------------
+#: Logits a thread of the dense-row kernel loads before folding them into its running
+#: ``(max, sum)``: that many independent loads in flight per thread, and one rescale of the
+#: running sum per chunk instead of a compare-and-branch per logit.
+CHUNK = 8
+_LOG2E = np.float32(1.4426950408889634)
+_NEG_INF32 = np.float32(-math.inf)
+_ZERO32 = np.float32(0.0)
+_ONE32 = np.float32(1.0)
+
+
+@cuda.jit(device=True, inline=True)
+def _to_float32(value):
+    """A logit in float32: no instruction for float32 logits (``value + 0.0`` would be an
+    ``FADD``), a conversion for float16 and bfloat16."""
+    return np.float32(value)
+
+
+@cuda.jit(device=True, inline=True)
+def _capped32(z, cap, inv_cap):
+    """``(z', dz'/dz)`` in float32: ``(z, 1)`` without a cap (``cap == 0``), else
+    ``(c t, 1 - t^2)``, ``t = tanh(z / c)`` (``tanh.approx`` under the kernel's fast math)."""
+    if cap == _ZERO32:
+        return z, _ONE32
+    t = math.tanh(z * inv_cap)
+    return cap * t, _ONE32 - t * t
+
+
+@cuda.jit(device=True, inline=True)
+def _exp_shifted(z, row_max, log_sum2):
+    """``exp((z - m) - log_sum)`` as ``2^((z - m) log2 e - log_sum log2 e)``: ``z - m`` comes
+    first and is exact for nearby values, so large logits (1e4) lose nothing to the rounding
+    of ``m log2 e``; one ``MUFU.EX2``."""
+    return math.exp2((z - row_max) * _LOG2E - log_sum2)
+
+
+@cuda.jit(device=True, inline=True)
+def _load_chunk(z, start, width, n_classes, guarded, cap, inv_cap, values):
+    """Capped logits ``start + k width`` (k < CHUNK) into ``values``; returns their maximum.
+    ``guarded`` (a constant): the chunk may run past the row, whose missing logits read as
+    ``-inf``; the unguarded form has no index arithmetic at all (constant offsets)."""
+    chunk_max = _NEG_INF32
+    for k in range(CHUNK):
+        c = start + np.uint64(k * width)
+        value = _NEG_INF32
+        if not guarded or c < n_classes:
+            value, _ = _capped32(_to_float32(z[c]), cap, inv_cap)
+        values[k] = value
+        chunk_max = max(chunk_max, value)
+    return chunk_max
+
+
+@cuda.jit(device=True, inline=True)
+def _fold_chunk(values, chunk_max, running_max, running_sum):
+    """Online softmax over a chunk: ``(m', s')`` with ``m' = max(m, chunk max)`` and
+    ``s' = s e^(m - m') + sum_k e^(z_k - m')``. While everything so far is ``-inf`` the
+    exponentials are taken relative to 0 (0 for ``-inf``; a NaN stays NaN)."""
+    new_max = max(running_max, chunk_max)
+    base = new_max if new_max != _NEG_INF32 else _ZERO32
+    running_sum *= _exp_shifted(running_max, base, _ZERO32)
+    for k in range(CHUNK):
+        running_sum += _exp_shifted(values[k], base, _ZERO32)
+    return new_max, running_sum
+
+
+@cuda.jit(device=True, inline=True)
+def _smoothing_chunk(values, weight, start, width, n_classes, shift, weight_sum, weighted_z):
+    """``sum_c w_c`` and ``sum_c w_c (z_c - K)`` over the chunk's classes (label smoothing)."""
+    for k in range(CHUNK):
+        c = start + np.uint64(k * width)
+        if c < n_classes:
+            w_c = np.float32(weight[c])
+            weight_sum += w_c
+            weighted_z += w_c * (values[k] - shift)
+    return weight_sum, weighted_z
+
+
+@cuda.jit(device=True, inline=True)
+def _statistics_chunk(z, weight, start, width, n_classes, guarded, cap, inv_cap, smoothed,
+                      shift, values, running_max, running_sum, weight_sum, weighted_z):
+    """Pass 1 over one chunk: :func:`_load_chunk`, :func:`_fold_chunk` and with label
+    smoothing :func:`_smoothing_chunk`; returns the four running values."""
+    chunk_max = _load_chunk(z, start, width, n_classes, guarded, cap, inv_cap, values)
+    running_max, running_sum = _fold_chunk(values, chunk_max, running_max, running_sum)
+    if smoothed:
+        weight_sum, weighted_z = _smoothing_chunk(values, weight, start, width, n_classes,
+                                                  shift, weight_sum, weighted_z)
+    return running_max, running_sum, weight_sum, weighted_z
+
+
+@cuda.jit(device=True, inline=True)
+def _write_chunk(z, g, weight, start, width, n_classes, guarded, cap, inv_cap, row_max,
+                 log_sum2, p_factor, smooth_term, smoothed, values, weights):
+    """``g_c = (p_c A' - [smoothing] w_c s scale / C) dz'/dz`` for the chunk's classes: the
+    gradient of every class but the target's own term (see :func:`_dense_rows_kernel`).
+
+    All the chunk's logits (and weights) are loaded into ``values`` (``weights``) before the
+    first store: ``g`` may alias ``z``, so the compiler keeps every load after the stores that
+    precede it in the code, and a load after each store would leave one load in flight per
+    thread."""
+    for k in range(CHUNK):
+        c = start + np.uint64(k * width)
+        if not guarded or c < n_classes:
+            values[k] = _to_float32(z[c])
+            if smoothed:
+                weights[k] = np.float32(weight[c])
+    if smoothed:  # two loops, so that the common one carries no predicated smoothing code
+        for k in range(CHUNK):
+            c = start + np.uint64(k * width)
+            if not guarded or c < n_classes:
+                value, slope = _capped32(values[k], cap, inv_cap)
+                p = _exp_shifted(value, row_max, log_sum2) * p_factor
+                g[c] = (p - smooth_term * weights[k]) * slope
+    else:
+        for k in range(CHUNK):
+            c = start + np.uint64(k * width)
+            if not guarded or c < n_classes:
+                value, slope = _capped32(values[k], cap, inv_cap)
+                g[c] = _exp_shifted(value, row_max, log_sum2) * p_factor * slope
+
+
+def _dense_rows_kernel(width):
+    """The dense-row kernel for ``width`` threads per row (a constant of the compiled code:
+    the ``k``-th logit of a chunk sits at the constant offset ``k * width`` from the first,
+    so the loads of a chunk need no index arithmetic); built once per width
+    (:func:`_dense_rows`).
+
+    It does what :func:`_ce_rows` does, the same math (module docstring), for the common case
+    at a handful of instructions per logit: rows of contiguous classes (``S = 1``),
+    class-index targets, float16 / bfloat16 / float32 logits (float32 accumulation),
+    ``blockDim = (width, rows per block)``, ``width`` a multiple of 32. Arguments: those of
+    :func:`_ce_rows` without ``target_prob``, ``is_prob`` and ``acc_like``; logits and grad
+    are ``(N, C)`` and C-contiguous; grad may alias logits (each element is read, then
+    written, by one thread: both passes give class ``c`` to the same thread); without label
+    smoothing only the target's entry of ``weight`` is read.
+
+    * Pass 1 loads :data:`CHUNK` logits per thread (:func:`_load_chunk`), then rescales the
+      running sum once and adds their exponentials (:func:`_fold_chunk`); only the last,
+      partial chunk of a thread checks the row's end. Unsigned 64-bit indices: Numba adds a
+      negative-index fix-up to every signed index.
+    * ``A`` and ``B`` come from the target's logit and weight, read once per thread, and with
+      label smoothing from two running sums, ``sum_c w_c`` and ``sum_c w_c (z_c - K)``.
+    * Pass 2 writes every class as if it were not the target (:func:`_write_chunk`); then the
+      thread that owns the target class rewrites that one element with the target term
+      ``-scale (1 - s) w_t dz'/dz`` subtracted, instead of comparing every class with it.
+    * Fast math: ``exp2``, ``tanh`` and divisions are the hardware approximations (relative
+      error about 2^-22) and denormal results flush to zero.
+    """
+    stride = np.uint64(CHUNK * width)
+    tail = np.uint64((CHUNK - 1) * width)
+
+    @cuda.jit(fastmath=True)
+    def ce_dense_rows(mode, logits, target_index, weight, ignore_index, smoothing, z_loss,
+                      softcap, lse, loss, grad, grad_scale):
+        compute_lse = mode != MODE_BACKWARD
+        write_grad = mode != MODE_FORWARD
+        scratch = cuda.shared.array(SCRATCH_SIZE, np.float32)
+        n_rows = logits.shape[0]
+        n_classes = np.uint64(logits.shape[1])
+        full_end = n_classes - tail if n_classes > tail else np.uint64(0)
+        lane = np.uint64(cuda.threadIdx.x)
+        row = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
+        active = row < n_rows
+        if not active:
+            row = 0  # idle groups take part in the block's reductions on a valid row
+        z = logits[row]
+        g = grad[row]
+
+        cap = np.float32(softcap)
+        inv_cap = _ONE32 / cap if cap != _ZERO32 else _ZERO32
+        target = target_index[row]
+        valid = active and target != ignore_index
+        target_class = np.uint64(target) if valid else np.uint64(0)
+        w_target = np.float32(weight[target_class]) if valid else _ZERO32
+        capped_target, slope_target = _capped32(_to_float32(z[target_class]), cap, inv_cap)
+        shift, _ = _capped32(_to_float32(z[0]), cap, inv_cap)
+        if math.isinf(shift) or math.isnan(shift):
+            shift = _ZERO32  # K only has to be finite
+        smooth = np.float32(smoothing)
+        smoothed = smooth != _ZERO32
+        keep = _ONE32 - smooth
+        smooth_per_class = smooth / np.float32(n_classes)
+
+        # 1. this thread's share of the row: online (max, sum exp), and with label smoothing
+        #    sum_c w_c and sum_c w_c (z_c - K)
+        running_max = _NEG_INF32
+        running_sum = _ZERO32
+        weight_sum = _ZERO32
+        weighted_z = _ZERO32
+        values = cuda.local.array(CHUNK, np.float32)
+        weights = cuda.local.array(CHUNK, np.float32)
+        if compute_lse:
+            start = lane
+            while start < full_end:  # whole chunks, then at most one that the row's end cuts
+                running_max, running_sum, weight_sum, weighted_z = _statistics_chunk(
+                    z, weight, start, width, n_classes, False, cap, inv_cap, smoothed, shift,
+                    values, running_max, running_sum, weight_sum, weighted_z)
+                start += stride
+            if start < n_classes:
+                running_max, running_sum, weight_sum, weighted_z = _statistics_chunk(
+                    z, weight, start, width, n_classes, True, cap, inv_cap, smoothed, shift,
+                    values, running_max, running_sum, weight_sum, weighted_z)
+        elif smoothed:
+            for c in range(cuda.threadIdx.x, logits.shape[1], width):
+                weight_sum += np.float32(weight[c])
+
+        # 2. the row's statistics, A = sum_c w_c q_c, B = sum_c w_c q_c (z_c - K), the loss
+        if smoothed:
+            weight_sum = group_reduce(weight_sum, scratch, OP_SUM)
+        a = keep * w_target + smooth_per_class * weight_sum
+        if compute_lse:
+            row_max = group_reduce(running_max, scratch, OP_MAX)
+            base = row_max if row_max != _NEG_INF32 else _ZERO32
+            row_sum = group_reduce(running_sum * _exp_shifted(running_max, base, _ZERO32),
+                                   scratch, OP_SUM)
+            if smoothed:
+                weighted_z = group_reduce(weighted_z, scratch, OP_SUM)
+            log_sum = math.log(row_sum) if row_max != _NEG_INF32 else row_sum
+            row_lse = row_max + log_sum
+            if active and lane == 0:
+                lse[row] = row_lse
+                row_loss = _ZERO32
+                if valid:
+                    b = (keep * w_target * (capped_target - shift)
+                         + smooth_per_class * weighted_z)
+                    row_loss = (a * ((row_max - shift) + log_sum) - b
+                                + np.float32(z_loss) * w_target * row_lse * row_lse)
+                loss[row] = row_loss
+        else:
+            row_max, log_sum = _split_lse(lse[row], scratch)  # float32, as scratch
+            row_lse = row_max + log_sum
+
+        # 3. second read of the row: grad = scale (p (A + 2 z_loss w_t lse) - w q) dz'/dz
+        if write_grad and active:
+            scale = _ZERO32
+            if valid:
+                scale = np.float32(grad_scale[row if grad_scale.shape[0] > 1 else 0])
+            if scale == _ZERO32:
+                for c in range(cuda.threadIdx.x, logits.shape[1], width):
+                    g[c] = _ZERO32
+                return
+            p_factor = scale * (a + np.float32(2.0) * np.float32(z_loss) * w_target * row_lse)
+            smooth_term = scale * smooth_per_class
+            log_sum2 = log_sum * _LOG2E
+            start = lane
+            while start < full_end:
+                _write_chunk(z, g, weight, start, width, n_classes, False, cap, inv_cap,
+                             row_max, log_sum2, p_factor, smooth_term, smoothed, values,
+                             weights)
+                start += stride
+            if start < n_classes:
+                _write_chunk(z, g, weight, start, width, n_classes, True, cap, inv_cap,
+                             row_max, log_sum2, p_factor, smooth_term, smoothed, values,
+                             weights)
+            if valid and target_class % np.uint64(width) == lane:
+                # the target's own term, on the value this thread has just written (from the
+                # logit read before any write: in place, it is gone by now)
+                p = _exp_shifted(capped_target, row_max, log_sum2) * p_factor
+                if smoothed:
+                    p -= smooth_term * w_target
+                g[target_class] = p * slope_target - scale * keep * w_target * slope_target
+
+    return ce_dense_rows
+
+
+_DENSE_KERNELS = {}
+
+
+def _dense_kernel(width: int):
+    """The dense-row kernel for ``width`` threads per row, built on first use."""
+    if width not in _DENSE_KERNELS:
+        _DENSE_KERNELS[width] = _dense_rows_kernel(width)
+    return _DENSE_KERNELS[width]
 
 
 @cuda.jit
@@ -328,6 +620,11 @@ def _fill(dst, value):
     i = cuda.grid(1)
     if i < dst.shape[0]:
         dst[i] = value
+
+
+#: The widths :func:`_threads_per_row` picks for rows of more than 32 classes: those of the
+#: dense-row kernels compiled to PTX in CI (any multiple of 32 works).
+DENSE_WIDTHS = (WARP_SIZE, 256, 1024)
 
 
 def _threads_per_row(n_classes: int, n_spatial: int) -> int:
@@ -517,7 +814,28 @@ def _run(mode, logits, target, weights, options, lse, loss, grad, grad_scale, st
     threads = max(THREADS, per_row)
     rows_per_block = threads // per_row
     blocks = _arrays.launch_blocks(sample_count(logits.shape), rows_per_block)
-    _ce_rows[blocks, (per_row, rows_per_block), stream](
+    launch = (blocks, (per_row, rows_per_block), stream)
+    dense_logits, dense_grad = _dense_rows(logits3), _dense_rows(grad3)
+    if (per_row >= WARP_SIZE and not is_prob and acc_like.dtype == np.float32
+            and dense_logits is not None and dense_grad is not None):
+        _dense_kernel(per_row)[launch](
+            mode, dense_logits, target_index, weights, int(options.ignore_index),
+            float(options.label_smoothing), float(options.z_loss),
+            cap_argument(options.softcap), lse, loss, dense_grad, grad_scale)
+        return
+    _ce_rows[launch](
         mode, logits3, target_index, target_prob, is_prob, weights, int(options.ignore_index),
         float(options.label_smoothing), float(options.z_loss), cap_argument(options.softcap),
         acc_like, lse, loss, grad3, grad_scale)
+
+
+def _dense_rows(arr3):
+    """The ``(N, C)`` C-contiguous view of an ``(N, C, 1)`` view whose rows are contiguous
+    and evenly spaced (what the dense-row kernel takes), or None."""
+    n_rows, n_classes, n_spatial = arr3.shape
+    itemsize = arr3.dtype.itemsize
+    if n_spatial != 1 or n_classes == 0:
+        return None
+    if arr3.strides[1] != itemsize or (n_rows > 1 and arr3.strides[0] != n_classes * itemsize):
+        return None
+    return _arrays.strided_view(arr3, (n_rows, n_classes), (n_classes * itemsize, itemsize))
