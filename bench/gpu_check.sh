@@ -10,6 +10,9 @@
 #      compiles the same signatures without a GPU;
 #   2. a correctness check at benchmark scale against PyTorch CUDA, with bitwise
 #      reproducibility (two runs give the same bytes);
+#   2b. bench/gpu_variants.py: the cross-entropy kernel variants (the general row kernel, the
+#      dense-row kernel at several widths) and PyTorch eager at issue 13's sizes, each against
+#      the time predicted before the run;
 #   3. Nsight Compute (when `ncu` is on the PATH, --clock-control none): DRAM throughput,
 #      occupancy, registers and issued instructions of every kernel one cross-entropy call and
 #      one batch-norm forward + backward launch (issue 13's profile);
@@ -64,7 +67,7 @@ step tests 150 "$python" -m pytest -q -p no:cacheprovider -ra $workers \
     tests/test_cuda_cross_entropy.py tests/test_cuda_batch_norm.py tests/test_cuda_arrays.py \
     "tests/test_torch.py::test_cuda_tensors_match_cpu" \
     "tests/test_torch.py::test_converted_cnn_trains_like_torch[cuda]"
-step scale_check 60 "$python" - "$out_dir/scale_check.json" <<'PY'
+step scale_check 60 "$python" - <<'PY'
 """Benchmark-sized inputs: fusedgrad on the GPU vs PyTorch CUDA, and run-to-run bit equality."""
 import json
 import sys
@@ -142,12 +145,12 @@ for shape, axis in (((64, 256, 28, 28), 1), ((64, 28, 28, 256), -1), ((4, 8, 512
                                       - t_x.grad.cpu().numpy()).max()),
            bits(*runs[0]) == bits(*runs[1]))
 
-with open(sys.argv[1], "w") as fh:
-    json.dump(results, fh, indent=2)
+print(json.dumps(results, indent=2))
 ok = all(r["reproducible"] for r in results) and all(
     v < 1e-3 for r in results for k, v in r.items() if k.endswith("_err"))
 sys.exit(0 if ok else 1)
 PY
+step variants 150 "$python" bench/gpu_variants.py
 if command -v ncu >/dev/null 2>&1; then
     step ncu 100 ncu --clock-control none --section SpeedOfLight --section Occupancy \
         --section LaunchStats --section ComputeWorkloadAnalysis --launch-count 40 \
