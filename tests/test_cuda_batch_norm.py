@@ -4,7 +4,9 @@ Runs on a real GPU when there is one, else in Numba's CUDA simulator (in a subpr
 ``cuda_support``); shapes stay tiny because the simulator runs one Python thread per GPU thread.
 Both reduction layouts are exercised (a block per channel over (N, S) positions; 8 or 32
 adjacent channels per block for rows / channels-last), with several parts per channel merged in
-fixed order, and the fused batch norm + ReLU (``relu=True`` / ``relu_output=``).
+fixed order, both elementwise kernels (the spatial one for unit-stride rows at both its widths,
+with whole and partial chunks, and the general one), and the fused batch norm + ReLU
+(``relu=True`` / ``relu_output=``).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ CASES = [
     ((2, 3, 2, 3), 1, np.float32, True, False),
     ((40, 3), -1, np.float32, True, True),
     ((5, 2, 37), 1, np.float64, True, True),
+    ((2, 3, 9, 9), 1, np.float32, True, True),  # the wide spatial kernel: whole + partial chunks
 ]
 
 
@@ -213,6 +216,7 @@ RELU_CASES = [
     ((3, 2, 2, 4), -1, np.float64, True),
     ((2, 3, 2, 3), 1, np.float32, False),
     ((6, 3, 4), 1, np.float16, True),
+    ((2, 2, 9, 9), 1, np.float32, True),
 ]
 
 

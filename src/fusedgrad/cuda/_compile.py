@@ -15,9 +15,9 @@ for compute capability 9.0 (H100/H200) and the signatures the launchers produce:
 * per-channel parameters (``weight``, ``bias``, running buffers, statistics) of every floating
   dtype, with float32 and float64 accumulation;
 * array layouts ``A`` (any strides), the most general typing of the strided views, and for
-  the hot kernels (``_apply``, ``_partials``, ``_ce_rows``; the dense-row kernels only) also
-  ``C``, the typing of
-  contiguous arrays (most launches: labels ending ``,C``);
+  the hot kernels (``_apply``, ``_partials``, ``_ce_rows``; the dense-row cross-entropy and
+  spatial batch-norm kernels, one per width, only) also ``C``, the typing of contiguous
+  arrays (most launches: labels ending ``,C``);
 * the batch norm's fused ReLU: a runtime flag ``relu`` and its output array ``relu_y3`` (a
   stand-in without it), so every batch-norm signature covers it.
 
@@ -120,6 +120,9 @@ def kernel_signatures():
         m64 = types.Array(f64, 2, "C")
         sigs.append((f"batch_norm._apply[{name},C]", bn._apply,
                      (c3, c3, c3, b1, b1, c2, c3), pure32))
+        for width in bn.SPATIAL_WIDTHS:
+            sigs.append((f"batch_norm.apply_spatial[{name},{width},C]",
+                         bn._spatial_apply(width), (c3, c3, c3, b1, b1, c2, c3), pure32))
         sigs.append((f"batch_norm._partials[{name},{stat},C]", bn._partials,
                      (c3, c3, c3, b1, b1, c2, types.Array(PARAMS[stat], 1, "C"), i64, i64,
                       m64, m64, m64), None))
