@@ -150,7 +150,7 @@ ok = all(r["reproducible"] for r in results) and all(
     v < 1e-3 for r in results for k, v in r.items() if k.endswith("_err"))
 sys.exit(0 if ok else 1)
 PY
-step variants 150 "$python" bench/gpu_variants.py
+step variants 240 "$python" bench/gpu_variants.py
 if command -v ncu >/dev/null 2>&1; then
     step ncu 100 ncu --clock-control none --section SpeedOfLight --section Occupancy \
         --section LaunchStats --section ComputeWorkloadAnalysis --launch-count 40 \

@@ -1,4 +1,4 @@
-"""Cross-entropy kernel variants on a GPU, at issue 13's sizes: what each launch form costs.
+"""Cross-entropy and batch-norm kernel variants on a GPU, at issue 13's sizes: what each costs.
 
 Run on a machine with an NVIDIA GPU (``bench/gpu_check.sh`` runs it as its ``variants`` step):
 
@@ -14,11 +14,18 @@ class-index targets) it times, interleaved round by round with CUDA events, medi
 * ``torch``: PyTorch eager, ``F.cross_entropy`` forward + backward (a reference point; the
   full set of peers is ``python -m fusedgrad bench --device cuda``).
 
-Beside each time: GB/s of the minimum traffic (logits read once, gradient written once), % of
-the device's copy bandwidth measured in the same run (``torch`` copy of 1 GiB, read + write),
-and the prediction written down before the first run (``PREDICTED_MS``, from that traffic at
-the H200's 3,842 GB/s measured on 2026-11-29 and the launch form's known losses; docs/gpu.md).
-Every variant's loss and gradient are checked against the ``rows`` variant's before timing.
+Batch norm (training forward + backward through ``fg.batch_norm_forward`` /
+``fg.batch_norm_backward``, NCHW) runs :data:`BN_VARIANTS`: the general elementwise kernel
+``_apply`` or the spatial one, and the reductions' ``_ITEMS_PER_THREAD``; its traffic is eight
+x-sized transfers (statistics; normalise; the backward sums; dx), and ``torch`` is
+``F.batch_norm`` forward + backward.
+
+Beside each time: GB/s of the minimum traffic (cross-entropy: logits read once, gradient
+written once; batch norm: the eight transfers), % of the device's copy bandwidth measured in
+the same run (``torch`` copy of 1 GiB, read + write), and the prediction written down before
+the first run (``PREDICTED_MS``, from that traffic at the H200's 3,842 GB/s measured on
+2026-11-29 and each variant's known losses; docs/gpu.md).
+Every variant's outputs are checked against the first variant's (on the GPU) before timing.
 """
 from __future__ import annotations
 
@@ -26,11 +33,11 @@ import argparse
 import statistics
 import sys
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 import fusedgrad as fg
+from fusedgrad.cuda import batch_norm as bn
 from fusedgrad.cuda import cross_entropy as ce
 
 #: (rows, classes, dtype, the widths to compare)
@@ -53,6 +60,33 @@ PREDICTED_MS = {
     ("2048x128256 bfloat16", "dense"): 0.40,
     ("262144x1000 float32", "rows"): 3.58, ("262144x1000 float32", "dense"): 0.75,
 }
+
+
+#: Batch norm training forward + backward, NCHW: (shape, dtype).
+BN_CASES = [
+    ((256, 256, 56, 56), torch.float32),
+    ((256, 256, 56, 56), torch.bfloat16),
+    ((256, 2048, 14, 14), torch.float32),
+]
+#: (elementwise kernel, ``_ITEMS_PER_THREAD`` of the reductions): the general ``_apply`` with
+#: the reductions as they were measured on 2026-11-29, the spatial elementwise kernel, and
+#: the spatial one with fewer, longer reduction blocks (each block ends in a float64 Chan tree
+#: over its 256 threads; at 16 items per thread that tree follows every 4,096 elements).
+BN_VARIANTS = [("general", 16), ("spatial", 16), ("spatial", 64), ("spatial", 256)]
+
+#: Batch norm predictions, ms (guesses with their reasons, docs/gpu.md): ``_apply`` issues 6-7
+#: load instructions per element (five coefficients reloaded behind the possible aliasing of
+#: its output, and x, dy), about 1.4 ms of load issue for the forward pass at 256x256x56x56
+#: where the bytes take 0.43 ms; the spatial kernel issues 1-2. The reductions' share is
+#: unknown until profiled: the 64 and 256 rows guess that the per-block tree dominates.
+PREDICTED_MS.update({
+    ("256x256x56x56 float32", "general/16"): 8.89, ("256x256x56x56 float32", "spatial/16"): 7.0,
+    ("256x256x56x56 float32", "spatial/64"): 5.0, ("256x256x56x56 float32", "spatial/256"): 5.0,
+    ("256x2048x14x14 float32", "general/16"): 4.77,
+    ("256x2048x14x14 float32", "spatial/16"): 3.8,
+    ("256x2048x14x14 float32", "spatial/64"): 2.8,
+    ("256x2048x14x14 float32", "spatial/256"): 2.8,
+})
 
 
 def copy_bandwidth_gbs(rounds: int) -> float:
@@ -84,16 +118,29 @@ def with_variant(variant: str, call):
         ce._dense_rows, ce._threads_per_row = saved
 
 
-def c_is_16bit(dtype) -> bool:
+def is_16bit(dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
 
 
-def host_values(device_array) -> np.ndarray:
-    """A result on the host in float64 (bfloat16 results are raw ``V2`` device arrays)."""
-    values = np.asarray(device_array.copy_to_host())
-    if values.dtype.kind == "V":
-        values = (values.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    return values.astype(np.float64)
+class _Interface:
+    """An object exposing a given ``__cuda_array_interface__`` (to reinterpret a buffer)."""
+
+    def __init__(self, desc):
+        self.__cuda_array_interface__ = desc
+
+
+def device_values(device_array) -> torch.Tensor:
+    """A result as a float32 PyTorch tensor on the GPU, without a copy to the host (bfloat16
+    results are raw ``V2`` device arrays: read as int16, then viewed as bfloat16)."""
+    desc = dict(device_array.__cuda_array_interface__)
+    if desc["typestr"].endswith("V2"):
+        desc["typestr"] = "<i2"
+        return torch.as_tensor(_Interface(desc), device="cuda").view(torch.bfloat16).float()
+    return torch.as_tensor(device_array, device="cuda").float()
+
+
+def max_abs_difference(a, b) -> float:
+    return float((device_values(a) - device_values(b)).abs().max())
 
 
 def time_ms(call) -> float:
@@ -105,12 +152,21 @@ def time_ms(call) -> float:
     return start.elapsed_time(stop)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=20)
-    args = parser.parse_args(argv)
-    bandwidth = copy_bandwidth_gbs(10)
-    print(f"device: {torch.cuda.get_device_name()}; copy bandwidth {bandwidth:.0f} GB/s")
+def time_interleaved(calls, rounds):
+    """Median ms of each call over ``rounds`` rounds, the order rotated every round (after
+    one warm-up call each, which also compiles)."""
+    for call in calls.values():
+        call()
+    samples = {key: [] for key in calls}
+    order = list(calls)
+    for r in range(rounds):
+        for key in order[r % len(order):] + order[:r % len(order)]:
+            samples[key].append(time_ms(calls[key]))
+    return {key: statistics.median(values) for key, values in samples.items()}
+
+
+def cross_entropy_rows(rounds, bandwidth):
+    """Table rows ``(case, variant, ms, GB/s, % copy, predicted)`` and whether a check failed."""
     rows_out = []
     failed = False
     for n, c, dtype, widths in CASES:
@@ -126,41 +182,107 @@ def main(argv=None) -> int:
         def run_torch():
             F.cross_entropy(logits.detach().requires_grad_(), target).backward()
 
-        reference_loss, reference_grad = (host_values(a) for a in run_fg("rows"))
+        reference_loss, reference_grad = run_fg("rows")
         for variant in variants[1:]:
-            loss, grad = (host_values(a) for a in run_fg(variant))
-            loss_err = float(abs(loss - reference_loss))
-            grad_err = float(np.abs(grad - reference_grad).max())
-            print(f"{name} {variant}: |loss - rows| {loss_err:.2e}, "
+            loss, grad = run_fg(variant)
+            loss_err = max_abs_difference(loss, reference_loss)
+            grad_err = max_abs_difference(grad, reference_grad)
+            print(f"CE {name} {variant}: |loss - rows| {loss_err:.2e}, "
                   f"max |grad - rows| {grad_err:.2e}")
-            failed |= not (loss_err < 1e-4 and grad_err < (1e-2 if c_is_16bit(dtype) else 1e-5))
+            failed |= not (loss_err < 1e-4 and grad_err < (1e-2 if is_16bit(dtype) else 1e-5))
         calls = {v: (lambda v=v: run_fg(v)) for v in variants}
         calls["torch"] = run_torch
-        for call in calls.values():  # compile and warm every variant
-            call()
-        samples = {key: [] for key in calls}
-        order = list(calls)
-        for r in range(args.rounds):
-            for key in order[r % len(order):] + order[:r % len(order)]:
-                samples[key].append(time_ms(calls[key]))
+        medians = time_interleaved(calls, rounds)
         traffic = 2 * logits.numel() * logits.element_size()
-        for key in order:
-            ms = statistics.median(samples[key])
+        for key, ms in medians.items():
             gbs = traffic / (ms * 1e6)
             family = "dense" if key.startswith("dense") else key
-            predicted = PREDICTED_MS.get((name, family))
             label = key + (" (picked)" if key == f"dense/{picked}" else "")
-            rows_out.append((name, label, ms, gbs, 100 * gbs / bandwidth, predicted))
+            rows_out.append((f"CE {name}", label, ms, gbs, 100 * gbs / bandwidth,
+                             PREDICTED_MS.get((name, family))))
         del logits
         torch.cuda.empty_cache()
         fg.empty_cache()
+    return rows_out, failed
 
+
+def general_apply(plan, x3, dy3, relu_y3, has_dy, relu, coef, out3, stream):
+    """The batch norm's elementwise passes through the general kernel ``_apply`` only."""
+    bn._apply[plan.apply_grid, plan.apply_block, stream](x3, dy3, relu_y3, has_dy, relu, coef,
+                                                         out3)
+
+
+def with_bn_variant(variant, call):
+    """Run ``call()`` with the batch-norm variant ``(elementwise kernel, items per thread)``."""
+    apply_form, items = variant
+    saved = bn._launch_apply, bn._ITEMS_PER_THREAD
+    try:
+        bn._ITEMS_PER_THREAD = items
+        if apply_form == "general":
+            bn._launch_apply = general_apply
+        return call()
+    finally:
+        bn._launch_apply, bn._ITEMS_PER_THREAD = saved
+
+
+def batch_norm_rows(rounds, bandwidth):
+    """Batch norm training forward + backward, NCHW, per variant; as :func:`cross_entropy_rows`."""
+    rows_out = []
+    failed = False
+    for shape, dtype in BN_CASES:
+        name = f"{'x'.join(map(str, shape))} {str(dtype).split('.')[1]}"
+        x = torch.randn(shape, device="cuda", dtype=dtype) * 2 + 1
+        dy = torch.randn_like(x)
+        weight = torch.rand(shape[1], device="cuda") + 0.5
+        bias = torch.randn(shape[1], device="cuda")
+
+        def run_fg(variant):
+            def step():
+                y, mean, invstd = fg.batch_norm_forward(x, weight, bias)
+                dx, _, _ = fg.batch_norm_backward(dy, x, mean, invstd, weight)
+                return y, dx
+            return with_bn_variant(variant, step)
+
+        def run_torch():
+            xt = x.detach().requires_grad_()
+            wt, bt = weight.detach().requires_grad_(), bias.detach().requires_grad_()
+            F.batch_norm(xt, None, None, wt, bt, training=True).backward(dy)
+
+        reference = run_fg(BN_VARIANTS[0])
+        for variant in BN_VARIANTS[1:]:
+            errors = [max_abs_difference(a, r) for a, r in zip(run_fg(variant), reference)]
+            print(f"BN {name} {variant}: max |y - general| {errors[0]:.2e}, "
+                  f"max |dx - general| {errors[1]:.2e}")
+            failed |= max(errors) > (5e-2 if is_16bit(dtype) else 1e-4)
+        calls = {f"{form}/{items}": (lambda v=(form, items): run_fg(v))
+                 for form, items in BN_VARIANTS}
+        calls["torch"] = run_torch
+        medians = time_interleaved(calls, rounds)
+        traffic = 8 * x.numel() * x.element_size()
+        for key, ms in medians.items():
+            gbs = traffic / (ms * 1e6)
+            rows_out.append((f"BN {name}", key, ms, gbs, 100 * gbs / bandwidth,
+                             PREDICTED_MS.get((name, key))))
+        del x, dy
+        torch.cuda.empty_cache()
+        fg.empty_cache()
+    return rows_out, failed
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=20)
+    args = parser.parse_args(argv)
+    bandwidth = copy_bandwidth_gbs(10)
+    print(f"device: {torch.cuda.get_device_name()}; copy bandwidth {bandwidth:.0f} GB/s")
+    ce_rows, ce_failed = cross_entropy_rows(args.rounds, bandwidth)
+    bn_rows, bn_failed = batch_norm_rows(args.rounds, bandwidth)
     print()
-    print(f"{'case':22} {'variant':18} {'ms':>8} {'GB/s':>7} {'% copy':>7} {'predicted':>9}")
-    for name, label, ms, gbs, pct, predicted in rows_out:
+    print(f"{'case':28} {'variant':18} {'ms':>8} {'GB/s':>7} {'% copy':>7} {'predicted':>9}")
+    for name, label, ms, gbs, pct, predicted in ce_rows + bn_rows:
         pred = f"{predicted:.2f}" if predicted is not None else "-"
-        print(f"{name:22} {label:18} {ms:8.3f} {gbs:7.0f} {pct:7.0f} {pred:>9}")
-    return 1 if failed else 0
+        print(f"{name:28} {label:18} {ms:8.3f} {gbs:7.0f} {pct:7.0f} {pred:>9}")
+    return 1 if ce_failed or bn_failed else 0
 
 
 if __name__ == "__main__":
