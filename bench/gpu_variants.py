@@ -15,8 +15,9 @@ class-index targets) it times, interleaved round by round with CUDA events, medi
   full set of peers is ``python -m fusedgrad bench --device cuda``).
 
 Batch norm (training forward + backward through ``fg.batch_norm_forward`` /
-``fg.batch_norm_backward``, NCHW) runs :data:`BN_VARIANTS`: the general elementwise kernel
-``_apply`` or the spatial one, and the reductions' ``_ITEMS_PER_THREAD``; its traffic is eight
+``fg.batch_norm_backward``, NCHW) runs :data:`BN_VARIANTS`: the general kernels
+(``_partials``, ``_apply``) or the spatial ones, and the reductions' ``_ITEMS_PER_THREAD``; its
+traffic is eight
 x-sized transfers (statistics; normalise; the backward sums; dx), and ``torch`` is
 ``F.batch_norm`` forward + backward.
 
@@ -68,24 +69,29 @@ BN_CASES = [
     ((256, 256, 56, 56), torch.bfloat16),
     ((256, 2048, 14, 14), torch.float32),
 ]
-#: (elementwise kernel, ``_ITEMS_PER_THREAD`` of the reductions): the general ``_apply`` with
-#: the reductions as they were measured on 2026-11-29, the spatial elementwise kernel, and
-#: the spatial one with fewer, longer reduction blocks (each block ends in a float64 Chan tree
-#: over its 256 threads; at 16 items per thread that tree follows every 4,096 elements).
+#: (kernels, ``_ITEMS_PER_THREAD`` of the reductions): the general ``_partials`` and
+#: ``_apply`` as measured on 2026-11-29, and the spatial kernels (the default for NCHW) with
+#: the reductions' blocks as long as before and 4 and 16 times longer (each block ends in a
+#: float64 Chan tree over its 256 threads).
 BN_VARIANTS = [("general", 16), ("spatial", 16), ("spatial", 64), ("spatial", 256)]
 
-#: Batch norm predictions, ms (guesses with their reasons, docs/gpu.md): ``_apply`` issues 6-7
-#: load instructions per element (five coefficients reloaded behind the possible aliasing of
-#: its output, and x, dy), about 1.4 ms of load issue for the forward pass at 256x256x56x56
-#: where the bytes take 0.43 ms; the spatial kernel issues 1-2. The reductions' share is
-#: unknown until profiled: the 64 and 256 rows guess that the per-block tree dominates.
+#: Batch norm predictions, ms (docs/gpu.md): ``_partials`` spends about 42 instructions per
+#: element where a 4-byte read at the roofline leaves 35; ``_apply`` issues 6-7 load
+#: instructions per element (five coefficients reloaded behind the possible aliasing of its
+#: output), about 1.4 ms of load issue in the 256x256x56x56 forward where its bytes take
+#: 0.43 ms. The spatial kernels spend 4-7 instructions and 1-3 load instructions per element.
+#: Eight transfers at 3,842 GB/s: 1.71 ms (256x256x56x56 float32), 0.86 ms (bfloat16, and
+#: 256x2048x14x14 float32); the rest is guessed for the per-block trees and the small kernels.
 PREDICTED_MS.update({
-    ("256x256x56x56 float32", "general/16"): 8.89, ("256x256x56x56 float32", "spatial/16"): 7.0,
-    ("256x256x56x56 float32", "spatial/64"): 5.0, ("256x256x56x56 float32", "spatial/256"): 5.0,
+    ("256x256x56x56 float32", "general/16"): 8.89, ("256x256x56x56 float32", "spatial/16"): 3.0,
+    ("256x256x56x56 float32", "spatial/64"): 2.5, ("256x256x56x56 float32", "spatial/256"): 2.4,
+    ("256x256x56x56 bfloat16", "spatial/16"): 2.0,
+    ("256x256x56x56 bfloat16", "spatial/64"): 1.6,
+    ("256x256x56x56 bfloat16", "spatial/256"): 1.6,
     ("256x2048x14x14 float32", "general/16"): 4.77,
-    ("256x2048x14x14 float32", "spatial/16"): 3.8,
-    ("256x2048x14x14 float32", "spatial/64"): 2.8,
-    ("256x2048x14x14 float32", "spatial/256"): 2.8,
+    ("256x2048x14x14 float32", "spatial/16"): 1.6,
+    ("256x2048x14x14 float32", "spatial/64"): 1.4,
+    ("256x2048x14x14 float32", "spatial/256"): 1.4,
 })
 
 
@@ -206,23 +212,18 @@ def cross_entropy_rows(rounds, bandwidth):
     return rows_out, failed
 
 
-def general_apply(plan, x3, dy3, relu_y3, has_dy, relu, coef, out3, stream):
-    """The batch norm's elementwise passes through the general kernel ``_apply`` only."""
-    bn._apply[plan.apply_grid, plan.apply_block, stream](x3, dy3, relu_y3, has_dy, relu, coef,
-                                                         out3)
-
-
 def with_bn_variant(variant, call):
-    """Run ``call()`` with the batch-norm variant ``(elementwise kernel, items per thread)``."""
-    apply_form, items = variant
-    saved = bn._launch_apply, bn._ITEMS_PER_THREAD
+    """Run ``call()`` with the batch-norm variant ``(kernels, items per thread)``: "general"
+    makes ``_spatial_width`` find no spatial layout, so ``_partials`` and ``_apply`` run."""
+    kernels, items = variant
+    saved = bn._spatial_width, bn._ITEMS_PER_THREAD
     try:
         bn._ITEMS_PER_THREAD = items
-        if apply_form == "general":
-            bn._launch_apply = general_apply
+        if kernels == "general":
+            bn._spatial_width = lambda arrays: None
         return call()
     finally:
-        bn._launch_apply, bn._ITEMS_PER_THREAD = saved
+        bn._spatial_width, bn._ITEMS_PER_THREAD = saved
 
 
 def batch_norm_rows(rounds, bandwidth):

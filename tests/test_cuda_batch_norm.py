@@ -4,8 +4,9 @@ Runs on a real GPU when there is one, else in Numba's CUDA simulator (in a subpr
 ``cuda_support``); shapes stay tiny because the simulator runs one Python thread per GPU thread.
 Both reduction layouts are exercised (a block per channel over (N, S) positions; 8 or 32
 adjacent channels per block for rows / channels-last), with several parts per channel merged in
-fixed order, both elementwise kernels (the spatial one for unit-stride rows at both its widths,
-with whole and partial chunks, and the general one), and the fused batch norm + ReLU
+fixed order, both kernel families (the spatial reduction and elementwise kernels for
+unit-stride rows, at both widths, with whole and partial chunks and several rows per part; the
+general ones for every other layout), and the fused batch norm + ReLU
 (``relu=True`` / ``relu_output=``).
 """
 from __future__ import annotations

@@ -123,6 +123,10 @@ def kernel_signatures():
         for width in bn.SPATIAL_WIDTHS:
             sigs.append((f"batch_norm.apply_spatial[{name},{width},C]",
                          bn._spatial_apply(width), (c3, c3, c3, b1, b1, c2, c3), pure32))
+            sigs.append((f"batch_norm.partials_spatial[{name},{stat},{width},C]",
+                         bn._spatial_partials(width),
+                         (c3, c3, c3, b1, b1, c2, types.Array(PARAMS[stat], 1, "C"), i64, m64,
+                          m64, m64), None))
         sigs.append((f"batch_norm._partials[{name},{stat},C]", bn._partials,
                      (c3, c3, c3, b1, b1, c2, types.Array(PARAMS[stat], 1, "C"), i64, i64,
                       m64, m64, m64), None))
