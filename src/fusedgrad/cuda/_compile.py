@@ -83,7 +83,7 @@ def _arr3(dtype, layout="A"):
 
 def kernel_signatures():
     """``(label, kernel, argument types, float64_budget)`` for every launch form (``kernel``:
-    the ``@cuda.jit`` dispatcher, compiled with its own ``fastmath`` option).
+    the ``@cuda.jit`` dispatcher, compiled with its own ``fastmath`` and ``launch_bounds``).
 
     ``float64_budget``: None where float64 arithmetic is expected; else the most float64
     arithmetic instructions the PTX may hold (0 for the float32-accumulating elementwise
@@ -203,8 +203,10 @@ def compile_all(cc=(9, 0), report=print, ptx_dir=None):
         for label, kernel, argtypes, float64_budget in kernel_signatures():
             start = time.perf_counter()
             try:
+                options = kernel.targetoptions
                 ptx, _ = cuda.compile_ptx(kernel.py_func, argtypes, cc=tuple(cc),
-                                          fastmath=kernel.targetoptions.get("fastmath", False))
+                                          fastmath=options.get("fastmath", False),
+                                          launch_bounds=options.get("launch_bounds"))
                 if ptx_dir is not None:
                     with open(os.path.join(ptx_dir, ptx_file_name(label)), "w") as f:
                         f.write(ptx)

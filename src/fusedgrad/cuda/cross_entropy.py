@@ -453,7 +453,12 @@ def _dense_rows_kernel(width):
     stride = np.uint64(CHUNK * width)
     tail = np.uint64((CHUNK - 1) * width)
 
-    @cuda.jit(fastmath=True)
+    # the launch's block size as a bound: ptxas then keeps the registers within what a block
+    # of that size can hold (64 per thread at 1,024 threads), whatever ptxas the driver has;
+    # the simulator's jit takes no such option
+    bounds = {} if SIMULATED else {"launch_bounds": max(THREADS, width)}
+
+    @cuda.jit(fastmath=True, **bounds)
     def ce_dense_rows(mode, logits, target_index, weight, ignore_index, smoothing, z_loss,
                       softcap, lse, loss, grad, grad_scale):
         compute_lse = mode != MODE_BACKWARD
