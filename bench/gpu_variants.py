@@ -15,8 +15,9 @@ class-index targets) it times, interleaved round by round with CUDA events, medi
   full set of peers is ``python -m fusedgrad bench --device cuda``).
 
 Batch norm (training forward + backward through ``fg.batch_norm_forward`` /
-``fg.batch_norm_backward``, NCHW) runs :data:`BN_VARIANTS`: the general kernels
-(``_partials``, ``_apply``) or the spatial ones, and the reductions' ``_ITEMS_PER_THREAD``; its
+``fg.batch_norm_backward``; NCHW, channels-last, ``(N, C)``) runs :data:`BN_VARIANTS`: the
+general kernels (``_partials``, ``_apply``) or the layout's own (spatial for NCHW, columns for
+channels-last and ``(N, C)``), and the reductions' ``_ITEMS_PER_THREAD``; its
 traffic is eight
 x-sized transfers (statistics; normalise; the backward sums; dx), and ``torch`` is
 ``F.batch_norm`` forward + backward.
@@ -63,35 +64,47 @@ PREDICTED_MS = {
 }
 
 
-#: Batch norm training forward + backward, NCHW: (shape, dtype).
+#: Batch norm training forward + backward: (shape as fusedgrad sees it, dtype, channel axis).
 BN_CASES = [
-    ((256, 256, 56, 56), torch.float32),
-    ((256, 256, 56, 56), torch.bfloat16),
-    ((256, 2048, 14, 14), torch.float32),
+    ((256, 256, 56, 56), torch.float32, 1),
+    ((256, 256, 56, 56), torch.bfloat16, 1),
+    ((256, 2048, 14, 14), torch.float32, 1),
+    ((256, 56, 56, 256), torch.float32, -1),
+    ((262144, 1024), torch.float32, 1),
 ]
 #: (kernels, ``_ITEMS_PER_THREAD`` of the reductions): the general ``_partials`` and
-#: ``_apply`` as measured on 2026-11-29, and the spatial kernels (the default for NCHW) with
-#: the reductions' blocks as long as before and 4 and 16 times longer (each block ends in a
-#: float64 Chan tree over its 256 threads).
-BN_VARIANTS = [("general", 16), ("spatial", 16), ("spatial", 64), ("spatial", 256)]
+#: ``_apply`` as measured on 2026-11-29, and the layout's own kernels (the default: spatial
+#: for NCHW, columns for channels-last and (N, C)) with the reductions' blocks as long as
+#: before and 4 and 16 times longer (each block ends in a float64 Chan tree).
+BN_VARIANTS = [("general", 16), ("layout", 16), ("layout", 64), ("layout", 256)]
 
-#: Batch norm predictions, ms (docs/gpu.md): ``_partials`` spends about 42 instructions per
+#: Batch norm predictions, ms (docs/gpu.md; the 2026-11-29 general times are for the
+#: float32 NCHW cases): ``_partials`` spends about 42 instructions per
 #: element where a 4-byte read at the roofline leaves 35; ``_apply`` issues 6-7 load
 #: instructions per element (five coefficients reloaded behind the possible aliasing of its
 #: output), about 1.4 ms of load issue in the 256x256x56x56 forward where its bytes take
 #: 0.43 ms. The spatial kernels spend 4-7 instructions and 1-3 load instructions per element.
 #: Eight transfers at 3,842 GB/s: 1.71 ms (256x256x56x56 float32), 0.86 ms (bfloat16, and
-#: 256x2048x14x14 float32); the rest is guessed for the per-block trees and the small kernels.
+#: 256x2048x14x14 float32), 2.24 ms at 262144x1024; the rest is guessed for the per-block trees
+#: and the small kernels.
 PREDICTED_MS.update({
-    ("256x256x56x56 float32", "general/16"): 8.89, ("256x256x56x56 float32", "spatial/16"): 3.0,
-    ("256x256x56x56 float32", "spatial/64"): 2.5, ("256x256x56x56 float32", "spatial/256"): 2.4,
-    ("256x256x56x56 bfloat16", "spatial/16"): 2.0,
-    ("256x256x56x56 bfloat16", "spatial/64"): 1.6,
-    ("256x256x56x56 bfloat16", "spatial/256"): 1.6,
+    ("256x256x56x56 float32", "general/16"): 8.89, ("256x256x56x56 float32", "layout/16"): 3.0,
+    ("256x256x56x56 float32", "layout/64"): 2.5, ("256x256x56x56 float32", "layout/256"): 2.4,
+    ("256x256x56x56 bfloat16", "layout/16"): 2.0,
+    ("256x256x56x56 bfloat16", "layout/64"): 1.6,
+    ("256x256x56x56 bfloat16", "layout/256"): 1.6,
     ("256x2048x14x14 float32", "general/16"): 4.77,
-    ("256x2048x14x14 float32", "spatial/16"): 1.6,
-    ("256x2048x14x14 float32", "spatial/64"): 1.4,
-    ("256x2048x14x14 float32", "spatial/256"): 1.4,
+    ("256x2048x14x14 float32", "layout/16"): 1.6,
+    ("256x2048x14x14 float32", "layout/64"): 1.4,
+    ("256x2048x14x14 float32", "layout/256"): 1.4,
+    ("256x56x56x256 float32 NHWC", "general/16"): 6.52,
+    ("256x56x56x256 float32 NHWC", "layout/16"): 2.6,
+    ("256x56x56x256 float32 NHWC", "layout/64"): 2.4,
+    ("256x56x56x256 float32 NHWC", "layout/256"): 2.4,
+    ("262144x1024 float32", "general/16"): 8.63,
+    ("262144x1024 float32", "layout/16"): 3.3,
+    ("262144x1024 float32", "layout/64"): 3.0,
+    ("262144x1024 float32", "layout/256"): 3.0,
 })
 
 
@@ -214,40 +227,44 @@ def cross_entropy_rows(rounds, bandwidth):
 
 def with_bn_variant(variant, call):
     """Run ``call()`` with the batch-norm variant ``(kernels, items per thread)``: "general"
-    makes ``_spatial_width`` find no spatial layout, so ``_partials`` and ``_apply`` run."""
+    makes ``_kernel_family`` answer GENERAL, so ``_partials`` and ``_apply`` run."""
     kernels, items = variant
-    saved = bn._spatial_width, bn._ITEMS_PER_THREAD
+    saved = bn._kernel_family, bn._ITEMS_PER_THREAD
     try:
         bn._ITEMS_PER_THREAD = items
         if kernels == "general":
-            bn._spatial_width = lambda arrays: None
+            bn._kernel_family = lambda arrays: (bn.GENERAL, None)
         return call()
     finally:
-        bn._spatial_width, bn._ITEMS_PER_THREAD = saved
+        bn._kernel_family, bn._ITEMS_PER_THREAD = saved
 
 
 def batch_norm_rows(rounds, bandwidth):
-    """Batch norm training forward + backward, NCHW, per variant; as :func:`cross_entropy_rows`."""
+    """Batch norm training forward + backward per variant; as :func:`cross_entropy_rows`."""
     rows_out = []
     failed = False
-    for shape, dtype in BN_CASES:
-        name = f"{'x'.join(map(str, shape))} {str(dtype).split('.')[1]}"
+    for shape, dtype, axis in BN_CASES:
+        name = (f"{'x'.join(map(str, shape))} {str(dtype).split('.')[1]}"
+                + (" NHWC" if axis == -1 else ""))
         x = torch.randn(shape, device="cuda", dtype=dtype) * 2 + 1
         dy = torch.randn_like(x)
-        weight = torch.rand(shape[1], device="cuda") + 0.5
-        bias = torch.randn(shape[1], device="cuda")
+        weight = torch.rand(shape[axis], device="cuda") + 0.5
+        bias = torch.randn(shape[axis], device="cuda")
+        # PyTorch takes channels-last as an NCHW view of the NHWC memory
+        to_torch = (lambda t: t.permute(0, 3, 1, 2)) if axis == -1 else (lambda t: t)
 
         def run_fg(variant):
             def step():
-                y, mean, invstd = fg.batch_norm_forward(x, weight, bias)
-                dx, _, _ = fg.batch_norm_backward(dy, x, mean, invstd, weight)
+                y, mean, invstd = fg.batch_norm_forward(x, weight, bias, channel_axis=axis)
+                dx, _, _ = fg.batch_norm_backward(dy, x, mean, invstd, weight,
+                                                  channel_axis=axis)
                 return y, dx
             return with_bn_variant(variant, step)
 
         def run_torch():
-            xt = x.detach().requires_grad_()
+            xt = to_torch(x).detach().requires_grad_()
             wt, bt = weight.detach().requires_grad_(), bias.detach().requires_grad_()
-            F.batch_norm(xt, None, None, wt, bt, training=True).backward(dy)
+            F.batch_norm(xt, None, None, wt, bt, training=True).backward(to_torch(dy))
 
         reference = run_fg(BN_VARIANTS[0])
         for variant in BN_VARIANTS[1:]:

@@ -82,6 +82,38 @@ def test_forward_backward_match_reference(api, shape, axis, dtype, affine, train
     assert cs.to_host(dweight).dtype == (np.float64 if dtype == np.float64 else np.float32)
 
 
+
+@cs.direct
+@pytest.mark.parametrize("shape,axis,family", [
+    ((3, 2, 9, 9), 1, "spatial"), ((5, 4, 4, 3), -1, "columns"), ((300, 5), 1, "columns")])
+def test_layout_kernels_loop_over_many_rows_and_chunks(api, monkeypatch, shape, axis, family):
+    """Long parts and a one-row grid make every thread of the spatial and column kernels walk
+    many rows and chunks (the test shapes otherwise give one chunk per thread): forward and
+    backward with the fused ReLU still match the reference."""
+    from fusedgrad.cuda import batch_norm as backend
+    monkeypatch.setattr(backend, "_ITEMS_PER_THREAD", 512)
+    monkeypatch.setattr(backend, "_MAX_GRID_Y", 1)
+    monkeypatch.setattr(backend, "_SPATIAL_MAX_BLOCKS", 1)
+    launched = []
+    family_of = backend._kernel_family
+    monkeypatch.setattr(backend, "_kernel_family",
+                        lambda arrays: launched.append(family_of(arrays)[0]) or family_of(arrays))
+    rng = np.random.default_rng(len(shape))
+    x = (rng.normal(size=shape) * 2 + 3).astype(np.float32)
+    dy = rng.normal(size=shape).astype(np.float32)
+    y_ref, mean_ref, invstd_ref, _ = ref.batch_norm_forward(
+        x, None, None, None, None, training=True, momentum=0.1, eps=1e-5, channel_axis=axis)
+    y, mean, invstd = api.batch_norm_forward(cs.to_device(x), channel_axis=axis, relu=True)
+    _check(y, np.maximum(y_ref, 0.0), np.float32)
+    _check(mean, mean_ref, np.float32)
+    dy_masked = np.where(y_ref > 0, dy, 0.0)
+    dx_ref, _, _ = ref.batch_norm_backward(dy_masked, x, mean_ref, invstd_ref, None,
+                                           training=True, channel_axis=axis)
+    dx, _, _ = api.batch_norm_backward(cs.to_device(dy), cs.to_device(x), mean, invstd,
+                                       channel_axis=axis, relu_output=y)
+    _check(dx, dx_ref, np.float32)
+    assert launched and set(launched) == {family}
+
 @cs.direct
 def test_split_building_blocks_compose_to_fused(api):
     from fusedgrad.cuda import _arrays

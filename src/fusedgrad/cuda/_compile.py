@@ -16,7 +16,7 @@ for compute capability 9.0 (H100/H200) and the signatures the launchers produce:
   dtype, with float32 and float64 accumulation;
 * array layouts ``A`` (any strides), the most general typing of the strided views, and for
   the hot kernels (``_apply``, ``_partials``, ``_ce_rows``; the dense-row cross-entropy and
-  spatial batch-norm kernels, one per width, only) also ``C``, the typing of contiguous
+  the spatial and column batch-norm kernels only) also ``C``, the typing of contiguous
   arrays (most launches: labels ending ``,C``);
 * the batch norm's fused ReLU: a runtime flag ``relu`` and its output array ``relu_y3`` (a
   stand-in without it), so every batch-norm signature covers it.
@@ -127,6 +127,11 @@ def kernel_signatures():
                          bn._spatial_partials(width),
                          (c3, c3, c3, b1, b1, c2, types.Array(PARAMS[stat], 1, "C"), i64, m64,
                           m64, m64), None))
+        sigs.append((f"batch_norm._columns_apply[{name},C]", bn._columns_apply,
+                     (c3, c3, c3, b1, b1, c2, c3), pure32))
+        sigs.append((f"batch_norm._columns_partials[{name},{stat},C]", bn._columns_partials,
+                     (c3, c3, c3, b1, b1, c2, types.Array(PARAMS[stat], 1, "C"), i64, m64, m64,
+                      m64), None))
         sigs.append((f"batch_norm._partials[{name},{stat},C]", bn._partials,
                      (c3, c3, c3, b1, b1, c2, types.Array(PARAMS[stat], 1, "C"), i64, i64,
                       m64, m64, m64), None))

@@ -628,16 +628,159 @@ def _spatial_partials(width: int):
 
 
 # --------------------------------------------------------------------------------------------
+# Rows of unit-stride channels (channels-last, (N, C)): a thread per channel and row group
+# --------------------------------------------------------------------------------------------
+#: Row groups per block of the column kernels: a block is ``COLUMN_LANES`` adjacent channels
+#: (a warp reads one row's 32 channels: 128 contiguous bytes in float32) times this many rows.
+COLUMN_LANES = 8 if SIMULATED else WARP_SIZE
+COLUMN_GROUPS = THREADS // COLUMN_LANES
+
+
+@cuda.jit(device=True, inline=True)
+def _column_position():
+    """``(lane, group)`` of this thread in a column-kernel block (constant divisors)."""
+    return cuda.threadIdx.x % COLUMN_LANES, cuda.threadIdx.x // COLUMN_LANES
+
+
+@cuda.jit
+def _columns_partials(x3, dy3, relu_y3, with_grad, relu, coef, invstd, rows_per_part, part_a,
+                      part_b, part_c):
+    """:func:`_partials` for rows of unit-stride channels (``S = 1``, channels-last and
+    ``(N, C)``), at a few instructions per element: block ``(channel block, part)`` of
+    ``THREADS`` threads, ``COLUMN_LANES`` adjacent channels (one per lane) times
+    ``COLUMN_GROUPS`` row groups; group ``q`` takes the part's rows ``first + q``,
+    ``first + q + COLUMN_GROUPS``, ..., :data:`CHUNK` rows at a time with all their loads first.
+    Then :func:`~fusedgrad.cuda._reduce.segment_reduce` over the threads of each channel (a
+    fixed tree) and group 0 writes the ``(part, c)`` partials. Arguments: those of
+    :func:`_partials` with ``rows_per_part`` in place of ``seg`` and ``n_parts``.
+    """
+    acc = coef.dtype.type
+    acc_zero = acc(0.0)
+    s_a = cuda.shared.array(SCRATCH_SIZE, float64)
+    s_b = cuda.shared.array(SCRATCH_SIZE, float64)
+    s_c = cuda.shared.array(SCRATCH_SIZE, float64)
+    xs = cuda.local.array(CHUNK, coef.dtype)
+    gs = cuda.local.array(CHUNK, coef.dtype)
+    lane, group = _column_position()
+    c = np.uint64(cuda.blockIdx.x * COLUMN_LANES + lane)
+    valid = c < np.uint64(x3.shape[1])  # both unsigned: Numba compares int64 with uint64 as float64
+    part = cuda.blockIdx.y
+    p_stop = np.uint64(min((part + 1) * rows_per_part, x3.shape[0]))
+    zero = np.uint64(0)
+    shift = acc_zero
+    mean_hi = acc_zero
+    mean_lo = acc_zero
+    inv = acc_zero
+    count = 0
+    u = acc_zero
+    v = acc_zero
+    if valid:
+        if with_grad:
+            mean_hi = coef[_MEAN_HI, c]
+            mean_lo = coef[_MEAN_LO, c]
+            inv = acc(invstd[c])
+        else:
+            shift = acc(x3[zero, c, zero])  # one of the channel's values: _shifted_moments
+        p = np.uint64(part * rows_per_part + group)
+        while p < p_stop:
+            for k in range(CHUNK):
+                row = p + np.uint64(k * COLUMN_GROUPS)
+                if row < p_stop:
+                    xs[k] = acc(x3[row, c, zero])
+                    if with_grad:
+                        g = acc(dy3[row, c, zero])
+                        if relu:
+                            g = _masked(g, acc(relu_y3[row, c, zero]), acc_zero)
+                        gs[k] = g
+            for k in range(CHUNK):
+                if p + np.uint64(k * COLUMN_GROUPS) < p_stop:
+                    if with_grad:
+                        u += gs[k]
+                        v += gs[k] * (((xs[k] - mean_hi) - mean_lo) * inv)
+                    else:
+                        d = xs[k] - shift
+                        u += d
+                        v += d * d
+                    count += 1
+            p += np.uint64(CHUNK * COLUMN_GROUPS)
+    if with_grad:
+        segment_reduce(float64(u), float64(v), 0.0, s_a, s_b, s_c, COLUMN_LANES, OP_SUM)
+    else:
+        n, mean, m2 = _shifted_moments(count, u, v, shift)
+        segment_reduce(n, mean, m2, s_a, s_b, s_c, COLUMN_LANES, OP_CHAN)
+    if group == 0 and valid:
+        part_a[part, c] = s_a[lane]
+        part_b[part, c] = s_b[lane]
+        if not with_grad:
+            part_c[part, c] = s_c[lane]
+
+
+@cuda.jit
+def _columns_apply(x3, dy3, relu_y3, has_dy, relu, coef, out3):
+    """:func:`_apply` for rows of unit-stride channels (``S = 1``): each thread keeps one
+    channel's five coefficients in registers and walks its rows ``CHUNK`` at a time (all loads
+    of a chunk before its stores), in a grid-stride loop over row groups; blocks as in
+    :func:`_columns_partials` (``COLUMN_LANES`` channels times ``COLUMN_GROUPS`` rows).
+    Arguments: those of :func:`_apply`."""
+    acc = coef.dtype.type
+    acc_zero = acc(0.0)
+    xs = cuda.local.array(CHUNK, coef.dtype)
+    gs = cuda.local.array(CHUNK, coef.dtype)
+    lane, group = _column_position()
+    c = np.uint64(cuda.blockIdx.x * COLUMN_LANES + lane)
+    if c >= np.uint64(x3.shape[1]):  # both unsigned: Numba compares int64 with uint64 as float64
+        return
+    zero = np.uint64(0)
+    n_rows = np.uint64(x3.shape[0])
+    mean_hi = coef[_MEAN_HI, c]
+    mean_lo = coef[_MEAN_LO, c]
+    alpha = coef[_ALPHA, c]
+    beta = coef[_BETA, c]
+    gamma = coef[_GAMMA, c]
+    step = np.uint64(cuda.gridDim.y * COLUMN_GROUPS)
+    p = np.uint64(cuda.blockIdx.y * COLUMN_GROUPS + group)
+    while p < n_rows:
+        for k in range(CHUNK):
+            row = p + np.uint64(k) * step
+            if row < n_rows:
+                xs[k] = acc(x3[row, c, zero])
+                if has_dy:
+                    g = acc(dy3[row, c, zero])
+                    if relu:
+                        g = _masked(g, acc(relu_y3[row, c, zero]), acc_zero)
+                    gs[k] = g
+        for k in range(CHUNK):
+            row = p + np.uint64(k) * step
+            if row < n_rows:
+                value = beta * ((xs[k] - mean_hi) - mean_lo) + gamma
+                if has_dy:
+                    value += alpha * gs[k]
+                elif relu:
+                    value = _relu(value, acc_zero)
+                out3[row, c, zero] = value
+        p += np.uint64(CHUNK) * step
+
+
+# --------------------------------------------------------------------------------------------
 # Host launchers (the backend interface)
 # --------------------------------------------------------------------------------------------
-def _spatial_width(arrays):
-    """Threads per row of the spatial kernels for these (P, C, S) arrays, or None when they are
-    not rows of unit-stride positions (``S > 1`` and unit stride along ``S`` in every one)."""
+#: Kernel families (:func:`_kernel_family`).
+SPATIAL, COLUMNS, GENERAL = "spatial", "columns", "general"
+
+
+def _kernel_family(arrays):
+    """``(family, width)`` of the kernels for these (P, C, S) arrays (every array a pass reads
+    or writes): :data:`SPATIAL` and its threads per row for rows of unit-stride positions
+    (``S > 1``, unit stride along ``S`` in every array: NCHW), :data:`COLUMNS` for rows of
+    unit-stride channels (``S = 1``, unit stride along ``C``: channels-last, ``(N, C)``), else
+    :data:`GENERAL` (``_partials`` and ``_apply``, any strides)."""
     n_inner = int(arrays[0].shape[2])
-    if n_inner == 1 or any(a.strides[2] != a.dtype.itemsize for a in arrays):
-        return None
-    narrow, wide = SPATIAL_WIDTHS
-    return wide if n_inner >= CHUNK * wide else narrow
+    if n_inner > 1 and all(a.strides[2] == a.dtype.itemsize for a in arrays):
+        narrow, wide = SPATIAL_WIDTHS
+        return SPATIAL, wide if n_inner >= CHUNK * wide else narrow
+    if n_inner == 1 and all(a.strides[1] == a.dtype.itemsize for a in arrays):
+        return COLUMNS, COLUMN_LANES
+    return GENERAL, None
 
 
 class _Plan:
@@ -655,12 +798,15 @@ class _Plan:
         lanes = THREADS // seg
         self.n_parts = int(min(_MAX_PARTS, max(1, -(-self.count // (lanes * _ITEMS_PER_THREAD)))))
         self.grid = (_arrays.launch_blocks(self.n_channels, seg), self.n_parts)
-        self.spatial_width = _spatial_width((x3,) + tuple(a for a in inputs if a is not None))
-        if self.spatial_width is not None:
+        self.family, self.width = _kernel_family(
+            (x3,) + tuple(a for a in inputs if a is not None))
+        if self.family != GENERAL:
             # the same target number of parts, in whole rows: P is cut into n_parts ranges
             self.rows_per_part = max(1, -(-n_outer // min(self.n_parts, max(n_outer, 1))))
             self.n_parts = max(1, -(-n_outer // self.rows_per_part))
-            self.grid = (self.n_channels, self.n_parts)
+            self.grid = ((self.n_channels if self.family == SPATIAL
+                          else _arrays.launch_blocks(self.n_channels, COLUMN_LANES)),
+                         self.n_parts)
         self.channel_blocks = _arrays.launch_blocks(self.n_channels, THREADS)
         rows, length = ((n_outer * self.n_channels, n_inner) if n_inner > 1
                         else (n_outer, self.n_channels))
@@ -675,25 +821,34 @@ class _Plan:
 def _launch_partials(plan, x3, dy3, relu_y3, with_grad, relu, coef, invstd, parts, stream):
     """:func:`_partials`, or the spatial reduction kernel where the plan chose it; ``parts``:
     the three ``(plan.n_parts, C)`` float64 partial arrays."""
-    if plan.spatial_width is not None:
-        _spatial_partials(plan.spatial_width)[plan.grid, THREADS, stream](
-            x3, dy3, relu_y3, with_grad, relu, coef, invstd, plan.rows_per_part, *parts)
+    if plan.family != GENERAL:
+        kernel = (_spatial_partials(plan.width) if plan.family == SPATIAL
+                  else _columns_partials)
+        kernel[plan.grid, THREADS, stream](x3, dy3, relu_y3, with_grad, relu, coef, invstd,
+                                           plan.rows_per_part, *parts)
         return
     _partials[plan.grid, THREADS, stream](x3, dy3, relu_y3, with_grad, relu, coef, invstd,
                                           plan.seg, plan.n_parts, *parts)
 
 
 def _launch_apply(plan, x3, dy3, relu_y3, has_dy, relu, coef, out3, stream):
-    """:func:`_apply`, or for rows of unit-stride positions the spatial kernel (its width from
-    the row length, its grid a few waves of blocks that loop over the rows)."""
+    """The elementwise kernel of the arrays' family (:func:`_kernel_family`): the spatial one
+    (a few waves of blocks that loop over the rows), the column one (a grid of channel blocks
+    times row blocks, ``CHUNK`` rows per thread, looping beyond ``_MAX_GRID_Y``), or
+    :func:`_apply`."""
     n_outer, n_channels, n_inner = (int(v) for v in x3.shape)
-    width = _spatial_width((x3, dy3, relu_y3, out3))
-    if width is not None:
+    family, width = _kernel_family((x3, dy3, relu_y3, out3))
+    if family == SPATIAL:
         rows_per_block = max(1, THREADS // width)
         blocks = min(_arrays.launch_blocks(n_outer * n_channels, rows_per_block),
                      _SPATIAL_MAX_BLOCKS)
         _spatial_apply(width)[blocks, (width, rows_per_block), stream](
             x3, dy3, relu_y3, has_dy, relu, coef, out3)
+        return
+    if family == COLUMNS:
+        grid = (_arrays.launch_blocks(n_channels, COLUMN_LANES),
+                min(_arrays.launch_blocks(n_outer, COLUMN_GROUPS * CHUNK), _MAX_GRID_Y))
+        _columns_apply[grid, THREADS, stream](x3, dy3, relu_y3, has_dy, relu, coef, out3)
         return
     _apply[plan.apply_grid, plan.apply_block, stream](x3, dy3, relu_y3, has_dy, relu, coef, out3)
 
