@@ -127,11 +127,12 @@ def kernel_signatures():
                          bn._spatial_partials(width),
                          (c3, c3, c3, b1, b1, c2, types.Array(PARAMS[stat], 1, "C"), i64, m64,
                           m64, m64), None))
+        f1 = types.Array(t, 1, "C")
         sigs.append((f"batch_norm._columns_apply[{name},C]", bn._columns_apply,
-                     (c3, c3, c3, b1, b1, c2, c3), pure32))
+                     (f1, f1, f1, b1, b1, c2, f1, i64), pure32))
         sigs.append((f"batch_norm._columns_partials[{name},{stat},C]", bn._columns_partials,
-                     (c3, c3, c3, b1, b1, c2, types.Array(PARAMS[stat], 1, "C"), i64, m64, m64,
-                      m64), None))
+                     (f1, f1, f1, b1, b1, c2, types.Array(PARAMS[stat], 1, "C"), i64, i64, m64,
+                      m64, m64), None))
         sigs.append((f"batch_norm._partials[{name},{stat},C]", bn._partials,
                      (c3, c3, c3, b1, b1, c2, types.Array(PARAMS[stat], 1, "C"), i64, i64,
                       m64, m64, m64), None))

@@ -628,7 +628,7 @@ def _spatial_partials(width: int):
 
 
 # --------------------------------------------------------------------------------------------
-# Rows of unit-stride channels (channels-last, (N, C)): a thread per channel and row group
+# Dense rows of channels (channels-last, (N, C)): a thread per channel and row group
 # --------------------------------------------------------------------------------------------
 #: Row groups per block of the column kernels: a block is ``COLUMN_LANES`` adjacent channels
 #: (a warp reads one row's 32 channels: 128 contiguous bytes in float32) times this many rows.
@@ -642,17 +642,57 @@ def _column_position():
     return cuda.threadIdx.x % COLUMN_LANES, cuda.threadIdx.x // COLUMN_LANES
 
 
+@cuda.jit(device=True, inline=True)
+def _load_column_chunk(x, dy, relu_y, first, index_step, row, row_step, n_rows, guarded,
+                       with_dy, relu, xs, gs, coef):
+    """x (and the possibly masked dy) of one channel at flat indices ``first + k index_step``,
+    rows ``row + k row_step`` (k < CHUNK), into ``xs`` (``gs``): the index advances by one
+    addition per element. ``guarded`` (a constant): rows past ``n_rows`` may occur."""
+    acc = coef.dtype.type
+    index = first
+    for k in range(CHUNK):
+        if not guarded or row < n_rows:
+            xs[k] = acc(x[index])
+            if with_dy:
+                g = acc(dy[index])
+                if relu:
+                    g = _masked(g, acc(relu_y[index]), acc(0.0))
+                gs[k] = g
+        index += index_step
+        row += row_step
+
+
+@cuda.jit(device=True, inline=True)
+def _sum_column_chunk(row, row_step, n_rows, guarded, with_grad, shift, mean_hi, mean_lo,
+                      invstd, xs, gs, count, u, v):
+    """:func:`_accumulate_pair`'s sums over a chunk loaded by :func:`_load_column_chunk`."""
+    for k in range(CHUNK):
+        if not guarded or row < n_rows:
+            if with_grad:
+                u += gs[k]
+                v += gs[k] * (((xs[k] - mean_hi) - mean_lo) * invstd)
+            else:
+                d = xs[k] - shift
+                u += d
+                v += d * d
+            count += 1
+        row += row_step
+    return count, u, v
+
+
 @cuda.jit
-def _columns_partials(x3, dy3, relu_y3, with_grad, relu, coef, invstd, rows_per_part, part_a,
-                      part_b, part_c):
-    """:func:`_partials` for rows of unit-stride channels (``S = 1``, channels-last and
-    ``(N, C)``), at a few instructions per element: block ``(channel block, part)`` of
-    ``THREADS`` threads, ``COLUMN_LANES`` adjacent channels (one per lane) times
+def _columns_partials(x, dy, relu_y, with_grad, relu, coef, invstd, n_channels, rows_per_part,
+                      part_a, part_b, part_c):
+    """:func:`_partials` for dense rows of channels (``S = 1``, C-contiguous ``(P, C)``:
+    channels-last and ``(N, C)``), passed flat: x, dy, relu_y are 1-D views of the ``P * C``
+    elements, element ``(p, c)`` at ``p * C + c``. Block ``(channel block, part)`` of
+    ``THREADS`` threads: ``COLUMN_LANES`` adjacent channels (one per lane) times
     ``COLUMN_GROUPS`` row groups; group ``q`` takes the part's rows ``first + q``,
-    ``first + q + COLUMN_GROUPS``, ..., :data:`CHUNK` rows at a time with all their loads first.
-    Then :func:`~fusedgrad.cuda._reduce.segment_reduce` over the threads of each channel (a
-    fixed tree) and group 0 writes the ``(part, c)`` partials. Arguments: those of
-    :func:`_partials` with ``rows_per_part`` in place of ``seg`` and ``n_parts``.
+    ``first + q + COLUMN_GROUPS``, ..., :data:`CHUNK` at a time with all their loads first;
+    only the part's last chunk checks the rows' end. Then
+    :func:`~fusedgrad.cuda._reduce.segment_reduce` over the threads of each channel (a fixed
+    tree) and group 0 writes the ``(part, c)`` partials. Other arguments: those of
+    :func:`_partials`, with ``rows_per_part`` in place of ``seg`` and ``n_parts``.
     """
     acc = coef.dtype.type
     acc_zero = acc(0.0)
@@ -662,11 +702,14 @@ def _columns_partials(x3, dy3, relu_y3, with_grad, relu, coef, invstd, rows_per_
     xs = cuda.local.array(CHUNK, coef.dtype)
     gs = cuda.local.array(CHUNK, coef.dtype)
     lane, group = _column_position()
+    n_channels = np.uint64(n_channels)
     c = np.uint64(cuda.blockIdx.x * COLUMN_LANES + lane)
-    valid = c < np.uint64(x3.shape[1])  # both unsigned: Numba compares int64 with uint64 as float64
+    valid = c < n_channels
     part = cuda.blockIdx.y
-    p_stop = np.uint64(min((part + 1) * rows_per_part, x3.shape[0]))
-    zero = np.uint64(0)
+    n_rows = np.uint64(x.shape[0]) // n_channels
+    p_stop = min(np.uint64((part + 1) * rows_per_part), n_rows)
+    row_step = np.uint64(COLUMN_GROUPS)
+    tail = np.uint64((CHUNK - 1) * COLUMN_GROUPS)
     shift = acc_zero
     mean_hi = acc_zero
     mean_lo = acc_zero
@@ -680,29 +723,23 @@ def _columns_partials(x3, dy3, relu_y3, with_grad, relu, coef, invstd, rows_per_
             mean_lo = coef[_MEAN_LO, c]
             inv = acc(invstd[c])
         else:
-            shift = acc(x3[zero, c, zero])  # one of the channel's values: _shifted_moments
-        p = np.uint64(part * rows_per_part + group)
+            shift = acc(x[c])  # one of the channel's values (row 0): see _shifted_moments
+        index_step = row_step * n_channels
+        p = np.uint64(part * rows_per_part) + np.uint64(group)
         while p < p_stop:
-            for k in range(CHUNK):
-                row = p + np.uint64(k * COLUMN_GROUPS)
-                if row < p_stop:
-                    xs[k] = acc(x3[row, c, zero])
-                    if with_grad:
-                        g = acc(dy3[row, c, zero])
-                        if relu:
-                            g = _masked(g, acc(relu_y3[row, c, zero]), acc_zero)
-                        gs[k] = g
-            for k in range(CHUNK):
-                if p + np.uint64(k * COLUMN_GROUPS) < p_stop:
-                    if with_grad:
-                        u += gs[k]
-                        v += gs[k] * (((xs[k] - mean_hi) - mean_lo) * inv)
-                    else:
-                        d = xs[k] - shift
-                        u += d
-                        v += d * d
-                    count += 1
-            p += np.uint64(CHUNK * COLUMN_GROUPS)
+            guarded = p + tail >= p_stop
+            first = p * n_channels + c
+            if guarded:
+                _load_column_chunk(x, dy, relu_y, first, index_step, p, row_step, p_stop, True,
+                                   with_grad, relu, xs, gs, coef)
+                count, u, v = _sum_column_chunk(p, row_step, p_stop, True, with_grad, shift,
+                                                mean_hi, mean_lo, inv, xs, gs, count, u, v)
+            else:
+                _load_column_chunk(x, dy, relu_y, first, index_step, p, row_step, p_stop, False,
+                                   with_grad, relu, xs, gs, coef)
+                count, u, v = _sum_column_chunk(p, row_step, p_stop, False, with_grad, shift,
+                                                mean_hi, mean_lo, inv, xs, gs, count, u, v)
+            p += np.uint64(CHUNK) * row_step
     if with_grad:
         segment_reduce(float64(u), float64(v), 0.0, s_a, s_b, s_c, COLUMN_LANES, OP_SUM)
     else:
@@ -715,50 +752,61 @@ def _columns_partials(x3, dy3, relu_y3, with_grad, relu, coef, invstd, rows_per_
             part_c[part, c] = s_c[lane]
 
 
+@cuda.jit(device=True, inline=True)
+def _store_column_chunk(out, first, index_step, row, row_step, n_rows, guarded, has_dy, relu,
+                        mean_hi, mean_lo, alpha, beta, gamma, xs, gs, coef):
+    """:func:`_apply_one` over a chunk loaded by :func:`_load_column_chunk`."""
+    acc_zero = coef.dtype.type(0.0)
+    index = first
+    for k in range(CHUNK):
+        if not guarded or row < n_rows:
+            value = beta * ((xs[k] - mean_hi) - mean_lo) + gamma
+            if has_dy:
+                value += alpha * gs[k]
+            elif relu:
+                value = _relu(value, acc_zero)
+            out[index] = value
+        index += index_step
+        row += row_step
+
+
 @cuda.jit
-def _columns_apply(x3, dy3, relu_y3, has_dy, relu, coef, out3):
-    """:func:`_apply` for rows of unit-stride channels (``S = 1``): each thread keeps one
-    channel's five coefficients in registers and walks its rows ``CHUNK`` at a time (all loads
-    of a chunk before its stores), in a grid-stride loop over row groups; blocks as in
-    :func:`_columns_partials` (``COLUMN_LANES`` channels times ``COLUMN_GROUPS`` rows).
-    Arguments: those of :func:`_apply`."""
-    acc = coef.dtype.type
-    acc_zero = acc(0.0)
+def _columns_apply(x, dy, relu_y, has_dy, relu, coef, out, n_channels):
+    """:func:`_apply` for dense rows of channels, passed flat as in :func:`_columns_partials`
+    (``out`` too): each thread keeps one channel's five coefficients in registers and walks
+    rows ``CHUNK`` at a time (all loads of a chunk before its stores) in a grid-stride loop over
+    row groups; blocks as in :func:`_columns_partials`. Other arguments: those of
+    :func:`_apply`."""
     xs = cuda.local.array(CHUNK, coef.dtype)
     gs = cuda.local.array(CHUNK, coef.dtype)
     lane, group = _column_position()
+    n_channels = np.uint64(n_channels)
     c = np.uint64(cuda.blockIdx.x * COLUMN_LANES + lane)
-    if c >= np.uint64(x3.shape[1]):  # both unsigned: Numba compares int64 with uint64 as float64
+    if c >= n_channels:
         return
-    zero = np.uint64(0)
-    n_rows = np.uint64(x3.shape[0])
+    n_rows = np.uint64(x.shape[0]) // n_channels
     mean_hi = coef[_MEAN_HI, c]
     mean_lo = coef[_MEAN_LO, c]
     alpha = coef[_ALPHA, c]
     beta = coef[_BETA, c]
     gamma = coef[_GAMMA, c]
-    step = np.uint64(cuda.gridDim.y * COLUMN_GROUPS)
+    row_step = np.uint64(cuda.gridDim.y * COLUMN_GROUPS)
+    index_step = row_step * n_channels
+    tail = np.uint64(CHUNK - 1) * row_step
     p = np.uint64(cuda.blockIdx.y * COLUMN_GROUPS + group)
     while p < n_rows:
-        for k in range(CHUNK):
-            row = p + np.uint64(k) * step
-            if row < n_rows:
-                xs[k] = acc(x3[row, c, zero])
-                if has_dy:
-                    g = acc(dy3[row, c, zero])
-                    if relu:
-                        g = _masked(g, acc(relu_y3[row, c, zero]), acc_zero)
-                    gs[k] = g
-        for k in range(CHUNK):
-            row = p + np.uint64(k) * step
-            if row < n_rows:
-                value = beta * ((xs[k] - mean_hi) - mean_lo) + gamma
-                if has_dy:
-                    value += alpha * gs[k]
-                elif relu:
-                    value = _relu(value, acc_zero)
-                out3[row, c, zero] = value
-        p += np.uint64(CHUNK) * step
+        first = p * n_channels + c
+        if p + tail >= n_rows:
+            _load_column_chunk(x, dy, relu_y, first, index_step, p, row_step, n_rows, True,
+                               has_dy, relu, xs, gs, coef)
+            _store_column_chunk(out, first, index_step, p, row_step, n_rows, True, has_dy, relu,
+                                mean_hi, mean_lo, alpha, beta, gamma, xs, gs, coef)
+        else:
+            _load_column_chunk(x, dy, relu_y, first, index_step, p, row_step, n_rows, False,
+                               has_dy, relu, xs, gs, coef)
+            _store_column_chunk(out, first, index_step, p, row_step, n_rows, False, has_dy,
+                                relu, mean_hi, mean_lo, alpha, beta, gamma, xs, gs, coef)
+        p += np.uint64(CHUNK) * row_step
 
 
 # --------------------------------------------------------------------------------------------
@@ -771,14 +819,17 @@ SPATIAL, COLUMNS, GENERAL = "spatial", "columns", "general"
 def _kernel_family(arrays):
     """``(family, width)`` of the kernels for these (P, C, S) arrays (every array a pass reads
     or writes): :data:`SPATIAL` and its threads per row for rows of unit-stride positions
-    (``S > 1``, unit stride along ``S`` in every array: NCHW), :data:`COLUMNS` for rows of
-    unit-stride channels (``S = 1``, unit stride along ``C``: channels-last, ``(N, C)``), else
-    :data:`GENERAL` (``_partials`` and ``_apply``, any strides)."""
+    (``S > 1``, unit stride along ``S`` in every array: NCHW), :data:`COLUMNS` for dense rows
+    of channels (``S = 1``, every array a C-contiguous ``(P, C)``: channels-last, ``(N, C)``),
+    else :data:`GENERAL` (``_partials`` and ``_apply``, any strides)."""
     n_inner = int(arrays[0].shape[2])
     if n_inner > 1 and all(a.strides[2] == a.dtype.itemsize for a in arrays):
         narrow, wide = SPATIAL_WIDTHS
         return SPATIAL, wide if n_inner >= CHUNK * wide else narrow
-    if n_inner == 1 and all(a.strides[1] == a.dtype.itemsize for a in arrays):
+    n_outer, n_channels = int(arrays[0].shape[0]), int(arrays[0].shape[1])
+    if n_inner == 1 and all(a.strides[1] == a.dtype.itemsize
+                            and (n_outer == 1 or a.strides[0] == n_channels * a.dtype.itemsize)
+                            for a in arrays):
         return COLUMNS, COLUMN_LANES
     return GENERAL, None
 
@@ -818,14 +869,22 @@ class _Plan:
                            int(min(_arrays.launch_blocks(rows, THREADS // width), _MAX_GRID_Y)))
 
 
+def _flat(arr3):
+    """The 1-D view of a C-contiguous ``(P, C, 1)`` array (what the column kernels take)."""
+    return _arrays.strided_view(arr3, (arr3.shape[0] * arr3.shape[1],), (arr3.dtype.itemsize,))
+
+
 def _launch_partials(plan, x3, dy3, relu_y3, with_grad, relu, coef, invstd, parts, stream):
     """:func:`_partials`, or the spatial reduction kernel where the plan chose it; ``parts``:
     the three ``(plan.n_parts, C)`` float64 partial arrays."""
     if plan.family != GENERAL:
-        kernel = (_spatial_partials(plan.width) if plan.family == SPATIAL
-                  else _columns_partials)
-        kernel[plan.grid, THREADS, stream](x3, dy3, relu_y3, with_grad, relu, coef, invstd,
-                                           plan.rows_per_part, *parts)
+        if plan.family == SPATIAL:
+            _spatial_partials(plan.width)[plan.grid, THREADS, stream](
+                x3, dy3, relu_y3, with_grad, relu, coef, invstd, plan.rows_per_part, *parts)
+        else:
+            _columns_partials[plan.grid, THREADS, stream](
+                _flat(x3), _flat(dy3), _flat(relu_y3), with_grad, relu, coef, invstd,
+                plan.n_channels, plan.rows_per_part, *parts)
         return
     _partials[plan.grid, THREADS, stream](x3, dy3, relu_y3, with_grad, relu, coef, invstd,
                                           plan.seg, plan.n_parts, *parts)
@@ -848,7 +907,8 @@ def _launch_apply(plan, x3, dy3, relu_y3, has_dy, relu, coef, out3, stream):
     if family == COLUMNS:
         grid = (_arrays.launch_blocks(n_channels, COLUMN_LANES),
                 min(_arrays.launch_blocks(n_outer, COLUMN_GROUPS * CHUNK), _MAX_GRID_Y))
-        _columns_apply[grid, THREADS, stream](x3, dy3, relu_y3, has_dy, relu, coef, out3)
+        _columns_apply[grid, THREADS, stream](_flat(x3), _flat(dy3), _flat(relu_y3), has_dy,
+                                              relu, coef, _flat(out3), n_channels)
         return
     _apply[plan.apply_grid, plan.apply_block, stream](x3, dy3, relu_y3, has_dy, relu, coef, out3)
 
