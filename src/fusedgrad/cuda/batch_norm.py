@@ -34,14 +34,18 @@ Work decomposition (fixed by the shape only, so results are bitwise reproducible
   No floating-point atomics anywhere. Rows of unit-stride positions (NCHW) take
   :func:`_spatial_partials_kernel` instead: a block per (channel, part of whole rows), the
   positions of each row in chunks at constant offsets, no integer division (about 5
-  instructions per element for the statistics, against about 42 in :func:`_partials`).
+  instructions per element for the statistics, against about 42 in :func:`_partials`); dense
+  rows of channels (channels-last, ``(N, C)``) take :func:`_columns_partials`: a thread per
+  channel and row group, flat indices advanced by one addition per element.
+  :func:`_kernel_family` picks the family from the arrays a pass touches.
 * Elementwise passes (normalise, dx) are one kernel over all elements with per-channel
   coefficients precomputed by a tiny kernel: ``out = alpha dy + beta ((x - mean_hi) - mean_lo)
   + gamma``. The float64 mean is split into two floats ``mean_hi + mean_lo`` so that ``x - mean``
   keeps full accuracy in float32 arithmetic when the mean is large compared with the spread.
   Rows of unit-stride positions (NCHW) take :func:`_spatial_apply_kernel` (coefficients in
   registers per row, 8 loads in flight per thread, about 7 instructions per element in the
-  forward against about 31 for :func:`_apply`, which takes every other layout).
+  forward against about 31 for :func:`_apply`), dense rows of channels :func:`_columns_apply`
+  (about 10); :func:`_apply` takes every other layout.
 * Running statistics are updated on the device by the per-channel kernel, in float64.
 """
 from __future__ import annotations
