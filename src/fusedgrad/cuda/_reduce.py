@@ -9,7 +9,8 @@ Two implementations of the in-block reduction, chosen once at import time:
 
 * real GPU: a warp reduces with ``cuda.shfl_xor_sync`` (lane distances 16, 8, 4, 2, 1), which
   leaves the result in every lane: a group of one warp (a warp per row) needs nothing more,
-  no shared memory and no barrier; in a wider group lane 0 of each warp stores its value in
+  no shared memory and no block barrier (a ``syncwarp``, for memory ordering between the
+  warp's threads); in a wider group lane 0 of each warp stores its value in
   shared memory and the group's first warp combines them with ``cuda.shfl_down_sync``;
 * Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``, see ``_target.SIMULATED``): the simulator
   has no warp shuffles, so a shared-memory tree (halving strides with ``syncthreads``) does the
@@ -104,13 +105,17 @@ def _warp_butterfly(value, op):
 
 @cuda.jit(device=True, inline=True)
 def _group_reduce_shuffle(value, scratch, op):
-    """Warp shuffles; a one-warp group is done there, without shared memory or a barrier.
+    """Warp shuffles; a one-warp group is done there, without shared memory or a block barrier.
     Wider groups: each warp's lane 0 stores the warp's value, then the group's first warp
     combines those ``n_warps`` values (a power of two) with ``shfl_down`` in a fixed tree."""
     if cuda.blockDim.x == 1:
         return value
     value = _warp_butterfly(value, op)
     if cuda.blockDim.x == WARP_SIZE:
+        # a memory barrier among the warp's threads, as syncthreads is for wider groups: the
+        # kernels rely on every thread's reads before a reduction preceding the others'
+        # writes after it (in-place cross-entropy: each thread reads the row's first logit)
+        cuda.syncwarp(_FULL_MASK)
         return value
     lane = cuda.threadIdx.x % WARP_SIZE
     warp = cuda.threadIdx.x // WARP_SIZE
