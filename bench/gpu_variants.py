@@ -35,6 +35,7 @@ import argparse
 import statistics
 import sys
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -149,8 +150,14 @@ class _Interface:
 
 
 def device_values(device_array) -> torch.Tensor:
-    """A result as a float32 PyTorch tensor on the GPU, without a copy to the host (bfloat16
-    results are raw ``V2`` device arrays: read as int16, then viewed as bfloat16)."""
+    """A result as a float32 PyTorch tensor on the GPU (bfloat16 results are raw ``V2`` device
+    arrays: read as int16, then viewed as bfloat16); small ones (a scalar loss) through the
+    host."""
+    if device_array.size < (1 << 20):
+        values = np.asarray(device_array.copy_to_host())
+        if values.dtype.kind == "V":
+            values = (values.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        return torch.tensor(values.astype(np.float32), device="cuda")
     desc = dict(device_array.__cuda_array_interface__)
     if desc["typestr"].endswith("V2"):
         desc["typestr"] = "<i2"
