@@ -325,6 +325,36 @@ def test_dense_row_kernel_matches_reference(api, monkeypatch, shape, weighted, r
     assert len(recorder.launches) == 4
     assert all(arg is not None for args in recorder.launches for arg in args)
 
+
+@cs.direct
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(n=st.integers(1, 3), n_classes=st.sampled_from([33, 64, 255, 256, 257, 300]),
+       width=st.sampled_from([32, 64]), smoothing=st.sampled_from([0.0, 0.2]),
+       weighted=st.booleans(), softcap=st.sampled_from([None, 3.0]), seed=st.integers(0, 999))
+def test_dense_row_kernel_at_chunk_boundaries(n, n_classes, width, smoothing, weighted, softcap,
+                                              seed):
+    """Row lengths around whole chunks (8 x width classes): no chunk, only a partial one, whole
+    ones with and without a partial one after them."""
+    import fusedgrad as fg
+    from fusedgrad.cuda import cross_entropy as backend
+    rng = np.random.default_rng(seed)
+    logits, target, weight = _problem(rng, (n, n_classes), ignore_every=3, weighted=weighted)
+    logits = logits.astype(np.float32)
+    weight = None if weight is None else weight.astype(np.float32)
+    kwargs = dict(reduction="none", label_smoothing=smoothing, softcap=softcap)
+    expected_loss, expected_grad, _ = ref.softmax_cross_entropy(logits, target, weight=weight,
+                                                                **kwargs)
+    saved = backend._threads_per_row
+    backend._threads_per_row = lambda n_classes, n_spatial: width
+    try:
+        loss, grad = fg.softmax_cross_entropy(
+            cs.to_device(logits), cs.to_device(target),
+            weight=None if weight is None else cs.to_device(weight), **kwargs)
+    finally:
+        backend._threads_per_row = saved
+    _close(cs.to_host(loss), expected_loss, np.float32)
+    _close(cs.to_host(grad), expected_grad, np.float32)
+
 @cs.direct
 def test_softcap_float16_accumulates_in_float32(api):
     rng = np.random.default_rng(12)
