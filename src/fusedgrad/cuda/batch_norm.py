@@ -32,7 +32,7 @@ Work decomposition (fixed by the shape only, so results are bitwise reproducible
   ``(count, mean, m2)`` -> Chan merge; plain sums for the backward), and writes one partial per
   (part, channel). A second kernel, one thread per channel, merges the partials in part order.
   No floating-point atomics anywhere. Rows of unit-stride positions (NCHW) take
-  :func:`_spatial_partials_kernel` instead: a block per (channel, part of whole rows), the
+  :func:`_spatial_partials` instead: a block per (channel, part of whole rows), the
   positions of each row in chunks at constant offsets, no integer division (about 5
   instructions per element for the statistics, against about 42 in :func:`_partials`); dense
   rows of channels (channels-last, ``(N, C)``) take :func:`_columns_partials`: a thread per
@@ -42,7 +42,7 @@ Work decomposition (fixed by the shape only, so results are bitwise reproducible
   coefficients precomputed by a tiny kernel: ``out = alpha dy + beta ((x - mean_hi) - mean_lo)
   + gamma``. The float64 mean is split into two floats ``mean_hi + mean_lo`` so that ``x - mean``
   keeps full accuracy in float32 arithmetic when the mean is large compared with the spread.
-  Rows of unit-stride positions (NCHW) take :func:`_spatial_apply_kernel` (coefficients in
+  Rows of unit-stride positions (NCHW) take :func:`_spatial_apply` (coefficients in
   registers per row, 8 loads in flight per thread, about 7 instructions per element in the
   forward against about 31 for :func:`_apply`), dense rows of channels :func:`_columns_apply`
   (about 10); :func:`_apply` takes every other layout.
@@ -50,6 +50,7 @@ Work decomposition (fixed by the shape only, so results are bitwise reproducible
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -172,6 +173,38 @@ def _accumulate_pair(x3, dy3, relu_y3, with_grad, relu, c, start, stop, step, n_
     return count, u, v
 
 
+@cuda.jit(device=True, inline=True)
+def _reduction_constants(with_grad, coef, invstd, c, first_value):
+    """``(shift, mean_hi, mean_lo, invstd)`` of channel ``c`` for the sums of
+    :func:`_accumulate_pair`: the statistics shift the data by one of the channel's values,
+    ``first_value`` (see :func:`_shifted_moments`); the backward centres it with the split
+    mean of ``coef`` and scales by ``invstd``. In the accumulation dtype (that of ``coef``)."""
+    acc = coef.dtype.type
+    zero = acc(0.0)
+    if with_grad:
+        return zero, coef[_MEAN_HI, c], coef[_MEAN_LO, c], acc(invstd[c])
+    return acc(first_value), zero, zero, zero
+
+
+@cuda.jit(device=True, inline=True)
+def _finish_partials(with_grad, count, u, v, shift, segment, write, entry, s_a, s_b, s_c,
+                     part_a, part_b, part_c, part, c):
+    """The block's part of a reduction kernel: its threads of each channel combined with
+    :func:`~fusedgrad.cuda._reduce.segment_reduce` (sums, or Chan merges of each thread's
+    shifted moments), then the threads with ``write`` store scratch ``entry``, their channel's
+    result, as the ``(part, c)`` partials."""
+    if with_grad:
+        segment_reduce(float64(u), float64(v), 0.0, s_a, s_b, s_c, segment, OP_SUM)
+    else:
+        n, mean, m2 = _shifted_moments(count, u, v, shift)
+        segment_reduce(n, mean, m2, s_a, s_b, s_c, segment, OP_CHAN)
+    if write:
+        part_a[part, c] = s_a[entry]
+        part_b[part, c] = s_b[entry]
+        if not with_grad:
+            part_c[part, c] = s_c[entry]
+
+
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
@@ -207,28 +240,13 @@ def _partials(x3, dy3, relu_y3, with_grad, relu, coef, invstd, seg, n_parts, par
     u = acc(0.0)
     v = acc(0.0)
     shift = acc(0.0)
-    mean_hi = acc(0.0)
-    mean_lo = acc(0.0)
-    inv = acc(0.0)
     if valid:
-        if with_grad:
-            mean_hi = coef[_MEAN_HI, c]
-            mean_lo = coef[_MEAN_LO, c]
-            inv = acc(invstd[c])
-        else:
-            shift = acc(x3[0, c, 0])  # one of the channel's values: see _shifted_moments
+        shift, mean_hi, mean_lo, inv = _reduction_constants(with_grad, coef, invstd, c,
+                                                            x3[0, c, 0])
         count, u, v = _accumulate_pair(x3, dy3, relu_y3, with_grad, relu, c, start + lane, stop,
                                        lanes, n_inner, shift, mean_hi, mean_lo, inv, acc(0.0))
-    if with_grad:
-        segment_reduce(float64(u), float64(v), 0.0, s_a, s_b, s_c, seg, OP_SUM)
-    else:
-        n, mean, m2 = _shifted_moments(count, u, v, shift)
-        segment_reduce(n, mean, m2, s_a, s_b, s_c, seg, OP_CHAN)
-    if lane == 0 and valid:
-        part_a[cuda.blockIdx.y, c] = s_a[cuda.threadIdx.x]
-        part_b[cuda.blockIdx.y, c] = s_b[cuda.threadIdx.x]
-        if not with_grad:
-            part_c[cuda.blockIdx.y, c] = s_c[cuda.threadIdx.x]
+    _finish_partials(with_grad, count, u, v, shift, seg, lane == 0 and valid, cuda.threadIdx.x,
+                     s_a, s_b, s_c, part_a, part_b, part_c, cuda.blockIdx.y, c)
 
 
 @cuda.jit
@@ -384,7 +402,7 @@ def _apply(x3, dy3, relu_y3, has_dy, relu, coef, out3):
     H200), the reason the CPU's None-or-array ``relu_y`` is a flag and an array here.
 
     Launched (:func:`_launch_apply`) for the layouts the spatial kernel does not take
-    (:func:`_spatial_apply_kernel`: rows of unit-stride positions, such as NCHW).
+    (:func:`_spatial_apply`: rows of unit-stride positions, such as NCHW).
     2-D blocks and grid: ``y`` walks the rows of the view, ``x`` runs along the contiguous axis.
     With ``S > 1`` a row is one ``(p, c)`` (its channel computed once per row), threads along
     ``s``; with ``S == 1`` (rows / channels-last) a row is one ``p``, threads along ``c``. Short
@@ -420,7 +438,7 @@ def _apply(x3, dy3, relu_y3, has_dy, relu, coef, out3):
 # --------------------------------------------------------------------------------------------
 # The elementwise pass over rows of contiguous positions (NCHW): few instructions per element
 # --------------------------------------------------------------------------------------------
-#: Elements a thread of :func:`_spatial_apply_kernel` loads before computing any: that many
+#: Elements a thread of :func:`_spatial_apply` loads before computing any: that many
 #: independent loads in flight per thread (of x, and of dy and the ReLU's output when read).
 CHUNK = 8
 #: Threads per row of the spatial elementwise kernel: the narrow one for rows shorter than
@@ -429,47 +447,85 @@ SPATIAL_WIDTHS = (4, 8) if SIMULATED else (WARP_SIZE, 256)
 
 
 @cuda.jit(device=True, inline=True)
-def _apply_chunk(x, dy, relu_y, out, start, width, n_inner, guarded, has_dy, relu, mean_hi,
-                 mean_lo, alpha, beta, gamma, xs, gs, coef):
-    """:func:`_apply_one` for positions ``start + k width`` (k < CHUNK) of one row: every load
-    of the chunk first (``out`` may alias an input, so no load can move above a store), then
-    the arithmetic and the stores. ``guarded`` (a constant): the chunk may run past the row.
-    ``coef`` gives the accumulation dtype (a conversion costs no instruction when x is of it,
-    where ``x + 0.0`` would be an ``FADD``)."""
+def _load_chunk(x, dy, relu_y, first, index_step, position, position_step, limit, guarded,
+                with_dy, relu, xs, gs, coef):
+    """Every load of a chunk of :data:`CHUNK` elements, before any arithmetic or store (an
+    output may alias an input, so the compiler keeps a load after every store before it, and
+    one load in flight per thread would follow): x, and with ``with_dy`` dy (masked where the
+    fused ReLU's output ``relu_y`` is not positive), at flat indices ``first + k index_step``
+    of the 1-D views ``x``, ``dy``, ``relu_y``, into ``xs`` and ``gs`` in the accumulation dtype
+    (that of ``coef``: a conversion costs no instruction for x of that dtype, where ``x + 0.0``
+    would be an ``FADD``). Element ``k`` is at ``position + k position_step``, in the row while
+    below ``limit``; ``guarded`` (a constant): the chunk may run past it. The spatial kernels
+    step by a constant (``index_step = width``: constant offsets, no index arithmetic), the
+    column ones by a row (one addition per element)."""
     acc = coef.dtype.type
-    acc_zero = acc(0.0)
+    index = first
     for k in range(CHUNK):
-        s = start + np.uint64(k * width)
-        if not guarded or s < n_inner:
-            xs[k] = acc(x[s])
-            if has_dy:
-                g = acc(dy[s])
+        if not guarded or position < limit:
+            xs[k] = acc(x[index])
+            if with_dy:
+                g = acc(dy[index])
                 if relu:
-                    g = _masked(g, acc(relu_y[s]), acc_zero)
+                    g = _masked(g, acc(relu_y[index]), acc(0.0))
                 gs[k] = g
+        index += index_step
+        position += position_step
+
+
+@cuda.jit(device=True, inline=True)
+def _sum_chunk(position, position_step, limit, guarded, with_grad, shift, mean_hi, mean_lo,
+               invstd, xs, gs, count, u, v):
+    """:func:`_accumulate_pair`'s sums over a chunk loaded by :func:`_load_chunk`; returns the
+    updated ``(count, u, v)``."""
     for k in range(CHUNK):
-        s = start + np.uint64(k * width)
-        if not guarded or s < n_inner:
+        if not guarded or position < limit:
+            if with_grad:
+                u += gs[k]
+                v += gs[k] * (((xs[k] - mean_hi) - mean_lo) * invstd)
+            else:
+                d = xs[k] - shift
+                u += d
+                v += d * d
+            count += 1
+        position += position_step
+    return count, u, v
+
+
+@cuda.jit(device=True, inline=True)
+def _store_chunk(out, first, index_step, position, position_step, limit, guarded, has_dy, relu,
+                 mean_hi, mean_lo, alpha, beta, gamma, xs, gs, coef):
+    """:func:`_apply_one` over a chunk loaded by :func:`_load_chunk`, stored at the indices it
+    was loaded from (of ``out``)."""
+    acc_zero = coef.dtype.type(0.0)
+    index = first
+    for k in range(CHUNK):
+        if not guarded or position < limit:
             value = beta * ((xs[k] - mean_hi) - mean_lo) + gamma
             if has_dy:
                 value += alpha * gs[k]
             elif relu:
                 value = _relu(value, acc_zero)
-            out[s] = value
+            out[index] = value
+        index += index_step
+        position += position_step
 
 
-def _spatial_apply_kernel(width):
+@functools.cache
+def _spatial_apply(width):
     """:func:`_apply` for rows of contiguous positions (``S > 1``, unit stride along ``S``:
     NCHW and its like), with ``width`` threads per row as a constant of the compiled code (one
-    kernel per width, built on first use: :func:`_spatial_apply`).
+    kernel per width, built on first use and kept).
 
     A group of ``width`` threads (``threadIdx.y`` picks the group) takes rows ``r = (p, c)``
     in a grid-stride loop: the row's five coefficients go to registers once (one 64-bit
     division per row gives ``(p, c)``), then each thread walks its positions
     ``s = lane + k width`` in chunks of :data:`CHUNK` at constant offsets
-    (:func:`_apply_chunk`), with unsigned indices (no negative-index fix-up); only its last,
-    partial chunk checks the row's end. Arguments and results: those of :func:`_apply`.
+    (:func:`_load_chunk`, :func:`_store_chunk`), with unsigned indices (no negative-index
+    fix-up); only its last, partial chunk checks the row's end. Arguments and results: those
+    of :func:`_apply`.
     """
+    step = np.uint64(width)
     stride = np.uint64(CHUNK * width)
     tail = np.uint64((CHUNK - 1) * width)
 
@@ -494,73 +550,40 @@ def _spatial_apply_kernel(width):
             x, dy, relu_y, out = x3[p, c], dy3[p, c], relu_y3[p, c], out3[p, c]
             start = lane
             while start < full_end:
-                _apply_chunk(x, dy, relu_y, out, start, width, n_inner, False, has_dy, relu,
+                _load_chunk(x, dy, relu_y, start, step, start, step, n_inner, False, has_dy,
+                            relu, xs, gs, coef)
+                _store_chunk(out, start, step, start, step, n_inner, False, has_dy, relu,
                              mean_hi, mean_lo, alpha, beta, gamma, xs, gs, coef)
                 start += stride
             if start < n_inner:
-                _apply_chunk(x, dy, relu_y, out, start, width, n_inner, True, has_dy, relu,
+                _load_chunk(x, dy, relu_y, start, step, start, step, n_inner, True, has_dy,
+                            relu, xs, gs, coef)
+                _store_chunk(out, start, step, start, step, n_inner, True, has_dy, relu,
                              mean_hi, mean_lo, alpha, beta, gamma, xs, gs, coef)
             row += cuda.gridDim.x * cuda.blockDim.y
 
     return apply_spatial
 
 
-_SPATIAL_APPLY_KERNELS = {}
 
-
-def _spatial_apply(width: int):
-    """The spatial elementwise kernel for ``width`` threads per row, built on first use."""
-    if width not in _SPATIAL_APPLY_KERNELS:
-        _SPATIAL_APPLY_KERNELS[width] = _spatial_apply_kernel(width)
-    return _SPATIAL_APPLY_KERNELS[width]
-
-
-@cuda.jit(device=True, inline=True)
-def _reduce_chunk(x, dy, relu_y, start, width, n_inner, guarded, with_grad, relu, shift,
-                  mean_hi, mean_lo, invstd, xs, gs, coef, count, u, v):
-    """:func:`_accumulate_pair` over positions ``start + k width`` (k < CHUNK) of one row, all
-    loads of the chunk first; returns the updated ``(count, u, v)``. ``guarded`` (a
-    constant): the chunk may run past the row."""
-    acc = coef.dtype.type
-    acc_zero = acc(0.0)
-    for k in range(CHUNK):
-        s = start + np.uint64(k * width)
-        if not guarded or s < n_inner:
-            xs[k] = acc(x[s])
-            if with_grad:
-                g = acc(dy[s])
-                if relu:
-                    g = _masked(g, acc(relu_y[s]), acc_zero)
-                gs[k] = g
-    for k in range(CHUNK):
-        s = start + np.uint64(k * width)
-        if not guarded or s < n_inner:
-            if with_grad:
-                u += gs[k]
-                v += gs[k] * (((xs[k] - mean_hi) - mean_lo) * invstd)
-            else:
-                d = xs[k] - shift
-                u += d
-                v += d * d
-            count += 1
-    return count, u, v
-
-
-def _spatial_partials_kernel(width):
+@functools.cache
+def _spatial_partials(width):
     """:func:`_partials` for rows of unit-stride positions (``S > 1``: NCHW and its like), with
     ``width`` threads per row as a constant of the compiled code (one kernel per width, built
-    on first use: :func:`_spatial_partials`).
+    on first use and kept).
 
     Block ``(c, part)``, 1-D, ``THREADS`` threads: channel ``c``, rows ``p`` in
     ``[part * rows_per_part, ...)``. The block's threads form ``THREADS / width`` groups of
     ``width``; group ``q`` takes rows ``p = first + q, first + q + THREADS / width, ...``, and
     each of its threads the positions ``s = lane + k width`` of the row, in chunks of
-    :data:`CHUNK` at constant offsets (:func:`_reduce_chunk`). Then the block reduces all its
-    threads (one channel) with :func:`~fusedgrad.cuda._reduce.segment_reduce` as
+    :data:`CHUNK` at constant offsets (:func:`_load_chunk`, :func:`_sum_chunk`). Then the
+    block reduces all its threads (one channel) with
+    :func:`~fusedgrad.cuda._reduce.segment_reduce` as
     :func:`_partials` does, and thread 0 writes the ``(part, c)`` partial. No index arithmetic
     per element, no integer division at all. Arguments: those of :func:`_partials` with
     ``rows_per_part`` in place of ``seg`` and ``n_parts``.
     """
+    step = np.uint64(width)
     stride = np.uint64(CHUNK * width)
     tail = np.uint64((CHUNK - 1) * width)
     groups = THREADS // width
@@ -581,16 +604,8 @@ def _spatial_partials_kernel(width):
         lane = np.uint64(cuda.threadIdx.x % width)
         p = part * rows_per_part + cuda.threadIdx.x // width
         p_stop = min((part + 1) * rows_per_part, x3.shape[0])
-        shift = acc(0.0)
-        mean_hi = acc(0.0)
-        mean_lo = acc(0.0)
-        inv = acc(0.0)
-        if with_grad:
-            mean_hi = coef[_MEAN_HI, c]
-            mean_lo = coef[_MEAN_LO, c]
-            inv = acc(invstd[c])
-        else:
-            shift = acc(x3[0, c, 0])  # one of the channel's values: see _shifted_moments
+        shift, mean_hi, mean_lo, inv = _reduction_constants(with_grad, coef, invstd, c,
+                                                            x3[0, c, 0])
         count = 0
         u = acc(0.0)
         v = acc(0.0)
@@ -598,37 +613,22 @@ def _spatial_partials_kernel(width):
             x, dy, relu_y = x3[p, c], dy3[p, c], relu_y3[p, c]
             start = lane
             while start < full_end:
-                count, u, v = _reduce_chunk(x, dy, relu_y, start, width, n_inner, False,
-                                            with_grad, relu, shift, mean_hi, mean_lo, inv, xs,
-                                            gs, coef, count, u, v)
+                _load_chunk(x, dy, relu_y, start, step, start, step, n_inner, False, with_grad,
+                            relu, xs, gs, coef)
+                count, u, v = _sum_chunk(start, step, n_inner, False, with_grad, shift,
+                                         mean_hi, mean_lo, inv, xs, gs, count, u, v)
                 start += stride
             if start < n_inner:
-                count, u, v = _reduce_chunk(x, dy, relu_y, start, width, n_inner, True,
-                                            with_grad, relu, shift, mean_hi, mean_lo, inv, xs,
-                                            gs, coef, count, u, v)
+                _load_chunk(x, dy, relu_y, start, step, start, step, n_inner, True, with_grad,
+                            relu, xs, gs, coef)
+                count, u, v = _sum_chunk(start, step, n_inner, True, with_grad, shift,
+                                         mean_hi, mean_lo, inv, xs, gs, count, u, v)
             p += groups
-        if with_grad:
-            segment_reduce(float64(u), float64(v), 0.0, s_a, s_b, s_c, 1, OP_SUM)
-        else:
-            n, mean, m2 = _shifted_moments(count, u, v, shift)
-            segment_reduce(n, mean, m2, s_a, s_b, s_c, 1, OP_CHAN)
-        if cuda.threadIdx.x == 0:
-            part_a[part, c] = s_a[0]
-            part_b[part, c] = s_b[0]
-            if not with_grad:
-                part_c[part, c] = s_c[0]
+        _finish_partials(with_grad, count, u, v, shift, 1, cuda.threadIdx.x == 0, 0, s_a, s_b,
+                         s_c, part_a, part_b, part_c, part, c)
 
     return partials_spatial
 
-
-_SPATIAL_PARTIALS_KERNELS = {}
-
-
-def _spatial_partials(width: int):
-    """The spatial reduction kernel for ``width`` threads per row, built on first use."""
-    if width not in _SPATIAL_PARTIALS_KERNELS:
-        _SPATIAL_PARTIALS_KERNELS[width] = _spatial_partials_kernel(width)
-    return _SPATIAL_PARTIALS_KERNELS[width]
 
 
 # --------------------------------------------------------------------------------------------
@@ -644,44 +644,6 @@ COLUMN_GROUPS = THREADS // COLUMN_LANES
 def _column_position():
     """``(lane, group)`` of this thread in a column-kernel block (constant divisors)."""
     return cuda.threadIdx.x % COLUMN_LANES, cuda.threadIdx.x // COLUMN_LANES
-
-
-@cuda.jit(device=True, inline=True)
-def _load_column_chunk(x, dy, relu_y, first, index_step, row, row_step, n_rows, guarded,
-                       with_dy, relu, xs, gs, coef):
-    """x (and the possibly masked dy) of one channel at flat indices ``first + k index_step``,
-    rows ``row + k row_step`` (k < CHUNK), into ``xs`` (``gs``): the index advances by one
-    addition per element. ``guarded`` (a constant): rows past ``n_rows`` may occur."""
-    acc = coef.dtype.type
-    index = first
-    for k in range(CHUNK):
-        if not guarded or row < n_rows:
-            xs[k] = acc(x[index])
-            if with_dy:
-                g = acc(dy[index])
-                if relu:
-                    g = _masked(g, acc(relu_y[index]), acc(0.0))
-                gs[k] = g
-        index += index_step
-        row += row_step
-
-
-@cuda.jit(device=True, inline=True)
-def _sum_column_chunk(row, row_step, n_rows, guarded, with_grad, shift, mean_hi, mean_lo,
-                      invstd, xs, gs, count, u, v):
-    """:func:`_accumulate_pair`'s sums over a chunk loaded by :func:`_load_column_chunk`."""
-    for k in range(CHUNK):
-        if not guarded or row < n_rows:
-            if with_grad:
-                u += gs[k]
-                v += gs[k] * (((xs[k] - mean_hi) - mean_lo) * invstd)
-            else:
-                d = xs[k] - shift
-                u += d
-                v += d * d
-            count += 1
-        row += row_step
-    return count, u, v
 
 
 @cuda.jit
@@ -715,63 +677,29 @@ def _columns_partials(x, dy, relu_y, with_grad, relu, coef, invstd, n_channels, 
     row_step = np.uint64(COLUMN_GROUPS)
     tail = np.uint64((CHUNK - 1) * COLUMN_GROUPS)
     shift = acc_zero
-    mean_hi = acc_zero
-    mean_lo = acc_zero
-    inv = acc_zero
     count = 0
     u = acc_zero
     v = acc_zero
     if valid:
-        if with_grad:
-            mean_hi = coef[_MEAN_HI, c]
-            mean_lo = coef[_MEAN_LO, c]
-            inv = acc(invstd[c])
-        else:
-            shift = acc(x[c])  # one of the channel's values (row 0): see _shifted_moments
+        shift, mean_hi, mean_lo, inv = _reduction_constants(with_grad, coef, invstd, c, x[c])
         index_step = row_step * n_channels
         p = np.uint64(part * rows_per_part) + np.uint64(group)
         while p < p_stop:
             guarded = p + tail >= p_stop
             first = p * n_channels + c
             if guarded:
-                _load_column_chunk(x, dy, relu_y, first, index_step, p, row_step, p_stop, True,
+                _load_chunk(x, dy, relu_y, first, index_step, p, row_step, p_stop, True,
                                    with_grad, relu, xs, gs, coef)
-                count, u, v = _sum_column_chunk(p, row_step, p_stop, True, with_grad, shift,
+                count, u, v = _sum_chunk(p, row_step, p_stop, True, with_grad, shift,
                                                 mean_hi, mean_lo, inv, xs, gs, count, u, v)
             else:
-                _load_column_chunk(x, dy, relu_y, first, index_step, p, row_step, p_stop, False,
+                _load_chunk(x, dy, relu_y, first, index_step, p, row_step, p_stop, False,
                                    with_grad, relu, xs, gs, coef)
-                count, u, v = _sum_column_chunk(p, row_step, p_stop, False, with_grad, shift,
+                count, u, v = _sum_chunk(p, row_step, p_stop, False, with_grad, shift,
                                                 mean_hi, mean_lo, inv, xs, gs, count, u, v)
             p += np.uint64(CHUNK) * row_step
-    if with_grad:
-        segment_reduce(float64(u), float64(v), 0.0, s_a, s_b, s_c, COLUMN_LANES, OP_SUM)
-    else:
-        n, mean, m2 = _shifted_moments(count, u, v, shift)
-        segment_reduce(n, mean, m2, s_a, s_b, s_c, COLUMN_LANES, OP_CHAN)
-    if group == 0 and valid:
-        part_a[part, c] = s_a[lane]
-        part_b[part, c] = s_b[lane]
-        if not with_grad:
-            part_c[part, c] = s_c[lane]
-
-
-@cuda.jit(device=True, inline=True)
-def _store_column_chunk(out, first, index_step, row, row_step, n_rows, guarded, has_dy, relu,
-                        mean_hi, mean_lo, alpha, beta, gamma, xs, gs, coef):
-    """:func:`_apply_one` over a chunk loaded by :func:`_load_column_chunk`."""
-    acc_zero = coef.dtype.type(0.0)
-    index = first
-    for k in range(CHUNK):
-        if not guarded or row < n_rows:
-            value = beta * ((xs[k] - mean_hi) - mean_lo) + gamma
-            if has_dy:
-                value += alpha * gs[k]
-            elif relu:
-                value = _relu(value, acc_zero)
-            out[index] = value
-        index += index_step
-        row += row_step
+    _finish_partials(with_grad, count, u, v, shift, COLUMN_LANES, group == 0 and valid, lane,
+                     s_a, s_b, s_c, part_a, part_b, part_c, part, c)
 
 
 @cuda.jit
@@ -801,14 +729,14 @@ def _columns_apply(x, dy, relu_y, has_dy, relu, coef, out, n_channels):
     while p < n_rows:
         first = p * n_channels + c
         if p + tail >= n_rows:
-            _load_column_chunk(x, dy, relu_y, first, index_step, p, row_step, n_rows, True,
+            _load_chunk(x, dy, relu_y, first, index_step, p, row_step, n_rows, True,
                                has_dy, relu, xs, gs, coef)
-            _store_column_chunk(out, first, index_step, p, row_step, n_rows, True, has_dy, relu,
+            _store_chunk(out, first, index_step, p, row_step, n_rows, True, has_dy, relu,
                                 mean_hi, mean_lo, alpha, beta, gamma, xs, gs, coef)
         else:
-            _load_column_chunk(x, dy, relu_y, first, index_step, p, row_step, n_rows, False,
+            _load_chunk(x, dy, relu_y, first, index_step, p, row_step, n_rows, False,
                                has_dy, relu, xs, gs, coef)
-            _store_column_chunk(out, first, index_step, p, row_step, n_rows, False, has_dy,
+            _store_chunk(out, first, index_step, p, row_step, n_rows, False, has_dy,
                                 relu, mean_hi, mean_lo, alpha, beta, gamma, xs, gs, coef)
         p += np.uint64(CHUNK) * row_step
 

@@ -44,7 +44,7 @@ test that every thread of a launch takes the same way.
 Kernel layout: logits are viewed without copying as ``(N, C, S)`` (``S`` = product of the spatial
 axes, 1 for ``(N, C)``), sample ``r = n * S + s``. Two kernels, one launch shape: a "group" of
 ``blockDim.x`` threads handles one sample and ``blockDim.y`` samples share a block. The
-dense-row kernel (:func:`_dense_rows_kernel`, one compiled kernel per ``blockDim.x``) takes the
+dense-row kernel (:func:`_dense_kernel`, one compiled kernel per ``blockDim.x``) takes the
 common case at about 17 instructions per logit: contiguous rows (``S = 1``), class-index
 targets, 16/32-bit logits, groups of 32 threads or more. :func:`_ce_rows` takes every other
 case (spatial logits, probability targets, float64, a thread per sample).
@@ -69,6 +69,7 @@ gradient from a saved lse), the convention the CPU kernels share.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -396,7 +397,7 @@ def _statistics_chunk(z, weight, start, width, n_classes, guarded, cap, inv_cap,
 def _write_chunk(z, g, weight, start, width, n_classes, guarded, cap, inv_cap, row_max,
                  log_sum2, p_factor, smooth_term, smoothed, values, weights):
     """``g_c = (p_c A' - [smoothing] w_c s scale / C) dz'/dz`` for the chunk's classes: the
-    gradient of every class but the target's own term (see :func:`_dense_rows_kernel`).
+    gradient of every class but the target's own term (see :func:`_dense_kernel`).
 
     All the chunk's logits (and weights) are loaded into ``values`` (``weights``) before the
     first store: ``g`` may alias ``z``, so the compiler keeps every load after the stores that
@@ -423,11 +424,11 @@ def _write_chunk(z, g, weight, start, width, n_classes, guarded, cap, inv_cap, r
                 g[c] = _exp_shifted(value, row_max, log_sum2) * p_factor * slope
 
 
-def _dense_rows_kernel(width):
+@functools.cache
+def _dense_kernel(width):
     """The dense-row kernel for ``width`` threads per row (a constant of the compiled code:
     the ``k``-th logit of a chunk sits at the constant offset ``k * width`` from the first,
-    so the loads of a chunk need no index arithmetic); built once per width
-    (:func:`_dense_rows`).
+    so the loads of a chunk need no index arithmetic); built on first use and kept.
 
     It does what :func:`_ce_rows` does, the same math (module docstring), for the common case
     at a handful of instructions per logit: rows of contiguous classes (``S = 1``),
@@ -571,15 +572,6 @@ def _dense_rows_kernel(width):
 
     return ce_dense_rows
 
-
-_DENSE_KERNELS = {}
-
-
-def _dense_kernel(width: int):
-    """The dense-row kernel for ``width`` threads per row, built on first use."""
-    if width not in _DENSE_KERNELS:
-        _DENSE_KERNELS[width] = _dense_rows_kernel(width)
-    return _DENSE_KERNELS[width]
 
 
 @cuda.jit
