@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
-# GPU check for issue 4, on a machine with an NVIDIA GPU and the packages already installed
-# (numba, numba-cuda, torch with CUDA, pytest; no network). Runs from the source tree with
-# PYTHONPATH=src, within 5 minutes (about 3.5 minutes on an H200):
-#   0. nvidia-smi, the versions of Python, NumPy, Numba, numba-cuda and PyTorch, and
+# GPU check (issues 4 and 13), on a machine with an NVIDIA GPU and the packages already
+# installed (numba, numba-cuda, torch with CUDA, pytest; no network). Runs from the source tree
+# with PYTHONPATH=src. Steps (GPU_CHECK_STEPS below picks some; all of them take more than one
+# 10-minute device call):
+#   0. versions: nvidia-smi, the versions of Python, NumPy, Numba, numba-cuda and PyTorch, and
 #      `fusedgrad info`;
-#   1. the CUDA tests for real (no simulator): test_cuda_cross_entropy.py, test_cuda_batch_norm.py,
-#      test_cuda_arrays.py (the device buffer pool), and the PyTorch drop-ins on CUDA tensors (test_torch.py's CUDA tests: the functional forms,
-#      and the converted CNN trained beside PyTorch's). test_cuda_ptx.py is left to CI, which
-#      compiles the same signatures without a GPU;
-#   2. a correctness check at benchmark scale against PyTorch CUDA, with bitwise
+#   1. tests: the CUDA tests for real (no simulator): test_cuda_cross_entropy.py,
+#      test_cuda_batch_norm.py, test_cuda_arrays.py (the device buffer pool), and the PyTorch
+#      drop-ins on CUDA tensors (test_torch.py's CUDA tests: the functional forms, and the
+#      converted CNN trained beside PyTorch's). test_cuda_ptx.py is left to CI, which compiles
+#      the same signatures without a GPU;
+#   2. scale_check: a correctness check at benchmark scale against PyTorch CUDA, with bitwise
 #      reproducibility (two runs give the same bytes);
-#   2b. bench/gpu_variants.py: the cross-entropy kernel variants (the general row kernel, the
-#      dense-row kernel at several widths) and PyTorch eager at issue 13's sizes, each against
-#      the time predicted before the run;
-#   3. Nsight Compute (when `ncu` is on the PATH, --clock-control none): DRAM throughput,
+#   2b. variants: bench/gpu_variants.py, the kernel variants (cross-entropy: the general row
+#      kernel and the dense-row kernel at several widths; batch norm: the general kernels and
+#      the layout ones, with three reduction block lengths) and PyTorch eager at issue 13's
+#      sizes, each against the time predicted before the run;
+#   3. ncu: Nsight Compute (when `ncu` is on the PATH, --clock-control none): DRAM throughput,
 #      occupancy, registers and issued instructions of every kernel one cross-entropy call and
 #      one batch-norm forward + backward launch (issue 13's profile);
-#   4. python -m fusedgrad bench --device cuda --json: fusedgrad vs PyTorch eager,
+#   4. bench: python -m fusedgrad bench --device cuda --json: fusedgrad vs PyTorch eager,
 #      torch.compile and Liger-Kernel, and the device's measured copy bandwidth.
 # Wheels the image lacks (NumPy below 2.5 for numba-cuda, liger-kernel) are installed first
 # from .whl/ when that folder exists (carry it; see docs/gpu.md).
@@ -35,9 +38,14 @@ status=0
 # The machine's Python is python3 (there may be no `python`).
 python=${PYTHON:-python3}
 
+# GPU_CHECK_STEPS: the steps to run, comma-separated (default: all, in this order:
+# versions,tests,scale_check,variants,ncu,bench). All of them take more than one device call's
+# 10 minutes; split them over two calls, e.g. versions,tests,scale_check,variants then ncu,bench.
+steps=",${GPU_CHECK_STEPS:-versions,tests,scale_check,variants,ncu,bench},"
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT_DIR/NAME.txt
     local name="$1" limit="$2"
     shift 2
+    case "$steps" in *",$name,"*) ;; *) return 0 ;; esac
     local start=$SECONDS
     timeout "$limit" "$@" >"$out_dir/$name.txt" 2>&1
     local rc=$?
@@ -171,9 +179,9 @@ fg.batch_norm_backward(dy, x, mean, invstd)
 torch.cuda.synchronize()
 PY
 fi
-# The bench gets what is left of the budget (GPU_CHECK_SECONDS, default 290 s: 5 minutes with
-# a margin).
-budget=${GPU_CHECK_SECONDS:-290}
+# The bench gets what is left of the budget (GPU_CHECK_SECONDS, default 540 s: 9 minutes of a
+# device call's 10), at least 60 s.
+budget=${GPU_CHECK_SECONDS:-540}
 step bench "$((budget - SECONDS > 60 ? budget - SECONDS : 60))" \
     "$python" -m fusedgrad bench --device cuda --json "$out_dir/bench_cuda.json"
 
