@@ -40,6 +40,7 @@ CASES = [
     ((40, 3), -1, np.float32, True, True),
     ((5, 2, 37), 1, np.float64, True, True),
     ((2, 3, 9, 9), 1, np.float32, True, True),  # the wide spatial kernel: whole + partial chunks
+    ((24, 5), 1, np.float16, True, True),  # the column kernels on half-precision rows
 ]
 
 
