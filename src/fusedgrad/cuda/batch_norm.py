@@ -807,19 +807,19 @@ def _flat(arr3):
 
 
 def _launch_partials(plan, x3, dy3, relu_y3, with_grad, relu, coef, invstd, parts, stream):
-    """:func:`_partials`, or the spatial reduction kernel where the plan chose it; ``parts``:
-    the three ``(plan.n_parts, C)`` float64 partial arrays."""
-    if plan.family != GENERAL:
-        if plan.family == SPATIAL:
-            _spatial_partials(plan.width)[plan.grid, THREADS, stream](
-                x3, dy3, relu_y3, with_grad, relu, coef, invstd, plan.rows_per_part, *parts)
-        else:
-            _columns_partials[plan.grid, THREADS, stream](
-                _flat(x3), _flat(dy3), _flat(relu_y3), with_grad, relu, coef, invstd,
-                plan.n_channels, plan.rows_per_part, *parts)
-        return
-    _partials[plan.grid, THREADS, stream](x3, dy3, relu_y3, with_grad, relu, coef, invstd,
-                                          plan.seg, plan.n_parts, *parts)
+    """The reduction kernel of the plan's family (:func:`_kernel_family`):
+    :func:`_spatial_partials`, :func:`_columns_partials` or :func:`_partials`; ``parts``: the
+    three ``(plan.n_parts, C)`` float64 partial arrays."""
+    if plan.family == SPATIAL:
+        _spatial_partials(plan.width)[plan.grid, THREADS, stream](
+            x3, dy3, relu_y3, with_grad, relu, coef, invstd, plan.rows_per_part, *parts)
+    elif plan.family == COLUMNS:
+        _columns_partials[plan.grid, THREADS, stream](
+            _flat(x3), _flat(dy3), _flat(relu_y3), with_grad, relu, coef, invstd,
+            plan.n_channels, plan.rows_per_part, *parts)
+    else:
+        _partials[plan.grid, THREADS, stream](x3, dy3, relu_y3, with_grad, relu, coef, invstd,
+                                              plan.seg, plan.n_parts, *parts)
 
 
 def _launch_apply(plan, x3, dy3, relu_y3, has_dy, relu, coef, out3, stream):
