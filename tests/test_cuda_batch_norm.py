@@ -115,6 +115,25 @@ def test_layout_kernels_loop_over_many_rows_and_chunks(api, monkeypatch, shape, 
     _check(dx, dx_ref, np.float32)
     assert launched and set(launched) == {family}
 
+
+@cs.direct
+def test_stand_ins_for_absent_arguments_are_shared_and_never_written(api):
+    """Absent weight, bias and running buffers (and the statistics' unused arguments) are
+    cached stand-in arrays: the same object from call to call, and still zero afterwards."""
+    from fusedgrad.cuda import _arrays
+    rng = np.random.default_rng(9)
+    before = {dtype: _arrays.stand_in(dtype) for dtype in (np.float64, np.int64)}
+    for shape, axis in (((3, 4, 5), 1), ((6, 4), 1), ((2, 3, 3, 4), -1)):
+        x = cs.to_device(rng.normal(size=shape).astype(np.float32))
+        y, mean, invstd = api.batch_norm_forward(x, channel_axis=axis)
+        api.batch_norm_backward(x, x, mean, invstd, channel_axis=axis)
+        api.softmax_cross_entropy(cs.to_device(rng.normal(size=(4, 40)).astype(np.float32)),
+                                  cs.to_device(rng.dirichlet(np.ones(40), size=4)
+                                               .astype(np.float32)))
+    for dtype, array in before.items():
+        assert _arrays.stand_in(dtype) is array
+        assert not cs.to_host(array).any()
+
 @cs.direct
 def test_split_building_blocks_compose_to_fused(api):
     from fusedgrad.cuda import _arrays

@@ -147,6 +147,23 @@ def as_array(name: str, value):
     return arr
 
 
+#: The cached stand-ins of :func:`stand_in`, by (device, dtype, shape).
+_STAND_INS: dict = {}
+
+
+def stand_in(dtype, shape=(1,)):
+    """A small zero-filled device array for a kernel argument that the launch does not read (a
+    flag says so: numba-cuda cannot launch with ``None``) or reads only for its dtype. One per
+    device, dtype and shape, made once and never written, so every stream and call shares it
+    and a launch allocates nothing for it (a device allocation is a driver call)."""
+    device = 0 if SIMULATED else cuda.get_current_device().id
+    key = (device, np.dtype(dtype).str, tuple(int(s) for s in shape))
+    array = _STAND_INS.get(key)
+    if array is None:
+        array = _STAND_INS[key] = cuda.to_device(np.zeros(key[2], dtype=dtype))
+    return array
+
+
 def empty_like(arr):
     """Uninitialised device array with the shape and dtype of ``arr`` (see :func:`empty`)."""
     return empty(arr.shape, arr.dtype)

@@ -845,10 +845,10 @@ def _launch_apply(plan, x3, dy3, relu_y3, has_dy, relu, coef, out3, stream):
     _apply[plan.apply_grid, plan.apply_block, stream](x3, dy3, relu_y3, has_dy, relu, coef, out3)
 
 
-def _optional_vector(name, vec, stream):
-    """``(device array, present)``; a 1-element dummy stands in for ``None``."""
+def _optional_vector(name, vec):
+    """``(device array, present)``; a cached 1-element stand-in for ``None``."""
     if vec is None:
-        return _arrays.empty((1,), np.float64, stream), False
+        return _arrays.stand_in(np.float64), False
     return _arrays.as_array(name, vec), True
 
 
@@ -862,8 +862,8 @@ def _device3(name, arr):
 
 def _moments(x3, plan, stream):
     """``(mean, m2)`` (C,) float64 device arrays: partials per (part, channel), then merged."""
-    acc_like = _arrays.empty((1, 1), stat_dtype(x3.dtype), stream)
-    unused = _arrays.empty((1,), np.float64, stream)
+    acc_like = _arrays.stand_in(stat_dtype(x3.dtype), (1, 1))
+    unused = _arrays.stand_in(np.float64)
     parts = [_arrays.empty((plan.n_parts, plan.n_channels), np.float64, stream)
              for _ in range(3)]
     _launch_partials(plan, x3, x3, x3, False, False, acc_like, unused, parts, stream)
@@ -883,8 +883,8 @@ def channel_stats(x3, *, stream=None):
 
 
 def _apply_normalize(x3, plan, mean, invstd, weight, bias, out3, relu, stream):
-    weight, has_weight = _optional_vector("weight", weight, stream)
-    bias, has_bias = _optional_vector("bias", bias, stream)
+    weight, has_weight = _optional_vector("weight", weight)
+    bias, has_bias = _optional_vector("bias", bias)
     coef = _arrays.empty((_N_COEF, plan.n_channels), stat_dtype(x3.dtype), stream)
     _normalize_coefficients[plan.channel_blocks, THREADS, stream](
         mean, invstd, weight, has_weight, bias, has_bias, coef)
@@ -929,10 +929,8 @@ def forward(x3, weight, bias, running_mean, running_var, out3, *, training, mome
             raise ValueError("running_mean and running_var are required when training=False")
         mean64 = _arrays.empty((plan.n_channels,), np.float64, stream)
         m2_64 = mean64
-    running_mean_d, _ = _optional_vector("running_mean", running_mean if has_running else None,
-                                         stream)
-    running_var_d, _ = _optional_vector("running_var", running_var if has_running else None,
-                                        stream)
+    running_mean_d, _ = _optional_vector("running_mean", running_mean if has_running else None)
+    running_var_d, _ = _optional_vector("running_var", running_var if has_running else None)
     invstd64 = _arrays.empty((plan.n_channels,), np.float64, stream)
     mean_out = _arrays.empty((plan.n_channels,), stat, stream)
     invstd_out = _arrays.empty((plan.n_channels,), stat, stream)
@@ -945,7 +943,7 @@ def forward(x3, weight, bias, running_mean, running_var, out3, *, training, mome
 
 def _grad_sums(dy3, x3, relu_y3, plan, mean, invstd, stream):
     coef = _arrays.empty((_N_COEF, plan.n_channels), stat_dtype(x3.dtype), stream)
-    ones, _ = _optional_vector("weight", None, stream)
+    ones, _ = _optional_vector("weight", None)
     _normalize_coefficients[plan.channel_blocks, THREADS, stream](
         mean, invstd, ones, False, ones, False, coef)
     part_dy = _arrays.empty((plan.n_parts, plan.n_channels), np.float64, stream)
@@ -971,7 +969,7 @@ def backward_reduce(dy3, x3, mean, invstd, *, stream=None):
 
 def _apply_dx(dy3, x3, relu_y3, plan, mean, invstd, weight, sum_dy, sum_dy_xhat, count, out3,
               training, stream):
-    weight, has_weight = _optional_vector("weight", weight, stream)
+    weight, has_weight = _optional_vector("weight", weight)
     coef = _arrays.empty((_N_COEF, plan.n_channels), stat_dtype(x3.dtype), stream)
     _dx_coefficients[plan.channel_blocks, THREADS, stream](
         mean, invstd, weight, has_weight, sum_dy, sum_dy_xhat, float(count), bool(training),

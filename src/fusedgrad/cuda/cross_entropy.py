@@ -796,7 +796,7 @@ def _run(mode, logits, target, weights, options, lse, loss, grad, grad_scale, st
     is_prob = target.dtype.kind == "f" or target.dtype == _arrays.BFLOAT16
     if is_prob:
         target_prob = _arrays.view3("target", _arrays.as_array("target", target), 1)
-        target_index = _arrays.empty((1,), np.int64, stream)
+        target_index = _arrays.stand_in(np.int64)
     else:
         target_prob = logits3
         target_index = target
@@ -805,7 +805,7 @@ def _run(mode, logits, target, weights, options, lse, loss, grad, grad_scale, st
         grad_scale = lse
     else:
         grad3 = _arrays.view3("grad", _arrays.as_array("grad", grad), 1)
-    acc_like = _arrays.empty((1,), stat_dtype(logits3.dtype), stream)
+    acc_like = _arrays.stand_in(stat_dtype(logits3.dtype))
 
     per_row = threads_per_row or _threads_per_row(n_classes, n_spatial)
     threads = max(THREADS, per_row)
