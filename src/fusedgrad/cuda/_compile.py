@@ -155,9 +155,10 @@ def kernel_signatures():
                 sigs.append((f"batch_norm._partials[{name},{pname}]", bn._partials,
                              (_arr3(t), _arr3(t), _arr3(t), b1, b1, _mat(acc), _vec(p), i64,
                               i64, _mat(f64), _mat(f64), _mat(f64)), None))
-            sigs.append((f"batch_norm._finish_stats[{name},{pname}]", bn._finish_stats,
-                         (_vec(f64), _vec(f64), f64, b1, f64, _vec(p), _vec(p), b1, f64,
-                          _vec(f64), _vec(acc), _vec(acc)), None))
+            sigs.append((f"batch_norm._forward_channels[{name},{pname}]", bn._forward_channels,
+                         (_mat(f64), _mat(f64), _mat(f64), f64, b1, f64, _vec(p), _vec(p), b1,
+                          f64, _vec(p), b1, _vec(p), b1, _vec(acc), _vec(acc), _mat(acc)),
+                         None))
             sigs.append((f"batch_norm._normalize_coefficients[{name},{pname}]",
                          bn._normalize_coefficients,
                          (_vec(p), _vec(p), _vec(p), b1, _vec(p), b1, _mat(acc)), None))
@@ -165,6 +166,10 @@ def kernel_signatures():
                          bn._dx_coefficients,
                          (_vec(p), _vec(p), _vec(p), b1, _vec(f64), _vec(f64), f64, b1,
                           _mat(acc)), None))
+            sigs.append((f"batch_norm._backward_channels[{name},{pname}]",
+                         bn._backward_channels,
+                         (_mat(f64), _mat(f64), _vec(p), _vec(p), _vec(p), b1, f64, b1,
+                          _mat(acc), _mat(acc)), None))
     for iname, it in (("int32", types.int32), ("int64", types.int64)):
         sigs.append((f"_arrays.convert[{iname}->int64]", _arrays.convert,
                      (_vec(it), _vec(i64)), None))

@@ -47,6 +47,13 @@ Work decomposition (fixed by the shape only, so results are bitwise reproducible
   forward against about 31 for :func:`_apply`), dense rows of channels :func:`_columns_apply`
   (about 10); :func:`_apply` takes every other layout.
 * Running statistics are updated on the device by the per-channel kernel, in float64.
+* Launches: the fused ``forward`` is three (the statistics' partials; one per-channel kernel,
+  :func:`_forward_channels`, that merges them, computes ``invstd``, updates the running
+  buffers and the coefficients; the elementwise pass), the fused ``backward`` four (the
+  centring coefficients, the partials, :func:`_backward_channels`, dx). The split building
+  blocks (``channel_stats``, ``normalize``, ``backward_reduce``, ``backward_elementwise``)
+  launch the same per-channel arithmetic as separate kernels, so split and fused give the
+  same bits.
 """
 from __future__ import annotations
 
@@ -249,6 +256,17 @@ def _partials(x3, dy3, relu_y3, with_grad, relu, coef, invstd, seg, n_parts, par
                      s_a, s_b, s_c, part_a, part_b, part_c, cuda.blockIdx.y, c)
 
 
+@cuda.jit(device=True, inline=True)
+def _merged_parts(part_count, part_mean, part_m2, c):
+    """``(mean, m2)`` of channel ``c``: its partials Chan-merged in part order (float64)."""
+    n = part_count[0, c]
+    mu = part_mean[0, c]
+    sq = part_m2[0, c]
+    for k in range(1, part_count.shape[0]):
+        n, mu, sq = chan_merge(n, mu, sq, part_count[k, c], part_mean[k, c], part_m2[k, c])
+    return mu, sq
+
+
 @cuda.jit
 def _merge_stat_parts(part_count, part_mean, part_m2, mean, m2):
     """Chan-merge the partials of each channel in part order (one thread per channel).
@@ -258,13 +276,18 @@ def _merge_stat_parts(part_count, part_mean, part_m2, mean, m2):
     c = cuda.grid(1)
     if c >= mean.shape[0]:
         return
-    n = part_count[0, c]
-    mu = part_mean[0, c]
-    sq = part_m2[0, c]
-    for k in range(1, part_count.shape[0]):
-        n, mu, sq = chan_merge(n, mu, sq, part_count[k, c], part_mean[k, c], part_m2[k, c])
-    mean[c] = mu
-    m2[c] = sq
+    mean[c], m2[c] = _merged_parts(part_count, part_mean, part_m2, c)
+
+
+@cuda.jit(device=True, inline=True)
+def _summed_parts(part_dy, part_dy_xhat, c):
+    """``(sum dy, sum dy xhat)`` of channel ``c``: its partials summed in part order."""
+    a = part_dy[0, c]
+    b = part_dy_xhat[0, c]
+    for k in range(1, part_dy.shape[0]):
+        a += part_dy[k, c]
+        b += part_dy_xhat[k, c]
+    return a, b
 
 
 @cuda.jit
@@ -276,13 +299,7 @@ def _sum_grad_parts(part_dy, part_dy_xhat, sum_dy, sum_dy_xhat):
     c = cuda.grid(1)
     if c >= sum_dy.shape[0]:
         return
-    a = part_dy[0, c]
-    b = part_dy_xhat[0, c]
-    for k in range(1, part_dy.shape[0]):
-        a += part_dy[k, c]
-        b += part_dy_xhat[k, c]
-    sum_dy[c] = a
-    sum_dy_xhat[c] = b
+    sum_dy[c], sum_dy_xhat[c] = _summed_parts(part_dy, part_dy_xhat, c)
 
 
 @cuda.jit(device=True, inline=True)
@@ -299,42 +316,68 @@ def _store_center(coef, c, mean):
     coef[_MEAN_LO, c] = acc(mean - float64(hi))
 
 
-@cuda.jit
-def _finish_stats(mean64, m2_64, count, training, eps, running_mean, running_var, has_running,
-                  momentum, invstd64, mean_out, invstd_out):
-    """Per channel: the statistics that normalise (batch ones in training, running ones in eval),
-    ``invstd = 1 / sqrt(var + eps)`` and, in training, the running-buffer update
-    ``r = (1 - momentum) r + momentum stat`` with the unbiased variance ``m2 / (count - 1)``.
-    ``mean64`` holds the batch mean on entry (training) and the normalising mean on exit.
-
-    mean64: (C,) float64; m2_64: (C,) float64 (read in training only); running_mean,
-    running_var: (C,) any float dtype (1-element stand-ins without ``has_running``);
-    invstd64: (C,) float64, written; mean_out, invstd_out: (C,) the stat dtype, written.
-    """
-    c = cuda.grid(1)
-    if c >= mean64.shape[0]:
-        return
+@cuda.jit(device=True, inline=True)
+def _normalizing_stats(mean, m2, count, training, eps, running_mean, running_var, has_running,
+                       momentum, c):
+    """``(mean, invstd)`` that normalise channel ``c``: the batch's (``mean``, ``m2`` of its
+    ``count`` values) in training, the running buffers in eval; ``invstd = 1 / sqrt(var +
+    eps)``. In training also the running-buffer update ``r = (1 - momentum) r + momentum
+    stat``, with the unbiased variance ``m2 / (count - 1)``. float64."""
     if training:
-        mean = mean64[c]
-        var = m2_64[c] / count
+        var = m2 / count
         if has_running:
             running_mean[c] = (1.0 - momentum) * float64(running_mean[c]) + momentum * mean
             running_var[c] = ((1.0 - momentum) * float64(running_var[c])
-                              + momentum * (m2_64[c] / (count - 1.0)))
+                              + momentum * (m2 / (count - 1.0)))
     else:
         mean = float64(running_mean[c])
         var = float64(running_var[c])
-    invstd = 1.0 / math.sqrt(var + eps)
-    mean64[c] = mean
-    invstd64[c] = invstd
+    return mean, 1.0 / math.sqrt(var + eps)
+
+
+@cuda.jit(device=True, inline=True)
+def _store_normalize_coefficients(coef, c, mean, invstd, weight, has_weight, bias, has_bias):
+    """Channel ``c``'s ``y = beta ((x - mean_hi) - mean_lo) + gamma``: ``beta = invstd w``,
+    ``gamma = b``, ``alpha = 0`` (no dy term); ``mean`` and ``invstd`` float64."""
+    _store_center(coef, c, mean)
+    coef[_ALPHA, c] = 0.0
+    coef[_BETA, c] = invstd * _optional(weight, has_weight, c, 1.0)
+    coef[_GAMMA, c] = _optional(bias, has_bias, c, 0.0)
+
+
+@cuda.jit
+def _forward_channels(part_count, part_mean, part_m2, count, training, eps, running_mean,
+                      running_var, has_running, momentum, weight, has_weight, bias, has_bias,
+                      mean_out, invstd_out, coef):
+    """The fused forward's per-channel step, one thread per channel, one launch for what
+    :func:`_merge_stat_parts`, the statistics and :func:`_normalize_coefficients` compute
+    (the same float64 arithmetic): in training the partials merged (:func:`_merged_parts`),
+    then :func:`_normalizing_stats` (and the running-buffer update), then the normalising
+    coefficients.
+
+    part_count, part_mean, part_m2: (n_parts, C) float64 (stand-ins, not read, in eval);
+    running_mean, running_var: (C,) any float dtype (stand-ins without ``has_running``);
+    weight, bias: (C,) any float dtype (stand-ins without ``has_weight`` / ``has_bias``);
+    mean_out, invstd_out: (C,) the stat dtype, written; coef: (6, C), the accumulation dtype,
+    written.
+    """
+    c = cuda.grid(1)
+    if c >= coef.shape[1]:
+        return
+    mean = 0.0
+    m2 = 0.0
+    if training:
+        mean, m2 = _merged_parts(part_count, part_mean, part_m2, c)
+    mean, invstd = _normalizing_stats(mean, m2, count, training, eps, running_mean, running_var,
+                                      has_running, momentum, c)
     mean_out[c] = mean
     invstd_out[c] = invstd
+    _store_normalize_coefficients(coef, c, mean, invstd, weight, has_weight, bias, has_bias)
 
 
 @cuda.jit
 def _normalize_coefficients(mean, invstd, weight, has_weight, bias, has_bias, coef):
-    """Per channel: ``y = beta ((x - mean_hi) - mean_lo) + gamma``, ``beta = invstd w``,
-    ``gamma = b`` (``alpha = 0``: no dy term).
+    """Per channel, :func:`_store_normalize_coefficients` (the split API's normalise).
 
     mean, invstd: (C,) any float dtype; weight, bias: (C,) any float dtype (1-element stand-ins
     without ``has_weight`` / ``has_bias``); coef: (6, C), the accumulation dtype, written.
@@ -342,17 +385,31 @@ def _normalize_coefficients(mean, invstd, weight, has_weight, bias, has_bias, co
     c = cuda.grid(1)
     if c >= coef.shape[1]:
         return
-    _store_center(coef, c, float64(mean[c]))
-    coef[_ALPHA, c] = 0.0
-    coef[_BETA, c] = float64(invstd[c]) * _optional(weight, has_weight, c, 1.0)
-    coef[_GAMMA, c] = _optional(bias, has_bias, c, 0.0)
+    _store_normalize_coefficients(coef, c, float64(mean[c]), float64(invstd[c]), weight,
+                                  has_weight, bias, has_bias)
+
+
+@cuda.jit(device=True, inline=True)
+def _store_dx_coefficients(coef, ch, mean, invstd, weight, has_weight, sum_dy, sum_dy_xhat,
+                           count, training):
+    """Channel ``ch``'s ``dx = a dy + b (x - mean) + c`` (float64 ``mean``, ``invstd`` and
+    sums): in training ``a = w invstd``, ``b = -a invstd sum(dy xhat) / m``,
+    ``c = -a sum(dy) / m``; in eval ``b = c = 0``."""
+    alpha = _optional(weight, has_weight, ch, 1.0) * invstd
+    _store_center(coef, ch, mean)
+    coef[_ALPHA, ch] = alpha
+    if training:
+        coef[_BETA, ch] = -alpha * invstd * sum_dy_xhat / count
+        coef[_GAMMA, ch] = -alpha * sum_dy / count
+    else:
+        coef[_BETA, ch] = 0.0
+        coef[_GAMMA, ch] = 0.0
 
 
 @cuda.jit
 def _dx_coefficients(mean, invstd, weight, has_weight, sum_dy, sum_dy_xhat, count, training,
                      coef):
-    """Per channel: ``dx = a dy + b (x - mean) + c`` with (training)
-    ``a = w invstd``, ``b = -a invstd sum(dy xhat) / m``, ``c = -a sum(dy) / m``; eval: b = c = 0.
+    """Per channel, :func:`_store_dx_coefficients` (the split API's backward elementwise).
 
     mean, invstd: (C,) any float dtype; weight: (C,) any float dtype (a 1-element stand-in
     without ``has_weight``); sum_dy, sum_dy_xhat: (C,) float64; coef: (6, C), the accumulation
@@ -361,16 +418,30 @@ def _dx_coefficients(mean, invstd, weight, has_weight, sum_dy, sum_dy_xhat, coun
     ch = cuda.grid(1)
     if ch >= coef.shape[1]:
         return
-    inv = float64(invstd[ch])
-    alpha = _optional(weight, has_weight, ch, 1.0) * inv
-    _store_center(coef, ch, float64(mean[ch]))
-    coef[_ALPHA, ch] = alpha
-    if training:
-        coef[_BETA, ch] = -alpha * inv * sum_dy_xhat[ch] / count
-        coef[_GAMMA, ch] = -alpha * sum_dy[ch] / count
-    else:
-        coef[_BETA, ch] = 0.0
-        coef[_GAMMA, ch] = 0.0
+    _store_dx_coefficients(coef, ch, float64(mean[ch]), float64(invstd[ch]), weight, has_weight,
+                           sum_dy[ch], sum_dy_xhat[ch], count, training)
+
+
+@cuda.jit
+def _backward_channels(part_dy, part_dy_xhat, mean, invstd, weight, has_weight, count,
+                       training, coef, grads):
+    """The fused backward's per-channel step, one thread per channel, one launch for what
+    :func:`_sum_grad_parts`, :func:`_dx_coefficients` and the conversion of the sums compute:
+    the partials summed in part order, the dx coefficients from those sums, and the sums in
+    the stat dtype (``grads[0]`` = sum dy = dbias, ``grads[1]`` = sum dy xhat = dweight).
+
+    part_dy, part_dy_xhat: (n_parts, C) float64; mean, invstd, weight: as for
+    :func:`_dx_coefficients`; coef: (6, C), the accumulation dtype, written; grads: (2, C), the
+    stat dtype, written.
+    """
+    c = cuda.grid(1)
+    if c >= coef.shape[1]:
+        return
+    sum_dy, sum_dy_xhat = _summed_parts(part_dy, part_dy_xhat, c)
+    _store_dx_coefficients(coef, c, float64(mean[c]), float64(invstd[c]), weight, has_weight,
+                           sum_dy, sum_dy_xhat, count, training)
+    grads[0, c] = sum_dy
+    grads[1, c] = sum_dy_xhat
 
 
 @cuda.jit(device=True, inline=True)
@@ -860,13 +931,20 @@ def _device3(name, arr):
     return arr
 
 
-def _moments(x3, plan, stream):
-    """``(mean, m2)`` (C,) float64 device arrays: partials per (part, channel), then merged."""
+def _stat_partials(x3, plan, stream):
+    """The ``(count, mean, m2)`` partials per (part, channel): three (n_parts, C) float64
+    device arrays."""
     acc_like = _arrays.stand_in(stat_dtype(x3.dtype), (1, 1))
     unused = _arrays.stand_in(np.float64)
     parts = [_arrays.empty((plan.n_parts, plan.n_channels), np.float64, stream)
              for _ in range(3)]
     _launch_partials(plan, x3, x3, x3, False, False, acc_like, unused, parts, stream)
+    return parts
+
+
+def _moments(x3, plan, stream):
+    """``(mean, m2)`` (C,) float64 device arrays: partials per (part, channel), then merged."""
+    parts = _stat_partials(x3, plan, stream)
     mean = _arrays.empty((plan.n_channels,), np.float64, stream)
     m2 = _arrays.empty((plan.n_channels,), np.float64, stream)
     _merge_stat_parts[plan.channel_blocks, THREADS, stream](*parts, mean, m2)
@@ -923,25 +1001,29 @@ def forward(x3, weight, bias, running_mean, running_var, out3, *, training, mome
     stat = stat_dtype(x3.dtype)
     has_running = running_mean is not None and running_var is not None
     if training:
-        mean64, m2_64 = _moments(x3, plan, stream)
+        parts = _stat_partials(x3, plan, stream)
+    elif not has_running:
+        raise ValueError("running_mean and running_var are required when training=False")
     else:
-        if not has_running:
-            raise ValueError("running_mean and running_var are required when training=False")
-        mean64 = _arrays.empty((plan.n_channels,), np.float64, stream)
-        m2_64 = mean64
+        parts = [_arrays.stand_in(np.float64, (1, 1))] * 3
     running_mean_d, _ = _optional_vector("running_mean", running_mean if has_running else None)
     running_var_d, _ = _optional_vector("running_var", running_var if has_running else None)
-    invstd64 = _arrays.empty((plan.n_channels,), np.float64, stream)
+    weight, has_weight = _optional_vector("weight", weight)
+    bias, has_bias = _optional_vector("bias", bias)
     mean_out = _arrays.empty((plan.n_channels,), stat, stream)
     invstd_out = _arrays.empty((plan.n_channels,), stat, stream)
-    _finish_stats[plan.channel_blocks, THREADS, stream](
-        mean64, m2_64, float(plan.count), bool(training), float(eps), running_mean_d,
-        running_var_d, has_running, float(momentum), invstd64, mean_out, invstd_out)
-    _apply_normalize(x3, plan, mean64, invstd64, weight, bias, out3, bool(relu), stream)
+    coef = _arrays.empty((_N_COEF, plan.n_channels), stat, stream)
+    _forward_channels[plan.channel_blocks, THREADS, stream](
+        *parts, float(plan.count), bool(training), float(eps), running_mean_d, running_var_d,
+        has_running, float(momentum), weight, has_weight, bias, has_bias, mean_out, invstd_out,
+        coef)
+    _launch_apply(plan, x3, x3, x3, False, bool(relu), coef, out3, stream)
     return mean_out, invstd_out
 
 
-def _grad_sums(dy3, x3, relu_y3, plan, mean, invstd, stream):
+def _grad_partials(dy3, x3, relu_y3, plan, mean, invstd, stream):
+    """The ``(sum dy, sum dy xhat)`` partials per (part, channel): two (n_parts, C) float64
+    device arrays (``xhat`` centred with the split mean of normalising coefficients)."""
     coef = _arrays.empty((_N_COEF, plan.n_channels), stat_dtype(x3.dtype), stream)
     ones, _ = _optional_vector("weight", None)
     _normalize_coefficients[plan.channel_blocks, THREADS, stream](
@@ -950,8 +1032,12 @@ def _grad_sums(dy3, x3, relu_y3, plan, mean, invstd, stream):
     part_dy_xhat = _arrays.empty((plan.n_parts, plan.n_channels), np.float64, stream)
     _launch_partials(plan, x3, dy3, x3 if relu_y3 is None else relu_y3, True,
                      relu_y3 is not None, coef, invstd, (part_dy, part_dy_xhat, part_dy), stream)
-    # One (2, C) array, rows (sum_dy, sum_dy_xhat), so the backward converts both to the
-    # stat dtype in a single launch.
+    return part_dy, part_dy_xhat
+
+
+def _grad_sums(dy3, x3, relu_y3, plan, mean, invstd, stream):
+    """``(sum dy, sum dy xhat)`` as one (2, C) float64 device array."""
+    part_dy, part_dy_xhat = _grad_partials(dy3, x3, relu_y3, plan, mean, invstd, stream)
     sums = _arrays.empty((2, plan.n_channels), np.float64, stream)
     _sum_grad_parts[plan.channel_blocks, THREADS, stream](part_dy, part_dy_xhat, sums[0],
                                                           sums[1])
@@ -1001,11 +1087,13 @@ def backward(dy3, x3, mean, invstd, weight, out3, *, training, relu_output3=None
     stream = _arrays.resolve_stream(stream)
     plan = _Plan(x3, dy3, relu_y3)
     mean, invstd = _arrays.as_array("mean", mean), _arrays.as_array("invstd", invstd)
-    sums = _grad_sums(dy3, x3, relu_y3, plan, mean, invstd, stream)
-    _apply_dx(dy3, x3, relu_y3, plan, mean, invstd, weight, sums[0], sums[1], plan.count, out3,
-              training, stream)
-    n_sums = 2 * plan.n_channels
+    part_dy, part_dy_xhat = _grad_partials(dy3, x3, relu_y3, plan, mean, invstd, stream)
+    weight, has_weight = _optional_vector("weight", weight)
+    coef = _arrays.empty((_N_COEF, plan.n_channels), stat_dtype(x3.dtype), stream)
     grads = _arrays.empty((2, plan.n_channels), stat_dtype(x3.dtype), stream)
-    _arrays.convert[_arrays.launch_blocks(n_sums, THREADS), THREADS, stream](
-        sums.reshape(n_sums), grads.reshape(n_sums))
+    _backward_channels[plan.channel_blocks, THREADS, stream](
+        part_dy, part_dy_xhat, mean, invstd, weight, has_weight, float(plan.count),
+        bool(training), coef, grads)
+    _launch_apply(plan, x3, dy3, x3 if relu_y3 is None else relu_y3, True, relu_y3 is not None,
+                  coef, out3, stream)
     return grads[1], grads[0]  # (dweight = sum dy xhat, dbias = sum dy)
