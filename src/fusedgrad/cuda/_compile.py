@@ -112,8 +112,8 @@ def kernel_signatures():
                      (_arr3(t), _arr3(t), _arr3(t), b1, b1, _mat(acc), _arr3(t)), pure32))
         stat = "float64" if name == "float64" else "float32"
         sigs.append((f"batch_norm._partials[{name},{stat}]", bn._partials,
-                     (_arr3(t), _arr3(t), _arr3(t), b1, b1, _mat(acc), _vec(PARAMS[stat]), i64,
-                      i64, _mat(f64), _mat(f64), _mat(f64)), None))
+                     (_arr3(t), _arr3(t), _arr3(t), b1, b1, _mat(acc), _vec(PARAMS[stat]),
+                      _vec(PARAMS[stat]), i64, i64, _mat(f64), _mat(f64), _mat(f64)), None))
         # Contiguous arrays (the usual launch) are typed with layout "C", which addresses
         # through GEPs and gives global loads (LDG) where "A" gives generic ones (LD).
         c3, c2, c1 = _arr3(t, "C"), types.Array(acc, 2, "C"), types.Array(f64, 1, "C")
@@ -125,17 +125,17 @@ def kernel_signatures():
                          bn._spatial_apply(width), (c3, c3, c3, b1, b1, c2, c3), pure32))
             sigs.append((f"batch_norm.partials_spatial[{name},{stat},{width},C]",
                          bn._spatial_partials(width),
-                         (c3, c3, c3, b1, b1, c2, types.Array(PARAMS[stat], 1, "C"), i64, m64,
-                          m64, m64), None))
+                         (c3, c3, c3, b1, b1, c2, types.Array(PARAMS[stat], 1, "C"),
+                          types.Array(PARAMS[stat], 1, "C"), i64, m64, m64, m64), None))
         f1 = types.Array(t, 1, "C")
         sigs.append((f"batch_norm._columns_apply[{name},C]", bn._columns_apply,
                      (f1, f1, f1, b1, b1, c2, f1, i64), pure32))
         sigs.append((f"batch_norm._columns_partials[{name},{stat},C]", bn._columns_partials,
-                     (f1, f1, f1, b1, b1, c2, types.Array(PARAMS[stat], 1, "C"), i64, i64, m64,
-                      m64, m64), None))
+                     (f1, f1, f1, b1, b1, c2, types.Array(PARAMS[stat], 1, "C"),
+                      types.Array(PARAMS[stat], 1, "C"), i64, i64, m64, m64, m64), None))
         sigs.append((f"batch_norm._partials[{name},{stat},C]", bn._partials,
-                     (c3, c3, c3, b1, b1, c2, types.Array(PARAMS[stat], 1, "C"), i64, i64,
-                      m64, m64, m64), None))
+                     (c3, c3, c3, b1, b1, c2, types.Array(PARAMS[stat], 1, "C"),
+                      types.Array(PARAMS[stat], 1, "C"), i64, i64, m64, m64, m64), None))
         sigs.append((f"cross_entropy._ce_rows[{name},C]", ce._ce_rows,
                      (i64, c3, types.Array(i64, 1, "C"), c3, b1, c1, i64, f64, f64, f64,
                       types.Array(acc, 1, "C"), c1, c1, c3, c1), split32))
@@ -153,8 +153,8 @@ def kernel_signatures():
             t, acc = FLOATS[name], _acc(name)
             if pname != name:
                 sigs.append((f"batch_norm._partials[{name},{pname}]", bn._partials,
-                             (_arr3(t), _arr3(t), _arr3(t), b1, b1, _mat(acc), _vec(p), i64,
-                              i64, _mat(f64), _mat(f64), _mat(f64)), None))
+                             (_arr3(t), _arr3(t), _arr3(t), b1, b1, _mat(acc), _vec(p), _vec(p),
+                              i64, i64, _mat(f64), _mat(f64), _mat(f64)), None))
             sigs.append((f"batch_norm._forward_channels[{name},{pname}]", bn._forward_channels,
                          (_mat(f64), _mat(f64), _mat(f64), f64, b1, f64, _vec(p), _vec(p), b1,
                           f64, _vec(p), b1, _vec(p), b1, _vec(acc), _vec(acc), _mat(acc)),

@@ -49,8 +49,8 @@ Work decomposition (fixed by the shape only, so results are bitwise reproducible
 * Running statistics are updated on the device by the per-channel kernel, in float64.
 * Launches: the fused ``forward`` is three (the statistics' partials; one per-channel kernel,
   :func:`_forward_channels`, that merges them, computes ``invstd``, updates the running
-  buffers and the coefficients; the elementwise pass), the fused ``backward`` four (the
-  centring coefficients, the partials, :func:`_backward_channels`, dx). The split building
+  buffers and the coefficients; the elementwise pass), the fused ``backward`` three (the
+  partials, which split the mean themselves; :func:`_backward_channels`; dx). The split building
   blocks (``channel_stats``, ``normalize``, ``backward_reduce``, ``backward_elementwise``)
   launch the same per-channel arithmetic as separate kernels, so split and fused give the
   same bits.
@@ -181,15 +181,18 @@ def _accumulate_pair(x3, dy3, relu_y3, with_grad, relu, c, start, stop, step, n_
 
 
 @cuda.jit(device=True, inline=True)
-def _reduction_constants(with_grad, coef, invstd, c, first_value):
+def _reduction_constants(with_grad, acc_like, mean, invstd, c, first_value):
     """``(shift, mean_hi, mean_lo, invstd)`` of channel ``c`` for the sums of
     :func:`_accumulate_pair`: the statistics shift the data by one of the channel's values,
-    ``first_value`` (see :func:`_shifted_moments`); the backward centres it with the split
-    mean of ``coef`` and scales by ``invstd``. In the accumulation dtype (that of ``coef``)."""
-    acc = coef.dtype.type
+    ``first_value`` (see :func:`_shifted_moments`); the backward centres it with ``mean[c]``
+    split into ``hi + lo`` (as :func:`_store_center` splits it for the elementwise pass) and
+    scales by ``invstd``. In the accumulation dtype (that of ``acc_like``)."""
+    acc = acc_like.dtype.type
     zero = acc(0.0)
     if with_grad:
-        return zero, coef[_MEAN_HI, c], coef[_MEAN_LO, c], acc(invstd[c])
+        center = float64(mean[c])
+        hi = acc(center)
+        return zero, hi, acc(center - float64(hi)), acc(invstd[c])
     return acc(first_value), zero, zero, zero
 
 
@@ -216,8 +219,8 @@ def _finish_partials(with_grad, count, u, v, shift, segment, write, entry, s_a, 
 # Kernels
 # --------------------------------------------------------------------------------------------
 @cuda.jit
-def _partials(x3, dy3, relu_y3, with_grad, relu, coef, invstd, seg, n_parts, part_a, part_b,
-              part_c):
+def _partials(x3, dy3, relu_y3, with_grad, relu, acc_like, mean, invstd, seg, n_parts, part_a,
+              part_b, part_c):
     """One partial per (part, channel) of a (P, C, S) array, float64, for block
     ``(channel block, part)``.
 
@@ -225,18 +228,16 @@ def _partials(x3, dy3, relu_y3, with_grad, relu, coef, invstd, seg, n_parts, par
     dy3: (P, C, S), the dtype of x3;
     relu_y3: (P, C, S), the dtype of x3: with ``relu`` (and ``with_grad``) the output of a
     forward with a fused ReLU, whose backward masks dy; else a stand-in (x3), not read;
-    coef: (6, C), or (1, 1) for the statistics, the accumulation dtype (float64 for float64
-    x3, else float32);
-    invstd: (C,) any float dtype;
+    acc_like: any array of the accumulation dtype (float64 for float64 x3, else float32);
+    mean, invstd: (C,) any float dtype (stand-ins, not read, for the statistics);
     part_a, part_b, part_c: (n_parts, C) float64, written.
 
     * statistics (``with_grad`` false): ``(count, mean, m2)`` of ``x3`` into
-      ``part_a, part_b, part_c`` (``dy3``, ``invstd`` are dummies; ``coef`` only gives the
-      accumulation dtype);
+      ``part_a, part_b, part_c`` (``dy3`` is a dummy);
     * backward: ``sum dy`` and ``sum dy xhat`` into ``part_a, part_b`` (``part_c`` untouched),
-      ``xhat`` from the centring in ``coef`` and ``invstd``.
+      ``xhat = ((x - mean_hi) - mean_lo) invstd`` (:func:`_reduction_constants`).
     """
-    acc = coef.dtype.type
+    acc = acc_like.dtype.type
     s_a = cuda.shared.array(SCRATCH_SIZE, float64)
     s_b = cuda.shared.array(SCRATCH_SIZE, float64)
     s_c = cuda.shared.array(SCRATCH_SIZE, float64)
@@ -248,7 +249,7 @@ def _partials(x3, dy3, relu_y3, with_grad, relu, coef, invstd, seg, n_parts, par
     v = acc(0.0)
     shift = acc(0.0)
     if valid:
-        shift, mean_hi, mean_lo, inv = _reduction_constants(with_grad, coef, invstd, c,
+        shift, mean_hi, mean_lo, inv = _reduction_constants(with_grad, acc_like, mean, invstd, c,
                                                             x3[0, c, 0])
         count, u, v = _accumulate_pair(x3, dy3, relu_y3, with_grad, relu, c, start + lane, stop,
                                        lanes, n_inner, shift, mean_hi, mean_lo, inv, acc(0.0))
@@ -660,14 +661,14 @@ def _spatial_partials(width):
     groups = THREADS // width
 
     @cuda.jit
-    def partials_spatial(x3, dy3, relu_y3, with_grad, relu, coef, invstd, rows_per_part,
-                         part_a, part_b, part_c):
-        acc = coef.dtype.type
+    def partials_spatial(x3, dy3, relu_y3, with_grad, relu, acc_like, mean, invstd,
+                         rows_per_part, part_a, part_b, part_c):
+        acc = acc_like.dtype.type
         s_a = cuda.shared.array(SCRATCH_SIZE, float64)
         s_b = cuda.shared.array(SCRATCH_SIZE, float64)
         s_c = cuda.shared.array(SCRATCH_SIZE, float64)
-        xs = cuda.local.array(CHUNK, coef.dtype)
-        gs = cuda.local.array(CHUNK, coef.dtype)
+        xs = cuda.local.array(CHUNK, acc_like.dtype)
+        gs = cuda.local.array(CHUNK, acc_like.dtype)
         c = cuda.blockIdx.x
         part = cuda.blockIdx.y
         n_inner = np.uint64(x3.shape[2])
@@ -675,7 +676,7 @@ def _spatial_partials(width):
         lane = np.uint64(cuda.threadIdx.x % width)
         p = part * rows_per_part + cuda.threadIdx.x // width
         p_stop = min((part + 1) * rows_per_part, x3.shape[0])
-        shift, mean_hi, mean_lo, inv = _reduction_constants(with_grad, coef, invstd, c,
+        shift, mean_hi, mean_lo, inv = _reduction_constants(with_grad, acc_like, mean, invstd, c,
                                                             x3[0, c, 0])
         count = 0
         u = acc(0.0)
@@ -685,13 +686,13 @@ def _spatial_partials(width):
             start = lane
             while start < full_end:
                 _load_chunk(x, dy, relu_y, start, step, start, step, n_inner, False, with_grad,
-                            relu, xs, gs, coef)
+                            relu, xs, gs, acc_like)
                 count, u, v = _sum_chunk(start, step, n_inner, False, with_grad, shift,
                                          mean_hi, mean_lo, inv, xs, gs, count, u, v)
                 start += stride
             if start < n_inner:
                 _load_chunk(x, dy, relu_y, start, step, start, step, n_inner, True, with_grad,
-                            relu, xs, gs, coef)
+                            relu, xs, gs, acc_like)
                 count, u, v = _sum_chunk(start, step, n_inner, True, with_grad, shift,
                                          mean_hi, mean_lo, inv, xs, gs, count, u, v)
             p += groups
@@ -718,8 +719,8 @@ def _column_position():
 
 
 @cuda.jit
-def _columns_partials(x, dy, relu_y, with_grad, relu, coef, invstd, n_channels, rows_per_part,
-                      part_a, part_b, part_c):
+def _columns_partials(x, dy, relu_y, with_grad, relu, acc_like, mean, invstd, n_channels,
+                      rows_per_part, part_a, part_b, part_c):
     """:func:`_partials` for dense rows of channels (``S = 1``, C-contiguous ``(P, C)``:
     channels-last and ``(N, C)``), passed flat: x, dy, relu_y are 1-D views of the ``P * C``
     elements, element ``(p, c)`` at ``p * C + c``. Block ``(channel block, part)`` of
@@ -731,13 +732,13 @@ def _columns_partials(x, dy, relu_y, with_grad, relu, coef, invstd, n_channels, 
     tree) and group 0 writes the ``(part, c)`` partials. Other arguments: those of
     :func:`_partials`, with ``rows_per_part`` in place of ``seg`` and ``n_parts``.
     """
-    acc = coef.dtype.type
+    acc = acc_like.dtype.type
     acc_zero = acc(0.0)
     s_a = cuda.shared.array(SCRATCH_SIZE, float64)
     s_b = cuda.shared.array(SCRATCH_SIZE, float64)
     s_c = cuda.shared.array(SCRATCH_SIZE, float64)
-    xs = cuda.local.array(CHUNK, coef.dtype)
-    gs = cuda.local.array(CHUNK, coef.dtype)
+    xs = cuda.local.array(CHUNK, acc_like.dtype)
+    gs = cuda.local.array(CHUNK, acc_like.dtype)
     lane, group = _column_position()
     n_channels = np.uint64(n_channels)
     c = np.uint64(cuda.blockIdx.x * COLUMN_LANES + lane)
@@ -752,7 +753,8 @@ def _columns_partials(x, dy, relu_y, with_grad, relu, coef, invstd, n_channels, 
     u = acc_zero
     v = acc_zero
     if valid:
-        shift, mean_hi, mean_lo, inv = _reduction_constants(with_grad, coef, invstd, c, x[c])
+        shift, mean_hi, mean_lo, inv = _reduction_constants(with_grad, acc_like, mean, invstd, c,
+                                                            x[c])
         index_step = row_step * n_channels
         p = np.uint64(part * rows_per_part) + np.uint64(group)
         while p < p_stop:
@@ -760,12 +762,12 @@ def _columns_partials(x, dy, relu_y, with_grad, relu, coef, invstd, n_channels, 
             first = p * n_channels + c
             if guarded:
                 _load_chunk(x, dy, relu_y, first, index_step, p, row_step, p_stop, True,
-                                   with_grad, relu, xs, gs, coef)
+                                   with_grad, relu, xs, gs, acc_like)
                 count, u, v = _sum_chunk(p, row_step, p_stop, True, with_grad, shift,
                                                 mean_hi, mean_lo, inv, xs, gs, count, u, v)
             else:
                 _load_chunk(x, dy, relu_y, first, index_step, p, row_step, p_stop, False,
-                                   with_grad, relu, xs, gs, coef)
+                                   with_grad, relu, xs, gs, acc_like)
                 count, u, v = _sum_chunk(p, row_step, p_stop, False, with_grad, shift,
                                                 mean_hi, mean_lo, inv, xs, gs, count, u, v)
             p += np.uint64(CHUNK) * row_step
@@ -877,20 +879,22 @@ def _flat(arr3):
     return _arrays.strided_view(arr3, (arr3.shape[0] * arr3.shape[1],), (arr3.dtype.itemsize,))
 
 
-def _launch_partials(plan, x3, dy3, relu_y3, with_grad, relu, coef, invstd, parts, stream):
+def _launch_partials(plan, x3, dy3, relu_y3, with_grad, relu, acc_like, mean, invstd, parts,
+                     stream):
     """The reduction kernel of the plan's family (:func:`_kernel_family`):
     :func:`_spatial_partials`, :func:`_columns_partials` or :func:`_partials`; ``parts``: the
     three ``(plan.n_parts, C)`` float64 partial arrays."""
     if plan.family == SPATIAL:
         _spatial_partials(plan.width)[plan.grid, THREADS, stream](
-            x3, dy3, relu_y3, with_grad, relu, coef, invstd, plan.rows_per_part, *parts)
+            x3, dy3, relu_y3, with_grad, relu, acc_like, mean, invstd, plan.rows_per_part,
+            *parts)
     elif plan.family == COLUMNS:
         _columns_partials[plan.grid, THREADS, stream](
-            _flat(x3), _flat(dy3), _flat(relu_y3), with_grad, relu, coef, invstd,
+            _flat(x3), _flat(dy3), _flat(relu_y3), with_grad, relu, acc_like, mean, invstd,
             plan.n_channels, plan.rows_per_part, *parts)
     else:
-        _partials[plan.grid, THREADS, stream](x3, dy3, relu_y3, with_grad, relu, coef, invstd,
-                                              plan.seg, plan.n_parts, *parts)
+        _partials[plan.grid, THREADS, stream](x3, dy3, relu_y3, with_grad, relu, acc_like, mean,
+                                              invstd, plan.seg, plan.n_parts, *parts)
 
 
 def _launch_apply(plan, x3, dy3, relu_y3, has_dy, relu, coef, out3, stream):
@@ -938,7 +942,7 @@ def _stat_partials(x3, plan, stream):
     unused = _arrays.stand_in(np.float64)
     parts = [_arrays.empty((plan.n_parts, plan.n_channels), np.float64, stream)
              for _ in range(3)]
-    _launch_partials(plan, x3, x3, x3, False, False, acc_like, unused, parts, stream)
+    _launch_partials(plan, x3, x3, x3, False, False, acc_like, unused, unused, parts, stream)
     return parts
 
 
@@ -1023,15 +1027,13 @@ def forward(x3, weight, bias, running_mean, running_var, out3, *, training, mome
 
 def _grad_partials(dy3, x3, relu_y3, plan, mean, invstd, stream):
     """The ``(sum dy, sum dy xhat)`` partials per (part, channel): two (n_parts, C) float64
-    device arrays (``xhat`` centred with the split mean of normalising coefficients)."""
-    coef = _arrays.empty((_N_COEF, plan.n_channels), stat_dtype(x3.dtype), stream)
-    ones, _ = _optional_vector("weight", None)
-    _normalize_coefficients[plan.channel_blocks, THREADS, stream](
-        mean, invstd, ones, False, ones, False, coef)
+    device arrays."""
+    acc_like = _arrays.stand_in(stat_dtype(x3.dtype), (1, 1))
     part_dy = _arrays.empty((plan.n_parts, plan.n_channels), np.float64, stream)
     part_dy_xhat = _arrays.empty((plan.n_parts, plan.n_channels), np.float64, stream)
     _launch_partials(plan, x3, dy3, x3 if relu_y3 is None else relu_y3, True,
-                     relu_y3 is not None, coef, invstd, (part_dy, part_dy_xhat, part_dy), stream)
+                     relu_y3 is not None, acc_like, mean, invstd,
+                     (part_dy, part_dy_xhat, part_dy), stream)
     return part_dy, part_dy_xhat
 
 
