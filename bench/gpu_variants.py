@@ -74,7 +74,8 @@ BN_CASES = [
     ((262144, 1024), torch.float32, 1),
 ]
 #: (kernels, ``_ITEMS_PER_THREAD`` of the reductions): the general ``_partials`` and
-#: ``_apply`` as measured on 2026-11-29, and the layout's own kernels (the default: spatial
+#: ``_apply`` (the kernels measured on 2026-11-29, now with the fused per-channel launches of
+#: both variants: 3 + 3 launches where there were 5 + 6), and the layout's own (the default: spatial
 #: for NCHW, columns for channels-last and (N, C)) with the reductions' blocks as long as
 #: before and 4 and 16 times longer (each block ends in a float64 Chan tree).
 BN_VARIANTS = [("general", 16), ("layout", 16), ("layout", 64), ("layout", 256)]
