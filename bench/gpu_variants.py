@@ -8,7 +8,7 @@ For each case (fused forward + backward, ``fg.softmax_cross_entropy`` on PyTorch
 class-index targets) it times, interleaved round by round with CUDA events, median of rounds:
 
 * ``rows``: the general kernel ``_ce_rows`` (what every launch used before the dense-row
-  kernel), forced by making ``cross_entropy._dense_rows`` find no dense view;
+  kernel), forced by making ``_arrays.dense_rows`` find no dense view;
 * ``dense/W``: the dense-row kernel with W threads per row (``_threads_per_row`` replaced),
   for the widths worth comparing at that row length; the one the launcher picks is marked;
 * ``torch``: PyTorch eager, ``F.cross_entropy`` forward + backward (a reference point; the
@@ -127,16 +127,16 @@ def copy_bandwidth_gbs(rounds: int) -> float:
 
 def with_variant(variant: str, call):
     """Run ``call()`` with the launch form ``variant`` ("rows", "dense/W" or "dense")."""
-    saved = ce._dense_rows, ce._threads_per_row
+    saved = ce._arrays.dense_rows, ce._threads_per_row
     try:
         if variant == "rows":
-            ce._dense_rows = lambda arr3: None
+            ce._arrays.dense_rows = lambda arr3: None
         elif variant.startswith("dense/"):
             width = int(variant.split("/")[1])
             ce._threads_per_row = lambda n_classes, n_spatial: width
         return call()
     finally:
-        ce._dense_rows, ce._threads_per_row = saved
+        ce._arrays.dense_rows, ce._threads_per_row = saved
 
 
 def is_16bit(dtype) -> bool:

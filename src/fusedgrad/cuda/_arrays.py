@@ -287,6 +287,19 @@ def strided_view(arr, shape, strides):
     return type(arr)(shape, strides, arr.dtype, stream=arr.stream, gpu_data=arr.gpu_data)
 
 
+def dense_rows(arr3):
+    """The ``(P, C)`` C-contiguous view of a ``(P, C, 1)`` view whose rows are contiguous and
+    evenly spaced (what the cross-entropy's dense-row kernel and batch norm's column kernels
+    take), or None."""
+    n_rows, n_columns, n_inner = (int(v) for v in arr3.shape)
+    itemsize = arr3.dtype.itemsize
+    if n_inner != 1 or n_columns == 0 or arr3.strides[1] != itemsize:
+        return None
+    if n_rows > 1 and arr3.strides[0] != n_columns * itemsize:
+        return None
+    return strided_view(arr3, (n_rows, n_columns), (n_columns * itemsize, itemsize))
+
+
 def merge_axes(name: str, shape, strides, itemsize: int):
     """``(size, stride)`` addressing the given axes, in order, as one strided axis.
 

@@ -473,8 +473,8 @@ def _apply(x3, dy3, relu_y3, has_dy, relu, coef, out3):
     (``NotImplementedError: (none, None)`` in the dispatcher's ``_prepare_args``, seen on an
     H200), the reason the CPU's None-or-array ``relu_y`` is a flag and an array here.
 
-    Launched (:func:`_launch_apply`) for the layouts the spatial kernel does not take
-    (:func:`_spatial_apply`: rows of unit-stride positions, such as NCHW).
+    Launched (:func:`_launch_apply`) for the layouts the spatial and column kernels do not
+    take (:func:`_kernel_family`).
     2-D blocks and grid: ``y`` walks the rows of the view, ``x`` runs along the contiguous axis.
     With ``S > 1`` a row is one ``(p, c)`` (its channel computed once per row), threads along
     ``s``; with ``S == 1`` (rows / channels-last) a row is one ``p``, threads along ``c``. Short
@@ -520,18 +520,18 @@ SPATIAL_WIDTHS = (4, 8) if SIMULATED else (WARP_SIZE, 256)
 
 @cuda.jit(device=True, inline=True)
 def _load_chunk(x, dy, relu_y, first, index_step, position, position_step, limit, guarded,
-                with_dy, relu, xs, gs, coef):
+                with_dy, relu, xs, gs, acc_like):
     """Every load of a chunk of :data:`CHUNK` elements, before any arithmetic or store (an
     output may alias an input, so the compiler keeps a load after every store before it, and
     one load in flight per thread would follow): x, and with ``with_dy`` dy (masked where the
     fused ReLU's output ``relu_y`` is not positive), at flat indices ``first + k index_step``
     of the 1-D views ``x``, ``dy``, ``relu_y``, into ``xs`` and ``gs`` in the accumulation dtype
-    (that of ``coef``: a conversion costs no instruction for x of that dtype, where ``x + 0.0``
+    (that of ``acc_like``: a conversion costs no instruction for x of that dtype, where ``x + 0.0``
     would be an ``FADD``). Element ``k`` is at ``position + k position_step``, in the row while
     below ``limit``; ``guarded`` (a constant): the chunk may run past it. The spatial kernels
     step by a constant (``index_step = width``: constant offsets, no index arithmetic), the
     column ones by a row (one addition per element)."""
-    acc = coef.dtype.type
+    acc = acc_like.dtype.type
     index = first
     for k in range(CHUNK):
         if not guarded or position < limit:
@@ -566,10 +566,10 @@ def _sum_chunk(position, position_step, limit, guarded, with_grad, shift, mean_h
 
 @cuda.jit(device=True, inline=True)
 def _store_chunk(out, first, index_step, position, position_step, limit, guarded, has_dy, relu,
-                 mean_hi, mean_lo, alpha, beta, gamma, xs, gs, coef):
+                 mean_hi, mean_lo, alpha, beta, gamma, xs, gs, acc_like):
     """:func:`_apply_one` over a chunk loaded by :func:`_load_chunk`, stored at the indices it
-    was loaded from (of ``out``)."""
-    acc_zero = coef.dtype.type(0.0)
+    was loaded from (of ``out``); ``acc_like`` gives the accumulation dtype."""
+    acc_zero = acc_like.dtype.type(0.0)
     index = first
     for k in range(CHUNK):
         if not guarded or position < limit:
@@ -637,7 +637,6 @@ def _spatial_apply(width):
     return apply_spatial
 
 
-
 @functools.cache
 def _spatial_partials(width):
     """:func:`_partials` for rows of unit-stride positions (``S > 1``: NCHW and its like), with
@@ -702,7 +701,6 @@ def _spatial_partials(width):
     return partials_spatial
 
 
-
 # --------------------------------------------------------------------------------------------
 # Dense rows of channels (channels-last, (N, C)): a thread per channel and row group
 # --------------------------------------------------------------------------------------------
@@ -762,14 +760,14 @@ def _columns_partials(x, dy, relu_y, with_grad, relu, acc_like, mean, invstd, n_
             first = p * n_channels + c
             if guarded:
                 _load_chunk(x, dy, relu_y, first, index_step, p, row_step, p_stop, True,
-                                   with_grad, relu, xs, gs, acc_like)
+                            with_grad, relu, xs, gs, acc_like)
                 count, u, v = _sum_chunk(p, row_step, p_stop, True, with_grad, shift,
-                                                mean_hi, mean_lo, inv, xs, gs, count, u, v)
+                                         mean_hi, mean_lo, inv, xs, gs, count, u, v)
             else:
                 _load_chunk(x, dy, relu_y, first, index_step, p, row_step, p_stop, False,
-                                   with_grad, relu, xs, gs, acc_like)
+                            with_grad, relu, xs, gs, acc_like)
                 count, u, v = _sum_chunk(p, row_step, p_stop, False, with_grad, shift,
-                                                mean_hi, mean_lo, inv, xs, gs, count, u, v)
+                                         mean_hi, mean_lo, inv, xs, gs, count, u, v)
             p += np.uint64(CHUNK) * row_step
     _finish_partials(with_grad, count, u, v, shift, COLUMN_LANES, group == 0 and valid, lane,
                      s_a, s_b, s_c, part_a, part_b, part_c, part, c)
@@ -802,15 +800,15 @@ def _columns_apply(x, dy, relu_y, has_dy, relu, coef, out, n_channels):
     while p < n_rows:
         first = p * n_channels + c
         if p + tail >= n_rows:
-            _load_chunk(x, dy, relu_y, first, index_step, p, row_step, n_rows, True,
-                               has_dy, relu, xs, gs, coef)
+            _load_chunk(x, dy, relu_y, first, index_step, p, row_step, n_rows, True, has_dy,
+                        relu, xs, gs, coef)
             _store_chunk(out, first, index_step, p, row_step, n_rows, True, has_dy, relu,
-                                mean_hi, mean_lo, alpha, beta, gamma, xs, gs, coef)
+                         mean_hi, mean_lo, alpha, beta, gamma, xs, gs, coef)
         else:
-            _load_chunk(x, dy, relu_y, first, index_step, p, row_step, n_rows, False,
-                               has_dy, relu, xs, gs, coef)
-            _store_chunk(out, first, index_step, p, row_step, n_rows, False, has_dy,
-                                relu, mean_hi, mean_lo, alpha, beta, gamma, xs, gs, coef)
+            _load_chunk(x, dy, relu_y, first, index_step, p, row_step, n_rows, False, has_dy,
+                        relu, xs, gs, coef)
+            _store_chunk(out, first, index_step, p, row_step, n_rows, False, has_dy, relu,
+                         mean_hi, mean_lo, alpha, beta, gamma, xs, gs, coef)
         p += np.uint64(CHUNK) * row_step
 
 
@@ -824,25 +822,23 @@ SPATIAL, COLUMNS, GENERAL = "spatial", "columns", "general"
 def _kernel_family(arrays):
     """``(family, width)`` of the kernels for these (P, C, S) arrays (every array a pass reads
     or writes): :data:`SPATIAL` and its threads per row for rows of unit-stride positions
-    (``S > 1``, unit stride along ``S`` in every array: NCHW), :data:`COLUMNS` for dense rows
-    of channels (``S = 1``, every array a C-contiguous ``(P, C)``: channels-last, ``(N, C)``),
-    else :data:`GENERAL` (``_partials`` and ``_apply``, any strides)."""
+    (``S > 1``, unit stride along ``S`` in every array: NCHW); :data:`COLUMNS` for dense rows
+    of channels (``S = 1``, every array a C-contiguous ``(P, C)``, ``_arrays.dense_rows``:
+    channels-last, ``(N, C)``); else :data:`GENERAL` (``_partials`` and ``_apply``, any
+    strides). ``width`` is None but for :data:`SPATIAL`."""
     n_inner = int(arrays[0].shape[2])
     if n_inner > 1 and all(a.strides[2] == a.dtype.itemsize for a in arrays):
         narrow, wide = SPATIAL_WIDTHS
         return SPATIAL, wide if n_inner >= CHUNK * wide else narrow
-    n_outer, n_channels = int(arrays[0].shape[0]), int(arrays[0].shape[1])
-    if n_inner == 1 and all(a.strides[1] == a.dtype.itemsize
-                            and (n_outer == 1 or a.strides[0] == n_channels * a.dtype.itemsize)
-                            for a in arrays):
-        return COLUMNS, COLUMN_LANES
+    if all(_arrays.dense_rows(a) is not None for a in arrays):
+        return COLUMNS, None
     return GENERAL, None
 
 
 class _Plan:
-    """Launch geometry of the reductions over a (P, C, S) array (a function of the shape, and of
-    whether ``x3`` and the other arrays the reductions read, ``inputs``, are rows of unit-stride
-    positions: then the spatial reduction kernel runs, on parts of whole rows)."""
+    """Launch geometry of the reductions over a (P, C, S) array: a function of the shape, and of
+    the kernel family (:func:`_kernel_family`) of ``x3`` and the other arrays the reductions
+    read, ``inputs``; the spatial and column kernels cut the parts in whole rows."""
 
     def __init__(self, x3, *inputs):
         n_outer, self.n_channels, n_inner = (int(v) for v in x3.shape)
@@ -875,7 +871,8 @@ class _Plan:
 
 
 def _flat(arr3):
-    """The 1-D view of a C-contiguous ``(P, C, 1)`` array (what the column kernels take)."""
+    """The 1-D view of a dense ``(P, C, 1)`` array (``_arrays.dense_rows``; what the column
+    kernels take)."""
     return _arrays.strided_view(arr3, (arr3.shape[0] * arr3.shape[1],), (arr3.dtype.itemsize,))
 
 

@@ -369,11 +369,13 @@ def _fold_chunk(values, chunk_max, running_max, running_sum):
 
 
 @cuda.jit(device=True, inline=True)
-def _smoothing_chunk(values, weight, start, width, n_classes, shift, weight_sum, weighted_z):
-    """``sum_c w_c`` and ``sum_c w_c (z_c - K)`` over the chunk's classes (label smoothing)."""
+def _smoothing_chunk(values, weight, start, width, n_classes, guarded, shift, weight_sum,
+                     weighted_z):
+    """``sum_c w_c`` and ``sum_c w_c (z_c - K)`` over the chunk's classes (label smoothing;
+    ``guarded`` as for :func:`_load_chunk`)."""
     for k in range(CHUNK):
         c = start + np.uint64(k * width)
-        if c < n_classes:
+        if not guarded or c < n_classes:
             w_c = np.float32(weight[c])
             weight_sum += w_c
             weighted_z += w_c * (values[k] - shift)
@@ -389,7 +391,7 @@ def _statistics_chunk(z, weight, start, width, n_classes, guarded, cap, inv_cap,
     running_max, running_sum = _fold_chunk(values, chunk_max, running_max, running_sum)
     if smoothed:
         weight_sum, weighted_z = _smoothing_chunk(values, weight, start, width, n_classes,
-                                                  shift, weight_sum, weighted_z)
+                                                  guarded, shift, weight_sum, weighted_z)
     return running_max, running_sum, weight_sum, weighted_z
 
 
@@ -571,7 +573,6 @@ def _dense_kernel(width):
                 g[target_class] = p * slope_target - scale * keep * w_target * slope_target
 
     return ce_dense_rows
-
 
 
 @cuda.jit
@@ -812,7 +813,7 @@ def _run(mode, logits, target, weights, options, lse, loss, grad, grad_scale, st
     rows_per_block = threads // per_row
     blocks = _arrays.launch_blocks(sample_count(logits.shape), rows_per_block)
     launch = (blocks, (per_row, rows_per_block), stream)
-    dense_logits, dense_grad = _dense_rows(logits3), _dense_rows(grad3)
+    dense_logits, dense_grad = _arrays.dense_rows(logits3), _arrays.dense_rows(grad3)
     if (per_row >= WARP_SIZE and not is_prob and acc_like.dtype == np.float32
             and dense_logits is not None and dense_grad is not None):
         _dense_kernel(per_row)[launch](
@@ -825,14 +826,3 @@ def _run(mode, logits, target, weights, options, lse, loss, grad, grad_scale, st
         float(options.label_smoothing), float(options.z_loss), cap_argument(options.softcap),
         acc_like, lse, loss, grad3, grad_scale)
 
-
-def _dense_rows(arr3):
-    """The ``(N, C)`` C-contiguous view of an ``(N, C, 1)`` view whose rows are contiguous
-    and evenly spaced (what the dense-row kernel takes), or None."""
-    n_rows, n_classes, n_spatial = arr3.shape
-    itemsize = arr3.dtype.itemsize
-    if n_spatial != 1 or n_classes == 0:
-        return None
-    if arr3.strides[1] != itemsize or (n_rows > 1 and arr3.strides[0] != n_classes * itemsize):
-        return None
-    return _arrays.strided_view(arr3, (n_rows, n_classes), (n_classes * itemsize, itemsize))
