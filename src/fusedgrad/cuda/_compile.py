@@ -95,11 +95,13 @@ def kernel_signatures():
     sigs = []
     for name, t in FLOATS.items():
         acc = _acc(name)
-        pure32 = 0 if name != "float64" else None
-        split32 = 1 if name != "float64" else None
+        # float64 budgets: none in float32-accumulating elementwise kernels, one (the saved
+        # lse's split) in the cross-entropy kernels; unchecked for float64 data
+        no_float64 = 0 if name != "float64" else None
+        lse_split_only = 1 if name != "float64" else None
         sigs.append((f"cross_entropy._ce_rows[{name}]", ce._ce_rows,
                      (i64, _arr3(t), _vec(i64), _arr3(t), b1, _vec(f64), i64, f64, f64, f64,
-                      _vec(acc), _vec(f64), _vec(f64), _arr3(t), _vec(f64)), split32))
+                      _vec(acc), _vec(f64), _vec(f64), _arr3(t), _vec(f64)), lse_split_only))
         sigs.append((f"cross_entropy._scaled_copy[{name}]", ce._scaled_copy,
                      (_vec(t), _vec(f64), f64), None))
         sigs.append((f"_arrays.convert[{name}->float64]", _arrays.convert,
@@ -109,7 +111,7 @@ def kernel_signatures():
                          (_vec(f64), _vec(t)), None))
         # The fused ReLU is a runtime flag (the same compiled kernel with and without it).
         sigs.append((f"batch_norm._apply[{name}]", bn._apply,
-                     (_arr3(t), _arr3(t), _arr3(t), b1, b1, _mat(acc), _arr3(t)), pure32))
+                     (_arr3(t), _arr3(t), _arr3(t), b1, b1, _mat(acc), _arr3(t)), no_float64))
         stat = "float64" if name == "float64" else "float32"
         sigs.append((f"batch_norm._partials[{name},{stat}]", bn._partials,
                      (_arr3(t), _arr3(t), _arr3(t), b1, b1, _mat(acc), _vec(PARAMS[stat]),
@@ -119,17 +121,17 @@ def kernel_signatures():
         c3, c2, c1 = _arr3(t, "C"), types.Array(acc, 2, "C"), types.Array(f64, 1, "C")
         m64 = types.Array(f64, 2, "C")
         sigs.append((f"batch_norm._apply[{name},C]", bn._apply,
-                     (c3, c3, c3, b1, b1, c2, c3), pure32))
+                     (c3, c3, c3, b1, b1, c2, c3), no_float64))
         for width in bn.SPATIAL_WIDTHS:
             sigs.append((f"batch_norm.apply_spatial[{name},{width},C]",
-                         bn._spatial_apply(width), (c3, c3, c3, b1, b1, c2, c3), pure32))
+                         bn._spatial_apply(width), (c3, c3, c3, b1, b1, c2, c3), no_float64))
             sigs.append((f"batch_norm.partials_spatial[{name},{stat},{width},C]",
                          bn._spatial_partials(width),
                          (c3, c3, c3, b1, b1, c2, types.Array(PARAMS[stat], 1, "C"),
                           types.Array(PARAMS[stat], 1, "C"), i64, m64, m64, m64), None))
         f1 = types.Array(t, 1, "C")
         sigs.append((f"batch_norm._columns_apply[{name},C]", bn._columns_apply,
-                     (f1, f1, f1, b1, b1, c2, f1, i64), pure32))
+                     (f1, f1, f1, b1, b1, c2, f1, i64), no_float64))
         sigs.append((f"batch_norm._columns_partials[{name},{stat},C]", bn._columns_partials,
                      (f1, f1, f1, b1, b1, c2, types.Array(PARAMS[stat], 1, "C"),
                       types.Array(PARAMS[stat], 1, "C"), i64, i64, m64, m64, m64), None))
@@ -138,14 +140,14 @@ def kernel_signatures():
                       types.Array(PARAMS[stat], 1, "C"), i64, i64, m64, m64, m64), None))
         sigs.append((f"cross_entropy._ce_rows[{name},C]", ce._ce_rows,
                      (i64, c3, types.Array(i64, 1, "C"), c3, b1, c1, i64, f64, f64, f64,
-                      types.Array(acc, 1, "C"), c1, c1, c3, c1), split32))
+                      types.Array(acc, 1, "C"), c1, c1, c3, c1), lse_split_only))
         if name != "float64":
             c2t = types.Array(t, 2, "C")
             for width in ce.DENSE_WIDTHS:
                 sigs.append((f"cross_entropy.ce_dense_rows[{name},{width},C]",
                              ce._dense_kernel(width),
                              (i64, c2t, types.Array(i64, 1, "C"), c1, i64, f64, f64, f64, c1,
-                              c1, c2t, c1), split32))
+                              c1, c2t, c1), lse_split_only))
     # (C,) parameters of any floating dtype meet the two accumulation dtypes (x's dtype only
     # matters through it in these kernels).
     for pname, p in PARAMS.items():
