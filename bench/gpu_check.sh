@@ -1,26 +1,28 @@
 #!/usr/bin/env bash
 # GPU check (issues 4 and 13), on a machine with an NVIDIA GPU and the packages already
 # installed (numba, numba-cuda, torch with CUDA, pytest; no network). Runs from the source tree
-# with PYTHONPATH=src. Steps (GPU_CHECK_STEPS below picks some; all of them take more than one
-# 10-minute device call):
+# with PYTHONPATH=src. Steps, in the order they run (GPU_CHECK_STEPS below picks some, and
+# GPU_CHECK_SECONDS is the deadline they share; all of them take more than one 10-minute call):
 #   0. versions: nvidia-smi, the versions of Python, NumPy, Numba, numba-cuda and PyTorch, and
 #      `fusedgrad info`;
-#   1. tests: the CUDA tests for real (no simulator): test_cuda_cross_entropy.py,
+#   1. scale_check: a correctness check at benchmark scale against PyTorch CUDA, with bitwise
+#      reproducibility (two runs give the same bytes); it also compiles the main kernels;
+#   2. bench: python -m fusedgrad bench --device cuda --json: fusedgrad vs PyTorch eager,
+#      torch.compile and Liger-Kernel at issue 13's sizes (its goals first), and the device's
+#      measured copy bandwidth; each case's times are printed as it ends;
+#   3. variants: bench/gpu_variants.py, the kernel variants (cross-entropy: the general row
+#      kernel and the dense-row kernel at several widths; batch norm: the general kernels and
+#      the layout ones, with three reduction block lengths) and PyTorch eager at issue 13's
+#      sizes, each against the time predicted before the run, and the CNN training step split
+#      into host and device time;
+#   4. tests: the CUDA tests for real (no simulator): test_cuda_cross_entropy.py,
 #      test_cuda_batch_norm.py, test_cuda_arrays.py (the device buffer pool), and the PyTorch
 #      drop-ins on CUDA tensors (test_torch.py's CUDA tests: the functional forms, and the
 #      converted CNN trained beside PyTorch's). test_cuda_ptx.py is left to CI, which compiles
 #      the same signatures without a GPU;
-#   2. scale_check: a correctness check at benchmark scale against PyTorch CUDA, with bitwise
-#      reproducibility (two runs give the same bytes);
-#   2b. variants: bench/gpu_variants.py, the kernel variants (cross-entropy: the general row
-#      kernel and the dense-row kernel at several widths; batch norm: the general kernels and
-#      the layout ones, with three reduction block lengths) and PyTorch eager at issue 13's
-#      sizes, each against the time predicted before the run;
-#   3. ncu: Nsight Compute (when `ncu` is on the PATH, --clock-control none): DRAM throughput,
+#   5. ncu: Nsight Compute (when `ncu` is on the PATH, --clock-control none): DRAM throughput,
 #      occupancy, registers and issued instructions of every kernel one cross-entropy call and
-#      one batch-norm forward + backward launch (issue 13's profile);
-#   4. bench: python -m fusedgrad bench --device cuda --json: fusedgrad vs PyTorch eager,
-#      torch.compile and Liger-Kernel, and the device's measured copy bandwidth.
+#      one batch-norm forward + backward launch (issue 13's profile).
 # Wheels the image lacks (NumPy below 2.5 for numba-cuda, liger-kernel) are installed first
 # from .whl/ when that folder exists (carry it; see docs/gpu.md).
 # Usage: bench/gpu_check.sh [OUT_DIR]   (default: $OUT if set, else results/gpu)
@@ -38,18 +40,33 @@ status=0
 # The machine's Python is python3 (there may be no `python`).
 python=${PYTHON:-python3}
 
-# GPU_CHECK_STEPS: the steps to run, comma-separated (default: all, in this order:
-# versions,tests,scale_check,variants,ncu,bench). All of them take more than one device call's
-# 10 minutes; split them over two calls, e.g. versions,tests,scale_check,variants then ncu,bench.
-steps=",${GPU_CHECK_STEPS:-versions,tests,scale_check,variants,ncu,bench},"
+# GPU_CHECK_STEPS: the steps to run, comma-separated, in this order (default: all of them,
+# most needed first: versions,scale_check,bench,variants,tests,ncu). GPU_CHECK_SECONDS (default
+# 540: 9 minutes of a device call's 10) is the whole run's deadline: each step gets at most its
+# own limit and what is left before the deadline, and a step with under 20 s left is skipped.
+# The bench takes what the deadline leaves it (stopped with SIGINT, it reports the cases it
+# finished: they run in the order of issue 13's goals). A lent GPU's 15 minutes hold one full
+# call and a short one on the same warm machine: first the defaults, then
+# GPU_CHECK_STEPS=variants,tests,ncu GPU_CHECK_SECONDS=<what is left> (docs/gpu.md).
+steps=",${GPU_CHECK_STEPS:-versions,scale_check,bench,variants,tests,ncu},"
+deadline=${GPU_CHECK_SECONDS:-540}
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT_DIR/NAME.txt
     local name="$1" limit="$2"
     shift 2
     case "$steps" in *",$name,"*) ;; *) return 0 ;; esac
+    local left=$((deadline - SECONDS))
+    if [ "$left" -lt 20 ]; then
+        echo "$name: skipped, ${left} s left before the ${deadline} s deadline" \
+            | tee -a "$out_dir/summary.txt"
+        return 0
+    fi
+    [ "$limit" -le "$left" ] || limit=$left
     local start=$SECONDS
-    timeout "$limit" "$@" >"$out_dir/$name.txt" 2>&1
+    # SIGINT first (the bench then reports what it measured), SIGKILL 30 s later
+    timeout -s INT -k 30 "$limit" "$@" >"$out_dir/$name.txt" 2>&1
     local rc=$?
-    echo "$name: exit $rc after $((SECONDS - start)) s" | tee -a "$out_dir/summary.txt"
+    echo "$name: exit $rc after $((SECONDS - start)) s (limit $limit s)" \
+        | tee -a "$out_dir/summary.txt"
     tail -n 5 "$out_dir/$name.txt"
     [ "$rc" -eq 0 ] || status=1
 }
@@ -68,14 +85,7 @@ print(sys.version)
 print(\"numpy\", numpy.__version__, \"numba\", numba.__version__,
       \"numba-cuda\", version(\"numba-cuda\"), \"torch\", torch.__version__)"
 "$0" -m fusedgrad info' "$python"
-# Compiling the kernels for the GPU dominates the tests: spread them over processes when
-# pytest-xdist is there (they share the Numba cache directory).
-workers=$("$python" -c "import xdist" 2>/dev/null && echo "-n 8")
-step tests 150 "$python" -m pytest -q -p no:cacheprovider -ra $workers \
-    tests/test_cuda_cross_entropy.py tests/test_cuda_batch_norm.py tests/test_cuda_arrays.py \
-    "tests/test_torch.py::test_cuda_tensors_match_cpu" \
-    "tests/test_torch.py::test_converted_cnn_trains_like_torch[cuda]"
-step scale_check 60 "$python" - <<'PY'
+step scale_check 120 "$python" - <<'PY'
 """Benchmark-sized inputs: fusedgrad on the GPU vs PyTorch CUDA, and run-to-run bit equality."""
 import json
 import sys
@@ -158,7 +168,16 @@ ok = all(r["reproducible"] for r in results) and all(
     v < 1e-3 for r in results for k, v in r.items() if k.endswith("_err"))
 sys.exit(0 if ok else 1)
 PY
-step variants 240 "$python" bench/gpu_variants.py
+# The bench takes what the deadline leaves (see step()); it prints each case as it ends.
+step bench 3600 "$python" -m fusedgrad bench --device cuda --json "$out_dir/bench_cuda.json"
+step variants 240 "$python" bench/gpu_variants.py --rounds 10
+# Compiling the kernels for the GPU dominates the tests: spread them over processes when
+# pytest-xdist is there (they share the Numba cache directory).
+workers=$("$python" -c "import xdist" 2>/dev/null && echo "-n 8")
+step tests 150 "$python" -m pytest -q -p no:cacheprovider -ra $workers \
+    tests/test_cuda_cross_entropy.py tests/test_cuda_batch_norm.py tests/test_cuda_arrays.py \
+    "tests/test_torch.py::test_cuda_tensors_match_cpu" \
+    "tests/test_torch.py::test_converted_cnn_trains_like_torch[cuda]"
 if command -v ncu >/dev/null 2>&1; then
     step ncu 100 ncu --clock-control none --section SpeedOfLight --section Occupancy \
         --section LaunchStats --section ComputeWorkloadAnalysis --launch-count 40 \
@@ -179,11 +198,5 @@ fg.batch_norm_backward(dy, x, mean, invstd)
 torch.cuda.synchronize()
 PY
 fi
-# The bench gets what is left of the budget (GPU_CHECK_SECONDS, default 540 s: 9 minutes of a
-# device call's 10), at least 60 s.
-budget=${GPU_CHECK_SECONDS:-540}
-step bench "$((budget - SECONDS > 60 ? budget - SECONDS : 60))" \
-    "$python" -m fusedgrad bench --device cuda --json "$out_dir/bench_cuda.json"
-
 echo "GPU check finished with status $status; results in $out_dir" | tee -a "$out_dir/summary.txt"
 exit "$status"

@@ -28,12 +28,17 @@ the same run (``torch`` copy of 1 GiB, read + write), and the prediction written
 the first run (``PREDICTED_MS``, from that traffic at the H200's 3,842 GB/s measured on
 2026-11-29 and each variant's known losses; docs/gpu.md).
 Every variant's outputs are checked against the first variant's (on the GPU) before timing.
+
+Last, the bench's CNN training step (``model_cnn``, 256x3x64x64; PyTorch's model, the converted
+one, and the converted one with BN+ReLU fused) split into host and device time
+(:func:`model_step_rows`).
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import sys
+import time
 
 import numpy as np
 import torch
@@ -295,6 +300,53 @@ def batch_norm_rows(rounds, bandwidth):
     return rows_out, failed
 
 
+#: The bench's ``model_cnn`` case: the converted CNN's training step against PyTorch's.
+MODEL_SHAPE = (256, 3, 64, 64)
+
+
+def model_step_rows(steps):
+    """The model step split into host and device time: rows ``(model, host issue ms, step ms,
+    launches)``. "host issue": the wall time of one step's Python and launches, timed from an
+    idle device without waiting for the device at its end (when it comes close to the step's
+    time, the host, not the GPU, sets the pace: launch overhead, or a synchronisation inside
+    the step); "step": the same with the wait, median of ``steps``; "launches": the device's
+    kernels and copies per step (PyTorch's profiler, which sees Numba's launches too)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fusedgrad import _bench_peers
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for name, fuse_relu in (("torch", False), ("fusedgrad", False),
+                            ("fusedgrad, BN+ReLU fused", True)):
+        baseline, converted, x, y = _bench_peers.model_pair(torch, MODEL_SHAPE, "cuda", rng,
+                                                            fuse_relu)
+        model, loss_fn = baseline if name == "torch" else converted
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+
+        for _ in range(3):
+            step()
+        host, total = [], []
+        for _ in range(steps):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            host.append(time.perf_counter() - start)
+            torch.cuda.synchronize()
+            total.append(time.perf_counter() - start)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        launches = sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+        rows.append((name, 1e3 * statistics.median(host), 1e3 * statistics.median(total),
+                     launches))
+        del model, x, y
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
@@ -303,6 +355,11 @@ def main(argv=None) -> int:
     print(f"device: {torch.cuda.get_device_name()}; copy bandwidth {bandwidth:.0f} GB/s")
     ce_rows, ce_failed = cross_entropy_rows(args.rounds, bandwidth)
     bn_rows, bn_failed = batch_norm_rows(args.rounds, bandwidth)
+    print()
+    print(f"model step {'x'.join(map(str, MODEL_SHAPE))}: {'model':26} {'host issue ms':>13} "
+          f"{'step ms':>8} {'launches':>8}")
+    for name, host_ms, step_ms, launches in model_step_rows(args.rounds):
+        print(f"{'':23} {name:26} {host_ms:13.2f} {step_ms:8.2f} {launches:8d}")
     print()
     print(f"{'case':28} {'variant':18} {'ms':>8} {'GB/s':>7} {'% copy':>7} {'predicted':>9}")
     for name, label, ms, gbs, pct, predicted in ce_rows + bn_rows:

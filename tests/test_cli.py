@@ -375,6 +375,20 @@ def test_a_peer_whose_first_call_fails_is_dropped_with_a_note():
         _bench._warm_up([_bench_peers.Runner("fusedgrad", broken)], lambda: None)
 
 
+def test_warm_up_records_each_first_call_and_the_progress_line_shows_it():
+    seconds = {}
+    runners = [_bench_peers.Runner("fusedgrad", lambda: time.sleep(0.01)),
+               _bench_peers.Runner("torch", lambda: None)]
+    _bench._warm_up(runners, lambda: None, seconds)
+    assert seconds["fusedgrad"] >= 0.01 and seconds["torch"] < seconds["fusedgrad"]
+    result = {"timings": {"fusedgrad": {"median_s": 0.002}, "torch": {"median_s": 0.005}},
+              "speedup": {"torch": 2.5}, "notes": [], "warmup_s": {"fusedgrad": 12.0}}
+    line = _bench.case_summary(result)
+    assert line == ("  fusedgrad 2.000 ms [first call 12.0 s]; PyTorch eager 5.000 ms (2.50x)")
+    failed = {"timings": {}, "speedup": {}, "notes": [], "error": "fresh process: boom"}
+    assert _bench.case_summary(failed) == "  error: fresh process: boom"
+
+
 def test_timed_calls_count_the_pages_they_touch_for_the_first_time():
     import mmap
     pages = 64
@@ -492,6 +506,27 @@ def test_default_run_without_torch_skips_the_model_case(monkeypatch):
     assert "error" not in outcome and "torch" not in outcome["timings"]
     assert "torch not compared: PyTorch not installed" in report["results"][0]["notes"]
     assert "skipping model_small: the model-level case needs PyTorch" in out.getvalue()
+
+
+def test_an_interrupted_run_reports_the_cases_it_finished(monkeypatch):
+    """SIGINT (gpu_check.sh's time limit) between cases: the tables and the report cover the
+    cases measured so far, the other allocator state is not started, and the report says so."""
+    smoke = [c for c in _bench.cases_for("cpu") if c.name in ("ce_small", "bn_small")]
+    monkeypatch.setattr(_bench, "select_cases", lambda device, names=None: smoke)
+    measured = _bench.run_case
+
+    def interrupt_the_second(case, *args, **kwargs):
+        if case.name == "bn_small":
+            raise KeyboardInterrupt
+        return measured(case, *args, **kwargs)
+
+    monkeypatch.setattr(_bench, "run_case", interrupt_the_second)
+    out, progress = io.StringIO(), io.StringIO()
+    report = _bench.run("cpu", quick=True, allocator="both", out=out, progress=progress)
+    assert report["interrupted"] and len(report["states"]) == 1
+    assert [r["case"] for r in report["results"]] == ["ce_small"]
+    assert "interrupted: reporting the 1 of 2 cases measured" in progress.getvalue()
+    assert "ce_small" in out.getvalue() and "bn_small" not in out.getvalue()
 
 
 def test_liger_peer_gets_its_own_copy_of_the_logits():

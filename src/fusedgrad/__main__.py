@@ -5,8 +5,9 @@
     python -m fusedgrad demo [demo options...]   # forwarded to fusedgrad.demo.main
     python -m fusedgrad info
 
-Exit status: 0 on success, 1 when a benchmark case failed or ``--device cuda`` finds no GPU,
-2 for bad arguments (argparse's convention), checked before anything is measured.
+Exit status: 0 on success, 1 when a benchmark case failed, the benchmark was interrupted
+(SIGINT: it then reports the cases it finished) or ``--device cuda`` finds no GPU, 2 for bad
+arguments (argparse's convention), checked before anything is measured.
 """
 from __future__ import annotations
 
@@ -108,8 +109,10 @@ def _run_bench(parser, args) -> int:
               if any("error" in result for result in r["states"].values())]
     if failed:
         print(f"error: {len(failed)} case(s) failed: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+    if report["interrupted"]:
+        print("error: interrupted: the cases after the last one reported were not measured",
+              file=sys.stderr)
+    return 1 if failed or report["interrupted"] else 0
 
 
 def _run_info() -> int:
