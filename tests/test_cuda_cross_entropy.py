@@ -144,6 +144,36 @@ def test_every_target_ignored_gives_nan_mean_and_zero_grad(api):
 
 
 @cs.direct
+@pytest.mark.parametrize("reduction,prob", [("mean", False), ("sum", False), ("mean", True)])
+def test_upstream_gradient_on_the_device_gives_the_host_scalars_bits(api, reduction, prob):
+    """Autograd hands the backward its upstream gradient as a one-value device array, which the
+    kernels read on the device (no wait for it): the same bits as the same value from the host,
+    with the "mean" denominator kept on the device too; and the forward's 0-d loss."""
+    rng = np.random.default_rng(11)
+    logits, target, weight = _problem(rng, (6, 7), prob=prob, ignore_every=0 if prob else 2,
+                                      weighted=True)
+    d_logits, d_target, d_weight = (cs.to_device(a) for a in (logits, target, weight))
+    kwargs = dict(weight=d_weight, reduction=reduction)
+    loss, lse = api.softmax_cross_entropy_forward(d_logits, d_target, **kwargs)
+    expected_loss, expected_grad, _ = ref.softmax_cross_entropy(logits, target, weight=weight,
+                                                                reduction=reduction)
+    assert cs.to_host(loss).shape == ()
+    _close(cs.to_host(loss), expected_loss, np.float64)
+    from_host = api.softmax_cross_entropy_backward(2.5, d_logits, d_target, lse, **kwargs)
+    from numba import cuda  # cs.to_device makes 0-d arrays 1-d (np.ascontiguousarray)
+    on_device = api.softmax_cross_entropy_backward(cuda.to_device(np.array(2.5)), d_logits,
+                                                   d_target, lse, **kwargs)
+    assert cs.to_host(on_device).tobytes() == cs.to_host(from_host).tobytes()
+    _close(cs.to_host(from_host), 2.5 * expected_grad, np.float64)
+    # the (1,) form fusedgrad.torch passes for a 0-d CUDA tensor
+    from fusedgrad import cross_entropy as api_module
+    call = api_module.prepare(d_logits, d_target, d_weight, -100, reduction, 0.0, 0.0)
+    scales = [call.backend.sample_scale(upstream, call.denominator, call.n_samples)
+              for upstream in (2.5, cs.to_device(np.array([2.5])))]
+    assert cs.to_host(scales[0]).tobytes() == cs.to_host(scales[1]).tobytes()
+
+
+@cs.direct
 def test_masked_and_huge_logits(api):
     logits = np.array([[1e4, -np.inf, 1e4 - 1.0, 0.0], [-np.inf, 2.0, -np.inf, 1.0],
                        [3.0, 3.0, 3.0, 3.0]], dtype=np.float32)

@@ -104,6 +104,10 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
                 # Autograd may hand over an expanded (stride-0) or half-precision gradient.
                 upstream = arrays.as_array("grad_output", kernel_array(
                     "grad_output", grad_loss.to(lse.dtype).contiguous()))
+            elif grad_loss.is_cuda:
+                # one value that the kernels read on the device: float() would wait for it
+                upstream = arrays.as_array("grad_output", kernel_array(
+                    "grad_output", grad_loss.to(lse.dtype).reshape(1)))
             else:
                 upstream = float(grad_loss)
             grad = _ce.backward_of_checked(call, upstream,

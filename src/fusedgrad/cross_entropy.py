@@ -30,7 +30,6 @@ its targets and class weights with :func:`prepare_for_shape` and reduces with th
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,27 +60,19 @@ class CheckedCall:
     weights: object           # float64 (C,)
     sample_shape: tuple
     n_samples: int
-    denominator: float        # "mean" divides by this (other reductions: n_samples, unused)
+    #: "mean" divides the summed losses by this, the backend's scalar (a float on the host, a
+    #: one-value device array on the GPU, which so needs no synchronisation); None otherwise.
+    denominator: object
     reduction: str
     options: CrossEntropyOptions
     result_dtype: np.dtype    # dtype of loss and lse
-
-    def grad_factor(self) -> float:
-        """d(reduced loss) / d(sum of per-sample losses): 1/denominator for "mean" (0 if
-        every target is ignored, so the gradient is zeros), else 1."""
-        if self.reduction != "mean":
-            return 1.0
-        return 0.0 if self.denominator == 0.0 else 1.0 / self.denominator
 
     def reduce(self, per_sample):
         """The reduced loss from the backend's per-sample float64 losses."""
         be = self.backend
         if self.reduction == "none":
             return be.sample_result(per_sample, self.sample_shape, self.result_dtype)
-        total = be.sum_samples(per_sample)
-        if self.reduction == "mean":
-            total = math.nan if self.denominator == 0.0 else total / self.denominator
-        return be.scalar_result(total, self.result_dtype)
+        return be.reduced_loss(per_sample, self.denominator, self.result_dtype)
 
 
 def prepare(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, *,
@@ -143,14 +134,16 @@ def prepare_for_shape(location, logits_shape, logits_dtype, target, weight, igno
         check_shape("weight", weight, (n_classes,))
     weights = backend.class_weights(weight, n_classes)
 
-    if target.dtype.kind == "f":
-        denominator = float(n_samples)
-    else:
+    if target.dtype.kind != "f":
         target = backend.index_target(target)
         backend.check_index_target(target, n_classes, ignore_index)
-        denominator = (backend.target_weight_sum(target, weights, ignore_index,
-                                                 unit_weights=weight is None)
-                       if reduction == "mean" else float(n_samples))
+    if reduction != "mean":
+        denominator = None
+    elif target.dtype.kind == "f":
+        denominator = backend.count_denominator(n_samples)
+    else:
+        denominator = backend.target_weight_sum(target, weights, ignore_index,
+                                                unit_weights=weight is None)
     options = CrossEntropyOptions(ignore_index=ignore_index, label_smoothing=label_smoothing,
                                   z_loss=z_loss, softcap=softcap)
     result_dtype = stat_dtype(logits_dtype)
@@ -202,7 +195,7 @@ def softmax_cross_entropy(logits, target, *, weight=None, ignore_index=-100, red
     forbid = (("target", call.target), ("weight", weight))
     grad = _gradient_buffer(call, logits, out, bool(inplace), forbid_alias=forbid)
     be = call.backend
-    scale = be.sample_scale(None, call.grad_factor(), call.n_samples)
+    scale = be.sample_scale(None, call.denominator, call.n_samples)
     per_sample = be.fused(call.logits, call.target, call.weights, grad, scale, call.options)
     return call.reduce(per_sample), grad
 
@@ -269,7 +262,7 @@ def backward_of_checked(call: CheckedCall, grad_loss, lse, grad):
     "mean" denominator are not recomputed).
     """
     be = call.backend
-    scale = be.sample_scale(grad_loss, call.grad_factor(), call.n_samples)
+    scale = be.sample_scale(grad_loss, call.denominator, call.n_samples)
     lse_rows = be.per_sample(lse, call.n_samples)
     be.backward(call.logits, call.target, call.weights, lse_rows, grad, scale, call.options)
     return grad

@@ -590,11 +590,8 @@ def _loss(lse, target_logit, weighted_sum, call: _CheckedCall):
     per_row = np.where(call.target == options.ignore_index, 0.0, per_row)
     if call.reduction == "none":
         return per_row
-    total = _ce_cpu.sum_samples(per_row)
-    if call.reduction == "sum":
-        return np.array(total)
-    denominator = _mean_denominator(call)
-    return np.array(total / denominator if denominator != 0.0 else np.nan)
+    denominator = _mean_denominator(call) if call.reduction == "mean" else None
+    return _ce_cpu.reduced_loss(per_row, denominator, np.float64)
 
 
 def ce_shard_grad(logits_shard, target, class_offset, lse, n_classes, *, weight=None,

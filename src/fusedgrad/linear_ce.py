@@ -217,7 +217,7 @@ def fused_of_checked(call: LinearCall, grad_loss, wanted):
     (``(input, linear_weight, linear_bias)`` flags; the others are None and cost nothing)."""
     ce, arrays = call.ce, call.arrays
     backend = ce.backend
-    scale = backend.sample_scale(grad_loss, ce.grad_factor(), ce.n_samples)
+    scale = backend.sample_scale(grad_loss, ce.denominator, ce.n_samples)
     per_row_loss = arrays.empty((ce.n_samples,), np.float64)
     grads = _gradient_arrays(call, wanted)
     buffer = _chunk_buffer(call)
@@ -259,7 +259,7 @@ def backward_of_checked(call: LinearCall, grad_loss, lse, wanted):
     :func:`fused_of_checked`."""
     ce = call.ce
     backend = ce.backend
-    scale = backend.sample_scale(grad_loss, ce.grad_factor(), ce.n_samples)
+    scale = backend.sample_scale(grad_loss, ce.denominator, ce.n_samples)
     lse_rows = backend.per_sample(lse, ce.n_samples)
     grads = _gradient_arrays(call, wanted)
     buffer = _chunk_buffer(call)

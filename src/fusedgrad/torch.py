@@ -11,11 +11,14 @@
 This module is the public facade: the modules (:class:`CrossEntropyLoss`, ``BatchNorm1d/2d/3d``,
 ``BatchNormReLU1d/2d/3d``), :func:`convert_model`, and the functional forms
 :func:`softmax_cross_entropy`, :func:`linear_cross_entropy` and :func:`batch_norm`, which with
-their autograd Functions live in ``fusedgrad._torch_ops`` (see there how they reach the kernels and what they save for
-backward). On the GPU, fusedgrad's CUDA backend launches its kernels on PyTorch's current stream
-(see ``fusedgrad.cuda._arrays``), so they are ordered with the surrounding PyTorch work; the
-backward of a "mean"/"sum" loss reads the upstream gradient as a Python float, which
-synchronises with that stream once per call.
+their autograd Functions live in ``fusedgrad._torch_ops`` (see there how they reach the
+kernels and what they save for backward). On the GPU, fusedgrad's CUDA backend launches its
+kernels on PyTorch's current stream (see ``fusedgrad.cuda._arrays``), so they are ordered with
+the surrounding PyTorch work. A cross-entropy forward with class-index targets waits for that
+stream once, to check the targets before anything is written; the loss, its "mean"
+denominator and the backward's upstream gradient stay on the device. The linear +
+cross-entropy backward of a "mean"/"sum" loss reads the upstream gradient as a Python float
+(which waits), to skip scaling the weight-sized gradients when it is 1.
 
 A channels-last tensor (``memory_format=torch.channels_last`` or ``channels_last_3d``) goes to the
 batch-norm kernels as its NHWC / NDHWC permutation, which is a contiguous zero-copy view, with

@@ -23,20 +23,25 @@ Preparing the kernels' arrays (no kernel runs, nothing is written):
     to ``ignore_index``. Called before anything is written.
 ``class_weights(weight, n_classes) -> array``
     float64 ``(C,)`` contiguous: ``weight`` converted, or ones when ``weight is None``.
-``target_weight_sum(target, weights, ignore_index, *, unit_weights=False) -> float``
-    ``sum_i w[target_i]`` over non-ignored samples: the "mean" denominator for index targets.
-    ``unit_weights`` (every weight is 1, as for ``weight=None``): the sum is the count of
-    non-ignored samples, counted without reading the weights (the same value, exactly).
-``sample_scale(grad_loss, factor, n_samples) -> array``
-    float64 gradient scale per sample: length 1 holding ``factor * grad_loss`` for a scalar
-    ``grad_loss`` (``None`` means 1), or length ``N * S`` (``factor * grad_loss`` flattened) for
-    an array ``grad_loss`` shaped like the samples ("none" reduction).
+``target_weight_sum(target, weights, ignore_index, *, unit_weights=False) -> denominator``
+    ``sum_i w[target_i]`` over non-ignored samples: the "mean" denominator for index targets,
+    as the backend's scalar (here a float; on the GPU a one-value float64 device array, so
+    that nothing waits for the device). ``unit_weights`` (every weight is 1, as for
+    ``weight=None``): the sum is the count of non-ignored samples, counted without reading the
+    weights (the same value, exactly).
+``count_denominator(n_samples) -> denominator``
+    ``n_samples`` as the backend's scalar: the "mean" denominator for probability targets.
+``sample_scale(grad_loss, denominator, n_samples) -> array``
+    float64 gradient scale per sample, ``factor * grad_loss`` with ``factor`` 1 when
+    ``denominator`` is None, else 1 / denominator (0 when it is 0: every target ignored):
+    length 1 for a scalar ``grad_loss`` (``None`` means 1; on the GPU also a one-value device
+    array), or length ``N * S`` (flattened) for an array ``grad_loss`` shaped like the samples
+    ("none" reduction).
 ``per_sample(values, n_samples) -> array``
     An array shaped like the samples (``lse`` given to backward) as flat float64, length N * S.
-``sum_samples(values) -> float``
-    Sum of a per-sample float64 array in a fixed order (deterministic).
-``scalar_result(value, dtype) -> array``
-    A 0-d array of ``dtype`` holding the Python float ``value`` (the reduced loss).
+``reduced_loss(values, denominator, dtype) -> array``
+    A 0-d array of ``dtype``: the sum of a per-sample float64 array in a fixed order
+    (deterministic), divided by ``denominator`` unless it is None (NaN when it is 0).
 ``sample_result(values, sample_shape, dtype) -> array``
     A per-sample float64 array reshaped to ``sample_shape`` and cast to ``dtype``.
 
@@ -89,7 +94,7 @@ Kernels (chosen by ``_run``; each runs in one of the modes of ``fusedgrad._optio
   the same ``_index_lanes``, one row per lane.
 
 Determinism: every sample is computed by one thread in a fixed order of blocks, and the only
-cross-sample reductions (``sum_samples``, ``target_weight_sum``) run in a fixed order, so results
+cross-sample reductions (``reduced_loss``, ``target_weight_sum``) run in a fixed order, so results
 are bitwise identical for any number of threads.
 """
 from __future__ import annotations
@@ -157,7 +162,12 @@ def target_weight_sum(target, weights, ignore_index, *, unit_weights=False) -> f
     return float(ordered_gather_sum(weights, target, ignore_index))
 
 
-def sample_scale(grad_loss, factor, n_samples):
+def count_denominator(n_samples) -> float:
+    return float(n_samples)
+
+
+def sample_scale(grad_loss, denominator, n_samples):
+    factor = 1.0 if denominator is None else 0.0 if denominator == 0.0 else 1.0 / denominator
     if grad_loss is None:
         return np.array([factor], dtype=np.float64)
     values = np.asarray(grad_loss, dtype=np.float64)
@@ -170,12 +180,11 @@ def per_sample(values, n_samples):
     return np.ascontiguousarray(values, dtype=np.float64).reshape(n_samples)
 
 
-def sum_samples(values) -> float:
-    return chunked_sum(values)
-
-
-def scalar_result(value, dtype):
-    return np.array(value, dtype=dtype)
+def reduced_loss(values, denominator, dtype):
+    total = chunked_sum(values)
+    if denominator is not None:
+        total = math.nan if denominator == 0.0 else total / denominator
+    return np.array(total, dtype=dtype)
 
 
 def sample_result(values, sample_shape, dtype):

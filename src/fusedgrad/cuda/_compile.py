@@ -103,7 +103,7 @@ def kernel_signatures():
                      (i64, _arr3(t), _vec(i64), _arr3(t), b1, _vec(f64), i64, f64, f64, f64,
                       _vec(acc), _vec(f64), _vec(f64), _arr3(t), _vec(f64)), lse_split_only))
         sigs.append((f"cross_entropy._scaled_copy[{name}]", ce._scaled_copy,
-                     (_vec(t), _vec(f64), f64), None))
+                     (_vec(t), _vec(f64), _vec(f64), b1), None))
         sigs.append((f"_arrays.convert[{name}->float64]", _arrays.convert,
                      (_vec(t), _vec(f64)), None))
         if name != "float64":
@@ -181,6 +181,10 @@ def kernel_signatures():
         ("cross_entropy._target_weights", ce._target_weights,
          (_vec(i64), _vec(f64), i64, _vec(f64)), None),
         ("cross_entropy._fill", ce._fill, (_vec(f64), f64), None),
+        ("cross_entropy._reduced_value[float32]", ce._reduced_value,
+         (_vec(f64), _vec(f64), b1, _vec(types.float32)), None),
+        ("cross_entropy._reduced_value[float64]", ce._reduced_value,
+         (_vec(f64), _vec(f64), b1, _vec(f64)), None),
         ("batch_norm._merge_stat_parts", bn._merge_stat_parts,
          (_mat(f64), _mat(f64), _mat(f64), _vec(f64), _vec(f64)), None),
         ("batch_norm._sum_grad_parts", bn._sum_grad_parts,

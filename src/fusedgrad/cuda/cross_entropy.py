@@ -3,15 +3,20 @@ functions they use, and their host launchers.
 
 Backend interface: the same functions, arguments and results as ``fusedgrad.cpu.cross_entropy``
 (see its docstring), on device arrays: ``index_target``, ``check_index_target``,
-``class_weights``, ``target_weight_sum``, ``sample_scale``, ``per_sample``, ``sum_samples``,
-``scalar_result``, ``sample_result`` and the kernels ``fused``, ``forward``, ``backward``. The
-arrays themselves (wrapping, allocation, the ``out=`` checks) are ``fusedgrad.cuda._arrays``'s.
-Arrays are objects with ``__cuda_array_interface__`` (wrapped zero-copy as Numba device arrays);
-results are Numba ``DeviceNDArray`` objects. Per-sample arrays are flat float64 device arrays of
-length ``N * S``. The kernel entry points take two extra keywords: ``stream=None`` (see
-``_arrays``) and ``threads_per_row=None`` (override the launch shape chosen from C and S; tests
-use it to run every path on tiny inputs). ``target_weight_sum`` and ``sum_samples`` return
-Python floats, as the interface asks, so they synchronise with the device.
+``class_weights``, ``target_weight_sum``, ``count_denominator``, ``sample_scale``,
+``per_sample``, ``reduced_loss``, ``sample_result`` and the kernels ``fused``, ``forward``,
+``backward``. The arrays themselves (wrapping, allocation, the ``out=`` checks) are
+``fusedgrad.cuda._arrays``'s. Arrays are objects with ``__cuda_array_interface__`` (wrapped
+zero-copy as Numba device arrays); results are Numba ``DeviceNDArray`` objects. Per-sample
+arrays are flat float64 device arrays of length ``N * S``. The kernel entry points take two
+extra keywords: ``stream=None`` (see ``_arrays``) and ``threads_per_row=None`` (override the
+launch shape chosen from C and S; tests use it to run every path on tiny inputs).
+
+The "mean" denominator, the gradient scale and the reduced loss stay on the device (one-value
+device arrays and one-thread kernels): a call waits for the device once, in
+``check_index_target``, which must read the targets' check on the host to raise before anything
+is written (class-index targets only), where it used to wait three times (the denominator and
+the summed loss were read back as Python floats).
 
 Math (per sample; the same as ``fusedgrad.reference`` and the CPU kernels; derived in
 ``docs/derivations.md``, section 1(d)). With logits ``z`` (C classes),
@@ -601,15 +606,43 @@ def _target_weights(target, weights, ignore_index, sample_weight):
         sample_weight[i] = weights[t] if t != ignore_index else 0.0
 
 
-@cuda.jit
-def _scaled_copy(src, dst, factor):
-    """``dst[i] = factor * src[i]`` with dtype conversion (1-D).
+@cuda.jit(device=True, inline=True)
+def _mean_factor(denominator, divide):
+    """What a sum of per-sample losses is multiplied by for the reduction: 1 unless
+    ``divide``, else 1 / denominator[0], 0 when that is 0 (every target ignored), as the host
+    backend's ``sample_scale`` computes it (float64, correctly rounded: the same bits)."""
+    if not divide:
+        return 1.0
+    d = denominator[0]
+    return 0.0 if d == 0.0 else 1.0 / d
 
-    src: (n,) any float dtype, any stride; dst: (n,) float64.
+
+@cuda.jit
+def _scaled_copy(src, dst, denominator, divide):
+    """``dst[i] = factor * src[i]`` with dtype conversion (1-D), factor from
+    :func:`_mean_factor`: the gradient scale per sample.
+
+    src: (n,) any float dtype, any stride; dst: (n,) float64; denominator: (1,) float64
+    (read with ``divide`` only).
     """
     i = cuda.grid(1)
     if i < dst.shape[0]:
-        dst[i] = factor * float64(src[i])
+        dst[i] = _mean_factor(denominator, divide) * float64(src[i])
+
+
+@cuda.jit
+def _reduced_value(total, denominator, divide, out):
+    """``out[0]`` = the summed losses ``total[0]``, divided by ``denominator[0]`` with
+    ``divide`` (NaN when it is 0, PyTorch's mean over no sample), rounded to out's dtype.
+
+    total, denominator: (1,) float64; out: (1,) float32 or float64.
+    """
+    if cuda.grid(1) == 0:
+        value = total[0]
+        if divide:
+            d = denominator[0]
+            value = math.nan if d == 0.0 else value / d
+        out[0] = value
 
 
 @cuda.jit
@@ -685,14 +718,10 @@ def class_weights(weight, n_classes, *, stream=None):
     return out
 
 
-def _to_host_float(device_scalar, stream) -> float:
-    return float(device_scalar.copy_to_host(stream=stream)[0])
-
-
-def target_weight_sum(target, weights, ignore_index, *, unit_weights=False,
-                      stream=None) -> float:
-    """The host backend's; ``unit_weights`` changes nothing here (the weights are summed on the
-    device either way, ones included, which gives the count exactly)."""
+def target_weight_sum(target, weights, ignore_index, *, unit_weights=False, stream=None):
+    """The host backend's, as a (1,) float64 device array that nothing waits for;
+    ``unit_weights`` changes nothing here (the weights are summed on the device either way,
+    ones included, which gives the count exactly)."""
     del unit_weights
     stream = _arrays.resolve_stream(stream)
     n = target.shape[0]
@@ -700,21 +729,34 @@ def target_weight_sum(target, weights, ignore_index, *, unit_weights=False,
     _target_weights[_blocks(n), THREADS, stream](target, weights, ignore_index, sample_weight)
     total = _arrays.empty((1,), np.float64, stream)
     _arrays.device_sum(sample_weight, total, stream)
-    return _to_host_float(total, stream)
+    return total
 
 
-def sample_scale(grad_loss, factor, n_samples, *, stream=None):
-    """float64 per-sample gradient scale: length 1 (scalar ``grad_loss``, ``None`` = 1) or
-    ``N * S`` (``factor * grad_loss`` flattened), as a device array."""
+def count_denominator(n_samples, *, stream=None):
+    """``n_samples`` as a (1,) float64 device array (copied from the host, no wait)."""
+    return cuda.to_device(np.array([float(n_samples)]), stream=_arrays.resolve_stream(stream))
+
+
+def sample_scale(grad_loss, denominator, n_samples, *, stream=None):
+    """float64 per-sample gradient scale, a device array: length 1 (a scalar ``grad_loss``,
+    ``None`` = 1, or a one-value device array such as autograd's upstream gradient) or
+    ``N * S`` (flattened), times the factor of ``denominator`` (:func:`_mean_factor`),
+    computed on the device."""
     stream = _arrays.resolve_stream(stream)
     if grad_loss is None or np.ndim(grad_loss) == 0 and not is_device_array(grad_loss):
-        value = 1.0 if grad_loss is None else float(grad_loss)
-        return cuda.to_device(np.array([factor * value], dtype=np.float64), stream=stream)
-    values = _flat("grad_loss", _arrays.as_array("grad_loss", grad_loss))
-    if values.shape[0] != 1 and values.shape[0] != n_samples:
-        raise ValueError(f"grad_loss must hold 1 or {n_samples} values, got {values.shape[0]}")
+        values = cuda.to_device(np.array([1.0 if grad_loss is None else float(grad_loss)]),
+                                stream=stream)
+        if denominator is None:
+            return values
+    else:
+        values = _flat("grad_loss", _arrays.as_array("grad_loss", grad_loss))
+        if values.shape[0] != 1 and values.shape[0] != n_samples:
+            raise ValueError(f"grad_loss must hold 1 or {n_samples} values, "
+                             f"got {values.shape[0]}")
     out = _arrays.empty((values.shape[0],), np.float64, stream)
-    _scaled_copy[_blocks(out.shape[0]), THREADS, stream](values, out, float(factor))
+    divide = denominator is not None
+    _scaled_copy[_blocks(out.shape[0]), THREADS, stream](
+        values, out, denominator if divide else _arrays.stand_in(np.float64), divide)
     return out
 
 
@@ -729,17 +771,16 @@ def per_sample(values, n_samples, *, stream=None):
     return out
 
 
-def sum_samples(values, *, stream=None) -> float:
-    """Sum of a per-sample float64 device array in a fixed order (``_arrays.device_sum``)."""
+def reduced_loss(values, denominator, dtype, *, stream=None):
+    """A 0-d device array of ``dtype``: the per-sample float64 losses summed in a fixed order
+    (``_arrays.device_sum``), divided by ``denominator`` unless None, all on the device."""
     stream = _arrays.resolve_stream(stream)
     total = _arrays.empty((1,), np.float64, stream)
     _arrays.device_sum(values, total, stream)
-    return _to_host_float(total, stream)
-
-
-def scalar_result(value, dtype, *, stream=None):
-    """A 0-d device array of ``dtype`` holding ``value``."""
-    return cuda.to_device(np.array(value, dtype=dtype), stream=_arrays.resolve_stream(stream))
+    out = _arrays.empty((1,), dtype, stream)
+    divide = denominator is not None
+    _reduced_value[1, 1, stream](total, denominator if divide else total, divide, out)
+    return out.reshape(())
 
 
 def sample_result(values, sample_shape, dtype, *, stream=None):
