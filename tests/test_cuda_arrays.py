@@ -18,7 +18,7 @@ import cuda_support as cs
 import fusedgrad as fg
 
 
-LARGE = (1024, 512)  # 2 MiB of float32: above MIN_BYTES
+LARGE = (1024, 512)  # 2 MiB of float32
 NBYTES = 1024 * 512 * 4
 
 
@@ -53,6 +53,20 @@ def test_released_device_buffer_is_reused_on_the_same_stream(empty_cache):
     second = arrays.empty(LARGE, np.float32, 0)
     assert _address(second) == address and arrays._POOL.cached_bytes == 0
     assert second.shape == LARGE and second.is_c_contiguous()
+
+
+@cs.real_gpu
+def test_small_device_arrays_come_from_the_pool_too(empty_cache):
+    """One-value and per-sample arrays: cuMemAlloc and Numba's batched cuMemFree would wait
+    for the device (the module docstring)."""
+    arrays = _arrays()
+    first = arrays.to_device(np.array([2.5]), 0)
+    address = _address(first)
+    del first
+    gc.collect()
+    assert arrays._POOL.cached_bytes == 8
+    again = arrays.empty((1,), np.float64, 0)
+    assert _address(again) == address and arrays._POOL.cached_bytes == 0
 
 
 @cs.real_gpu

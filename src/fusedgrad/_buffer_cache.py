@@ -24,7 +24,9 @@ import collections
 import os
 import threading
 
-#: Outputs smaller than this are allocated directly: for them allocation is cheap.
+#: Host outputs smaller than this are allocated directly: for them allocation is cheap (the
+#: device pool takes every size: there allocation and freeing wait for the device, see
+#: ``cuda/_arrays.py``).
 MIN_BYTES = 1 << 20
 
 

@@ -17,11 +17,14 @@ as a raw ``cudaStream_t`` handle (e.g. ``cupy.cuda.get_current_stream().ptr``) a
 ``cuda.external_stream`` (:func:`resolve_stream`). The public API does not pass ``stream``
 (yet); the backend functions take it as a keyword.
 
-Allocation: :func:`empty` takes large outputs from a pool of released buffers
+Allocation: :func:`empty` takes every array from a pool of released buffers
 (``FUSEDGRAD_DEVICE_CACHE_MB``, default 4096 MiB; 0 disables it; ``fusedgrad.empty_cache()``
-releases it). As with PyTorch's caching allocator, a buffer whose last user was a kernel on
-another stream must be kept alive by the caller until that kernel has run (PyTorch:
-``Tensor.record_stream``).
+releases it), the small ones too: a call's per-sample and one-value arrays would otherwise be
+allocated with ``cuMemAlloc`` and freed by Numba in batches (``cuMemFree`` of every pending
+array once more than ``CUDA_DEALLOCS_COUNT``, 10, are waiting), and both wait for the device,
+about once per cross-entropy call. :func:`to_device` copies a host array into one. As with
+PyTorch's caching allocator, a buffer whose last user was a kernel on another stream must be
+kept alive by the caller until that kernel has run (PyTorch: ``Tensor.record_stream``).
 
 Matrix products: numba-cuda has no BLAS, so :func:`matmul` (and the two row operations beside
 it) runs in the array library of the call: PyTorch when it is imported (it is whenever the
@@ -48,7 +51,7 @@ import numpy as np
 from numba import cuda
 
 from .. import _matmul
-from .._buffer_cache import MIN_BYTES, ReleasedBuffers
+from .._buffer_cache import ReleasedBuffers
 from ._reduce import THREADS, sum_chunks
 from ._target import SIMULATED
 
@@ -346,8 +349,8 @@ def empty(shape, dtype, stream=None):
     ``stream``: as :func:`resolve_stream` returns it (the launchers pass the stream of their
     call); ``None``, the interface's call, resolves the current one.
 
-    Arrays of at least ``MIN_BYTES`` reuse a released buffer of the same size on the same
-    device and stream when there is one. The memory is a fresh ``MemoryPointer`` (the lease)
+    Arrays reuse a released buffer of the same size on the same device and stream when there
+    is one (see the module docstring for why small ones too). The memory is a fresh ``MemoryPointer`` (the lease)
     over a pooled allocation (the arena), and every view or slice Numba makes of the result
     holds the lease (a view's ``owner``), as does any PyTorch tensor or CuPy array made from it
     through ``__cuda_array_interface__``; the lease's finalizer hands the arena back to the
@@ -358,7 +361,7 @@ def empty(shape, dtype, stream=None):
     shape = tuple(int(s) for s in shape)
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize
-    if SIMULATED or nbytes < MIN_BYTES or _POOL.limit_bytes() == 0:
+    if SIMULATED or nbytes == 0 or _POOL.limit_bytes() == 0:
         out = cuda.device_array(shape, dtype=dtype, stream=stream)
     else:
         context = cuda.current_context()
@@ -371,6 +374,17 @@ def empty(shape, dtype, stream=None):
         out = DeviceNDArray(shape, _c_strides(shape, dtype.itemsize), dtype, stream=stream,
                             gpu_data=lease)
     return _as_bfloat16(out) if dtype == BFLOAT16 else out
+
+
+def to_device(host, stream=None):
+    """A new device array (from :func:`empty`'s pool) holding the host array ``host``; the
+    copy is queued on ``stream`` (as :func:`empty` takes it)."""
+    host = np.ascontiguousarray(host)
+    if stream is None:
+        stream = resolve_stream(None)
+    out = empty(host.shape, host.dtype, stream)
+    out.copy_to_device(host, stream=stream)
+    return out
 
 
 def _allocate(context, nbytes: int):

@@ -696,7 +696,7 @@ def index_target(target, *, stream=None):
 def check_index_target(target, n_classes, ignore_index, *, stream=None) -> None:
     stream = _arrays.resolve_stream(stream)
     n = target.shape[0]
-    first_bad = cuda.to_device(np.array([n], dtype=np.int64), stream=stream)
+    first_bad = _arrays.to_device(np.array([n], dtype=np.int64), stream)
     _first_bad_target[_blocks(n), THREADS, stream](target, n_classes, ignore_index, first_bad)
     bad = int(first_bad.copy_to_host(stream=stream)[0])
     if bad < n:
@@ -734,7 +734,7 @@ def target_weight_sum(target, weights, ignore_index, *, unit_weights=False, stre
 
 def count_denominator(n_samples, *, stream=None):
     """``n_samples`` as a (1,) float64 device array (copied from the host, no wait)."""
-    return cuda.to_device(np.array([float(n_samples)]), stream=_arrays.resolve_stream(stream))
+    return _arrays.to_device(np.array([float(n_samples)]), _arrays.resolve_stream(stream))
 
 
 def sample_scale(grad_loss, denominator, n_samples, *, stream=None):
@@ -744,8 +744,8 @@ def sample_scale(grad_loss, denominator, n_samples, *, stream=None):
     computed on the device."""
     stream = _arrays.resolve_stream(stream)
     if grad_loss is None or np.ndim(grad_loss) == 0 and not is_device_array(grad_loss):
-        values = cuda.to_device(np.array([1.0 if grad_loss is None else float(grad_loss)]),
-                                stream=stream)
+        values = _arrays.to_device(np.array([1.0 if grad_loss is None else float(grad_loss)]),
+                                   stream)
         if denominator is None:
             return values
     else:
