@@ -378,12 +378,17 @@ def empty(shape, dtype, stream=None):
 
 def to_device(host, stream=None):
     """A new device array (from :func:`empty`'s pool) holding the host array ``host``; the
-    copy is queued on ``stream`` (as :func:`empty` takes it)."""
+    copy is queued on ``stream`` (as :func:`empty` takes it) without waiting for the device.
+
+    For the default stream (0) the copy goes through Numba's Stream object of it: given 0,
+    Numba copies with the synchronous ``cuMemcpyHtoD``, which first waits for the device's
+    queued work. An asynchronous copy from pageable memory returns once the driver has staged
+    the values, so ``host`` may be a temporary."""
     host = np.ascontiguousarray(host)
     if stream is None:
         stream = resolve_stream(None)
     out = empty(host.shape, host.dtype, stream)
-    out.copy_to_device(host, stream=stream)
+    out.copy_to_device(host, stream=stream if stream or SIMULATED else cuda.default_stream())
     return out
 
 
