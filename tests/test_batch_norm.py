@@ -451,6 +451,37 @@ def test_empty_batch_in_eval():
     assert y.shape == (0, 3, 4) and mean.shape == (3,)
 
 
+@pytest.mark.parametrize("shape", [(0, 3, 4), (4, 3, 0)])
+@pytest.mark.parametrize("training", [False, True])
+def test_backward_of_no_values_gives_zero_parameter_gradients(shape, training):
+    """An empty batch or spatial axis: dweight and dbias are sums over no value (PyTorch:
+    zeros), dx is empty; the eval forward of an empty spatial axis is empty too."""
+    x = np.empty(shape)
+    dx, dweight, dbias = fg.batch_norm_backward(x, x, np.zeros(3), np.ones(3), np.ones(3),
+                                                training=training)
+    assert dx.shape == shape
+    np.testing.assert_array_equal(dweight, np.zeros(3))
+    np.testing.assert_array_equal(dbias, np.zeros(3))
+    y, _, _ = fg.batch_norm_forward(x, running_mean=np.zeros(3), running_var=np.ones(3),
+                                    training=False)
+    assert y.shape == shape
+
+
+def test_buffers_written_in_place_must_be_arrays():
+    """A list would be converted, the copy updated and the caller's buffer left as it was."""
+    x = np.random.default_rng(0).standard_normal((4, 3))
+    for kwargs in (dict(running_mean=[0.0] * 3, running_var=np.ones(3)),
+                   dict(running_mean=np.zeros(3), running_var=[1.0] * 3),
+                   dict(out=np.zeros((4, 3)).tolist())):
+        name = next(iter(k for k, v in kwargs.items() if isinstance(v, list)))
+        with pytest.raises(TypeError, match=f"{name} is written in place"):
+            fg.batch_norm_forward(x, **kwargs)
+    with pytest.raises(TypeError, match="out is written in place"):
+        fg.batch_norm_backward(x, x, np.zeros(3), np.ones(3), out=x.tolist())
+    # in eval the running statistics are only read: lists are fine there
+    fg.batch_norm_forward(x, running_mean=[0.0] * 3, running_var=[1.0] * 3, training=False)
+
+
 # --------------------------------------------------------------------------------------------
 # Validation: names the argument; running buffers and out untouched on error
 # --------------------------------------------------------------------------------------------

@@ -527,3 +527,36 @@ def test_no_n_by_c_temporary(shape):
     assert peak(lambda: fg.softmax_cross_entropy_forward(logits, target)) < 0.05 * nbytes
     assert peak(lambda: fg.softmax_cross_entropy_backward(
         1.0, logits, target, lse, out=out)) < 0.05 * nbytes
+
+
+# --------------------------------------------------------------------------------------------
+# Edge cases found by differential testing against PyTorch (2026-12-06)
+# --------------------------------------------------------------------------------------------
+def test_inplace_refuses_inputs_that_share_memory_with_the_logits():
+    """inplace=True writes over the logits while the kernel still reads the weights or the
+    probability targets: a view of the logits there must raise, as out= does."""
+    rng = np.random.default_rng(0)
+    z = rng.random((6, 50)) + 0.5
+    target = rng.integers(0, 50, 6)
+    before = z.copy()
+    with pytest.raises(ValueError, match="weight must not share memory with logits"):
+        fg.softmax_cross_entropy(z, target, weight=z[0], inplace=True)
+    p = rng.random((5, 7))
+    with pytest.raises(ValueError, match="target must not share memory with logits"):
+        fg.softmax_cross_entropy(p, p, inplace=True)
+    np.testing.assert_array_equal(z, before)
+
+
+@pytest.mark.parametrize("ignore_index", [2**63, -2**63 - 1, 2**64])
+def test_ignore_index_outside_int64_raises_value_error(ignore_index):
+    with pytest.raises(ValueError, match="ignore_index must fit in a 64-bit signed integer"):
+        fg.softmax_cross_entropy(np.zeros((2, 3)), np.array([0, 1]), ignore_index=ignore_index)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_empty_batch_of_spatial_logits_matches_torch(reduction):
+    z, t = np.zeros((0, 4, 2, 3)), np.zeros((0, 2, 3), np.int64)
+    loss, grad = fg.softmax_cross_entropy(z, t, reduction=reduction)
+    expected = F.cross_entropy(torch.tensor(z), torch.tensor(t), reduction=reduction).numpy()
+    assert grad.shape == z.shape and loss.shape == expected.shape
+    np.testing.assert_array_equal(loss, expected)

@@ -83,11 +83,13 @@ def check_softcap(softcap) -> float | None:
 
 
 def check_int(name: str, value) -> int:
-    if type(value) is int:
-        return value
+    """``value`` as a Python int that the kernels' int64 arguments hold."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    return int(value)
+    value = int(value)
+    if not -2**63 <= value < 2**63:
+        raise ValueError(f"{name} must fit in a 64-bit signed integer, got {value}")
+    return value
 
 
 def check_out(arrays, name: str, out, *, shape: tuple, dtype, dtype_of=None,

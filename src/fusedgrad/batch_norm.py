@@ -51,6 +51,17 @@ def _as_array(arrays, name: str, value):
     return None if value is None else arrays.as_array(name, value)
 
 
+def _as_written(arrays, name: str, value):
+    """:func:`_as_array` of an argument the call writes in place: it must already be an array
+    of its device (``TypeError`` for a list, say, whose converted copy would be written and
+    lost)."""
+    arr = _as_array(arrays, name, value)
+    if arr is not None and arrays is _device.arrays(_device.HOST) and arr is not value:
+        raise TypeError(f"{name} is written in place, so it must be a NumPy array, got "
+                        f"{type(value).__name__}")
+    return arr
+
+
 def _check_vector(arrays, name: str, vec, n_channels: int) -> None:
     """An optional (C,) parameter: ``None``, or a float vector of the device's dtypes."""
     if vec is None:
@@ -100,9 +111,10 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     arrays = _device.arrays(location)
     x = arrays.as_array("x", x)
     weight, bias = _as_array(arrays, "weight", weight), _as_array(arrays, "bias", bias)
-    running_mean = _as_array(arrays, "running_mean", running_mean)
-    running_var = _as_array(arrays, "running_var", running_var)
-    out = _as_array(arrays, "out", out)
+    written = _as_written if training else _as_array
+    running_mean = written(arrays, "running_mean", running_mean)
+    running_var = written(arrays, "running_var", running_var)
+    out = _as_written(arrays, "out", out)
 
     axis, n_channels = _check_x(arrays, x, channel_axis)
     training = _check_bool("training", training)
@@ -166,7 +178,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, chan
     arrays = _device.arrays(location)
     dy, x = arrays.as_array("dy", dy), arrays.as_array("x", x)
     mean, invstd = _as_array(arrays, "mean", mean), _as_array(arrays, "invstd", invstd)
-    weight, out = _as_array(arrays, "weight", weight), _as_array(arrays, "out", out)
+    weight, out = _as_array(arrays, "weight", weight), _as_written(arrays, "out", out)
     relu_output = _as_array(arrays, "relu_output", relu_output)
 
     axis, n_channels = _check_x(arrays, x, channel_axis)

@@ -163,6 +163,11 @@ def _gradient_buffer(call: CheckedCall, original_logits, out, inplace, *, forbid
                             "written over it")
         if not arrays.is_writeable(call.logits):
             raise ValueError("inplace=True needs logits to be writeable")
+        for other_name, other in forbid_alias:
+            # the kernels would overwrite an input they are still reading
+            if other is not None and arrays.shares_memory(call.logits, other):
+                raise ValueError(f"inplace=True writes the gradient over logits, so {other_name} "
+                                 "must not share memory with logits")
         return call.logits
     if out is None:
         return arrays.empty_like(call.logits)

@@ -894,6 +894,8 @@ def channel_stats(x3):
 def normalize(x3, mean, invstd, weight, bias, out3, *, relu=False, stream=False):
     """out3 = (x - mean) * invstd * weight + bias per channel, then max(out3, 0) with ``relu``
     (CPU only); returns out3. ``stream``: non-temporal stores where :func:`_streams` allows."""
+    if x3.size == 0:  # no tile to plan (an empty batch or spatial axis): nothing to write
+        return out3
     geo = _geometry(x3)
     c = geo.n_channels
     _normalize_sweep(_flat(x3), _flat(out3), *geo.elementwise_args, _as_f64(mean, c, 0.0),
@@ -904,6 +906,8 @@ def normalize(x3, mean, invstd, weight, bias, out3, *, relu=False, stream=False)
 
 def _grad_sums(dy3, x3, mean, invstd, gamma, training, out3, relu_output3=None):
     """(sum_dy, sum_dy_xhat, fused): the sums, writing dx into out3 when fusable."""
+    if x3.size == 0:  # sums over no value (and no dx to write)
+        return np.zeros(x3.shape[1]), np.zeros(x3.shape[1]), True
     geo = _geometry(x3)
     part_dy, part_dy_xhat = geo.partials()
     fuse = out3 is not None and geo.fusable

@@ -214,10 +214,16 @@ def backward(logits, target, weights, lse, grad, grad_scale, options):
     _run(MODE_BACKWARD, logits, target, weights, grad, grad_scale, lse, unused_loss, options)
 
 
+def _shape3(shape) -> tuple:
+    """(N, C, d1..dk) -> (N, C, S), S = d1 * ... * dk spelled out: NumPy cannot infer a -1
+    axis of an empty array."""
+    return (shape[0], shape[1], math.prod(shape[2:]))
+
+
 def _spatial_view(a):
     """(N, C, d1..dk) -> (N, C, S) as a view, or None when the strides do not allow one."""
     try:
-        return np.reshape(a, (a.shape[0], a.shape[1], -1), copy=False)
+        return np.reshape(a, _shape3(a.shape), copy=False)
     except ValueError:
         return None
 
@@ -243,10 +249,9 @@ def _run(mode, logits, target, weights, grad, grad_scale, lse, loss, options):
         _launch_rows(_rows_prob_kernel, mode, logits, target, weights, grad, grad_scale, lse,
                      loss, options)
         return
-    shape3 = (logits.shape[0], logits.shape[1], -1)
     logits3 = _spatial_view(logits)
     if logits3 is None:
-        logits3 = np.ascontiguousarray(logits).reshape(shape3)
+        logits3 = np.ascontiguousarray(logits).reshape(_shape3(logits.shape))
     grad3 = None if grad is None else _spatial_view(grad)
     copy_back = grad is not None and grad3 is None
     if copy_back:
