@@ -110,8 +110,8 @@ def test_bench_json_has_both_allocator_states_every_peer_and_the_roofline(quick_
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(json_path.read_text())
     assert set(report) == {"machine", "states", "state_labels", "state_environments",
-                           "bandwidth", "copy_bandwidth_GBps", "results"}
-    assert report["states"] == ["default", "no_faults"]
+                           "bandwidth", "copy_bandwidth_GBps", "results", "interrupted"}
+    assert report["states"] == ["default", "no_faults"] and report["interrupted"] is False
     machine = report["machine"]
     assert machine["numba_threads"] >= 1 and machine["versions"]["numba"] == numba.__version__
     for state in report["states"]:
