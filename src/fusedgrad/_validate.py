@@ -84,6 +84,8 @@ def check_softcap(softcap) -> float | None:
 
 def check_int(name: str, value) -> int:
     """``value`` as a Python int that the kernels' int64 arguments hold."""
+    if type(value) is int and -2**63 <= value < 2**63:  # the usual call, checked cheaply
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
     value = int(value)

@@ -350,11 +350,11 @@ def empty(shape, dtype, stream=None):
     call); ``None``, the interface's call, resolves the current one.
 
     Arrays reuse a released buffer of the same size on the same device and stream when there
-    is one (see the module docstring for why small ones too). The memory is a fresh ``MemoryPointer`` (the lease)
-    over a pooled allocation (the arena), and every view or slice Numba makes of the result
-    holds the lease (a view's ``owner``), as does any PyTorch tensor or CuPy array made from it
-    through ``__cuda_array_interface__``; the lease's finalizer hands the arena back to the
-    pool when the last of them is gone.
+    is one (see the module docstring for why small ones too). The memory is a fresh
+    ``MemoryPointer`` (the lease) over a pooled allocation (the arena), and every view or slice
+    Numba makes of the result holds the lease (a view's ``owner``), as does any PyTorch tensor
+    or CuPy array made from it through ``__cuda_array_interface__``; the lease's finalizer
+    hands the arena back to the pool when the last of them is gone.
     """
     if stream is None:
         stream = resolve_stream(None)

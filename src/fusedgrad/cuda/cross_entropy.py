@@ -779,7 +779,8 @@ def reduced_loss(values, denominator, dtype, *, stream=None):
     _arrays.device_sum(values, total, stream)
     out = _arrays.empty((1,), dtype, stream)
     divide = denominator is not None
-    _reduced_value[1, 1, stream](total, denominator if divide else total, divide, out)
+    _reduced_value[1, 1, stream](
+        total, denominator if divide else _arrays.stand_in(np.float64), divide, out)
     return out.reshape(())
 
 
