@@ -218,6 +218,31 @@ def test_every_target_ignored(shape):
     np.testing.assert_array_equal(x.grad.numpy(), 0.0)
 
 
+@pytest.mark.parametrize("shape", [(5, 4), (5, 40), (5, 3000), (2, 40, 3)])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_mean_over_targets_weighted_zero_is_nan_like_pytorch(shape, label_smoothing):
+    """"mean" divides by the targets' summed weight; when that is 0 the loss is NaN and so is
+    every gradient row whose target is not ignored (PyTorch's 0 / 0); ignored rows are zeros."""
+    logits, target = make_problem(shape, "index", ignore_some=False)
+    target = target % 2
+    target.flat[0] = -100
+    weight = np.zeros(shape[1])
+    weight[2:] = 1.0
+    options = dict(weight=weight, label_smoothing=label_smoothing)
+    loss, grad = fg.softmax_cross_entropy(logits, target, **options)
+    x = torch.tensor(logits, requires_grad=True)
+    torch_loss = F.cross_entropy(x, torch.tensor(target), weight=torch.tensor(weight),
+                                 label_smoothing=label_smoothing)
+    torch_loss.backward()
+    ref_loss, ref_grad, _ = reference.softmax_cross_entropy(logits, target, **options)
+    assert np.isnan(loss) and np.isnan(torch_loss.item()) and np.isnan(ref_loss)
+    ignored = target == -100
+    for gradient in (grad, x.grad.numpy(), ref_grad):
+        rows = np.moveaxis(gradient, 1, -1)          # (samples..., classes)
+        np.testing.assert_array_equal(rows[ignored], 0.0)
+        assert np.all(np.isnan(rows[~ignored]))
+
+
 @pytest.mark.parametrize("ignore_index", [-100, 2])
 def test_mean_without_weight_counts_kept_targets(ignore_index):
     """weight=None divides the mean by the count of kept targets (counted, not gathered from
@@ -250,6 +275,34 @@ def test_minus_inf_logits_as_masks(dtype):
     assert_close(loss, ref_loss, dtype, "loss")
     assert_close(grad, ref_grad, dtype, "grad")
     assert np.all(grad[:, 1::2] == 0.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("target_kind", ["index", "prob"])
+@pytest.mark.parametrize("n_classes", [8, 40, 5000])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_row_of_only_minus_inf_is_nan_like_pytorch(dtype, target_kind, n_classes, inplace):
+    """A row with no finite logit has no softmax: its loss and gradient row are NaN in every
+    kernel (small C, one block, several blocks), fused or not, as in PyTorch; the other rows
+    are untouched by it."""
+    logits, target = make_problem((3, n_classes), target_kind, dtype, ignore_some=False)
+    logits[1] = -np.inf
+    expected_grad = fg.softmax_cross_entropy_backward(
+        np.ones(3), logits, target,
+        fg.softmax_cross_entropy_forward(logits, target, reduction="none")[1],
+        reduction="none")
+    torch_logits = torch.tensor(logits, requires_grad=True)
+    F.cross_entropy(torch_logits, torch.tensor(target), reduction="none").sum().backward()
+    loss, grad = fg.softmax_cross_entropy(logits.copy(), target, reduction="none",
+                                          inplace=inplace)
+    assert np.isnan(loss[1]) and np.all(np.isnan(grad[1]))
+    assert np.all(np.isnan(expected_grad[1])) and bool(torch_logits.grad[1].isnan().all())
+    kept = [0, 2]
+    ref_loss, ref_grad, _ = reference.softmax_cross_entropy(logits[kept], target[kept],
+                                                            reduction="none")
+    assert_close(loss[kept], ref_loss, dtype, "loss")
+    assert_close(grad[kept], ref_grad, dtype, "grad")
+    assert_close(expected_grad[kept], ref_grad, dtype, "grad")
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -545,6 +598,20 @@ def test_inplace_refuses_inputs_that_share_memory_with_the_logits():
     with pytest.raises(ValueError, match="target must not share memory with logits"):
         fg.softmax_cross_entropy(p, p, inplace=True)
     np.testing.assert_array_equal(z, before)
+
+
+@pytest.mark.parametrize("flag", ["no", 1, None])
+def test_inplace_must_be_a_bool_and_nothing_is_overwritten(flag):
+    """A truthy stand-in such as "no" would overwrite the logits: refused, before any write."""
+    z = np.random.default_rng(0).random((3, 5))
+    before = z.copy()
+    with pytest.raises(TypeError, match="inplace must be a bool"):
+        fg.softmax_cross_entropy(z, np.array([0, 1, 2]), inplace=flag)
+    lse = fg.softmax_cross_entropy_forward(z, np.array([0, 1, 2]))[1]
+    with pytest.raises(TypeError, match="inplace must be a bool"):
+        fg.softmax_cross_entropy_backward(1.0, z, np.array([0, 1, 2]), lse, inplace=flag)
+    np.testing.assert_array_equal(z, before)
+    assert fg.softmax_cross_entropy(z, np.array([0, 1, 2]), inplace=np.bool_(False))[1] is not z
 
 
 @pytest.mark.parametrize("ignore_index", [2**63, -2**63 - 1, 2**64])

@@ -144,6 +144,18 @@ def test_every_target_ignored_gives_nan_mean_and_zero_grad(api):
 
 
 @cs.direct
+def test_mean_over_targets_weighted_zero_gives_nan_rows_except_ignored(api):
+    logits = np.random.default_rng(3).normal(size=(3, 5))
+    target = np.array([0, -100, 1])
+    weight = np.array([0.0, 0.0, 1.0, 1.0, 1.0])
+    loss, grad = api.softmax_cross_entropy(cs.to_device(logits), cs.to_device(target),
+                                           weight=cs.to_device(weight))
+    grad = cs.to_host(grad)
+    assert np.isnan(cs.to_host(loss))
+    assert np.all(np.isnan(grad[[0, 2]])) and not grad[1].any()
+
+
+@cs.direct
 @pytest.mark.parametrize("reduction,prob", [("mean", False), ("sum", False), ("mean", True)])
 def test_upstream_gradient_on_the_device_gives_the_host_scalars_bits(api, reduction, prob):
     """Autograd hands the backward its upstream gradient as a one-value device array, which the

@@ -243,6 +243,17 @@ def test_shard_cross_entropy_all_ignored_mean_is_nan_with_zero_gradient():
     assert np.isnan(loss) and np.all(grad == 0)
 
 
+def test_shard_cross_entropy_mean_over_targets_weighted_zero_is_nan():
+    logits = np.random.default_rng(6).normal(size=(3, 5))
+    target = np.array([0, -100, 1])
+    weight = np.array([0.0, 0.0, 1.0, 1.0, 1.0])
+    (loss, grad, _), (ref_loss, ref_grad, _) = _shards_vs_reference(logits, target, (2, 3),
+                                                                    weight=weight)
+    assert np.isnan(loss) and np.isnan(ref_loss)
+    np.testing.assert_array_equal(grad, ref_grad)      # NaN rows 0 and 2, zeros in row 1
+    assert np.all(np.isnan(grad[[0, 2]])) and np.all(grad[1] == 0)
+
+
 def test_shard_cross_entropy_rejects_bad_arguments():
     logits = np.zeros((2, 3))
     with pytest.raises(TypeError, match="probability"):

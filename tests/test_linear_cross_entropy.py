@@ -317,6 +317,22 @@ def test_every_target_ignored_with_mean_is_nan_and_zero_gradients():
     assert float(loss) == 0.0 and not any(g is not None and g.any() for g in grads)
 
 
+def test_mean_over_targets_weighted_zero_is_nan_like_pytorch():
+    """Targets whose classes all weigh 0 leave "mean" at 0 / 0: NaN loss, NaN gradient rows
+    for the targets not ignored (so NaN weight and bias gradients), zero rows for the ignored,
+    as PyTorch's composite and its own linear_cross_entropy give."""
+    x, w, b, _, _ = make_problem(6, 3, 4)
+    target = np.array([-100, 0, 1, 0, 1, -100])
+    weight = np.array([0.0, 0.0, 1.0, 1.0])
+    ours = fg.linear_cross_entropy(x, w, target, linear_bias=b, weight=weight, chunk_size=4)
+    theirs = torch_results(F.linear_cross_entropy, x, w, b, target, 1.0,
+                           weight=torch.tensor(weight))
+    for loss, grad_input, grad_weight, grad_bias in (ours, theirs):
+        assert np.isnan(loss) and np.all(np.isnan(grad_weight)) and np.all(np.isnan(grad_bias))
+        np.testing.assert_array_equal(grad_input[[0, 5]], 0.0)
+        assert np.all(np.isnan(grad_input[1:5]))
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_empty_batch(reduction):
     x, w, b, _, _ = make_problem(0, 3, 4)

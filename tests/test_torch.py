@@ -140,6 +140,17 @@ def test_every_target_ignored_gives_nan_mean_and_zero_grad():
     assert torch.equal(logits.grad, torch.zeros_like(logits))
 
 
+def test_mean_over_targets_weighted_zero_gives_nan_like_pytorch():
+    logits = torch.randn(4, 3, dtype=F64, requires_grad=True)
+    target = torch.tensor([0, -100, 1, 0])
+    weight = torch.tensor([0.0, 0.0, 1.0], dtype=F64)
+    fgt.softmax_cross_entropy(logits, target, weight=weight).backward()
+    ours, logits.grad = logits.grad, None
+    F.cross_entropy(logits, target, weight=weight).backward()
+    torch.testing.assert_close(ours, logits.grad, equal_nan=True, rtol=0, atol=0)
+    assert torch.isnan(ours[[0, 2, 3]]).all() and not ours[1].any()
+
+
 def test_cross_entropy_saves_only_inputs_and_lse():
     logits, target = _logits_and_targets((8, 5, 3))
     logits.requires_grad_()

@@ -82,6 +82,13 @@ def check_softcap(softcap) -> float | None:
     return check_real("softcap", softcap, low=0.0, low_open=True)
 
 
+def check_bool(name: str, value) -> bool:
+    """A flag: True or False (NumPy's bool too), never a truthy stand-in such as "no"."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
 def check_int(name: str, value) -> int:
     """``value`` as a Python int that the kernels' int64 arguments hold."""
     if type(value) is int and -2**63 <= value < 2**63:  # the usual call, checked cheaply

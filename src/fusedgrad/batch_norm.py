@@ -30,20 +30,14 @@ import numpy as np
 from . import _device
 from ._layout import channel_axis as _channel_axis
 from ._layout import host_empty, host_layout, host_like, host_view
-from ._validate import (check_dtype, check_ndim, check_out, check_real, check_shape,
-                        check_writeable)
+from ._validate import (check_bool, check_dtype, check_ndim, check_out, check_real,
+                        check_shape, check_writeable)
 
 __all__ = ["batch_norm_forward", "batch_norm_backward"]
 
 
 def _backend(location: str):
     return _device.backend("batch_norm", location)
-
-
-def _check_bool(name: str, value) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return bool(value)
 
 
 def _as_array(arrays, name: str, value):
@@ -117,8 +111,8 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     out = _as_written(arrays, "out", out)
 
     axis, n_channels = _check_x(arrays, x, channel_axis)
-    training = _check_bool("training", training)
-    relu = _check_bool("relu", relu)
+    training = check_bool("training", training)
+    relu = check_bool("relu", relu)
     momentum = check_real("momentum", momentum)
     eps = check_real("eps", eps, low=0.0, low_open=True)
     _check_vector(arrays, "weight", weight, n_channels)
@@ -185,7 +179,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, chan
     _check_like_x("dy", dy, x)
     if relu_output is not None:
         _check_like_x("relu_output", relu_output, x)
-    training = _check_bool("training", training)
+    training = check_bool("training", training)
     for name, vec in (("mean", mean), ("invstd", invstd)):
         if vec is None:
             raise TypeError(f"{name} must be a ({n_channels},) array, got None")

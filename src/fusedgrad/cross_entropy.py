@@ -36,8 +36,8 @@ import numpy as np
 
 from . import _device, _options
 from ._options import CrossEntropyOptions
-from ._validate import (INT_DTYPES, check_dtype, check_int, check_ndim, check_out, check_real,
-                        check_reduction, check_shape, check_softcap, stat_dtype)
+from ._validate import (INT_DTYPES, check_bool, check_dtype, check_int, check_ndim, check_out,
+                        check_real, check_reduction, check_shape, check_softcap, stat_dtype)
 from ._validate import is_scalar as _is_scalar
 
 __all__ = ["softmax_cross_entropy", "softmax_cross_entropy_forward",
@@ -198,7 +198,7 @@ def softmax_cross_entropy(logits, target, *, weight=None, ignore_index=-100, red
     call = prepare(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
                    softcap=softcap, out=out)
     forbid = (("target", call.target), ("weight", weight))
-    grad = _gradient_buffer(call, logits, out, bool(inplace), forbid_alias=forbid)
+    grad = _gradient_buffer(call, logits, out, check_bool("inplace", inplace), forbid_alias=forbid)
     be = call.backend
     scale = be.sample_scale(None, call.denominator, call.n_samples)
     per_sample = be.fused(call.logits, call.target, call.weights, grad, scale, call.options)
@@ -254,7 +254,7 @@ def softmax_cross_entropy_backward(grad_loss, logits, target, lse, *, weight=Non
     forbid = (("target", call.target), ("weight", weight), ("lse", lse_array))
     if not _is_scalar(grad_loss):
         forbid += (("grad_loss", grad_loss),)
-    grad = _gradient_buffer(call, logits, out, bool(inplace), forbid_alias=forbid)
+    grad = _gradient_buffer(call, logits, out, check_bool("inplace", inplace), forbid_alias=forbid)
     return backward_of_checked(call, grad_loss, lse_array, grad)
 
 

@@ -601,7 +601,7 @@ def ce_shard_grad(logits_shard, target, class_offset, lse, n_classes, *, weight=
 
     lse: the GLOBAL ``(N,)`` log-sum-exp (from :func:`ce_combine`); grad_loss: the upstream
     gradient (a scalar for "mean"/"sum", ``(N,)`` for "none"; ``None`` means 1). "mean" divides
-    by the summed target weights (all ignored: zeros). Written into ``out`` if given. With a
+    by the summed target weights (when they are 0, NaN rows, ignored rows zeros). Written into ``out`` if given. With a
     ``softcap`` (that of the statistics) the gradient is with respect to the uncapped logits.
     """
     logits = _shard_logits(logits_shard)
@@ -628,7 +628,7 @@ def _shard_grad(logits, offset, lse, scale, call: _CheckedCall, grad):
     options = call.options
     if call.reduction == "mean":
         denominator = _mean_denominator(call)
-        scale = scale / denominator if denominator != 0.0 else np.zeros(1)
+        scale = scale / denominator if denominator != 0.0 else np.full(1, np.nan)
     _shard_grad_kernel(logits, call.target, offset,
                        np.ascontiguousarray(call.weights[offset:offset + width]),
                        call.target_weights, lse, scale, scale.shape[0] > 1,

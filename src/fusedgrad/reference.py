@@ -133,7 +133,8 @@ def softmax_cross_entropy(logits, target, *, weight=None, ignore_index=-100, red
     elif reduction == "mean":
         if denom == 0.0:
             loss = float("nan")
-            grad_rows = np.zeros_like(grad_rows)
+            # 0 / 0, as PyTorch: NaN rows, except the ignored ones (zeros)
+            grad_rows = np.where(valid[:, None], np.nan, np.zeros_like(grad_rows))
         else:
             loss = float(per_sample.sum() / denom)
             grad_rows = grad_rows / denom

@@ -167,7 +167,9 @@ def count_denominator(n_samples) -> float:
 
 
 def sample_scale(grad_loss, denominator, n_samples):
-    factor = 1.0 if denominator is None else 0.0 if denominator == 0.0 else 1.0 / denominator
+    # a zero denominator (the targets' summed weight) leaves "mean" undefined: NaN, which the
+    # kernels carry into the rows they do not zero-fill as ignored (PyTorch's 0 / 0)
+    factor = 1.0 if denominator is None else math.nan if denominator == 0.0 else 1.0 / denominator
     if grad_loss is None:
         return np.array([factor], dtype=np.float64)
     values = np.asarray(grad_loss, dtype=np.float64)
@@ -639,9 +641,10 @@ def _enter_row(logits, i, end, prefetch, spare):
 @njit(inline="always")
 def _block_factor(factor, block_shift, block_sum, top, total):
     """factor * exp(m_b - M) / S: what turns block b's stored exponentials into factor * p_j
-    (0 for a block of -inf logits, whose sum is 0)."""
+    (0 for a block of -inf logits, whose sum is 0). A row of nothing but -inf (S = 0) has no
+    softmax: NaN, as exp(z - lse) gives in the backward and PyTorch gives."""
     if block_sum == 0.0:
-        return 0.0
+        return 0.0 if total > 0.0 else np.nan
     return factor * _block_rescale(block_shift, top) / total
 
 

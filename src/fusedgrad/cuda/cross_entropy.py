@@ -609,12 +609,13 @@ def _target_weights(target, weights, ignore_index, sample_weight):
 @cuda.jit(device=True, inline=True)
 def _mean_factor(denominator, divide):
     """What a sum of per-sample losses is multiplied by for the reduction: 1 unless
-    ``divide``, else 1 / denominator[0], 0 when that is 0 (every target ignored), as the host
-    backend's ``sample_scale`` computes it (float64, correctly rounded: the same bits)."""
+    ``divide``, else 1 / denominator[0], NaN when that is 0 (the targets' summed weight: the
+    rows not ignored then get NaN, ignored ones zeros), as the host backend's ``sample_scale``
+    computes it (float64, correctly rounded: the same bits)."""
     if not divide:
         return 1.0
     d = denominator[0]
-    return 0.0 if d == 0.0 else 1.0 / d
+    return math.nan if d == 0.0 else 1.0 / d
 
 
 @cuda.jit
