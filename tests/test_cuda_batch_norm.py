@@ -219,6 +219,24 @@ class _ReadOnlyExport:
         return desc
 
 
+@cs.direct
+@pytest.mark.parametrize("shape,axis", [((0, 3), 1), ((0, 3, 4, 4), 1), ((2, 3, 0, 0), 1),
+                                        ((0, 4, 3), -1)])
+def test_empty_batch_in_eval_gives_empty_outputs_and_zero_parameter_grads(api, shape, axis):
+    """No value per channel: eval normalises nothing and the parameter gradients are sums of
+    nothing (zeros), as on the host; no launch reads x[0] for its idle threads."""
+    x, dy = np.zeros(shape), np.zeros(shape)
+    stats = (cs.to_device(np.zeros(3)), cs.to_device(np.ones(3)))
+    weight = cs.to_device(np.ones(3))
+    y = api.batch_norm_forward(cs.to_device(x), weight, None, *stats, training=False,
+                               channel_axis=axis)[0]
+    assert y.shape == shape
+    dx, dweight, dbias = api.batch_norm_backward(cs.to_device(dy), cs.to_device(x), *stats,
+                                                 weight, training=False, channel_axis=axis)
+    assert dx.shape == shape
+    assert not cs.to_host(dweight).any() and not cs.to_host(dbias).any()
+
+
 def _read_only(device_array):
     """``device_array`` as a read-only device array: under the simulator its host memory made
     read-only (simulated arrays have no ``__cuda_array_interface__``), else a read-only export."""

@@ -156,6 +156,29 @@ def test_mean_over_targets_weighted_zero_gives_nan_rows_except_ignored(api):
 
 
 @cs.direct
+@pytest.mark.parametrize("shape", [(0, 5), (0, 40, 3), (2, 5, 0)])
+@pytest.mark.parametrize("prob", [False, True])
+def test_empty_batch_gives_what_the_host_gives(api, shape, prob):
+    """No sample: nothing is launched that would read sample 0 (the idle threads of a launch
+    do), "mean" is NaN, "sum" 0, "none" and the gradients empty, as on the host."""
+    import fusedgrad as fg
+    logits = np.zeros(shape)
+    target = np.zeros(shape) if prob else np.zeros((shape[0],) + shape[2:], np.int64)
+    d_logits, d_target = cs.to_device(logits), cs.to_device(target)
+    for reduction in ("mean", "sum", "none"):
+        host_loss, host_grad = fg.softmax_cross_entropy(logits, target, reduction=reduction)
+        loss, grad = api.softmax_cross_entropy(d_logits, d_target, reduction=reduction)
+        np.testing.assert_array_equal(cs.to_host(loss), host_loss)
+        assert grad.shape == host_grad.shape
+        loss, lse = api.softmax_cross_entropy_forward(d_logits, d_target, reduction=reduction)
+        np.testing.assert_array_equal(cs.to_host(loss), host_loss)
+        upstream = cs.to_device(np.zeros(lse.shape)) if reduction == "none" else 1.0
+        grad = api.softmax_cross_entropy_backward(upstream, d_logits, d_target, lse,
+                                                  reduction=reduction)
+        assert grad.shape == shape
+
+
+@cs.direct
 @pytest.mark.parametrize("reduction,prob", [("mean", False), ("sum", False), ("mean", True)])
 def test_upstream_gradient_on_the_device_gives_the_host_scalars_bits(api, reduction, prob):
     """Autograd hands the backward its upstream gradient as a one-value device array, which the

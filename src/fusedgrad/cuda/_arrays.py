@@ -311,7 +311,7 @@ def merge_axes(name: str, shape, strides, itemsize: int):
     """
     size = int(np.prod(shape, dtype=np.int64))
     kept = [(int(n), int(st)) for n, st in zip(shape, strides) if n != 1]
-    if not kept:
+    if not kept or size == 0:
         return size, int(itemsize)
     for (_, st_outer), (n_inner, st_inner) in zip(kept, kept[1:]):
         if st_outer != st_inner * n_inner:

@@ -881,6 +881,11 @@ def _launch_partials(plan, x3, dy3, relu_y3, with_grad, relu, acc_like, mean, in
     """The reduction kernel of the plan's family (:func:`_kernel_family`):
     :func:`_spatial_partials`, :func:`_columns_partials` or :func:`_partials`; ``parts``: the
     three ``(plan.n_parts, C)`` float64 partial arrays."""
+    if x3.size == 0:
+        # an empty batch (eval's backward): sums of nothing, where a launch would read x[0]
+        for part in parts:
+            part.copy_to_device(np.zeros(part.shape), stream=stream)
+        return
     if plan.family == SPATIAL:
         _spatial_partials(plan.width)[plan.grid, THREADS, stream](
             x3, dy3, relu_y3, with_grad, relu, acc_like, mean, invstd, plan.rows_per_part,
@@ -900,6 +905,8 @@ def _launch_apply(plan, x3, dy3, relu_y3, has_dy, relu, coef, out3, stream):
     times row blocks, ``CHUNK`` rows per thread, looping beyond ``_MAX_GRID_Y``), or
     :func:`_apply`."""
     n_outer, n_channels, n_inner = (int(v) for v in x3.shape)
+    if n_outer * n_channels * n_inner == 0:
+        return  # an empty batch (eval): nothing to write, and idle threads would read x[0]
     family, width = _kernel_family((x3, dy3, relu_y3, out3))
     if family == SPATIAL:
         rows_per_block = max(1, THREADS // width)

@@ -837,6 +837,8 @@ def _run(mode, logits, target, weights, options, lse, loss, grad, grad_scale, st
     (``MODE_FORWARD``), ``lse`` for ``loss`` (``MODE_BACKWARD``)."""
     logits3 = _arrays.view3("logits", _arrays.as_array("logits", logits), 1)
     n_classes, n_spatial = int(logits3.shape[1]), int(logits3.shape[2])
+    if sample_count(logits.shape) == 0:
+        return  # nothing to write; a launch would still read sample 0 for its idle threads
     is_prob = target.dtype.kind == "f" or target.dtype == _arrays.BFLOAT16
     if is_prob:
         target_prob = _arrays.view3("target", _arrays.as_array("target", target), 1)
