@@ -29,13 +29,19 @@ the first run (``PREDICTED_MS``, from that traffic at the H200's 3,842 GB/s meas
 2026-11-29 and each variant's known losses; docs/gpu.md).
 Every variant's outputs are checked against the first variant's (on the GPU) before timing.
 
-Last, the bench's CNN training step (``model_cnn``, 256x3x64x64; PyTorch's model, the converted
+Then the bench's CNN training step (``model_cnn``, 256x3x64x64; PyTorch's model, the converted
 one, and the converted one with BN+ReLU fused) split into host and device time
 (:func:`model_step_rows`).
+
+Last, issue 15's memory goal on the GPU: the peak device memory of one linear + cross-entropy
+forward + backward beyond its inputs and returned gradients, as a fraction of the logits that
+the fused forms never hold (:func:`lce_memory_rows`), for fusedgrad, the unfused composite and
+Liger-Kernel's fused loss.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -45,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedgrad as fg
+from fusedgrad.cuda import _arrays
 from fusedgrad.cuda import batch_norm as bn
 from fusedgrad.cuda import cross_entropy as ce
 
@@ -347,6 +354,78 @@ def model_step_rows(steps):
     return rows
 
 
+#: The bench's ``lce_vocab128k`` (tokens, hidden size, vocabulary): issue 15's GPU sizes.
+LCE_SHAPE = (4096, 4096, 128256)
+
+
+class _LeasedBytes:
+    """The bytes of fusedgrad's device arrays alive now, and their peak: its pool allocates with
+    the driver (``cuMemAlloc``), outside PyTorch's allocator and its statistics, so the leases
+    of ``_arrays.empty`` are counted as they are made and as their finalizers run."""
+
+    def __init__(self):
+        self.now = self.peak = 0
+
+    def pointer(self, original, context, pointer, nbytes, finalizer):
+        self.now += nbytes
+        self.peak = max(self.peak, self.now)
+        return original(context, pointer, nbytes,
+                        finalizer=functools.partial(self._released, finalizer, nbytes))
+
+    def _released(self, finalizer, nbytes):
+        self.now -= nbytes
+        finalizer()
+
+
+def lce_memory_rows():
+    """Rows ``(implementation, dtype, extra MB, extra / logits)``: the peak device memory of one
+    forward + backward beyond what was allocated before it (the inputs) and the gradients it
+    returns, PyTorch's allocator's peak plus fusedgrad's own (:class:`_LeasedBytes`; an upper
+    bound, as the two peaks may fall at different moments)."""
+    import fusedgrad.torch as fgt
+    from fusedgrad import _bench_peers
+
+    n, d, c = LCE_SHAPE
+    liger = _bench_peers.import_liger()
+    implementations = {
+        "fusedgrad": lambda x, w, t: fgt.linear_cross_entropy(x, w, t),
+        "torch": lambda x, w, t: F.cross_entropy(F.linear(x, w), t),
+    }
+    if liger is not None:
+        liger_loss = liger.LigerFusedLinearCrossEntropyLoss()
+        implementations["liger"] = lambda x, w, t: liger_loss(w, x, t)
+    leased = _LeasedBytes()
+    original_pointer = _arrays.MemoryPointer
+    _arrays.MemoryPointer = functools.partial(leased.pointer, original_pointer)
+    rows = []
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            generator = torch.Generator(device="cuda").manual_seed(0)
+            x = torch.randn(n, d, device="cuda", dtype=dtype, generator=generator)
+            w = torch.randn(c, d, device="cuda", dtype=dtype, generator=generator) / d ** 0.5
+            t = torch.randint(0, c, (n,), device="cuda", generator=generator)
+            logits_bytes = n * c * x.element_size()
+            for name, loss_of in implementations.items():
+                xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+                loss_of(xr, wr, t).backward()  # compiles; the pool then holds its buffers
+                xr.grad = wr.grad = None
+                fg.empty_cache()
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+                leased.now = leased.peak = 0
+                loss_of(xr, wr, t).backward()
+                torch.cuda.synchronize()
+                returned = xr.grad.nbytes + wr.grad.nbytes
+                extra = torch.cuda.max_memory_allocated() - before + leased.peak - returned
+                rows.append((name, str(dtype).replace("torch.", ""), extra / 1e6,
+                             extra / logits_bytes))
+                del xr, wr
+    finally:
+        _arrays.MemoryPointer = original_pointer
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
@@ -356,16 +435,33 @@ def main(argv=None) -> int:
     ce_rows, ce_failed = cross_entropy_rows(args.rounds, bandwidth)
     bn_rows, bn_failed = batch_norm_rows(args.rounds, bandwidth)
     print()
-    print(f"model step {'x'.join(map(str, MODEL_SHAPE))}: {'model':26} {'host issue ms':>13} "
-          f"{'step ms':>8} {'launches':>8}")
-    for name, host_ms, step_ms, launches in model_step_rows(args.rounds):
-        print(f"{'':23} {name:26} {host_ms:13.2f} {step_ms:8.2f} {launches:8d}")
-    print()
     print(f"{'case':28} {'variant':18} {'ms':>8} {'GB/s':>7} {'% copy':>7} {'predicted':>9}")
     for name, label, ms, gbs, pct, predicted in ce_rows + bn_rows:
         pred = f"{predicted:.2f}" if predicted is not None else "-"
         print(f"{name:28} {label:18} {ms:8.3f} {gbs:7.0f} {pct:7.0f} {pred:>9}")
-    return 1 if ce_failed or bn_failed else 0
+    # The kernel table above is the run's main result: what follows may fail on its own.
+    extras_failed = False
+    try:
+        step_rows = model_step_rows(args.rounds)
+        print()
+        print(f"model step {'x'.join(map(str, MODEL_SHAPE))}: {'model':26} "
+              f"{'host issue ms':>13} {'step ms':>8} {'launches':>8}")
+        for name, host_ms, step_ms, launches in step_rows:
+            print(f"{'':23} {name:26} {host_ms:13.2f} {step_ms:8.2f} {launches:8d}")
+    except Exception as exc:  # noqa: BLE001 - reported, and the exit status says so
+        print(f"model step failed: {type(exc).__name__}: {exc}")
+        extras_failed = True
+    try:
+        memory_rows = lce_memory_rows()
+        print()
+        print(f"linear + CE {'x'.join(map(str, LCE_SHAPE))}, peak memory beyond inputs and "
+              "gradients (goal: fusedgrad <= 1/8 of the logits):")
+        for name, dtype, extra_mb, share in memory_rows:
+            print(f"{'':23} {name:10} {dtype:9} {extra_mb:10.0f} MB {share:6.3f} x logits")
+    except Exception as exc:  # noqa: BLE001
+        print(f"linear + CE memory failed: {type(exc).__name__}: {exc}")
+        extras_failed = True
+    return 1 if ce_failed or bn_failed or extras_failed else 0
 
 
 if __name__ == "__main__":
