@@ -600,6 +600,30 @@ def test_inplace_refuses_inputs_that_share_memory_with_the_logits():
     np.testing.assert_array_equal(z, before)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape,target_kind", [((4, 5), "index"), ((4, 100), "index"),
+                                               ((4, 100), "prob"), ((2, 5, 3), "index")])
+def test_forward_and_backward_take_read_only_logits(dtype, shape, target_kind):
+    """Read-only logits (a frozen array, a broadcast view) go through the forward, which
+    writes no gradient (it used to fail in Numba's typing, where the fused call worked)."""
+    logits, target = make_problem(shape, target_kind, dtype, ignore_some=False)
+    logits.flags.writeable = False
+    loss, lse = fg.softmax_cross_entropy_forward(logits, target, reduction="none")
+    fused_loss, fused_grad = fg.softmax_cross_entropy(logits, target, reduction="none")
+    grad = fg.softmax_cross_entropy_backward(np.ones(loss.shape), logits, target, lse,
+                                             reduction="none")
+    ref_loss, ref_grad, _ = reference.softmax_cross_entropy(logits, target, reduction="none")
+    for actual in (loss, fused_loss):
+        assert_close(actual, ref_loss, dtype, "loss")
+    for actual in (grad, fused_grad):
+        assert_close(actual, ref_grad, dtype, "grad")
+    row = np.linspace(-1.0, 1.0, 40).astype(dtype)
+    broadcast = np.broadcast_to(row, (3, 40))
+    expected, _, _ = reference.softmax_cross_entropy(np.tile(row, (3, 1)), np.arange(3))
+    assert_close(fg.softmax_cross_entropy_forward(broadcast, np.arange(3))[0], expected, dtype,
+                 "loss")
+
+
 @pytest.mark.parametrize("flag", ["no", 1, None])
 def test_inplace_must_be_a_bool_and_nothing_is_overwritten(flag):
     """A truthy stand-in such as "no" would overwrite the logits: refused, before any write."""

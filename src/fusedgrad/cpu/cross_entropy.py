@@ -235,7 +235,8 @@ def _run(mode, logits, target, weights, grad, grad_scale, lse, loss, options):
     (N, C, S) tile kernel (k-D logits).
 
     ``grad=None`` (forward) passes ``logits`` in its place: the kernels never write it in that
-    mode, and one argument type less means one compiled specialisation less. When the strides
+    mode, and one argument type less means one compiled specialisation less (read-only logits
+    get a stand-in, :func:`_unwritten_stand_in`). When the strides
     of a k-D array cannot be merged into (N, C, S), the kernel works on a contiguous copy
     (and the gradient is copied back), the only case with an N x C temporary.
     """
@@ -277,9 +278,18 @@ def _launch(kernel, mode, logits, target, weights, grad, grad_scale, lse, loss, 
     ``grad``: with a single pointer LLVM needs no runtime overlap check, which would send the
     loops to their scalar fallback (slower, and rounding differently from the out= path)."""
     inplace = grad is not None and np.shares_memory(grad, logits)
-    kernel(mode, logits, target, weights, logits if grad is None else grad, grad_scale, lse,
-           loss, options.ignore_index, options.label_smoothing, options.z_loss, inplace,
-           options.softcap, *row_arguments)
+    if grad is None:
+        grad = logits if logits.flags.writeable else _unwritten_stand_in(logits)
+    kernel(mode, logits, target, weights, grad, grad_scale, lse, loss, options.ignore_index,
+           options.label_smoothing, options.z_loss, inplace, options.softcap, *row_arguments)
+
+
+def _unwritten_stand_in(logits):
+    """The gradient argument of a forward on read-only logits, which Numba types read-only
+    and so refuses as an argument the kernel could write (even where the mode never does): a
+    writeable array of the logits' shape and dtype over one value (every stride 0)."""
+    return np.lib.stride_tricks.as_strided(np.empty(1, dtype=logits.dtype), shape=logits.shape,
+                                           strides=(0,) * logits.ndim)
 
 
 def _launch_rows(kernel, mode, logits, target, weights, grad, grad_scale, lse, loss, options):
