@@ -600,12 +600,13 @@ def test_inplace_refuses_inputs_that_share_memory_with_the_logits():
     np.testing.assert_array_equal(z, before)
 
 
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("shape,target_kind", [((4, 5), "index"), ((4, 100), "index"),
-                                               ((4, 100), "prob"), ((2, 5, 3), "index")])
+@pytest.mark.parametrize("dtype", [np.float64])
+@pytest.mark.parametrize("shape,target_kind", [((4, 100), "index"), ((2, 5, 3), "index")])
 def test_forward_and_backward_take_read_only_logits(dtype, shape, target_kind):
     """Read-only logits (a frozen array, a broadcast view) go through the forward, which
-    writes no gradient (it used to fail in Numba's typing, where the fused call worked)."""
+    writes no gradient (it used to fail in Numba's typing, where the fused call worked). Each
+    case compiles a kernel for the stand-in's layout, so two cases stand for the rest (the
+    row and the tile kernels; the same stand-in serves every kernel and dtype)."""
     logits, target = make_problem(shape, target_kind, dtype, ignore_some=False)
     logits.flags.writeable = False
     loss, lse = fg.softmax_cross_entropy_forward(logits, target, reduction="none")
@@ -622,6 +623,37 @@ def test_forward_and_backward_take_read_only_logits(dtype, shape, target_kind):
     expected, _, _ = reference.softmax_cross_entropy(np.tile(row, (3, 1)), np.arange(3))
     assert_close(fg.softmax_cross_entropy_forward(broadcast, np.arange(3))[0], expected, dtype,
                  "loss")
+
+
+@pytest.mark.parametrize("shape", [(2, 40), (2, 40, 3)])
+def test_probability_on_a_masked_class_weighted_zero_gives_nan_like_pytorch(shape):
+    """A class with target probability > 0 and logit -inf has an infinite loss term, which a
+    zero class weight turns into 0 * inf = NaN in PyTorch: the sums skip terms by y = 0 (a
+    masked class nobody aims at), not by w y = 0."""
+    logits, target = make_problem(shape, "prob", ignore_some=False)
+    logits[:, 3] = -np.inf
+    weight = np.ones(shape[1])
+    weight[3] = 0.0
+    loss, _ = fg.softmax_cross_entropy(logits, target, weight=weight)
+    torch_loss = F.cross_entropy(torch.tensor(logits), torch.tensor(target),
+                                 weight=torch.tensor(weight))
+    assert np.isnan(loss) and np.isnan(torch_loss.item())
+    target[:, 3] = 0.0  # nobody aims at the masked class: finite (PyTorch: NaN, docs/api.md)
+    target /= target.sum(axis=1, keepdims=True)
+    loss, _ = fg.softmax_cross_entropy(logits, target, weight=weight)
+    ref_loss, _, _ = reference.softmax_cross_entropy(logits, target, weight=weight)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-12)
+
+
+def test_backward_from_a_float64_lse_keeps_float32_precision():
+    """The API returns lse in float32 for float32 logits (its rounding, 0.0005 at 1e4, limits a
+    backward from it); given the float64 lse, the backward is as accurate as the fused call."""
+    rng = np.random.default_rng(4)
+    logits = (rng.standard_normal((16, 50)) + 1e4).astype(np.float32)
+    target = rng.integers(0, 50, 16)
+    _, ref_grad, ref_lse = reference.softmax_cross_entropy(logits.astype(np.float64), target)
+    grad = fg.softmax_cross_entropy_backward(1.0, logits, target, ref_lse)
+    assert np.abs(grad - ref_grad).max() < 1e-6 * np.abs(ref_grad).max()
 
 
 @pytest.mark.parametrize("flag", ["no", 1, None])

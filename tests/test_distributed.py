@@ -254,6 +254,24 @@ def test_shard_cross_entropy_mean_over_targets_weighted_zero_is_nan():
     assert np.all(np.isnan(grad[[0, 2]])) and np.all(grad[1] == 0)
 
 
+def test_bn_forward_from_stats_refuses_running_buffers_it_cannot_write():
+    x = np.random.default_rng(1).normal(size=(4, 3))
+    count, mean, m2 = 4, x.mean(0), ((x - x.mean(0)) ** 2).sum(0)
+    with pytest.raises(TypeError, match="running_mean is written in place"):
+        fgd.bn_forward_from_stats(x, count, mean, m2, running_mean=[0.0, 0.0, 0.0])
+
+
+def test_ce_loss_checks_the_shapes_of_the_combined_statistics():
+    lse, target_logit, weighted = np.zeros(4), np.zeros(4), np.zeros(4)
+    target = np.array([0, 1, 2, 0])
+    with pytest.raises(ValueError, match="target_logit must have shape \\(4,\\)"):
+        fgd.ce_loss(lse, np.zeros(1), weighted, target, 3)
+    with pytest.raises(ValueError, match="weighted_sum must have shape"):
+        fgd.ce_loss(lse, target_logit, np.zeros((4, 1)), target, 3)
+    with pytest.raises(ValueError, match="lse must have shape \\(N,\\)"):
+        fgd.ce_loss(np.zeros((4, 1)), target_logit, weighted, target, 3)
+
+
 def test_shard_cross_entropy_rejects_bad_arguments():
     logits = np.zeros((2, 3))
     with pytest.raises(TypeError, match="probability"):

@@ -35,8 +35,10 @@ than the kernels.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
@@ -46,7 +48,7 @@ from . import batch_norm as _bn
 from . import cross_entropy as _ce
 from . import linear_ce as _lce
 from ._torch_arrays import ChannelLayout, as_tensor, kernel_array
-from ._validate import check_real, check_reduction, check_softcap
+from ._validate import check_int, check_real, check_reduction, check_softcap
 
 
 #: CPU inputs smaller than these go to PyTorch's own kernels (``F.cross_entropy``,
@@ -64,6 +66,31 @@ CROSS_ENTROPY_MIN_SAMPLES = 512
 def _channel_shape(tensor: torch.Tensor, ndim: int) -> tuple:
     """Shape ``(C, 1, ..., 1)`` that broadcasts a per-class vector over axis 1 of an ndim tensor."""
     return (tensor.shape[0],) + (1,) * (ndim - 2)
+
+
+#: The floating dtypes of the CPU kernels (logits, batch-norm input and parameters).
+CPU_FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def first_order_only(name: str):
+    """``once_differentiable`` for the backward of ``name``, with an error where it would be
+    silent: it refuses a second differentiation only when an incoming gradient requires grad,
+    so ``torch.autograd.grad(loss, x, create_graph=True)`` (a gradient penalty, MAML) would
+    return a gradient cut off from the graph and a wrong second-order result. Autograd runs a
+    backward with grad mode on exactly when ``create_graph=True``."""
+    def decorate(backward):
+        once = once_differentiable(backward)
+
+        @functools.wraps(backward)
+        def checked(ctx, *grad_outputs):
+            if torch.is_grad_enabled():
+                raise RuntimeError(
+                    f"fusedgrad.torch's {name} has no double backward: its gradient cannot be "
+                    "differentiated again (create_graph=True). Use PyTorch's own function "
+                    "where second-order gradients are needed.")
+            return once(ctx, *grad_outputs)
+        return checked
+    return decorate
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,7 +111,9 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         call = _ce.prepare(kernel_array("input", logits), kernel_array("target", target),
                            kernel_array("weight", weight), ignore_index, reduction,
                            label_smoothing, z_loss, softcap=softcap)
-        loss, lse = _ce.forward_of_checked(call)
+        # lse in float64: rounded to float32, its error (half an ulp, 0.0005 at 1e4) would
+        # be a relative error of every gradient element that the backward rebuilds from it
+        loss, lse = _ce.forward_of_checked(call, lse_dtype=np.float64)
         ctx.call = call
         ctx.save_for_backward(logits, target, weight, as_tensor(lse, logits.device))
         # The kernels return float32 losses for half-precision logits; F.cross_entropy returns
@@ -92,7 +121,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         return as_tensor(loss, logits.device).to(logits.dtype)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only("softmax_cross_entropy")
     def backward(ctx, grad_loss):
         # Unpacking the saved tensors checks that none was modified in place since forward.
         logits, target, weight, lse = ctx.saved_tensors
@@ -171,25 +200,48 @@ def softmax_cross_entropy(input, target, weight=None, ignore_index=-100, reducti
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
         raise ValueError("weight must not require grad: gradients with respect to the class "
                          "weights are not computed (pass weight.detach())")
+    ignore_index = check_int("ignore_index", ignore_index)
     label_smoothing = check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
     z_loss = check_real("z_loss", z_loss, low=0.0)
     softcap = check_softcap(softcap)
-    samples = 1 if input.dim() == 1 else input.numel() // max(1, input.shape[1])
-    if (small_for_kernels(input, samples, CROSS_ENTROPY_MIN_SAMPLES) and z_loss == 0.0
-            and softcap is None):
-        # PyTorch's kernel computes the same loss: the options left are all F.cross_entropy's
-        # (see CROSS_ENTROPY_MIN_SAMPLES).
-        return F.cross_entropy(input, target, weight, ignore_index=int(ignore_index),
-                               reduction=reduction, label_smoothing=label_smoothing)
     if target.is_floating_point():
         # Probability targets: F.cross_entropy needs them in the input's dtype as well.
         target = target.to(input.dtype)
+    samples = 1 if input.dim() == 1 else input.numel() // max(1, input.shape[1])
+    if (small_for_kernels(input, samples, CROSS_ENTROPY_MIN_SAMPLES) and z_loss == 0.0
+            and softcap is None and hands_over_cross_entropy(input, target)):
+        # PyTorch's kernel computes the same loss: the options left are all F.cross_entropy's
+        # (see CROSS_ENTROPY_MIN_SAMPLES).
+        return handed_over_cross_entropy(F.cross_entropy, input, target, weight,
+                                         ignore_index=ignore_index, reduction=reduction,
+                                         label_smoothing=label_smoothing)
     unbatched = input.dim() == 1
     if unbatched:
         input, target = input.unsqueeze(0), target.unsqueeze(0)
-    loss = SoftmaxCrossEntropyFunction.apply(input, target, weight, int(ignore_index), reduction,
+    loss = SoftmaxCrossEntropyFunction.apply(input, target, weight, ignore_index, reduction,
                                              label_smoothing, z_loss, softcap)
     return loss.squeeze(0) if unbatched and reduction == "none" else loss
+
+
+def hands_over_cross_entropy(input: torch.Tensor, target: torch.Tensor) -> bool:
+    """Whether the dtypes are ones the kernels take too (float32 / float64 logits; int64 or
+    int32 class indices, or probabilities, already in the logits' dtype): others go to the
+    kernels' path, which refuses them, so a small batch is refused as a large one is."""
+    return input.dtype in CPU_FLOAT_DTYPES and (target.dtype in (torch.int64, torch.int32)
+                                                or target.dtype == input.dtype)
+
+
+def handed_over_cross_entropy(loss_function, input, target, *args, **kwargs):
+    """PyTorch's cross-entropy on a small batch, its out-of-range target error (an IndexError
+    there) raised as the ValueError the kernels raise (docs/api.md, Errors)."""
+    if target.dtype == torch.int32:
+        target = target.long()  # PyTorch's kernel takes int64 class indices only
+    try:
+        return loss_function(input, target, *args, **kwargs)
+    except IndexError as exc:
+        n_classes = input.shape[0 if input.dim() == 1 else 1]
+        raise ValueError(f"target values must be class indices in [0, {n_classes}) or "
+                         f"ignore_index: {exc}") from exc
 
 
 def small_for_kernels(input: torch.Tensor, size: int, threshold: int) -> bool:
@@ -234,7 +286,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         device = input.device
         ctx.call = call
         if reduction == "none":
-            loss, lse = _lce.forward_of_checked(call)
+            # lse in float64, as SoftmaxCrossEntropyFunction saves it
+            loss, lse = _lce.forward_of_checked(call, lse_dtype=np.float64)
             ctx.save_for_backward(input, linear_weight, linear_bias, target, weight,
                                   as_tensor(lse, device))
         elif any(wanted):
@@ -247,7 +300,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return as_tensor(loss, device).to(input.dtype)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only("linear_cross_entropy")
     def backward(ctx, grad_loss):
         # Unpacking the saved tensors checks that none was modified in place since forward.
         saved = ctx.saved_tensors
@@ -348,7 +401,7 @@ class BatchNormFunction(torch.autograd.Function):
         return output
 
     @staticmethod
-    @once_differentiable
+    @first_order_only("batch_norm")
     def backward(ctx, grad_output):
         x_kernel, weight, output = ctx.saved_tensors
         layout = ctx.layout
@@ -388,11 +441,27 @@ def batch_norm_with_relu(input, running_mean, running_var, weight, bias, trainin
     CUDA tensors; PyTorch's own path with ``F.relu`` below the CPU break-even size)."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    check_cpu_batch_norm_dtypes(input, weight, bias, running_mean, running_var)
     if small_for_kernels(input, input.numel(), BATCH_NORM_MIN_ELEMENTS):
         return small_batch_norm(input, running_mean, running_var, weight, bias, training,
                                 momentum, eps, relu=relu)
     return BatchNormFunction.apply(input, weight, bias, running_mean, running_var,
                                    bool(training), momentum, eps, bool(relu))
+
+
+def check_cpu_batch_norm_dtypes(input, weight, bias, running_mean, running_var) -> None:
+    """On the CPU: ``input`` float32 or float64, and the given parameters and buffers of its
+    dtype (PyTorch refuses mixed dtypes too), whatever the size, so that small tensors, which
+    go to PyTorch's kernel, are refused as large ones are (``TypeError``)."""
+    if not input.is_cpu:
+        return
+    if input.dtype not in CPU_FLOAT_DTYPES:
+        raise TypeError(f"input must be float32 or float64 on the CPU, got {input.dtype}")
+    for name, tensor in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                         ("running_var", running_var)):
+        if tensor is not None and tensor.dtype != input.dtype:
+            raise TypeError(f"{name} must have the dtype of input ({input.dtype}), "
+                            f"got {tensor.dtype}")
 
 
 def small_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,

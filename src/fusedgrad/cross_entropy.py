@@ -215,12 +215,14 @@ def softmax_cross_entropy_forward(logits, target, *, weight=None, ignore_index=-
                                       label_smoothing, z_loss, softcap=softcap))
 
 
-def forward_of_checked(call: CheckedCall):
+def forward_of_checked(call: CheckedCall, *, lse_dtype=None):
     """``(loss, lse)`` of a validated call (internal interface: ``fusedgrad.torch``'s autograd
-    Function keeps the call for its backward)."""
+    Function keeps the call for its backward, and the float64 lse the kernels form, where the
+    API returns it rounded to ``result_dtype``: see ``cpu.cross_entropy.lse_rounding_factor``).
+    """
     per_sample, lse = call.backend.forward(call.logits, call.target, call.weights,
                                            call.options)
-    lse = call.backend.sample_result(lse, call.sample_shape, call.result_dtype)
+    lse = call.backend.sample_result(lse, call.sample_shape, lse_dtype or call.result_dtype)
     return call.reduce(per_sample), lse
 
 

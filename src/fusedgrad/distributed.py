@@ -138,10 +138,14 @@ def _channel_vector(name, vec, n_channels, *, writeable=False):
     or None."""
     if vec is None:
         return None
+    given = vec
     vec = host_arrays.as_array(name, vec)
     check_dtype(name, vec, host_arrays.DTYPES)
     check_shape(name, vec, (n_channels,))
     if writeable:
+        if vec is not given:  # a list, say: its converted copy would be written and lost
+            raise TypeError(f"{name} is written in place, so it must be a NumPy array, got "
+                            f"{type(given).__name__}")
         check_writeable(host_arrays, name, vec)
     return vec
 
@@ -573,11 +577,17 @@ def ce_loss(lse, target_logit, weighted_sum, target, n_classes, *, weight=None,
     by the summed target weights of non-ignored rows, NaN if all are ignored; "sum"), or the
     ``(N,)`` float64 per-row losses ("none", 0 for ignored rows).
     """
-    lse = np.asarray(lse, dtype=np.float64)
+    lse = np.asarray(host_arrays.as_array("lse", lse), dtype=np.float64)
+    if lse.ndim != 1:
+        raise ValueError(f"lse must have shape (N,), got {lse.shape}")
     call = _check_call(target, lse.shape[0], n_classes, weight, ignore_index, reduction,
                        label_smoothing, z_loss)
-    return _loss(lse, np.asarray(target_logit, dtype=np.float64),
-                 np.asarray(weighted_sum, dtype=np.float64), call)
+    statistics = []
+    for name, values in (("target_logit", target_logit), ("weighted_sum", weighted_sum)):
+        values = np.asarray(host_arrays.as_array(name, values), dtype=np.float64)
+        check_shape(name, values, lse.shape)
+        statistics.append(values)
+    return _loss(lse, *statistics, call)
 
 
 def _loss(lse, target_logit, weighted_sum, call: _CheckedCall):
@@ -601,8 +611,9 @@ def ce_shard_grad(logits_shard, target, class_offset, lse, n_classes, *, weight=
 
     lse: the GLOBAL ``(N,)`` log-sum-exp (from :func:`ce_combine`); grad_loss: the upstream
     gradient (a scalar for "mean"/"sum", ``(N,)`` for "none"; ``None`` means 1). "mean" divides
-    by the summed target weights (when they are 0, NaN rows, ignored rows zeros). Written into ``out`` if given. With a
-    ``softcap`` (that of the statistics) the gradient is with respect to the uncapped logits.
+    by the summed target weights (when they are 0: NaN rows, ignored rows zeros). Written into
+    ``out`` if given. With a ``softcap`` (that of the statistics) the gradient is with respect
+    to the uncapped logits.
     """
     logits = _shard_logits(logits_shard)
     n, width = logits.shape

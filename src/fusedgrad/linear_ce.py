@@ -232,10 +232,10 @@ def fused_of_checked(call: LinearCall, grad_loss, wanted):
     return (ce.reduce(per_row_loss), *grads)
 
 
-def forward_of_checked(call: LinearCall):
+def forward_of_checked(call: LinearCall, *, lse_dtype=None):
     """``(loss, lse)`` of a validated call: the loss and the per-row log-sum-exp of the logits
-    (shaped (N,), the dtype of the loss), which :func:`backward_of_checked` needs; no gradient
-    is formed."""
+    (shaped (N,), ``lse_dtype`` or else the dtype of the loss), which
+    :func:`backward_of_checked` needs; no gradient is formed."""
     ce, arrays = call.ce, call.arrays
     backend = ce.backend
     per_row_loss = arrays.empty((ce.n_samples,), np.float64)
@@ -247,7 +247,7 @@ def forward_of_checked(call: LinearCall):
             loss, lse = backend.forward(logits, ce.target[r0:r1], ce.weights, ce.options)
         arrays.copyto(per_row_loss[r0:r1], loss)
         arrays.copyto(per_row_lse[r0:r1], lse)
-    lse = backend.sample_result(per_row_lse, ce.sample_shape, ce.result_dtype)
+    lse = backend.sample_result(per_row_lse, ce.sample_shape, lse_dtype or ce.result_dtype)
     return ce.reduce(per_row_loss), lse
 
 

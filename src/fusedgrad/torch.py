@@ -42,10 +42,11 @@ import torch
 from torch import nn
 
 from . import _torch_ops
-from ._torch_ops import (adopt_state, batch_norm, batch_norm_with_relu, linear_cross_entropy,
-                         meta_copy_arguments, small_for_kernels, softmax_cross_entropy,
-                         step_options)
-from ._validate import check_real, check_softcap
+from ._torch_ops import (adopt_state, batch_norm, batch_norm_with_relu,
+                         check_cpu_batch_norm_dtypes, handed_over_cross_entropy,
+                         hands_over_cross_entropy, linear_cross_entropy, meta_copy_arguments,
+                         small_for_kernels, softmax_cross_entropy, step_options)
+from ._validate import check_int, check_real, check_softcap
 
 #: Multi-process drop-ins, defined in ``fusedgrad.distributed`` and re-exported here on first
 #: access (importing them eagerly would load torch.distributed for every user of this module).
@@ -75,18 +76,22 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
 
     def __init__(self, weight=None, size_average=None, ignore_index=-100, reduce=None,
                  reduction="mean", label_smoothing=0.0, *, z_loss=0.0, softcap=None):
-        super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+        super().__init__(weight, size_average, check_int("ignore_index", ignore_index), reduce,
+                         reduction, check_real("label_smoothing", label_smoothing, low=0.0,
+                                               high=1.0))
         self.z_loss = check_real("z_loss", z_loss, low=0.0)
         self.softcap = check_softcap(softcap)
 
     def forward(self, input, target):
         if (not self.z_loss and self.softcap is None and isinstance(input, torch.Tensor)
+                and isinstance(target, torch.Tensor)
                 and small_for_kernels(input, input.numel() // max(1, input.shape[1])
                                       if input.dim() > 1 else 1,
-                                      _torch_ops.CROSS_ENTROPY_MIN_SAMPLES)):
+                                      _torch_ops.CROSS_ENTROPY_MIN_SAMPLES)
+                and hands_over_cross_entropy(input, target)):
             # PyTorch's own module path (see _torch_ops.CROSS_ENTROPY_MIN_SAMPLES); the module's
             # options were checked when it was built.
-            return super().forward(input, target)
+            return handed_over_cross_entropy(super().forward, input, target)
         return softmax_cross_entropy(input, target, self.weight, self.ignore_index,
                                      self.reduction, self.label_smoothing, z_loss=self.z_loss,
                                      softcap=self.softcap)
@@ -115,6 +120,9 @@ class _FusedBatchNorm:
 
     def forward(self, input):
         self._check_input_dim(input)
+        # before step_options, which counts the batch: a refused call must not count
+        check_cpu_batch_norm_dtypes(input, self.weight, self.bias, self.running_mean,
+                                    self.running_var)
         step = step_options(self)
         # Small CPU inputs go to PyTorch's kernel inside (see _torch_ops.small_batch_norm).
         return batch_norm_with_relu(input, step.running_mean, step.running_var, self.weight,

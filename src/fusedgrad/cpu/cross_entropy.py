@@ -530,9 +530,29 @@ def exp_scale_minus_weighted(z, g, shift, factor, smooth, w, inplace, softcap):
 
 
 @njit(inline="always", fastmath=FASTMATH_SOFTMAX)
+def lse_rounding_factor(lse, rounded):
+    """exp(rounded - lse), in float64: what turns exp(z' - rounded), the exponentials a loop in
+    the logits' dtype forms against the saved float64 lse rounded to that dtype, into
+    exp(z' - lse). Without it the rounding of lse (up to half an ulp: 0.0005 at lse = 1e4 in
+    float32) would become a relative error of every gradient element; with it what remains is
+    the rounding of z' - rounded, exact where z' is within a factor 2 of lse (Sterbenz), i.e.
+    for every p_j that is not negligible. Exactly 1 for float64 logits.
+
+    exp(d) for the tiny d = rounded - lse as its Taylor series to d^4 (error under d^5 / 120:
+    1e-17 for |lse| < 2^14 in float32, 8e-9 up to 2^20, where float32 logits have lost more
+    than that already), plain arithmetic that vectorises in the lane loops. Not
+    :func:`fast_exp`: with its float64 form in these kernels, the fused row kernel compiled
+    after the lane and probability kernels in one process gave NaN for a block of -inf logits
+    where it must give 0 (seen 2026-12-06, not understood; a fresh process compiling it first
+    did not)."""
+    d = np.float64(rounded) - lse
+    return 1.0 + d * (1.0 + d * (0.5 + d * (1.0 / 6.0 + d * (1.0 / 24.0))))
+
+
+@njit(inline="always", fastmath=FASTMATH_SOFTMAX)
 def _exp_scale_minus_weighted_loop(z, g, shift, factor, smooth, w, softcap):
-    f = cast_like(factor, g)
     sh = cast_like(shift, z)
+    f = cast_like(factor * lse_rounding_factor(shift, sh), g)
     if smooth == 0.0:
         for j in range(z.shape[0]):
             e, slope = exp_and_slope(z[j], sh, softcap)
@@ -654,7 +674,7 @@ def _block_factor(factor, block_shift, block_sum, top, total):
     (0 for a block of -inf logits, whose sum is 0). A row of nothing but -inf (S = 0) has no
     softmax: NaN, as exp(z - lse) gives in the backward and PyTorch gives."""
     if block_sum == 0.0:
-        return 0.0 if total > 0.0 else np.nan
+        return 0.0 if total > 0.0 else math.nan
     return factor * _block_rescale(block_shift, top) / total
 
 
@@ -855,7 +875,9 @@ def _row_target_sums(z, y, w, with_logits, softcap):
         for j in range(z.shape[0]):
             wyj = w[j] * y[j]
             wy += wyj
-            wyz += wyj * z[j] if wyj != 0.0 else 0.0
+            # y_j = 0 skips a masked class (z_j = -inf); a class weighted 0 with y_j > 0 and
+            # z_j = -inf gives 0 * -inf = NaN, as in PyTorch
+            wyz += wyj * z[j] if y[j] != 0.0 else 0.0
             wz += w[j] * z[j]
     elif with_logits:
         # z'_j (a tanh) once, for both sums
@@ -863,7 +885,7 @@ def _row_target_sums(z, y, w, with_logits, softcap):
             zj = soft_cap(z[j], softcap)
             wyj = w[j] * y[j]
             wy += wyj
-            wyz += wyj * zj if wyj != 0.0 else 0.0
+            wyz += wyj * zj if y[j] != 0.0 else 0.0
             wz += w[j] * zj
     else:
         for j in range(y.shape[0]):
@@ -908,8 +930,8 @@ def _exp_scale_minus_target(z, g, lse, coef, y, w, keep, smooth_per_class, scale
 @njit(inline="always", fastmath=FASTMATH_SOFTMAX)
 def _exp_scale_minus_target_loop(z, g, lse, coef, y, w, keep, smooth_per_class, scale,
                                  softcap):
-    f = cast_like(coef, g)
     sh = cast_like(lse, z)
+    f = cast_like(coef * lse_rounding_factor(lse, sh), g)
     a = cast_like(scale * keep, g)
     b = cast_like(scale * smooth_per_class, g)
     for j in range(z.shape[0]):
@@ -1244,6 +1266,8 @@ def _index_lanes(mode, z, g, width, target, first, lanes, sample_lanes, weights,
                                          smoothing, z_loss, c)
         if mode == MODE_FUSED:
             coef = divide(coef, np.float64(total[k]))
+        else:  # the saved lse, rounded to z's dtype in ``shift`` (lse_rounding_factor)
+            coef *= lse_rounding_factor(lse, shift[k])
         factor[k] = cast_like(select(kept, coef, 0.0), factor)
         smooth[k] = cast_like(select(kept, scale * smooth_per_class, 0.0), smooth)
     # 4. the gradient, then the target-class term (times the target's slope)
@@ -1348,7 +1372,7 @@ def _tiles_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
                 for k in range(width):
                     wyk = wc * np.float64(yc[k])
                     wy[k] += wyk
-                    if mode != MODE_BACKWARD and wyk != 0.0:
+                    if mode != MODE_BACKWARD and yc[k] != 0.0:
                         wyz[k] += wyk * soft_cap(zc[k], softcap)
             # per-sample values as slices indexed by k (see _index_lanes)
             lse_lanes = lse_out[first:first + width]
@@ -1367,7 +1391,8 @@ def _tiles_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
                 lse = lse_lanes[k]  # given in backward, stored by the loop above otherwise
                 coef = scale[k] * _prob_coefficient(lse, wy[k], weight_total, smoothing,
                                                     z_loss, c)
-                factor[k] = coef / np.float64(total[k]) if mode == MODE_FUSED else coef
+                factor[k] = (coef / np.float64(total[k]) if mode == MODE_FUSED
+                             else coef * lse_rounding_factor(lse, shift[k]))
             for cls in range(c):
                 zc = z[cls]
                 yc = y[cls]
