@@ -821,7 +821,12 @@ def _rows_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
             # has no target term; its slope is 1 like every uncapped one, a constant then)
             z_t, slope_t = (0.0, 1.0) if ignored else soft_cap_and_slope(z[t], softcap)
             # 2. lse: the saved one, or one trip over the row in blocks (the exponentials go
-            #    to ``stored`` in the fused mode)
+            #    to ``stored`` in the fused mode). ``top`` and ``total`` are set on every path:
+            #    a variable the prange body defines on one branch only is live into the loop
+            #    for Numba's parfor pass, and reading it (step 4) then took the value passed
+            #    into the loop instead of this row's in some compile orders (2026-12-06)
+            top = 0.0
+            total = 0.0
             if mode == MODE_BACKWARD:
                 lse = lse_out[i]
             else:
@@ -984,7 +989,10 @@ def _rows_prob_kernel(mode, logits, target, weights, grad, grad_scale, lse_out, 
             #    inplace exp overwrites the logits (Y alone in the backward mode)
             wy, wyz, wz = _row_target_sums(z, y, weights, mode != MODE_BACKWARD, softcap)
             # 2. lse: the saved one, or the exp trip over the row in blocks (the exponentials
-            #    go to ``stored`` in the fused mode)
+            #    go to ``stored`` in the fused mode; ``top`` and ``total`` set on every path,
+            #    as in _rows_index_kernel)
+            top = 0.0
+            total = 0.0
             if mode == MODE_BACKWARD:
                 lse = lse_out[i]
             else:
