@@ -540,11 +540,7 @@ def lse_rounding_factor(lse, rounded):
 
     exp(d) for the tiny d = rounded - lse as its Taylor series to d^4 (error under d^5 / 120:
     1e-17 for |lse| < 2^14 in float32, 8e-9 up to 2^20, where float32 logits have lost more
-    than that already), plain arithmetic that vectorises in the lane loops. Not
-    :func:`fast_exp`: with its float64 form in these kernels, the fused row kernel compiled
-    after the lane and probability kernels in one process gave NaN for a block of -inf logits
-    where it must give 0 (seen 2026-12-06, not understood; a fresh process compiling it first
-    did not)."""
+    than that already), plain arithmetic that vectorises in the lane loops."""
     d = np.float64(rounded) - lse
     return 1.0 + d * (1.0 + d * (0.5 + d * (1.0 / 6.0 + d * (1.0 / 24.0))))
 
