@@ -442,6 +442,14 @@ def batch_norm_with_relu(input, running_mean, running_var, weight, bias, trainin
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
     check_cpu_batch_norm_dtypes(input, weight, bias, running_mean, running_var)
+    return checked_batch_norm_with_relu(input, running_mean, running_var, weight, bias,
+                                        training, momentum, eps, relu=relu)
+
+
+def checked_batch_norm_with_relu(input, running_mean, running_var, weight, bias, training,
+                                 momentum, eps, *, relu):
+    """:func:`batch_norm_with_relu` of a tensor whose dtypes :func:`check_cpu_batch_norm_dtypes`
+    has passed (the modules check before they count the batch, and not twice per call)."""
     if small_for_kernels(input, input.numel(), BATCH_NORM_MIN_ELEMENTS):
         return small_batch_norm(input, running_mean, running_var, weight, bias, training,
                                 momentum, eps, relu=relu)

@@ -42,8 +42,8 @@ import torch
 from torch import nn
 
 from . import _torch_ops
-from ._torch_ops import (adopt_state, batch_norm, batch_norm_with_relu,
-                         check_cpu_batch_norm_dtypes, handed_over_cross_entropy,
+from ._torch_ops import (adopt_state, batch_norm, check_cpu_batch_norm_dtypes,
+                         checked_batch_norm_with_relu, handed_over_cross_entropy,
                          hands_over_cross_entropy, linear_cross_entropy, meta_copy_arguments,
                          small_for_kernels, softmax_cross_entropy, step_options)
 from ._validate import check_int, check_real, check_softcap
@@ -125,9 +125,9 @@ class _FusedBatchNorm:
                                     self.running_var)
         step = step_options(self)
         # Small CPU inputs go to PyTorch's kernel inside (see _torch_ops.small_batch_norm).
-        return batch_norm_with_relu(input, step.running_mean, step.running_var, self.weight,
-                                    self.bias, step.use_batch_stats, step.momentum, self.eps,
-                                    relu=self._relu)
+        return checked_batch_norm_with_relu(input, step.running_mean, step.running_var,
+                                            self.weight, self.bias, step.use_batch_stats,
+                                            step.momentum, self.eps, relu=self._relu)
 
 
 class BatchNorm1d(_FusedBatchNorm, nn.BatchNorm1d):
