@@ -89,6 +89,15 @@ def check_bool(name: str, value) -> bool:
     return bool(value)
 
 
+def check_written_in_place(name: str, given, arr) -> None:
+    """An argument written in place must be the host array itself: ``arr``, what conversion
+    made of ``given``, differs for a list, say, whose converted copy would be written and lost
+    (``TypeError``)."""
+    if arr is not given:
+        raise TypeError(f"{name} is written in place, so it must be a NumPy array, got "
+                        f"{type(given).__name__}")
+
+
 def check_int(name: str, value) -> int:
     """``value`` as a Python int that the kernels' int64 arguments hold."""
     if type(value) is int and -2**63 <= value < 2**63:  # the usual call, checked cheaply

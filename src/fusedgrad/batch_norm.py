@@ -31,7 +31,7 @@ from . import _device
 from ._layout import channel_axis as _channel_axis
 from ._layout import host_empty, host_layout, host_like, host_view
 from ._validate import (check_bool, check_dtype, check_ndim, check_out, check_real,
-                        check_shape, check_writeable)
+                        check_shape, check_writeable, check_written_in_place)
 
 __all__ = ["batch_norm_forward", "batch_norm_backward"]
 
@@ -50,9 +50,8 @@ def _as_written(arrays, name: str, value):
     of its device (``TypeError`` for a list, say, whose converted copy would be written and
     lost)."""
     arr = _as_array(arrays, name, value)
-    if arr is not None and arrays is _device.arrays(_device.HOST) and arr is not value:
-        raise TypeError(f"{name} is written in place, so it must be a NumPy array, got "
-                        f"{type(value).__name__}")
+    if arr is not None and arrays is _device.arrays(_device.HOST):
+        check_written_in_place(name, value, arr)
     return arr
 
 

@@ -92,7 +92,8 @@ from ._options import CrossEntropyOptions
 from ._torch_arrays import ChannelLayout, kernel_array
 from ._torch_ops import adopt_state, batch_norm, bias_keyword, meta_copy_arguments, step_options
 from ._validate import (INT_DTYPES, check_dtype, check_int, check_ndim, check_real, check_out,
-                        check_reduction, check_shape, check_softcap, check_writeable)
+                        check_reduction, check_shape, check_softcap, check_writeable,
+                        check_written_in_place)
 from .cpu import _arrays as host_arrays
 from .cpu import batch_norm as _bn_cpu
 from .cpu import cross_entropy as _ce_cpu
@@ -143,9 +144,7 @@ def _channel_vector(name, vec, n_channels, *, writeable=False):
     check_dtype(name, vec, host_arrays.DTYPES)
     check_shape(name, vec, (n_channels,))
     if writeable:
-        if vec is not given:  # a list, say: its converted copy would be written and lost
-            raise TypeError(f"{name} is written in place, so it must be a NumPy array, got "
-                            f"{type(given).__name__}")
+        check_written_in_place(name, given, vec)
         check_writeable(host_arrays, name, vec)
     return vec
 
