@@ -108,12 +108,15 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 #: Fast-math flags of loops that only add, subtract and multiply (batch norm's kernels):
-#: ``reassoc`` lets LLVM vectorise the float64 accumulations (the order it picks is fixed at
-#: compile time, so results stay deterministic), ``contract`` forms FMAs, ``nsz`` ignores the
-#: sign of zero. Nothing more, because ``arcp`` and ``afn`` act only on divisions and on
-#: library functions (exp, log, sqrt, ...), and these loops have neither (their divisions and
-#: square roots are in the per-channel coefficients, computed outside them): compiled with
-#: :data:`FASTMATH_SOFTMAX` instead, they give the same machine code.
+#: ``reassoc`` lets LLVM vectorise the accumulations, ``contract`` forms FMAs, ``nsz`` ignores
+#: the sign of zero. The order ``reassoc`` lets LLVM pick is the same in every process that
+#: runs the same machine code, but LLVM picks again each time it optimises a function, and a
+#: process that compiles a parallel kernel runs a copy optimised once where the cache holds
+#: one optimised twice: the known first-compile exception to bitwise reproducibility
+#: (``docs/api.md``, Devices). Nothing more, because ``arcp`` and ``afn`` act only on
+#: divisions and on library functions (exp, log, sqrt, ...), and these loops have neither
+#: (their divisions and square roots are in the per-channel coefficients, computed outside
+#: them): compiled with :data:`FASTMATH_SOFTMAX` instead, they give the same machine code.
 FASTMATH_SUMS = {"nsz", "contract", "reassoc"}
 
 #: Fast-math flags of the softmax kernels (cross-entropy, its class-sharded form in
