@@ -542,6 +542,30 @@ def test_backward_validation():
     np.testing.assert_array_equal(out, 5.0)
 
 
+@pytest.mark.parametrize("grad_loss", ["1", None, True, object(), np.array("x")])
+def test_grad_loss_of_a_wrong_type_is_a_type_error(grad_loss):
+    """Not a number and not an array: TypeError naming grad_loss (it was a ValueError saying
+    the value, of shape (), must be a scalar), in the backward and in linear + cross-entropy."""
+    logits, target = make_problem((4, 3), "index", ignore_some=False)
+    _, lse = fg.softmax_cross_entropy_forward(logits, target)
+    with pytest.raises(TypeError, match="grad_loss must be a real number"):
+        fg.softmax_cross_entropy_backward(grad_loss, logits, target, lse)
+    with pytest.raises(TypeError, match="grad_loss must be a real number"):
+        fg.linear_cross_entropy(logits, np.eye(3, dtype=logits.dtype), target,
+                                grad_loss=grad_loss)
+
+
+def test_probability_targets_refuse_a_class_to_ignore():
+    logits, probs = make_problem((4, 3), "prob")
+    for call in (fg.softmax_cross_entropy, fg.softmax_cross_entropy_forward):
+        with pytest.raises(ValueError, match="ignore_index must be negative"):
+            call(logits, probs, ignore_index=0)
+    loss, grad = fg.softmax_cross_entropy(logits, probs, ignore_index=-7)
+    expected, expected_grad = fg.softmax_cross_entropy(logits, probs)
+    assert loss == expected
+    np.testing.assert_array_equal(grad, expected_grad)
+
+
 def test_list_inputs_are_accepted():
     loss, grad = fg.softmax_cross_entropy([[1.0, 2.0], [0.5, 0.0]], [1, 0])
     ref_loss, ref_grad, _ = reference.softmax_cross_entropy(

@@ -763,6 +763,23 @@ def test_small_cross_entropy_takes_and_refuses_what_the_kernels_do(default_thres
                 loss_fn(logits, bad)
 
 
+def test_probability_targets_refuse_an_ignore_index_at_every_size(default_thresholds):
+    """PyTorch refuses an ignore_index >= 0 with probability targets (RuntimeError, below the
+    hand-over size); fusedgrad refuses it at every size with its ValueError, and takes a
+    negative one other than -100, as PyTorch does."""
+    for n in (100, 600):
+        logits = torch.randn(n, 5, dtype=F64)
+        probs = torch.softmax(torch.randn(n, 5, dtype=F64), dim=1)
+        calls = {"functional": lambda i: fgt.softmax_cross_entropy(logits, probs, ignore_index=i),
+                 "module": lambda i: fgt.CrossEntropyLoss(ignore_index=i)(logits, probs),
+                 "linear": lambda i: fgt.linear_cross_entropy(logits, torch.eye(5, dtype=F64),
+                                                              probs, ignore_index=i)}
+        for name, loss_of in calls.items():
+            with pytest.raises(ValueError, match="ignore_index must be negative"):
+                loss_of(3)
+            torch.testing.assert_close(loss_of(-5), F.cross_entropy(logits, probs), msg=name)
+
+
 @pytest.mark.parametrize("n", [8, 4096])  # 8 x 4 x 4 x 4: PyTorch's kernel; 4096: fusedgrad's
 def test_batch_norm_refuses_other_dtypes_at_every_size_and_counts_no_batch(default_thresholds,
                                                                          n):

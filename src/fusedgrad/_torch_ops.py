@@ -207,11 +207,7 @@ def softmax_cross_entropy(input, target, weight=None, ignore_index=-100, reducti
     if target.is_floating_point():
         # Probability targets: F.cross_entropy needs them in the input's dtype as well.
         target = target.to(input.dtype)
-    samples = 1 if input.dim() == 1 else input.numel() // max(1, input.shape[1])
-    if (small_for_kernels(input, samples, CROSS_ENTROPY_MIN_SAMPLES) and z_loss == 0.0
-            and softcap is None and hands_over_cross_entropy(input, target)):
-        # PyTorch's kernel computes the same loss: the options left are all F.cross_entropy's
-        # (see CROSS_ENTROPY_MIN_SAMPLES).
+    if hands_over_cross_entropy(input, target, ignore_index, z_loss, softcap):
         return handed_over_cross_entropy(F.cross_entropy, input, target, weight,
                                          ignore_index=ignore_index, reduction=reduction,
                                          label_smoothing=label_smoothing)
@@ -223,12 +219,21 @@ def softmax_cross_entropy(input, target, weight=None, ignore_index=-100, reducti
     return loss.squeeze(0) if unbatched and reduction == "none" else loss
 
 
-def hands_over_cross_entropy(input: torch.Tensor, target: torch.Tensor) -> bool:
-    """Whether the dtypes are ones the kernels take too (float32 / float64 logits; int64 or
-    int32 class indices, or probabilities, already in the logits' dtype): others go to the
-    kernels' path, which refuses them, so a small batch is refused as a large one is."""
-    return input.dtype in CPU_FLOAT_DTYPES and (target.dtype in (torch.int64, torch.int32)
-                                                or target.dtype == input.dtype)
+def hands_over_cross_entropy(input: torch.Tensor, target: torch.Tensor, ignore_index: int,
+                             z_loss: float, softcap) -> bool:
+    """Whether a cross-entropy goes to PyTorch's own kernel, which computes the same loss: a
+    batch too small for the kernels (see :data:`CROSS_ENTROPY_MIN_SAMPLES`), no option that
+    ``F.cross_entropy`` lacks (``z_loss``, ``softcap``), and arguments the kernels take too
+    (float32 / float64 logits; int64 or int32 class indices, or probabilities already in the
+    logits' dtype, without an ``ignore_index`` >= 0): the others go to the kernels' path,
+    which refuses them, so a small batch is refused as a large one is, with the same error."""
+    samples = 1 if input.dim() == 1 else input.numel() // max(1, input.shape[1])
+    if not (small_for_kernels(input, samples, CROSS_ENTROPY_MIN_SAMPLES) and z_loss == 0.0
+            and softcap is None and input.dtype in CPU_FLOAT_DTYPES):
+        return False
+    if target.dtype in (torch.int64, torch.int32):
+        return True
+    return target.dtype == input.dtype and ignore_index < 0
 
 
 def handed_over_cross_entropy(loss_function, input, target, *args, **kwargs):

@@ -124,6 +124,11 @@ def prepare_for_shape(location, logits_shape, logits_dtype, target, weight, igno
             raise TypeError(f"target holds class probabilities, so it must have the dtype of "
                             f"logits ({logits_dtype}), got {target.dtype}")
         check_shape("target", target, tuple(logits_shape))
+        if ignore_index >= 0:
+            # as PyTorch: a class index to ignore means nothing to probability targets, and a
+            # caller passing one most likely meant class-index targets
+            raise ValueError(f"ignore_index must be negative (no class is ignored) for "
+                             f"probability targets, got {ignore_index}")
     else:
         int_names = " or ".join(map(str, INT_DTYPES))
         raise TypeError(f"target must be integer class indices ({int_names}) or floating "
@@ -235,6 +240,7 @@ def softmax_cross_entropy_backward(grad_loss, logits, target, lse, *, weight=Non
     ``grad_loss``: a scalar for "mean"/"sum", an array shaped like the loss for "none". The
     options, ``softcap`` included, must be those of the forward.
     """
+    check_grad_loss_type(grad_loss)
     call = prepare(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
                    softcap=softcap, lse=lse,
                    grad_loss=None if _is_scalar(grad_loss) else grad_loss, out=out)
@@ -242,22 +248,46 @@ def softmax_cross_entropy_backward(grad_loss, logits, target, lse, *, weight=Non
     check_shape("lse", lse_array, call.sample_shape)
     if lse_array.dtype.kind != "f":
         raise TypeError(f"lse must be a floating array, got dtype {lse_array.dtype}")
-    if call.reduction == "none":
-        if _is_scalar(grad_loss):
-            raise ValueError(f"grad_loss must be an array of shape {call.sample_shape} for "
-                             "reduction='none', got a scalar")
-        grad_loss = call.arrays.as_array("grad_loss", grad_loss)
-        check_shape("grad_loss", grad_loss, call.sample_shape)
-        if grad_loss.dtype.kind != "f":
-            raise TypeError(f"grad_loss must be floating, got dtype {grad_loss.dtype}")
-    elif not _is_scalar(grad_loss):
-        raise ValueError(f"grad_loss must be a scalar (or 0-d array) for reduction="
-                         f"{call.reduction!r}, got shape {tuple(np.shape(grad_loss))}")
+    grad_loss = check_grad_loss(call, grad_loss, scalar_for_none=False)
     forbid = (("target", call.target), ("weight", weight), ("lse", lse_array))
     if not _is_scalar(grad_loss):
         forbid += (("grad_loss", grad_loss),)
     grad = _gradient_buffer(call, logits, out, check_bool("inplace", inplace), forbid_alias=forbid)
     return backward_of_checked(call, grad_loss, lse_array, grad)
+
+
+def check_grad_loss_type(grad_loss) -> None:
+    """Raise ``TypeError`` unless ``grad_loss`` is a real number, a 0-d array of one, or
+    array-like (its shape and dtype are checked by :func:`check_grad_loss`, once the call's
+    reduction and sample shape are known)."""
+    if _is_scalar(grad_loss):
+        kind = np.dtype(getattr(grad_loss, "dtype", np.float64)).kind
+        if kind not in "fiu":
+            raise TypeError(f"grad_loss must be a real number, got dtype {grad_loss.dtype}")
+    elif isinstance(grad_loss, (bool, str, bytes)) or grad_loss is None or not (
+            hasattr(grad_loss, "shape") or isinstance(grad_loss, (list, tuple))):
+        raise TypeError(f"grad_loss must be a real number or a floating array, got "
+                        f"{type(grad_loss).__name__}")
+
+
+def check_grad_loss(call: CheckedCall, grad_loss, *, scalar_for_none: bool):
+    """``grad_loss`` as the backend's ``sample_scale`` takes it: a real number (or 0-d array)
+    for "mean" and "sum", an array of the call's sample shape and a floating dtype for
+    "none" (or a number there too with ``scalar_for_none``, which scales every sample alike)."""
+    check_grad_loss_type(grad_loss)
+    if _is_scalar(grad_loss):
+        if call.reduction == "none" and not scalar_for_none:
+            raise ValueError(f"grad_loss must be an array of shape {call.sample_shape} for "
+                             "reduction='none', got a scalar")
+        return grad_loss
+    if call.reduction != "none":
+        raise ValueError(f"grad_loss must be a scalar (or 0-d array) for reduction="
+                         f"{call.reduction!r}, got shape {tuple(np.shape(grad_loss))}")
+    grad_loss = call.arrays.as_array("grad_loss", grad_loss)
+    check_shape("grad_loss", grad_loss, call.sample_shape)
+    if grad_loss.dtype.kind != "f":
+        raise TypeError(f"grad_loss must be floating, got dtype {grad_loss.dtype}")
+    return grad_loss
 
 
 def backward_of_checked(call: CheckedCall, grad_loss, lse, grad):

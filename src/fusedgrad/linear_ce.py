@@ -189,25 +189,12 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     the chunks in float64 for float64 input and float32 otherwise. ``chunk_size``: rows per
     chunk (None: :func:`default_chunk_rows`).
     """
+    _ce.check_grad_loss_type(grad_loss)
     call = prepare(input, linear_weight, target, linear_bias, weight, ignore_index, reduction,
                    label_smoothing, z_loss, softcap, chunk_size,
                    grad_loss=None if is_scalar(grad_loss) else grad_loss)
-    return fused_of_checked(call, _check_grad_loss(call, grad_loss), ALL_GRADIENTS)
-
-
-def _check_grad_loss(call: LinearCall, grad_loss):
-    """``grad_loss`` as ``sample_scale`` takes it: a scalar, or an (N,) floating array of the
-    device for "none"."""
-    if is_scalar(grad_loss):
-        return grad_loss
-    if call.ce.reduction != "none":
-        raise ValueError(f"grad_loss must be a scalar (or 0-d array) for reduction="
-                         f"{call.ce.reduction!r}, got shape {tuple(np.shape(grad_loss))}")
-    grad_loss = call.arrays.as_array("grad_loss", grad_loss)
-    check_shape("grad_loss", grad_loss, call.ce.sample_shape)
-    if grad_loss.dtype.kind != "f":
-        raise TypeError(f"grad_loss must be floating, got dtype {grad_loss.dtype}")
-    return grad_loss
+    grad_loss = _ce.check_grad_loss(call.ce, grad_loss, scalar_for_none=True)
+    return fused_of_checked(call, grad_loss, ALL_GRADIENTS)
 
 
 def fused_of_checked(call: LinearCall, grad_loss, wanted):

@@ -41,11 +41,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import _torch_ops
 from ._torch_ops import (adopt_state, batch_norm, check_cpu_batch_norm_dtypes,
                          checked_batch_norm_with_relu, handed_over_cross_entropy,
                          hands_over_cross_entropy, linear_cross_entropy, meta_copy_arguments,
-                         small_for_kernels, softmax_cross_entropy, step_options)
+                         softmax_cross_entropy, step_options)
 from ._validate import check_int, check_real, check_softcap
 
 #: Multi-process drop-ins, defined in ``fusedgrad.distributed`` and re-exported here on first
@@ -83,12 +82,9 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         self.softcap = check_softcap(softcap)
 
     def forward(self, input, target):
-        if (not self.z_loss and self.softcap is None and isinstance(input, torch.Tensor)
-                and isinstance(target, torch.Tensor)
-                and small_for_kernels(input, input.numel() // max(1, input.shape[1])
-                                      if input.dim() > 1 else 1,
-                                      _torch_ops.CROSS_ENTROPY_MIN_SAMPLES)
-                and hands_over_cross_entropy(input, target)):
+        if (isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor)
+                and hands_over_cross_entropy(input, target, self.ignore_index, self.z_loss,
+                                             self.softcap)):
             # PyTorch's own module path (see _torch_ops.CROSS_ENTROPY_MIN_SAMPLES); the module's
             # options were checked when it was built.
             return handed_over_cross_entropy(super().forward, input, target)
