@@ -570,6 +570,28 @@ def test_convert_model_fuses_relu_only_after_batch_norm_in_sequentials():
     model(torch.randn(2, 3, 3, 3)).sum().backward()  # runs, with gradients
 
 
+def test_convert_model_replaces_a_shared_batch_norm_by_one_layer_everywhere():
+    """A batch norm registered under two names, and in two containers, becomes one fusedgrad
+    layer (named_children lists a shared child once: the second name kept PyTorch's layer)."""
+    class Shared(nn.Module):
+        def __init__(self, bn):
+            super().__init__()
+            self.first, self.second = bn, bn
+            self.inner = nn.Sequential(bn, nn.ReLU(), bn, nn.ReLU())
+
+        def forward(self, x):
+            return self.inner(self.second(self.first(x)))
+
+    model = Shared(nn.BatchNorm2d(3))
+    fgt.convert_model(model)
+    assert type(model.first) is fgt.BatchNorm2d
+    assert model.second is model.first
+    assert model.inner[0] is model.first and model.inner[2] is model.first
+    fused = fgt.convert_model(Shared(nn.BatchNorm2d(3)), fuse_relu=True)
+    assert [type(m).__name__ for m in fused.inner] == ["BatchNormReLU2d", "Identity"] * 2
+    fused(torch.randn(2, 3, 4, 4)).sum().backward()
+
+
 def test_state_dict_round_trips_both_ways():
     trained = _small_cnn()
     _train(trained, nn.CrossEntropyLoss(), _batches(2))

@@ -171,8 +171,9 @@ def convert_model(module: nn.Module, *, fuse_relu: bool = False) -> nn.Module:
     The replacements take over the very same parameter and buffer tensors (so device, dtype,
     values and any optimizer holding the parameters stay valid) and the train/eval flag.
     Subclasses of PyTorch's batch norm are left alone (they may change ``forward``), as are
-    hooks registered on the replaced layers. Returns ``module``, or its replacement when
-    ``module`` itself is a batch-norm layer.
+    hooks registered on the replaced layers. A layer registered under several names, or in
+    several containers, is replaced by one layer everywhere. Returns ``module``, or its
+    replacement when ``module`` itself is a batch-norm layer.
 
     ``fuse_relu=True`` (an addition to the contract, see ``docs/api.md``): inside
     ``nn.Sequential`` containers, a batch norm directly followed by an ``nn.ReLU`` becomes one
@@ -184,11 +185,21 @@ def convert_model(module: nn.Module, *, fuse_relu: bool = False) -> nn.Module:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    return _convert(module, fuse_relu, {})
+
+
+def _convert(module: nn.Module, fuse_relu: bool, done: dict) -> nn.Module:
+    """:func:`convert_model` below ``module``. ``done``: what each module met so far became,
+    by ``id``, so that a layer registered under several names, or in several containers, is
+    replaced by one and the same layer everywhere (``named_children`` would name it once)."""
+    if id(module) in done:
+        return done[id(module)]
     fused_class = _FUSED_CLASS.get(type(module))
+    done[id(module)] = module if fused_class is None else _fused_copy(module, fused_class)
     if fused_class is not None:
-        return _fused_copy(module, fused_class)
-    for name, child in module.named_children():
-        converted = convert_model(child, fuse_relu=fuse_relu)
+        return done[id(module)]
+    for name, child in _all_children(module):
+        converted = _convert(child, fuse_relu, done)
         if converted is not child:
             module.add_module(name, converted)
     if fuse_relu and isinstance(module, nn.Sequential):
@@ -196,10 +207,15 @@ def convert_model(module: nn.Module, *, fuse_relu: bool = False) -> nn.Module:
     return module
 
 
+def _all_children(module: nn.Module) -> list:
+    """(name, child) for every name a child is registered under, the same child repeated."""
+    return [(name, child) for name, child in module._modules.items() if child is not None]
+
+
 def _fuse_relus(sequential: nn.Sequential) -> None:
     """Each (fusedgrad batch norm, nn.ReLU) pair of adjacent children -> (BatchNormReLU,
     nn.Identity), in place."""
-    children = list(sequential.named_children())
+    children = _all_children(sequential)
     for (bn_name, bn), (relu_name, relu) in zip(children, children[1:]):
         with_relu = _WITH_RELU.get(type(bn))
         if with_relu is not None and type(relu) is nn.ReLU:
