@@ -264,8 +264,7 @@ def check_grad_loss_type(grad_loss) -> None:
         kind = np.dtype(getattr(grad_loss, "dtype", np.float64)).kind
         if kind not in "fiu":
             raise TypeError(f"grad_loss must be a real number, got dtype {grad_loss.dtype}")
-    elif isinstance(grad_loss, (bool, str, bytes)) or grad_loss is None or not (
-            hasattr(grad_loss, "shape") or isinstance(grad_loss, (list, tuple))):
+    elif not (hasattr(grad_loss, "shape") or isinstance(grad_loss, (list, tuple))):
         raise TypeError(f"grad_loss must be a real number or a floating array, got "
                         f"{type(grad_loss).__name__}")
 
