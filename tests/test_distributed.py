@@ -376,6 +376,16 @@ def test_vocab_parallel_rejects_bad_target_and_in_place_changes(one_rank_world):
         loss.backward()
 
 
+def test_vocab_parallel_refuses_a_second_order_gradient(one_rank_world):
+    """create_graph=True through the sharded backward raises, where once_differentiable alone
+    returned a gradient cut off from the graph (a gradient penalty's gradient dropped)."""
+    shard = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    loss = fgd.vocab_parallel_softmax_cross_entropy(shard, torch.tensor([0, 2, 1, 0]))
+    with pytest.raises(RuntimeError, match="vocab_parallel_softmax_cross_entropy has no "
+                                           "double backward"):
+        torch.autograd.grad(loss, shard, create_graph=True)
+
+
 # --------------------------------------------------------------------------------------------
 # torch modules in one process (no process group: plain batch norm)
 # --------------------------------------------------------------------------------------------

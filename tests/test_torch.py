@@ -402,10 +402,12 @@ def test_batch_norm_saves_input_and_channel_statistics(module_class):
     module = module_class(3, dtype=F64)
     x = torch.randn(4, 3, 2, 2, dtype=F64, requires_grad=True)
     y = module(x)
-    # The tensors autograd keeps (and version-checks): the input itself and weight, no copies;
-    # with the fused ReLU also the output, whose sign is the ReLU's mask.
-    saved_x, saved_weight, saved_output = y.grad_fn.saved_tensors
+    # The tensors autograd keeps (and version-checks): the input (as the kernels see it, and
+    # as given, for a second-order backward), weight and bias, no copies; with the fused ReLU
+    # also the output, whose sign is the ReLU's mask.
+    saved_x, saved_weight, saved_output, saved_input, saved_bias = y.grad_fn.saved_tensors
     assert saved_x.data_ptr() == x.data_ptr() and saved_weight is module.weight
+    assert saved_input is x and saved_bias is module.bias
     if module_class is fgt.BatchNormReLU2d:
         assert saved_output.data_ptr() == y.data_ptr()
     else:
@@ -741,20 +743,90 @@ def test_small_cross_entropy_runs_pytorchs_kernel_unless_an_option_needs_fusedgr
 # --------------------------------------------------------------------------------------------
 # Named edge cases found by a differential hunt against PyTorch (2026-12-06)
 # --------------------------------------------------------------------------------------------
-def test_double_backward_raises_instead_of_a_silently_wrong_second_order_gradient():
-    """create_graph=True (a gradient penalty) through a fusedgrad kernel used to return a
-    gradient cut off from the graph, so the penalty's own gradient was silently dropped."""
-    x = torch.randn(6, 5, dtype=F64, requires_grad=True)
-    target = torch.randint(0, 5, (6,), generator=_generator(1))
-    weight = torch.randn(7, 5, dtype=F64)
-    losses = {"softmax_cross_entropy": lambda: fgt.softmax_cross_entropy(x, target),
-              "batch_norm": lambda: fgt.batch_norm(x, None, None, training=True).pow(2).sum(),
-              "linear_cross_entropy": lambda: fgt.linear_cross_entropy(x, weight, target % 7)}
-    for name, loss_of in losses.items():
-        with pytest.raises(RuntimeError, match=f"{name} has no double backward"):
-            torch.autograd.grad(loss_of(), x, create_graph=True)
-        first_order, = torch.autograd.grad(loss_of(), x)
-        assert first_order.shape == x.shape
+def _penalty_gradient(loss_of, inputs):
+    """The gradient of a gradient penalty, sum_i |d loss / d input_i|^2, with respect to the
+    inputs: create_graph=True through the loss's backward, then a second backward."""
+    grads = torch.autograd.grad(loss_of(*inputs), inputs, create_graph=True)
+    penalty = sum((g ** 2).sum() for g in grads)
+    return torch.autograd.grad(penalty, inputs)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_second_order_gradients_match_pytorchs(reduction):
+    """create_graph=True through the fused backward (a gradient penalty): it used to return a
+    gradient cut off from the graph (the penalty's own gradient silently dropped), then
+    raised; now the gradient is formed from PyTorch's operations and differentiates again."""
+    logits = torch.randn(40, 7, dtype=F64, requires_grad=True)
+    target = torch.randint(0, 7, (40,), generator=_generator(3))
+    target[::5] = -100
+    weight = torch.rand(7, dtype=F64) + 0.5
+    probs = torch.softmax(torch.randn(40, 7, dtype=F64), dim=1)
+    options = dict(weight=weight, reduction=reduction, label_smoothing=0.1)
+
+    def summed(loss):
+        return loss.sum() if reduction == "none" else loss
+    for y in (target, probs):
+        ours = _penalty_gradient(
+            lambda z: summed(fgt.softmax_cross_entropy(z, y, **options)), (logits,))
+        expected = _penalty_gradient(
+            lambda z: summed(F.cross_entropy(z, y, **options)), (logits,))
+        torch.testing.assert_close(ours, expected)
+
+
+def test_second_order_gradients_with_z_loss_and_softcap_pass_gradgradcheck():
+    logits = torch.randn(12, 5, dtype=F64, requires_grad=True)
+    target = torch.randint(0, 5, (12,), generator=_generator(4))
+    assert torch.autograd.gradgradcheck(
+        lambda z: fgt.softmax_cross_entropy(z, target, z_loss=0.01, softcap=3.0), (logits,))
+    hidden = torch.randn(12, 4, dtype=F64, requires_grad=True)
+    weight = torch.randn(5, 4, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(
+        lambda h, w: fgt.linear_cross_entropy(h, w, target, z_loss=0.01, softcap=3.0,
+                                              reduction="none"), (hidden, weight))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_second_order_gradients_match_pytorchs(reduction):
+    hidden = torch.randn(30, 6, dtype=F64, requires_grad=True)
+    weight = torch.randn(9, 6, dtype=F64, requires_grad=True)
+    bias = torch.randn(9, dtype=F64, requires_grad=True)
+    target = torch.randint(0, 9, (30,), generator=_generator(5))
+
+    def summed(loss):
+        return loss.sum() if reduction == "none" else loss
+    ours = _penalty_gradient(lambda h, w, b: summed(fgt.linear_cross_entropy(
+        h, w, target, linear_bias=b, reduction=reduction, chunk_size=7)),
+        (hidden, weight, bias))
+    expected = _penalty_gradient(lambda h, w, b: summed(F.cross_entropy(
+        F.linear(h, w, b), target, reduction=reduction)), (hidden, weight, bias))
+    torch.testing.assert_close(ours, expected)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batch_norm_second_order_gradients_match_pytorchs(training, relu, channels_last):
+    x = torch.randn(4, 3, 5, 5, dtype=F64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    state = {"weight": torch.rand(3) + 0.5, "bias": torch.randn(3),
+             "running_mean": torch.randn(3), "running_var": torch.rand(3) + 0.5}
+
+    def layer(cls):
+        bn = cls(3).double().train(training)
+        with torch.no_grad():
+            for name, value in state.items():
+                getattr(bn, name).copy_(value)
+        return bn
+    ours_bn = layer(fgt.BatchNormReLU2d if relu else fgt.BatchNorm2d)
+    torch_bn = layer(nn.BatchNorm2d)
+    activation = torch.relu if relu else (lambda y: y)
+    ours = _penalty_gradient(lambda x, w, b: ours_bn(x).pow(3).sum(),
+                             (x, ours_bn.weight, ours_bn.bias))
+    expected = _penalty_gradient(lambda x, w, b: activation(torch_bn(x)).pow(3).sum(),
+                                 (x, torch_bn.weight, torch_bn.bias))
+    torch.testing.assert_close(ours, expected)
 
 
 @pytest.mark.parametrize("ignore_index", [2.5, "3", None])

@@ -72,30 +72,90 @@ def _channel_shape(tensor: torch.Tensor, ndim: int) -> tuple:
 CPU_FLOAT_DTYPES = (torch.float32, torch.float64)
 
 
-def first_order_only(name: str):
-    """``once_differentiable`` for the backward of ``name``, with an error where it would be
-    silent: it refuses a second differentiation only when an incoming gradient requires grad,
-    so ``torch.autograd.grad(loss, x, create_graph=True)`` (a gradient penalty, MAML) would
-    return a gradient cut off from the graph and a wrong second-order result. Autograd runs a
-    backward with grad mode on exactly when ``create_graph=True``."""
+def kernel_backward(name: str, composite_grads=None):
+    """Decorate an autograd backward that runs fusedgrad's kernels, which autograd cannot see
+    through (``once_differentiable``), so that differentiating it again is right or an error.
+
+    Autograd runs a backward with grad mode on exactly when ``create_graph=True`` (a gradient
+    penalty, MAML). Then ``composite_grads(ctx, *grad_outputs)`` forms the gradients instead,
+    from PyTorch's differentiable operations (the function's math written with them), so that
+    autograd differentiates them again; without a ``composite_grads`` that is a
+    ``RuntimeError``. ``once_differentiable`` alone refuses a second differentiation only when
+    an incoming gradient requires grad, and would otherwise return a gradient cut off from the
+    graph: a wrong second-order result, without an error."""
     def decorate(backward):
         once = once_differentiable(backward)
 
         @functools.wraps(backward)
-        def checked(ctx, *grad_outputs):
-            if torch.is_grad_enabled():
+        def dispatch(ctx, *grad_outputs):
+            if not torch.is_grad_enabled():
+                return once(ctx, *grad_outputs)
+            if composite_grads is None:
                 raise RuntimeError(
-                    f"fusedgrad.torch's {name} has no double backward: its gradient cannot be "
-                    "differentiated again (create_graph=True). Use PyTorch's own function "
-                    "where second-order gradients are needed.")
-            return once(ctx, *grad_outputs)
-        return checked
+                    f"{name} has no double backward: its gradient cannot be differentiated "
+                    "again (create_graph=True). Use PyTorch's own function where "
+                    "second-order gradients are needed.")
+            return composite_grads(ctx, *grad_outputs)
+        return dispatch
     return decorate
+
+
+def gradients_of(composite, inputs, needs, grad_output):
+    """``d(grad_output . composite(*inputs)) / d(input)`` for each input whose gradient is
+    needed (None for the others), as tensors autograd can differentiate again. The inputs
+    are the tensors the forward saved, the caller's own, so the graph reaches them."""
+    with torch.enable_grad():
+        output = composite(*inputs)
+        wanted = [x for x, need in zip(inputs, needs) if need]
+        grads = iter(torch.autograd.grad(output, wanted, grad_output, create_graph=True,
+                                         allow_unused=True))
+    return [next(grads) if need else None for need in needs]
 
 
 # --------------------------------------------------------------------------------------------
 # Softmax cross-entropy
 # --------------------------------------------------------------------------------------------
+def cross_entropy_composite(logits, target, weight, ignore_index, reduction, label_smoothing,
+                            z_loss, softcap):
+    """The softmax cross-entropy of the kernels written with PyTorch's differentiable
+    operations (``fusedgrad.reference.softmax_cross_entropy`` in torch): the gradient's graph
+    under ``create_graph=True``. ``F.cross_entropy`` on the capped logits, plus
+    ``z_loss * w_t * lse^2`` per sample (w_t the target class's weight, 0 for an ignored
+    sample, 1 for probability targets), "mean" dividing by PyTorch's denominator (the summed
+    w_t, or the number of samples for probability targets)."""
+    z = logits if softcap is None else softcap * torch.tanh(logits / softcap)
+    if not target.is_floating_point():
+        target = target.long()
+    per_sample = F.cross_entropy(z, target, weight=weight, ignore_index=ignore_index,
+                                 reduction="none", label_smoothing=label_smoothing)
+    if target.is_floating_point():
+        sample_weight = torch.ones_like(per_sample)
+    else:
+        valid = target != ignore_index
+        class_weight = torch.ones(z.shape[1], dtype=z.dtype, device=z.device) \
+            if weight is None else weight
+        sample_weight = torch.where(valid, class_weight[torch.where(valid, target, 0)], 0.0)
+    if z_loss:
+        per_sample = per_sample + z_loss * sample_weight * torch.logsumexp(z, dim=1) ** 2
+    if reduction == "none":
+        return per_sample
+    if reduction == "sum":
+        return per_sample.sum()
+    return per_sample.sum() / sample_weight.sum()
+
+
+def _cross_entropy_double(ctx, grad_loss):
+    """:class:`SoftmaxCrossEntropyFunction`'s gradients under ``create_graph=True``."""
+    logits, target, weight, _ = ctx.saved_tensors
+    call, options = ctx.call, ctx.call.options
+    grads = gradients_of(
+        lambda z, y: cross_entropy_composite(z, y, weight, options.ignore_index,
+                                             call.reduction, options.label_smoothing,
+                                             options.z_loss, options.softcap),
+        (logits, target), ctx.needs_input_grad[:2], grad_loss)
+    return (*grads, None, None, None, None, None, None)
+
+
 class SoftmaxCrossEntropyFunction(torch.autograd.Function):
     """Fused softmax cross-entropy; saves the logits, the target and lse per row.
 
@@ -121,7 +181,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         return as_tensor(loss, logits.device).to(logits.dtype)
 
     @staticmethod
-    @first_order_only("softmax_cross_entropy")
+    @kernel_backward("fusedgrad.torch.softmax_cross_entropy", _cross_entropy_double)
     def backward(ctx, grad_loss):
         # Unpacking the saved tensors checks that none was modified in place since forward.
         logits, target, weight, lse = ctx.saved_tensors
@@ -259,6 +319,19 @@ def small_for_kernels(input: torch.Tensor, size: int, threshold: int) -> bool:
 # --------------------------------------------------------------------------------------------
 # Linear + cross-entropy
 # --------------------------------------------------------------------------------------------
+def _linear_cross_entropy_double(ctx, grad_loss):
+    """:class:`LinearCrossEntropyFunction`'s gradients under ``create_graph=True``."""
+    input, linear_weight, linear_bias, target, weight = ctx.saved_tensors[:5]
+    ce, options = ctx.call.ce, ctx.call.ce.options
+    grads = gradients_of(
+        lambda x, w, b: cross_entropy_composite(F.linear(x, w, b), target, weight,
+                                                options.ignore_index, ce.reduction,
+                                                options.label_smoothing, options.z_loss,
+                                                options.softcap),
+        (input, linear_weight, linear_bias), ctx.needs_input_grad[:3], grad_loss)
+    return (*grads, None, None, None, None, None, None, None, None, None)
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """Fused linear layer + softmax cross-entropy (``fusedgrad.linear_cross_entropy``): the
     (N, C) logits exist one chunk of rows at a time, in forward and in backward.
@@ -290,14 +363,17 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         wanted = tuple(ctx.needs_input_grad[:3]) if grad_enabled else (False, False, False)
         device = input.device
         ctx.call = call
+        # the arguments themselves (no copies) for a second-order backward, then the lse
+        # ("none") or the gradients for an upstream gradient of 1 ("mean", "sum")
+        arguments = (input, linear_weight, linear_bias, target, weight)
         if reduction == "none":
             # lse in float64, as SoftmaxCrossEntropyFunction saves it
             loss, lse = _lce.forward_of_checked(call, lse_dtype=np.float64)
-            ctx.save_for_backward(input, linear_weight, linear_bias, target, weight,
-                                  as_tensor(lse, device))
+            ctx.save_for_backward(*arguments, as_tensor(lse, device))
         elif any(wanted):
             loss, *grads = _lce.fused_of_checked(call, 1.0, wanted)
-            ctx.save_for_backward(*(None if g is None else as_tensor(g, device) for g in grads))
+            ctx.save_for_backward(*arguments, *(None if g is None else as_tensor(g, device)
+                                                for g in grads))
         else:
             loss, _ = _lce.forward_of_checked(call)
         # The loss is float32 for half-precision input; F.linear_cross_entropy returns the
@@ -305,13 +381,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return as_tensor(loss, device).to(input.dtype)
 
     @staticmethod
-    @first_order_only("linear_cross_entropy")
+    @kernel_backward("fusedgrad.torch.linear_cross_entropy", _linear_cross_entropy_double)
     def backward(ctx, grad_loss):
         # Unpacking the saved tensors checks that none was modified in place since forward.
-        saved = ctx.saved_tensors
+        saved = ctx.saved_tensors[5:]
         call = ctx.call
         if call.ce.reduction == "none":
-            lse = saved[-1]
+            lse = saved[0]
             arrays = call.arrays
             # Autograd may hand over an expanded (stride-0) or half-precision gradient.
             upstream = arrays.as_array("grad_output", kernel_array(
@@ -373,8 +449,33 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
 # --------------------------------------------------------------------------------------------
 # Batch normalization
 # --------------------------------------------------------------------------------------------
+def _batch_norm_double(ctx, grad_output):
+    """:class:`BatchNormFunction`'s gradients under ``create_graph=True``: ``F.batch_norm`` on
+    the batch's statistics in training, or the forward's own mean and invstd in eval (the
+    running buffers may have changed since), followed by the ReLU where one was fused."""
+    _, weight, output, x, bias = ctx.saved_tensors
+    channel_shape = (x.shape[1],) + (1,) * (x.dim() - 2)
+    mean, invstd = (as_tensor(stat, x.device).to(x.dtype).reshape(channel_shape)
+                    for stat in ctx.stats)
+
+    def normalised(x, weight, bias):
+        if ctx.training:
+            y = F.batch_norm(x, None, None, weight, bias, training=True, eps=ctx.eps)
+        else:
+            y = (x - mean) * invstd
+            if weight is not None:
+                y = y * weight.reshape(channel_shape)
+            if bias is not None:
+                y = y + bias.reshape(channel_shape)
+        return y if output is None else torch.relu(y)
+
+    grads = gradients_of(normalised, (x, weight, bias), ctx.needs_input_grad[:3], grad_output)
+    return (*grads, None, None, None, None, None, None)
+
+
 class BatchNormFunction(torch.autograd.Function):
-    """Fused batch norm; saves the input, ``weight`` and mean / invstd per channel.
+    """Fused batch norm; saves the input, ``weight``, ``bias`` (for a second-order backward,
+    :func:`_batch_norm_double`) and mean / invstd per channel.
 
     The backward reuses what the forward's checked call established (the layout, and mean /
     invstd as the kernels returned them, kept on ``ctx``) and skips the argument checks.
@@ -402,13 +503,15 @@ class BatchNormFunction(torch.autograd.Function):
         ctx.layout = layout
         ctx.training = training
         ctx.stats = (mean, invstd)
-        ctx.save_for_backward(x_kernel, weight, output if relu else None)
+        ctx.eps = eps
+        # x itself too (its storage when x_kernel is a view), for a second-order backward
+        ctx.save_for_backward(x_kernel, weight, output if relu else None, x, bias)
         return output
 
     @staticmethod
-    @first_order_only("batch_norm")
+    @kernel_backward("fusedgrad.torch.batch_norm", _batch_norm_double)
     def backward(ctx, grad_output):
-        x_kernel, weight, output = ctx.saved_tensors
+        x_kernel, weight, output, _, _ = ctx.saved_tensors
         layout = ctx.layout
         mean, invstd = ctx.stats
         dx, dweight, dbias = _bn.backward_of_checked(

@@ -85,12 +85,12 @@ import torch
 import torch.distributed as dist
 from numba import njit, prange
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from . import _layout
 from ._options import CrossEntropyOptions
 from ._torch_arrays import ChannelLayout, kernel_array
-from ._torch_ops import adopt_state, batch_norm, bias_keyword, meta_copy_arguments, step_options
+from ._torch_ops import (adopt_state, batch_norm, bias_keyword, kernel_backward,
+                         meta_copy_arguments, step_options)
 from ._validate import (INT_DTYPES, check_dtype, check_int, check_ndim, check_real, check_out,
                         check_reduction, check_shape, check_softcap, check_writeable,
                         check_written_in_place)
@@ -742,7 +742,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return layout.from_kernel(torch.from_numpy(y))
 
     @staticmethod
-    @once_differentiable
+    @kernel_backward("fusedgrad.distributed.SyncBatchNorm")
     def backward(ctx, grad_output):
         x_kernel, weight, mean, invstd = ctx.saved_tensors
         layout = ctx.layout
@@ -903,7 +903,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return torch.from_numpy(loss).to(logits_shard.dtype)
 
     @staticmethod
-    @once_differentiable
+    @kernel_backward("fusedgrad.distributed.vocab_parallel_softmax_cross_entropy")
     def backward(ctx, grad_loss):
         # Unpacking the saved tensors checks that none was modified in place since forward.
         logits_shard, _, _, lse = ctx.saved_tensors
