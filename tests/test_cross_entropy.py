@@ -566,6 +566,21 @@ def test_probability_targets_refuse_a_class_to_ignore():
     np.testing.assert_array_equal(grad, expected_grad)
 
 
+@pytest.mark.parametrize("n_classes", [3, 100])  # the small-C kernel, the row kernel
+def test_zero_upstream_gradient_keeps_nan_rows_as_pytorch(n_classes):
+    """The row kernel zero-filled a row scaled by 0, so NaN or inf logits gave zeros where
+    PyTorch (and the small-C kernel) give 0 * NaN = NaN."""
+    logits = np.random.default_rng(0).standard_normal((4, n_classes))
+    logits[1, 2], logits[2, 1] = np.nan, np.inf
+    target = np.array([0, 1, 2, 0])
+    _, lse = fg.softmax_cross_entropy_forward(logits, target, reduction="none")
+    grad = fg.softmax_cross_entropy_backward(np.zeros(4), logits, target, lse,
+                                             reduction="none")
+    z = torch.tensor(logits, requires_grad=True)
+    F.cross_entropy(z, torch.tensor(target), reduction="none").backward(torch.zeros(4))
+    np.testing.assert_array_equal(grad, z.grad.numpy())
+
+
 def test_list_inputs_are_accepted():
     loss, grad = fg.softmax_cross_entropy([[1.0, 2.0], [0.5, 0.0]], [1, 0])
     ref_loss, ref_grad, _ = reference.softmax_cross_entropy(

@@ -376,6 +376,83 @@ def test_vocab_parallel_rejects_bad_target_and_in_place_changes(one_rank_world):
         loss.backward()
 
 
+# Named edge cases found by a differential hunt of the building blocks (2026-12-06)
+def test_building_block_outputs_refuse_every_input_they_read():
+    """An out= overlapping an input other than x was taken and gave a wrong result (dx off by
+    5.7 with out overlapping dy, a gradient off by 0.35 with out overlapping lse)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 3))
+    buf = rng.standard_normal((5, 3))
+    count, mean, m2 = fgd.bn_partial_stats(x)
+    _, mean, invstd = fgd.bn_forward_from_stats(x, count, mean, m2)
+    sums = fgd.bn_backward_reduce(buf[:4], x, mean, invstd)
+    with pytest.raises(ValueError, match="out must not share memory with dy"):
+        fgd.bn_backward_elementwise(buf[:4], x, mean, invstd, None, *sums, count, out=buf[1:])
+    stats = np.zeros((2, 3))
+    stats[0] = mean
+    with pytest.raises(ValueError, match="out must not share memory with mean"):
+        fgd.bn_forward_from_stats(x[:1].copy(), count, stats[0], m2,
+                                  out=stats[0].reshape(1, 3))
+    logits = rng.standard_normal((4, 6))
+    target = np.array([0, 1, 2, 0])
+    lse, _, _ = fgd.ce_combine([fgd.ce_shard_stats(logits, target, 0, 6)])
+    lse_in = np.zeros(25)
+    lse_in[:4] = lse
+    with pytest.raises(ValueError, match="out must not share memory with lse"):
+        fgd.ce_shard_grad(logits, target, 0, lse_in[:4], 6, out=lse_in[1:25].reshape(4, 6))
+    wide = rng.standard_normal((4, 12))
+    with pytest.raises(ValueError, match="out must not share memory with logits_shard"):
+        fgd.ce_shard_grad(wide[:, ::2], target, 0, lse, 6, out=wide[:, :6])
+
+
+def test_shard_grad_with_a_zero_upstream_gradient_keeps_nan_rows():
+    """A row scaled by 0 was zero-filled, so a NaN logit gave zeros where PyTorch's 0 * NaN
+    gives NaN (the same shortcut in the single-process row kernel, C > 32, is gone too)."""
+    logits = np.array([[0.5, np.nan, 1.0], [0.2, 0.1, 0.3]])
+    target = np.array([0, 2])
+    lse, _, _ = fgd.ce_combine([fgd.ce_shard_stats(logits, target, 0, 3)])
+    grad = fgd.ce_shard_grad(logits, target, 0, lse, 3, reduction="none",
+                             grad_loss=np.zeros(2))
+    assert np.isnan(grad[0]).all() and np.array_equal(grad[1], np.zeros(3))
+    assert np.isnan(fgd.ce_shard_grad(logits, target, 0, lse, 3, reduction="sum",
+                                      grad_loss=0.0)[0]).all()
+
+
+@pytest.mark.parametrize("grad_loss", ["2", True, np.ones(2, dtype=np.int64)])
+def test_shard_grad_refuses_a_grad_loss_that_is_not_real_or_floating(grad_loss):
+    """A string was parsed ("2" doubled the gradient), True counted as 1, an integer array was
+    taken: the TypeError of fg.softmax_cross_entropy_backward."""
+    logits, target = np.zeros((2, 3)), np.array([0, 1])
+    lse = np.full(2, np.log(3.0))
+    with pytest.raises(TypeError, match="grad_loss"):
+        fgd.ce_shard_grad(logits, target, 0, lse, 3, reduction="none", grad_loss=grad_loss)
+
+
+def test_ce_combine_checks_its_shards():
+    """Shards of different row counts were broadcast into a wrong lse (1 row against 4)."""
+    rng = np.random.default_rng(1)
+    four = fgd.ce_shard_stats(rng.standard_normal((4, 3)), np.zeros(4, np.int64), 0, 6)
+    one = fgd.ce_shard_stats(rng.standard_normal((1, 3)), np.zeros(1, np.int64), 3, 6)
+    with pytest.raises(ValueError, match="every shard holds the same rows"):
+        fgd.ce_combine([four, one])
+    with pytest.raises(TypeError, match="ShardStats"):
+        fgd.ce_combine([tuple(four)])
+
+
+def test_building_blocks_name_arguments_that_are_not_real_numbers():
+    with pytest.raises(ValueError, match="counts must be non-negative integers"):
+        fgd.bn_merge_stats([np.inf], np.zeros((1, 2)), np.zeros((1, 2)))
+    with pytest.raises(TypeError, match="counts must hold real numbers"):
+        fgd.bn_merge_stats(["a"], np.zeros((1, 2)), np.zeros((1, 2)))
+    with pytest.raises(TypeError, match="means must hold real numbers"):
+        fgd.bn_merge_stats([2], np.zeros((1, 2), complex), np.zeros((1, 2)))
+    logits, target = np.zeros((2, 3)), np.array([0, 1])
+    with pytest.raises(TypeError, match="shift must hold real numbers"):
+        fgd.ce_shard_stats(logits, target, 0, 3, shift=np.array(["a", "b"]))
+    with pytest.raises(TypeError, match="lse must hold real numbers"):
+        fgd.ce_loss(np.zeros(2, complex), np.zeros(2), np.zeros(2), target, 3)
+
+
 def test_vocab_parallel_refuses_a_second_order_gradient(one_rank_world):
     """create_graph=True through the sharded backward raises, where once_differentiable alone
     returned a gradient cut off from the graph (a gradient penalty's gradient dropped)."""

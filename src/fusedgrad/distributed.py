@@ -94,6 +94,7 @@ from ._torch_ops import (adopt_state, batch_norm, bias_keyword, kernel_backward,
 from ._validate import (INT_DTYPES, check_dtype, check_int, check_ndim, check_real, check_out,
                         check_reduction, check_shape, check_softcap, check_writeable,
                         check_written_in_place)
+from .cross_entropy import check_grad_loss_type
 from .cpu import _arrays as host_arrays
 from .cpu import batch_norm as _bn_cpu
 from .cpu import cross_entropy as _ce_cpu
@@ -149,6 +150,16 @@ def _channel_vector(name, vec, n_channels, *, writeable=False):
     return vec
 
 
+def _real_array(name, value):
+    """``value`` as a host array of real numbers (integer or floating dtype), else TypeError
+    naming the argument (NumPy would convert strings with an error naming none, and complex
+    numbers by dropping their imaginary part with only a warning)."""
+    array = host_arrays.as_array(name, value)
+    if array.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must hold real numbers, got dtype {array.dtype}")
+    return array
+
+
 def _f64_vector(name, vec, n_channels):
     """A required (C,) statistic as a contiguous float64 array (``None`` is refused: unlike
     weight or bias it has no default)."""
@@ -157,15 +168,17 @@ def _f64_vector(name, vec, n_channels):
     return np.ascontiguousarray(_channel_vector(name, vec, n_channels), dtype=np.float64)
 
 
-def _output(out, x, name="out"):
-    """``out`` checked (shape and dtype of x, C-contiguous, writeable) or a new array (large
-    ones reuse released buffers, like the single-process operations' outputs)."""
+def _output(out, x, inputs, name="out"):
+    """``out`` checked (shape and dtype of x, C-contiguous, writeable, sharing no memory with
+    any of ``inputs``, ``(name, array or None)`` pairs: the kernels read them while they write
+    it) or a new array (large ones reuse released buffers, like the single-process operations'
+    outputs)."""
     if out is None:
         return host_arrays.empty(x.shape, x.dtype)
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a NumPy array, got {type(out).__name__}")
-    check_out(host_arrays, name, out, shape=x.shape, dtype=x.dtype, dtype_of="the input",
-              forbid_alias=(("the input", x),))
+    check_out(host_arrays, name, out, shape=x.shape, dtype=x.dtype, dtype_of=inputs[0][0],
+              forbid_alias=inputs)
     if not out.flags.c_contiguous:
         raise ValueError(f"{name} must be a C-contiguous array")
     return out
@@ -192,9 +205,9 @@ def bn_merge_stats(counts, means, m2s):
     Parts with count 0 are skipped (their mean and m2 are not read); a single non-empty part is
     returned bitwise unchanged. With every part empty the result is ``(0, zeros, zeros)``.
     """
-    counts = host_arrays.as_array("counts", counts)
-    means = host_arrays.as_array("means", means)
-    m2s = host_arrays.as_array("m2s", m2s)
+    counts = _real_array("counts", counts)
+    means = _real_array("means", means)
+    m2s = _real_array("m2s", m2s)
     if counts.ndim != 1:
         raise ValueError(f"counts must be 1-D (K,), got shape {counts.shape}")
     if means.ndim != 2 or means.shape[0] != counts.shape[0]:
@@ -202,7 +215,8 @@ def bn_merge_stats(counts, means, m2s):
     check_shape("m2s", m2s, means.shape)
     if counts.shape[0] == 0:
         raise ValueError("counts must hold at least one part")
-    if np.any(counts < 0) or np.any(counts != np.round(counts)):
+    if not np.all(np.isfinite(counts)) or np.any(counts < 0) or np.any(
+            counts != np.round(counts)):
         raise ValueError(f"counts must be non-negative integers, got {counts}")
     kept = counts > 0
     if not np.any(kept):
@@ -238,7 +252,9 @@ def bn_forward_from_stats(x, count, mean, m2, weight=None, bias=None, running_me
     running_var = _channel_vector("running_var", running_var, n_channels, writeable=True)
     momentum = check_real("momentum", momentum, low=0.0, high=1.0)
     eps = check_real("eps", eps, low=0.0, low_open=True)
-    y = _output(out, x)
+    y = _output(out, x, (("x", x), ("mean", mean), ("m2", m2), ("weight", weight),
+                         ("bias", bias), ("running_mean", running_mean),
+                         ("running_var", running_var)))
     var = m2 / count
     invstd = 1.0 / np.sqrt(var + eps)
     if x.size:
@@ -287,7 +303,8 @@ def bn_backward_elementwise(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, co
     count = check_int("count", count)
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
-    dx = _output(out, x)
+    dx = _output(out, x, (("x", x), ("dy", dy), ("mean", mean), ("invstd", invstd),
+                          ("weight", weight), ("sum_dy", sum_dy), ("sum_dy_xhat", sum_dy_xhat)))
     if x.size:
         _bn_cpu.backward_elementwise(_kernel_view(dy, axis), _kernel_view(x, axis), mean, invstd,
                                      weight, sum_dy, sum_dy_xhat, count, _kernel_view(dx, axis))
@@ -381,7 +398,7 @@ def _shard_grad_kernel(logits, target, offset, weights, target_weights, lse, sca
         for i in range(chunk * rows, min(n, (chunk + 1) * rows)):
             g = grad[i]
             sc = scale[i] if per_row_scale else scale[0]
-            if target[i] == ignore_index or sc == 0.0:
+            if target[i] == ignore_index:
                 fill_zero(g)
                 continue
             w_t = target_weights[i]
@@ -485,7 +502,7 @@ def ce_shard_stats(logits_shard, target, class_offset, n_classes, *, shift=None,
     if shift is None:
         row_max = _row_max(logits, softcap)
     else:
-        row_max = np.ascontiguousarray(host_arrays.as_array("shift", shift), dtype=np.float64)
+        row_max = np.ascontiguousarray(_real_array("shift", shift), dtype=np.float64)
         check_shape("shift", row_max, (n,))
     return _shard_stats(logits, target, offset, weights, row_max, ignore_index, smoothing,
                         softcap)
@@ -515,6 +532,19 @@ def ce_combine(shard_stats):
     shard_stats = list(shard_stats)
     if not shard_stats:
         raise ValueError("shard_stats must hold at least one shard's statistics")
+    rows = None
+    for k, stats in enumerate(shard_stats):
+        if not isinstance(stats, ShardStats):
+            raise TypeError(f"shard_stats[{k}] must be a ShardStats (from ce_shard_stats), got "
+                            f"{type(stats).__name__}")
+        for field, values in zip(ShardStats._fields, stats):
+            if not (isinstance(values, np.ndarray) and values.ndim == 1
+                    and values.dtype == np.float64):
+                raise TypeError(f"shard_stats[{k}].{field} must be a 1-D float64 array")
+            rows = values.shape[0] if rows is None else rows
+            if values.shape[0] != rows:
+                raise ValueError(f"shard_stats[{k}].{field} has {values.shape[0]} rows, "
+                                 f"shard_stats[0] has {rows}: every shard holds the same rows")
     top = shard_stats[0].row_max.copy()
     for stats in shard_stats[1:]:
         top = np.fmax(top, stats.row_max)
@@ -576,7 +606,7 @@ def ce_loss(lse, target_logit, weighted_sum, target, n_classes, *, weight=None,
     by the summed target weights of non-ignored rows, NaN if all are ignored; "sum"), or the
     ``(N,)`` float64 per-row losses ("none", 0 for ignored rows).
     """
-    lse = np.asarray(host_arrays.as_array("lse", lse), dtype=np.float64)
+    lse = np.asarray(_real_array("lse", lse), dtype=np.float64)
     if lse.ndim != 1:
         raise ValueError(f"lse must have shape (N,), got {lse.shape}")
     call = _check_call(target, lse.shape[0], n_classes, weight, ignore_index, reduction,
@@ -619,15 +649,25 @@ def ce_shard_grad(logits_shard, target, class_offset, lse, n_classes, *, weight=
     offset, n_classes = _shard_bounds(class_offset, n_classes, width)
     call = _check_call(target, n, n_classes, weight, ignore_index, reduction, label_smoothing,
                        z_loss, softcap)
-    lse = np.ascontiguousarray(host_arrays.as_array("lse", lse), dtype=np.float64)
+    given_lse = _real_array("lse", lse)
+    lse = np.ascontiguousarray(given_lse, dtype=np.float64)
     check_shape("lse", lse, (n,))
+    given_scale = None
     if grad_loss is None:
         scale = np.ones(1)
     else:
-        scale = np.asarray(host_arrays.as_array("grad_loss", grad_loss), dtype=np.float64)
+        check_grad_loss_type(grad_loss)
+        given_scale = host_arrays.as_array("grad_loss", grad_loss)
+        if given_scale.ndim and given_scale.dtype.kind != "f":
+            raise TypeError(f"grad_loss must be floating, got dtype {given_scale.dtype}")
+        scale = np.asarray(given_scale, dtype=np.float64)
         check_shape("grad_loss", scale, (n,) if call.reduction == "none" else ())
         scale = np.ascontiguousarray(scale.reshape(-1))
-    return _shard_grad(logits, offset, lse, scale, call, _output(out, logits))
+    # the arguments as given, and the arrays the kernel reads
+    inputs = (("logits_shard", logits_shard), ("logits_shard", logits), ("lse", given_lse),
+              ("lse", lse), ("grad_loss", given_scale), ("grad_loss", scale),
+              ("target", call.target), ("weight", call.weights))
+    return _shard_grad(logits, offset, lse, scale, call, _output(out, logits, inputs))
 
 
 def _shard_grad(logits, offset, lse, scale, call: _CheckedCall, grad):
@@ -911,7 +951,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         # Autograd hands over a gradient shaped like the loss: () or, for "none", (N,).
         scale = grad_loss.to(torch.float64).contiguous().numpy().reshape(-1)
         grad = _shard_grad(logits, ctx.offset, lse.numpy(), scale, ctx.call,
-                           _output(None, logits))
+                           _output(None, logits, ()))
         return torch.from_numpy(grad), None, None, None, None, None, None, None, None
 
 

@@ -806,8 +806,9 @@ def _rows_index_kernel(mode, logits, target, weights, grad, grad_scale, lse_out,
             t = target[i]
             ignored = t == ignore_index
             scale = grad_scale[i] if per_sample_scale else grad_scale[0]
-            # 1. a row whose gradient is zero (ignored, or scaled by 0) is only zero-filled
-            if mode != MODE_FORWARD and (ignored or scale == 0.0):
+            # 1. an ignored row's gradient is zero: only zero-filled (not a row scaled by 0,
+            #    whose NaN or inf logits give NaN, 0 * NaN, as in PyTorch)
+            if mode != MODE_FORWARD and ignored:
                 fill_zero(g)
                 if mode == MODE_FUSED:
                     loss_out[i] = 0.0
