@@ -773,6 +773,22 @@ def test_cross_entropy_second_order_gradients_match_pytorchs(reduction):
         torch.testing.assert_close(ours, expected)
 
 
+def test_second_order_path_keeps_zero_gradients_when_every_target_is_ignored():
+    """With z_loss and every target ignored, "mean" divides by 0: the composite multiplied the
+    ignored rows' z_loss term by a weight of 0, and its gradient became inf * 0 = NaN under
+    create_graph=True, where the kernels (and PyTorch) give zeros."""
+    target = torch.full((5,), -100)
+    logits = torch.randn(5, 3, dtype=F64, requires_grad=True)
+    grad, = torch.autograd.grad(fgt.softmax_cross_entropy(logits, target, z_loss=0.1), logits,
+                                create_graph=True)
+    assert torch.equal(grad, torch.zeros_like(logits))
+    hidden = torch.randn(5, 4, dtype=F64, requires_grad=True)
+    weight = torch.randn(3, 4, dtype=F64, requires_grad=True)
+    grads = torch.autograd.grad(fgt.linear_cross_entropy(hidden, weight, target, z_loss=0.1),
+                                (hidden, weight), create_graph=True)
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
 def test_second_order_gradients_with_z_loss_and_softcap_pass_gradgradcheck():
     logits = torch.randn(12, 5, dtype=F64, requires_grad=True)
     target = torch.randint(0, 5, (12,), generator=_generator(4))
@@ -872,6 +888,20 @@ def test_probability_targets_refuse_an_ignore_index_at_every_size(default_thresh
             with pytest.raises(ValueError, match="ignore_index must be negative"):
                 loss_of(3)
             torch.testing.assert_close(loss_of(-5), F.cross_entropy(logits, probs), msg=name)
+
+
+def test_empty_batch_in_training_gives_an_empty_output_as_pytorch():
+    """The kernels' path refused a batch of 0 (fewer than 2 values per channel), and counted it
+    in num_batches_tracked; PyTorch returns an empty output (running buffers untouched)."""
+    for bn, reference in ((fgt.BatchNorm2d(3), nn.BatchNorm2d(3)),
+                          (fgt.BatchNormReLU2d(3), nn.BatchNorm2d(3))):
+        x = torch.randn(0, 3, 4, 4, requires_grad=True)
+        y = bn(x)
+        assert y.shape == (0, 3, 4, 4)
+        y.sum().backward()
+        reference(torch.randn(0, 3, 4, 4))
+        assert int(bn.num_batches_tracked) == int(reference.num_batches_tracked) == 1
+        assert torch.equal(bn.running_mean, reference.running_mean)
 
 
 @pytest.mark.parametrize("n", [8, 4096])  # 8 x 4 x 4 x 4: PyTorch's kernel; 4096: fusedgrad's

@@ -129,6 +129,7 @@ def cross_entropy_composite(logits, target, weight, ignore_index, reduction, lab
     per_sample = F.cross_entropy(z, target, weight=weight, ignore_index=ignore_index,
                                  reduction="none", label_smoothing=label_smoothing)
     if target.is_floating_point():
+        valid = torch.ones_like(per_sample, dtype=torch.bool)
         sample_weight = torch.ones_like(per_sample)
     else:
         valid = target != ignore_index
@@ -136,7 +137,10 @@ def cross_entropy_composite(logits, target, weight, ignore_index, reduction, lab
             if weight is None else weight
         sample_weight = torch.where(valid, class_weight[torch.where(valid, target, 0)], 0.0)
     if z_loss:
-        per_sample = per_sample + z_loss * sample_weight * torch.logsumexp(z, dim=1) ** 2
+        # selected, not multiplied by a weight of 0: with every target ignored, "mean"
+        # divides by 0, and inf * 0 would make the ignored rows' gradient NaN (it is 0)
+        per_sample = per_sample + torch.where(
+            valid, z_loss * sample_weight * torch.logsumexp(z, dim=1) ** 2, 0.0)
     if reduction == "none":
         return per_sample
     if reduction == "sum":
@@ -558,7 +562,7 @@ def checked_batch_norm_with_relu(input, running_mean, running_var, weight, bias,
                                  momentum, eps, *, relu):
     """:func:`batch_norm_with_relu` of a tensor whose dtypes :func:`check_cpu_batch_norm_dtypes`
     has passed (the modules check before they count the batch, and not twice per call)."""
-    if small_for_kernels(input, input.numel(), BATCH_NORM_MIN_ELEMENTS):
+    if input.numel() == 0 or small_for_kernels(input, input.numel(), BATCH_NORM_MIN_ELEMENTS):
         return small_batch_norm(input, running_mean, running_var, weight, bias, training,
                                 momentum, eps, relu=relu)
     return BatchNormFunction.apply(input, weight, bias, running_mean, running_var,
@@ -583,7 +587,9 @@ def check_cpu_batch_norm_dtypes(input, weight, bias, running_mean, running_var) 
 def small_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                      *, relu):
     """PyTorch's batch-norm kernel (``torch.batch_norm``, what ``F.batch_norm`` calls) for a
-    CPU ``input`` below BATCH_NORM_MIN_ELEMENTS, with the ReLU, if any, applied in place.
+    CPU ``input`` below BATCH_NORM_MIN_ELEMENTS, or an empty one on any device (PyTorch returns
+    an empty output, also in training, where the kernels' API refuses fewer than 2 values per
+    channel), with the ReLU, if any, applied in place.
 
     Below that size a call costs microseconds, most of them fixed, so the Python around the
     kernel matters: ``F.batch_norm`` adds a ``__torch_function__`` check and a Python loop over
@@ -597,7 +603,7 @@ def small_batch_norm(input, running_mean, running_var, weight, bias, training, m
     if training and channels and input.numel() == channels:
         raise ValueError("Expected more than 1 value per channel when training, got input size "
                          f"{input.size()}")
-    # cudnn_enabled=False: the input is a CPU tensor, where PyTorch ignores the flag.
+    # cudnn_enabled=False: a CPU tensor, where PyTorch ignores the flag, or an empty one.
     output = torch.batch_norm(input, weight, bias, running_mean, running_var, training,
                               momentum, eps, False)
     return torch.relu_(output) if relu else output
