@@ -115,19 +115,20 @@ def gradients_of(composite, inputs, needs, grad_output):
 # --------------------------------------------------------------------------------------------
 # Softmax cross-entropy
 # --------------------------------------------------------------------------------------------
-def cross_entropy_composite(logits, target, weight, ignore_index, reduction, label_smoothing,
-                            z_loss, softcap):
+def cross_entropy_composite(logits, target, weight, reduction, options):
     """The softmax cross-entropy of the kernels written with PyTorch's differentiable
     operations (``fusedgrad.reference.softmax_cross_entropy`` in torch): the gradient's graph
-    under ``create_graph=True``. ``F.cross_entropy`` on the capped logits, plus
-    ``z_loss * w_t * lse^2`` per sample (w_t the target class's weight, 0 for an ignored
-    sample, 1 for probability targets), "mean" dividing by PyTorch's denominator (the summed
-    w_t, or the number of samples for probability targets)."""
+    under ``create_graph=True``. ``options``: the checked call's ``CrossEntropyOptions``.
+    ``F.cross_entropy`` on the capped logits, plus ``z_loss * w_t * lse^2`` per sample (w_t
+    the target class's weight, 0 for an ignored sample, 1 for probability targets), "mean"
+    dividing by PyTorch's denominator (the summed w_t, or the number of samples for
+    probability targets)."""
+    ignore_index, softcap, z_loss = options.ignore_index, options.softcap, options.z_loss
     z = logits if softcap is None else softcap * torch.tanh(logits / softcap)
     if not target.is_floating_point():
         target = target.long()
     per_sample = F.cross_entropy(z, target, weight=weight, ignore_index=ignore_index,
-                                 reduction="none", label_smoothing=label_smoothing)
+                                 reduction="none", label_smoothing=options.label_smoothing)
     if target.is_floating_point():
         valid = torch.ones_like(per_sample, dtype=torch.bool)
         sample_weight = torch.ones_like(per_sample)
@@ -151,11 +152,9 @@ def cross_entropy_composite(logits, target, weight, ignore_index, reduction, lab
 def _cross_entropy_double(ctx, grad_loss):
     """:class:`SoftmaxCrossEntropyFunction`'s gradients under ``create_graph=True``."""
     logits, target, weight, _ = ctx.saved_tensors
-    call, options = ctx.call, ctx.call.options
+    call = ctx.call
     grads = gradients_of(
-        lambda z, y: cross_entropy_composite(z, y, weight, options.ignore_index,
-                                             call.reduction, options.label_smoothing,
-                                             options.z_loss, options.softcap),
+        lambda z, y: cross_entropy_composite(z, y, weight, call.reduction, call.options),
         (logits, target), ctx.needs_input_grad[:2], grad_loss)
     return (*grads, None, None, None, None, None, None)
 
@@ -326,12 +325,10 @@ def small_for_kernels(input: torch.Tensor, size: int, threshold: int) -> bool:
 def _linear_cross_entropy_double(ctx, grad_loss):
     """:class:`LinearCrossEntropyFunction`'s gradients under ``create_graph=True``."""
     input, linear_weight, linear_bias, target, weight = ctx.saved_tensors[:5]
-    ce, options = ctx.call.ce, ctx.call.ce.options
+    ce = ctx.call.ce
     grads = gradients_of(
         lambda x, w, b: cross_entropy_composite(F.linear(x, w, b), target, weight,
-                                                options.ignore_index, ce.reduction,
-                                                options.label_smoothing, options.z_loss,
-                                                options.softcap),
+                                                ce.reduction, ce.options),
         (input, linear_weight, linear_bias), ctx.needs_input_grad[:3], grad_loss)
     return (*grads, None, None, None, None, None, None, None, None, None)
 

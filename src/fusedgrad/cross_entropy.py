@@ -248,7 +248,8 @@ def softmax_cross_entropy_backward(grad_loss, logits, target, lse, *, weight=Non
     check_shape("lse", lse_array, call.sample_shape)
     if lse_array.dtype.kind != "f":
         raise TypeError(f"lse must be a floating array, got dtype {lse_array.dtype}")
-    grad_loss = check_grad_loss(call, grad_loss, scalar_for_none=False)
+    grad_loss = check_grad_loss(call.arrays, grad_loss, call.reduction, call.sample_shape,
+                                scalar_for_none=False)
     forbid = (("target", call.target), ("weight", weight), ("lse", lse_array))
     if not _is_scalar(grad_loss):
         forbid += (("grad_loss", grad_loss),)
@@ -269,21 +270,22 @@ def check_grad_loss_type(grad_loss) -> None:
                         f"{type(grad_loss).__name__}")
 
 
-def check_grad_loss(call: CheckedCall, grad_loss, *, scalar_for_none: bool):
-    """``grad_loss`` as the backend's ``sample_scale`` takes it: a real number (or 0-d array)
-    for "mean" and "sum", an array of the call's sample shape and a floating dtype for
-    "none" (or a number there too with ``scalar_for_none``, which scales every sample alike)."""
-    check_grad_loss_type(grad_loss)
+def check_grad_loss(arrays, grad_loss, reduction: str, sample_shape: tuple, *,
+                    scalar_for_none: bool):
+    """A ``grad_loss`` that :func:`check_grad_loss_type` passed, as the backends' scale takes
+    it: a real number (or 0-d array) for "mean" and "sum", an array of ``arrays`` shaped like
+    the per-sample loss (``sample_shape``) and of a floating dtype for "none" (or a number
+    there too with ``scalar_for_none``, which scales every sample alike)."""
     if _is_scalar(grad_loss):
-        if call.reduction == "none" and not scalar_for_none:
-            raise ValueError(f"grad_loss must be an array of shape {call.sample_shape} for "
+        if reduction == "none" and not scalar_for_none:
+            raise ValueError(f"grad_loss must be an array of shape {sample_shape} for "
                              "reduction='none', got a scalar")
         return grad_loss
-    if call.reduction != "none":
+    if reduction != "none":
         raise ValueError(f"grad_loss must be a scalar (or 0-d array) for reduction="
-                         f"{call.reduction!r}, got shape {tuple(np.shape(grad_loss))}")
-    grad_loss = call.arrays.as_array("grad_loss", grad_loss)
-    check_shape("grad_loss", grad_loss, call.sample_shape)
+                         f"{reduction!r}, got shape {tuple(np.shape(grad_loss))}")
+    grad_loss = arrays.as_array("grad_loss", grad_loss)
+    check_shape("grad_loss", grad_loss, sample_shape)
     if grad_loss.dtype.kind != "f":
         raise TypeError(f"grad_loss must be floating, got dtype {grad_loss.dtype}")
     return grad_loss

@@ -94,7 +94,7 @@ from ._torch_ops import (adopt_state, batch_norm, bias_keyword, kernel_backward,
 from ._validate import (INT_DTYPES, check_dtype, check_int, check_ndim, check_real, check_out,
                         check_reduction, check_shape, check_softcap, check_writeable,
                         check_written_in_place)
-from .cross_entropy import check_grad_loss_type
+from .cross_entropy import check_grad_loss, check_grad_loss_type
 from .cpu import _arrays as host_arrays
 from .cpu import batch_norm as _bn_cpu
 from .cpu import cross_entropy as _ce_cpu
@@ -657,15 +657,11 @@ def ce_shard_grad(logits_shard, target, class_offset, lse, n_classes, *, weight=
         scale = np.ones(1)
     else:
         check_grad_loss_type(grad_loss)
-        given_scale = host_arrays.as_array("grad_loss", grad_loss)
-        if given_scale.ndim and given_scale.dtype.kind != "f":
-            raise TypeError(f"grad_loss must be floating, got dtype {given_scale.dtype}")
-        scale = np.asarray(given_scale, dtype=np.float64)
-        check_shape("grad_loss", scale, (n,) if call.reduction == "none" else ())
-        scale = np.ascontiguousarray(scale.reshape(-1))
-    # the arguments as given, and the arrays the kernel reads
-    inputs = (("logits_shard", logits_shard), ("logits_shard", logits), ("lse", given_lse),
-              ("lse", lse), ("grad_loss", given_scale), ("grad_loss", scale),
+        given_scale = check_grad_loss(host_arrays, grad_loss, call.reduction, (n,),
+                                      scalar_for_none=False)
+        scale = np.ascontiguousarray(np.asarray(given_scale, dtype=np.float64).reshape(-1))
+    # the arguments as given: what the kernel reads is either their memory or a fresh copy
+    inputs = (("logits_shard", logits_shard), ("lse", given_lse), ("grad_loss", given_scale),
               ("target", call.target), ("weight", call.weights))
     return _shard_grad(logits, offset, lse, scale, call, _output(out, logits, inputs))
 

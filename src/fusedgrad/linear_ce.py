@@ -193,7 +193,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     call = prepare(input, linear_weight, target, linear_bias, weight, ignore_index, reduction,
                    label_smoothing, z_loss, softcap, chunk_size,
                    grad_loss=None if is_scalar(grad_loss) else grad_loss)
-    grad_loss = _ce.check_grad_loss(call.ce, grad_loss, scalar_for_none=True)
+    grad_loss = _ce.check_grad_loss(call.arrays, grad_loss, call.ce.reduction,
+                                    call.ce.sample_shape, scalar_for_none=True)
     return fused_of_checked(call, grad_loss, ALL_GRADIENTS)
 
 

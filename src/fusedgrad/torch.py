@@ -189,15 +189,18 @@ def convert_model(module: nn.Module, *, fuse_relu: bool = False) -> nn.Module:
 
 
 def _convert(module: nn.Module, fuse_relu: bool, done: dict) -> nn.Module:
-    """:func:`convert_model` below ``module``. ``done``: what each module met so far became,
-    by ``id``, so that a layer registered under several names, or in several containers, is
-    replaced by one and the same layer everywhere (``named_children`` would name it once)."""
+    """:func:`convert_model` below ``module``. ``done``: ``id`` -> (module met so far, what it
+    became), so that a layer registered under several names, or in several containers, is
+    replaced by one and the same layer everywhere (``named_children`` would name it once);
+    holding the module keeps its ``id`` from being reused once it is replaced."""
     if id(module) in done:
-        return done[id(module)]
+        return done[id(module)][1]
     fused_class = _FUSED_CLASS.get(type(module))
-    done[id(module)] = module if fused_class is None else _fused_copy(module, fused_class)
     if fused_class is not None:
-        return done[id(module)]
+        replacement = _fused_copy(module, fused_class)
+        done[id(module)] = (module, replacement)
+        return replacement
+    done[id(module)] = (module, module)
     for name, child in _all_children(module):
         converted = _convert(child, fuse_relu, done)
         if converted is not child:
